@@ -1,0 +1,4 @@
+//! The eBPF dataplane: loading, attaching and writing the maps defined in `policy-common`.
+pub mod loader;
+
+pub use loader::{Dataplane, DataplaneError};

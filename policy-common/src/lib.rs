@@ -1,0 +1,399 @@
+//! Types shared by the eBPF programs (`policy-ebpf`) and the agent (`policy-agent`).
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding and a `const` size assertion, so
+//! both sides agree byte for byte. Multi-byte fields that take part in an LPM prefix are stored in
+//! network byte order (the LPM trie compares bits from the first byte); everything else is in host
+//! byte order. The `user` feature adds `aya::Pod` impls for the agent.
+#![no_std]
+
+/// Names of the maps, as declared in `policy-ebpf` and pinned under the agent's bpffs directory.
+pub mod map_names {
+    pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const IPCACHE_V4: &str = "IPCACHE_V4";
+    pub const IPCACHE_V6: &str = "IPCACHE_V6";
+    pub const POLICY: &str = "POLICY";
+    pub const SERVICES: &str = "SERVICES";
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const FRAGMENTS: &str = "FRAGMENTS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// Names of the tc programs in the eBPF object.
+pub mod program_names {
+    /// tc ingress of a pod's host-side veth: packets the pod sends (pod egress).
+    pub const FROM_POD: &str = "from_pod";
+    /// tc egress of a pod's host-side veth: packets delivered to the pod (pod ingress).
+    pub const TO_POD: &str = "to_pod";
+    /// tc egress of the node's uplink / tunnel devices: post-DNAT egress decisions for Service
+    /// traffic whose backend lives on another node.
+    pub const TO_NETWORK: &str = "to_network";
+}
+
+/// Capacities of the maps. The agent reports pressure against these.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const IPCACHE_V4: u32 = 262_144;
+    pub const IPCACHE_V6: u32 = 262_144;
+    pub const POLICY: u32 = 1_048_576;
+    pub const SERVICES: u32 = 65_536;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const FRAGMENTS: u32 = 8192;
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// Traffic direction, seen from the endpoint (the pod).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress = 0,
+    Egress = 1,
+}
+
+/// IP protocol numbers the dataplane enforces.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Reserved identities. Pod identities (one per distinct namespace-labels + pod-labels set) start
+/// at [`identity::POD_MIN`]; CIDR identities (one per distinct set of ipBlocks an address range
+/// falls in) start at [`identity::CIDR_MIN`].
+pub mod identity {
+    /// In a POLICY key: any peer. In an IPCACHE value's `cidr_identity`: no ipBlock contains the
+    /// address.
+    pub const ANY: u32 = 0;
+    /// This node's own addresses (kubelet probes). Always allowed to reach local pods.
+    pub const HOST: u32 = 1;
+    /// Anything outside the cluster not covered by a more specific entry.
+    pub const WORLD: u32 = 2;
+    /// Other nodes' addresses.
+    pub const REMOTE_NODE: u32 = 6;
+    pub const POD_MIN: u32 = 256;
+    pub const CIDR_MIN: u32 = 1 << 24;
+}
+
+/// `EndpointInfo::flags` bits.
+pub mod endpoint_flags {
+    /// Some policy selects the endpoint with `Ingress` in its policyTypes.
+    pub const INGRESS_ISOLATED: u32 = 1 << 0;
+    /// Some policy selects the endpoint with `Egress` in its policyTypes.
+    pub const EGRESS_ISOLATED: u32 = 1 << 1;
+    /// The agent could not program this endpoint's allow entries: drop everything new in both
+    /// directions (fail closed) and count it as [`super::Reason::EndpointNotProgrammed`].
+    pub const NOT_PROGRAMMED: u32 = 1 << 2;
+}
+
+/// ENDPOINTS: host-side veth ifindex (`u32`) → endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Endpoint id used in POLICY and CONNTRACK keys and carried in `skb->mark`; never 0.
+    pub id: u32,
+    /// [`endpoint_flags`] bits.
+    pub flags: u32,
+    /// Bumped by the agent whenever this endpoint's allow entries change; conntrack entries made
+    /// under an older generation are re-checked against policy (revocation).
+    pub generation: u32,
+    /// The endpoint's own pod identity.
+    pub identity: u32,
+}
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
+
+/// IPCACHE_V4 / IPCACHE_V6 value (LPM trie keyed by address prefix, `[u8; 4]` / `[u8; 16]` in
+/// network order).
+///
+/// Both identities of an address are carried so that ipBlock rules match pod addresses too: a pod's
+/// /32 entry holds the pod identity *and* the CIDR identity of the most specific ipBlock prefix that
+/// contains it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityPair {
+    /// Pod, host, remote-node or world identity.
+    pub identity: u32,
+    /// CIDR identity, or [`identity::ANY`] when no ipBlock prefix contains the address.
+    pub cidr_identity: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdentityPair>() == 8);
+
+/// Bits of a POLICY key before the port: endpoint (32) + identity (32) + direction (8) +
+/// protocol (8).
+pub const POLICY_FIXED_PREFIX_BITS: u32 = 80;
+/// Full POLICY prefix length: a rule for exactly one port.
+pub const POLICY_FULL_PREFIX_BITS: u32 = POLICY_FIXED_PREFIX_BITS + 16;
+
+/// POLICY (LPM trie) key data. The prefix length covers the fixed fields and then the top
+/// `prefixlen - 80` bits of `dport`: an `endPort` range is a handful of such port prefixes, a rule
+/// for all ports of a protocol is prefix 80.
+///
+/// Lookup precedence (two probes, see `policy-ebpf/src/policy.rs`): exact peer identity, then the
+/// peer's CIDR identity, then [`identity::ANY`]. Any hit allows (NetworkPolicy is a pure union).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Endpoint id, big-endian.
+    pub endpoint: [u8; 4],
+    /// Peer identity, big-endian.
+    pub identity: [u8; 4],
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Destination port, big-endian.
+    pub dport: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+impl PolicyKey {
+    pub const fn new(endpoint: u32, identity: u32, direction: Direction, protocol: u8, dport: u16) -> Self {
+        Self {
+            endpoint: endpoint.to_be_bytes(),
+            identity: identity.to_be_bytes(),
+            direction: direction as u8,
+            protocol,
+            dport: dport.to_be_bytes(),
+        }
+    }
+}
+
+/// POLICY value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Rule reference: the agent maps it back to (namespace, policy, direction, rule index) for
+    /// flow logs and metrics.
+    pub rule: u32,
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
+
+/// SERVICES: Service frontend address (IPv4 as `::ffff:a.b.c.d`) → flags. A pod dialling one of
+/// these is judged after DNAT, at the first hook that sees the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 16);
+
+/// CONNTRACK key: one entry per (endpoint, direction, 5-tuple as first seen in that direction).
+/// Addresses are IPv4-mapped IPv6 for IPv4. Replies are looked up with the tuple reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Ports in network order as on the wire (0 for port-less protocols).
+    pub sport: u16,
+    pub dport: u16,
+    pub endpoint: u32,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+
+/// `CtValue::flags` bits.
+pub mod ct_flags {
+    /// Made at the source veth for a packet to a Service frontend (pre-DNAT tuple), so that the
+    /// un-DNATed reply finds it; the egress verdict itself is made post-DNAT.
+    pub const SERVICE: u32 = 1 << 0;
+    /// A TCP FIN or RST was seen: the entry uses the closing timeout.
+    pub const CLOSING: u32 = 1 << 1;
+    /// A reply was seen.
+    pub const REPLIED: u32 = 1 << 2;
+}
+
+/// CONNTRACK value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub last_seen_ns: u64,
+    pub rule: u32,
+    pub flags: u32,
+    /// Endpoint generation the entry was allowed under.
+    pub generation: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+
+/// FRAGMENTS key: non-first fragments follow the verdict of the first fragment of the same
+/// datagram (which carries the ports). Addresses IPv4-mapped for IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// FRAGMENTS value: the first fragment's verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    /// 1 = allowed.
+    pub allowed: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
+
+/// CONFIG (array, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Bits of `skb->mark` that carry the source endpoint id of Service traffic between the
+    /// source veth and the post-DNAT hook. Must not overlap kube-proxy's 0x4000 / 0x8000.
+    pub mark_mask: u32,
+    /// Shift of the endpoint id inside `mark_mask`.
+    pub mark_shift: u32,
+    /// Timeouts in seconds.
+    pub ct_tcp_timeout_s: u32,
+    pub ct_tcp_closing_timeout_s: u32,
+    pub ct_udp_timeout_s: u32,
+    pub ct_sctp_timeout_s: u32,
+    /// 1 = send verdict events for allowed new flows too (not only drops).
+    pub events_allowed: u32,
+    /// Maximum events per CPU per second (rate limit).
+    pub events_per_sec: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 32);
+
+pub const DEFAULT_MARK_MASK: u32 = 0x0fff_0000;
+pub const DEFAULT_MARK_SHIFT: u32 = 16;
+
+/// Why a packet passed or was dropped. COUNTERS (per-CPU array) is indexed by this value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// A policy rule allowed a new flow.
+    AllowedByPolicy = 0,
+    /// Part of an established flow (conntrack hit).
+    AllowedEstablished = 1,
+    /// The direction is not isolated.
+    AllowedNotIsolated = 2,
+    /// From (or to) this node's own addresses.
+    AllowedHost = 3,
+    /// A pod reaching itself.
+    AllowedSelf = 4,
+    /// Not IP, or IP without L4 policy meaning (ICMP, ARP, ND): not policed.
+    AllowedNotPoliced = 5,
+    /// Sent on to the post-DNAT hook with the source endpoint in `skb->mark`.
+    DeferredService = 6,
+    /// Non-first fragment following an allowed first fragment.
+    AllowedFragment = 7,
+
+    /// No rule allows the new flow.
+    DroppedPolicy = 16,
+    /// Header shorter than it claims or than the packet.
+    DroppedTruncated = 17,
+    /// Header values that cannot be valid (IHL < 5, bad extension header chain, …).
+    DroppedMalformed = 18,
+    /// A non-first fragment with no recorded first-fragment verdict.
+    DroppedFragment = 19,
+    /// The endpoint is selected but its maps could not be programmed (fail closed).
+    DroppedEndpointNotProgrammed = 20,
+    /// An internal error (map update failure, …) on a path that must not fail open.
+    DroppedInternal = 21,
+    /// An established flow whose rule was revoked.
+    DroppedRevoked = 22,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 32;
+    pub const ALL: [Reason; 15] = [
+        Reason::AllowedByPolicy,
+        Reason::AllowedEstablished,
+        Reason::AllowedNotIsolated,
+        Reason::AllowedHost,
+        Reason::AllowedSelf,
+        Reason::AllowedNotPoliced,
+        Reason::DeferredService,
+        Reason::AllowedFragment,
+        Reason::DroppedPolicy,
+        Reason::DroppedTruncated,
+        Reason::DroppedMalformed,
+        Reason::DroppedFragment,
+        Reason::DroppedEndpointNotProgrammed,
+        Reason::DroppedInternal,
+        Reason::DroppedRevoked,
+    ];
+
+    pub const fn is_drop(self) -> bool {
+        self as u32 >= 16
+    }
+
+    /// Stable snake_case name, used as a metric label and in flow logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::AllowedByPolicy => "allowed_by_policy",
+            Reason::AllowedEstablished => "allowed_established",
+            Reason::AllowedNotIsolated => "allowed_not_isolated",
+            Reason::AllowedHost => "allowed_host",
+            Reason::AllowedSelf => "allowed_self",
+            Reason::AllowedNotPoliced => "allowed_not_policed",
+            Reason::DeferredService => "deferred_service",
+            Reason::AllowedFragment => "allowed_fragment",
+            Reason::DroppedPolicy => "dropped_policy",
+            Reason::DroppedTruncated => "dropped_truncated",
+            Reason::DroppedMalformed => "dropped_malformed",
+            Reason::DroppedFragment => "dropped_fragment",
+            Reason::DroppedEndpointNotProgrammed => "dropped_endpoint_not_programmed",
+            Reason::DroppedInternal => "dropped_internal",
+            Reason::DroppedRevoked => "dropped_revoked",
+        }
+    }
+
+    pub fn from_u32(v: u32) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| *r as u32 == v)
+    }
+}
+
+/// EVENTS (ring buffer) record: one verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VerdictEvent {
+    pub ts_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+    pub endpoint: u32,
+    /// [`Reason`] as u32.
+    pub reason: u32,
+    /// Rule reference of the deciding POLICY entry (0 when none).
+    pub rule: u32,
+    pub peer_identity: u32,
+    pub protocol: u8,
+    pub direction: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<VerdictEvent>() == 72);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, have no implicit padding (checked by the size
+    // assertions above) and are valid for any bit pattern.
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for IdentityPair {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for VerdictEvent {}
+}
