@@ -9,7 +9,11 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policy-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "policy-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "policy-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom("stable"),
     )
 }

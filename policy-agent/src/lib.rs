@@ -1,2 +1,5 @@
 //! policy-agent: compiles Kubernetes NetworkPolicy into eBPF maps and keeps them enforced.
+pub mod cli;
+pub mod compiler;
 pub mod dataplane;
+pub mod model;

@@ -1,9 +1,5 @@
 use clap::Parser;
-
-/// Enforces Kubernetes NetworkPolicy with eBPF on this node.
-#[derive(Debug, Parser)]
-#[command(version)]
-struct Args {}
+use policy_agent::cli::Args;
 
 fn main() -> anyhow::Result<()> {
     let _args = Args::parse();

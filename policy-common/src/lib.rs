@@ -149,7 +149,13 @@ pub struct PolicyKey {
 const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
 
 impl PolicyKey {
-    pub const fn new(endpoint: u32, identity: u32, direction: Direction, protocol: u8, dport: u16) -> Self {
+    pub const fn new(
+        endpoint: u32,
+        identity: u32,
+        direction: Direction,
+        protocol: u8,
+        dport: u16,
+    ) -> Self {
         Self {
             endpoint: endpoint.to_be_bytes(),
             identity: identity.to_be_bytes(),

@@ -10,7 +10,9 @@ mod maps;
 mod parse;
 mod policy;
 
-use aya_ebpf::{bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext,
+};
 use policy_common::{Direction, Reason, endpoint_flags, identity};
 
 use crate::parse::Packet;
@@ -29,7 +31,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn finish(reason: Reason) -> i32 {
     maps::count(reason);
-    if reason.is_drop() { TC_ACT_SHOT } else { TC_ACT_OK }
+    if reason.is_drop() {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
 }
 
 #[inline(always)]
@@ -54,7 +60,13 @@ fn decide(ctx: &TcContext, direction: Direction) -> Reason {
     if ep.flags & isolated == 0 {
         return Reason::AllowedNotIsolated;
     }
-    let Packet { src, dst, protocol, dport, .. } = pkt;
+    let Packet {
+        src,
+        dst,
+        protocol,
+        dport,
+        ..
+    } = pkt;
     let peer_addr = match direction {
         Direction::Ingress => src,
         Direction::Egress => dst,

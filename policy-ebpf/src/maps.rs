@@ -37,7 +37,10 @@ pub fn identities_v4(addr: [u8; 4]) -> IdentityPair {
     IPCACHE_V4
         .get(&Key::new(32, addr))
         .copied()
-        .unwrap_or(IdentityPair { identity: identity::WORLD, cidr_identity: identity::ANY })
+        .unwrap_or(IdentityPair {
+            identity: identity::WORLD,
+            cidr_identity: identity::ANY,
+        })
 }
 
 #[inline(always)]

@@ -12,13 +12,24 @@
 //!   3. `identity::ANY` (rules with no peers).
 
 use aya_ebpf::maps::lpm_trie::Key;
-use policy_common::{Direction, IdentityPair, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, identity};
+use policy_common::{
+    Direction, IdentityPair, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, identity,
+};
 
 use crate::maps::POLICY;
 
 #[inline(always)]
-fn probe(endpoint: u32, peer: u32, direction: Direction, protocol: u8, dport: u16) -> Option<PolicyValue> {
-    let key = Key::new(POLICY_FULL_PREFIX_BITS, PolicyKey::new(endpoint, peer, direction, protocol, dport));
+fn probe(
+    endpoint: u32,
+    peer: u32,
+    direction: Direction,
+    protocol: u8,
+    dport: u16,
+) -> Option<PolicyValue> {
+    let key = Key::new(
+        POLICY_FULL_PREFIX_BITS,
+        PolicyKey::new(endpoint, peer, direction, protocol, dport),
+    );
     POLICY.get(&key).copied()
 }
 

@@ -6,9 +6,7 @@ use aya::{
     maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, tc},
 };
-use policy_common::{
-    EndpointInfo, IdentityPair, PolicyKey, PolicyValue, map_names, program_names,
-};
+use policy_common::{EndpointInfo, IdentityPair, PolicyKey, PolicyValue, map_names, program_names};
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf"));
@@ -71,9 +69,13 @@ impl Dataplane {
             (program_names::FROM_POD, TcAttachType::Ingress),
             (program_names::TO_POD, TcAttachType::Egress),
         ] {
-            classifier(&mut self.ebpf, name)?.attach(interface, attach_type).map_err(|source| {
-                DataplaneError::Attach { program: name, interface: interface.to_owned(), source }
-            })?;
+            classifier(&mut self.ebpf, name)?
+                .attach(interface, attach_type)
+                .map_err(|source| DataplaneError::Attach {
+                    program: name,
+                    interface: interface.to_owned(),
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -81,7 +83,9 @@ impl Dataplane {
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DataplaneError> {
         let map = map_names::ENDPOINTS;
         let mut endpoints: HashMap<&mut MapData, u32, EndpointInfo> = self.map(map)?;
-        endpoints.insert(ifindex, info, 0).map_err(|source| DataplaneError::Map { map, source })
+        endpoints
+            .insert(ifindex, info, 0)
+            .map_err(|source| DataplaneError::Map { map, source })
     }
 
     pub fn set_identity_v4(
@@ -112,7 +116,10 @@ impl Dataplane {
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
     {
-        let map = self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap { name })?;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap { name })?;
         T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
     }
 }
@@ -121,6 +128,10 @@ fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
-    let program = ebpf.program_mut(name).ok_or(DataplaneError::MissingProgram { name })?;
-    program.try_into().map_err(|source| DataplaneError::Program { name, source })
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram { name })?;
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
 }

@@ -1,0 +1,105 @@
+//! Command-line flags of `policy-agent`. Every flag has an environment fallback so the DaemonSet can
+//! set it either way. Kept in the library so deployment manifests can be checked against it.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Enforces Kubernetes NetworkPolicy with eBPF on this node.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "policy-agent", version)]
+pub struct Args {
+    /// This node's name (the DaemonSet sets it from the downward API, `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Read Namespaces, Pods, Services and NetworkPolicies from this directory of YAML manifests
+    /// (multi-document, watched for changes) instead of the Kubernetes API.
+    #[arg(long, env = "POLICY_AGENT_MANIFEST_DIR")]
+    pub manifest_dir: Option<PathBuf>,
+
+    /// kubeconfig for the Kubernetes source; in-cluster config or $KUBECONFIG when absent.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// bpffs directory where programs, links and maps are pinned (adopted on restart).
+    #[arg(
+        long,
+        env = "POLICY_AGENT_BPFFS_DIR",
+        default_value = "/sys/fs/bpf/policy-agent"
+    )]
+    pub bpffs_dir: PathBuf,
+
+    /// Address of the HTTP server: /healthz, /readyz, /metrics, /status.
+    #[arg(long, env = "POLICY_AGENT_HTTP_ADDR", default_value = "0.0.0.0:9965")]
+    pub http_addr: SocketAddr,
+
+    /// This node's own addresses (always allowed into local pods). Discovered from the node's
+    /// interfaces and the Node object when not given.
+    #[arg(long = "node-ip", env = "POLICY_AGENT_NODE_IPS", value_delimiter = ',')]
+    pub node_ips: Vec<IpAddr>,
+
+    /// Devices where post-DNAT egress decisions for Service traffic to other nodes are made (uplink
+    /// and tunnel devices). Default: the devices of the default routes, plus flannel.1 and
+    /// cilium/vxlan tunnels when present.
+    #[arg(long = "uplink", env = "POLICY_AGENT_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
+
+    /// Bits of skb->mark used to carry the source endpoint of Service traffic to the post-DNAT
+    /// hook. Must not overlap kube-proxy's 0x4000 (masquerade) and 0x8000 (drop) bits.
+    #[arg(long, env = "POLICY_AGENT_MARK_MASK", default_value = "0x0fff0000", value_parser = parse_mask)]
+    pub mark_mask: u32,
+
+    /// Wait this long after a change for more before recompiling.
+    #[arg(long, env = "POLICY_AGENT_DEBOUNCE_MS", default_value_t = 20)]
+    pub debounce_ms: u64,
+
+    /// Log format.
+    #[arg(long, env = "POLICY_AGENT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing EnvFilter syntax); reloadable through the HTTP server.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log one line per verdict event (drops always; allowed new flows too with
+    /// --flow-log-allowed).
+    #[arg(long, env = "POLICY_AGENT_FLOW_LOG")]
+    pub flow_log: bool,
+
+    /// Include allowed new flows in the flow log.
+    #[arg(long, env = "POLICY_AGENT_FLOW_LOG_ALLOWED")]
+    pub flow_log_allowed: bool,
+
+    /// On shutdown, detach programs and remove pins instead of leaving enforcement in place.
+    #[arg(long, env = "POLICY_AGENT_CLEANUP_ON_EXIT")]
+    pub cleanup_on_exit: bool,
+}
+
+fn parse_mask(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("mark mask {s:?}: {e}"))?;
+    if v & 0xc000 != 0 {
+        return Err(format!(
+            "mark mask {v:#x} overlaps kube-proxy's 0x4000/0x8000 bits"
+        ));
+    }
+    if v.count_ones() < 12 {
+        return Err(format!(
+            "mark mask {v:#x} has fewer than 12 bits (4095 endpoints)"
+        ));
+    }
+    Ok(v)
+}
