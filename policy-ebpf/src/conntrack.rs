@@ -87,9 +87,9 @@ fn live(key: &CtKey, now: u64, config: &Config) -> Option<*mut CtValue> {
     let value = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a pointer into the map returned by the lookup helper; plain data.
     let v = unsafe { *value };
-    // Another CPU may have stamped the entry after we read the clock.
+    // Another CPU may have stamped the entry after we read the clock: idle 0.
     let idle = now.saturating_sub(v.last_seen_ns);
-    if v.last_seen_ns >= now || idle < timeout_ns(config, key.protocol, v.flags) {
+    if idle < timeout_ns(config, key.protocol, v.flags) {
         Some(value)
     } else {
         None

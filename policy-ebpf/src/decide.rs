@@ -24,8 +24,10 @@
 //!   source endpoint carried in the mark is the destination endpoint.
 //! - An endpoint flagged NOT_PROGRAMMED drops every new flow in both directions (fail closed).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use policy_common::{Config, Direction, EndpointInfo, Reason, ct_flags, endpoint_flags, identity};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use policy_common::{
+    Addr, Config, Direction, EndpointInfo, Reason, ct_flags, endpoint_flags, identity,
+};
 
 use crate::conntrack::{self, CtHit};
 use crate::fragments;
@@ -78,10 +80,12 @@ fn mark(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).mark }
 }
 
+/// Conntrack time. The coarse clock (tick resolution, a few ms) is ample for idle timeouts in
+/// seconds and costs a fraction of `bpf_ktime_get_ns` on virtual machines.
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -120,7 +124,7 @@ fn parse_at_endpoint(
 fn judge_new(
     ep: &EndpointInfo,
     direction: Direction,
-    peer: &[u8; 16],
+    peer: &Addr,
     protocol: u8,
     dport: u16,
 ) -> Verdict {

@@ -44,6 +44,9 @@ impl Dataplane {
     /// per packet).
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
         let s = &self.shadow;
+        // /32 and /128 entries live in IPCACHE_EXACT.
+        let exact_v4 = s.ipcache_v4.keys().filter(|n| n.prefix() == 32).count() as u64;
+        let exact_v6 = s.ipcache_v6.keys().filter(|n| n.prefix() == 128).count() as u64;
         let mut usage = vec![
             MapUsage {
                 map: map_names::ENDPOINTS,
@@ -51,13 +54,18 @@ impl Dataplane {
                 capacity: capacity::ENDPOINTS,
             },
             MapUsage {
+                map: map_names::IPCACHE_EXACT,
+                entries: exact_v4 + exact_v6,
+                capacity: capacity::IPCACHE_EXACT,
+            },
+            MapUsage {
                 map: map_names::IPCACHE_V4,
-                entries: s.ipcache_v4.len() as u64,
+                entries: s.ipcache_v4.len() as u64 - exact_v4,
                 capacity: capacity::IPCACHE_V4,
             },
             MapUsage {
                 map: map_names::IPCACHE_V6,
-                entries: s.ipcache_v6.len() as u64,
+                entries: s.ipcache_v6.len() as u64 - exact_v6,
                 capacity: capacity::IPCACHE_V6,
             },
             MapUsage {
