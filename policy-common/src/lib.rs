@@ -253,20 +253,22 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 16);
 
-/// CONNTRACK key: one entry per (endpoint, direction, 5-tuple as first seen in that direction).
-/// Addresses are IPv4-mapped IPv6 for IPv4. Replies are looked up with the tuple reversed.
+/// CONNTRACK key: one entry per (endpoint, 5-tuple), the tuple in a canonical order (the
+/// lower (port, address) end first) so that one lookup finds a flow from either side. The value
+/// records the direction the flow was first seen in and which end sent its first packet; see
+/// `policy-ebpf/src/conntrack.rs`. Addresses IPv4-mapped for IPv4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub src: Addr,
-    pub dst: Addr,
-    /// Ports in network order as on the wire (0 for port-less protocols).
-    pub sport: u16,
-    pub dport: u16,
+    /// The lower end.
+    pub a: Addr,
+    pub b: Addr,
+    /// Ports in host order (0 for port-less protocols).
+    pub a_port: u16,
+    pub b_port: u16,
     pub endpoint: u32,
     pub protocol: u8,
-    pub direction: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 
@@ -279,6 +281,10 @@ pub mod ct_flags {
     pub const CLOSING: u32 = 1 << 1;
     /// A reply was seen.
     pub const REPLIED: u32 = 1 << 2;
+    /// The flow's first packet went from `a` to `b` (else from `b` to `a`).
+    pub const A_TO_B: u32 = 1 << 3;
+    /// The flow was first seen as the endpoint's egress (else ingress).
+    pub const EGRESS: u32 = 1 << 4;
 }
 
 /// CONNTRACK value.
@@ -287,12 +293,35 @@ pub mod ct_flags {
 pub struct CtValue {
     pub last_seen_ns: u64,
     pub rule: u32,
+    /// [`ct_flags`] bits.
     pub flags: u32,
     /// Endpoint generation the entry was allowed under.
     pub generation: u32,
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+
+impl CtValue {
+    /// The direction the flow was first seen in.
+    pub const fn direction(&self) -> Direction {
+        if self.flags & ct_flags::EGRESS != 0 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    }
+}
+
+impl CtKey {
+    /// The flow's original (source, source port, destination, destination port).
+    pub const fn original(&self, value: &CtValue) -> (Addr, u16, Addr, u16) {
+        if value.flags & ct_flags::A_TO_B != 0 {
+            (self.a, self.a_port, self.b, self.b_port)
+        } else {
+            (self.b, self.b_port, self.a, self.a_port)
+        }
+    }
+}
 
 /// FRAGMENTS key: non-first fragments follow the verdict of the first fragment of the same
 /// datagram (which carries the ports) at the same hook: the endpoint and direction are part of

@@ -178,23 +178,19 @@ fn established(ep: &EndpointInfo, hit: &CtHit, reason: Reason, hook: Direction) 
     if value.flags & ct_flags::SERVICE != 0 || value.generation == ep.generation {
         return v;
     }
-    let key = &hit.key;
-    let direction = if key.direction == Direction::Egress as u8 {
-        Direction::Egress
-    } else {
-        Direction::Ingress
-    };
-    let recheck = if key.src == key.dst {
+    let direction = value.direction();
+    let (src, _, dst, dport) = hit.key.original(value);
+    let recheck = if src == dst {
         Verdict::new(Reason::AllowedSelf, ep.id, direction)
     } else {
         let peer = match direction {
-            Direction::Egress => &key.dst,
-            Direction::Ingress => &key.src,
+            Direction::Egress => &dst,
+            Direction::Ingress => &src,
         };
-        judge_new(ep, direction, peer, key.protocol, u16::from_be(key.dport))
+        judge_new(ep, direction, peer, hit.key.protocol, dport)
     };
     if recheck.reason.is_drop() {
-        conntrack::remove(key);
+        conntrack::remove(&hit.key);
         v.peer_identity = recheck.peer_identity;
         return v.with(Reason::DroppedRevoked);
     }
