@@ -6,7 +6,9 @@ pub mod bpffs;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod sockets;
 pub mod testrun;
+pub mod topology;
 
 /// Panics unless running as root: kernel tests must fail, not skip, without privileges.
 pub fn require_root() {

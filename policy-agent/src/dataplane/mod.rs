@@ -16,6 +16,7 @@ mod attach;
 mod error;
 mod loader;
 mod stats;
+mod sys;
 mod writer;
 
 pub use attach::{AttachMode, Role};

@@ -22,9 +22,13 @@ impl Dataplane {
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let values = counters
-                    .get(&(reason as u32), 0)
-                    .map_err(|source| DataplaneError::Map { map, source })?;
+                let values =
+                    counters
+                        .get(&(reason as u32), 0)
+                        .map_err(|source| DataplaneError::Map {
+                            map,
+                            source: Box::new(source),
+                        })?;
                 Ok((reason, values.iter().sum()))
             })
             .collect()
@@ -100,7 +104,12 @@ impl Dataplane {
         let map = map_names::CONNTRACK;
         let ct: BpfHashMap<&MapData, CtKey, CtValue> = typed_map(&self.ebpf, map)?;
         ct.iter()
-            .map(|item| item.map_err(|source| DataplaneError::Map { map, source }))
+            .map(|item| {
+                item.map_err(|source| DataplaneError::Map {
+                    map,
+                    source: Box::new(source),
+                })
+            })
             .collect()
     }
 
@@ -109,8 +118,10 @@ impl Dataplane {
     pub fn events(&mut self) -> Result<EventReader, DataplaneError> {
         let map = map_names::EVENTS;
         let taken = self.ebpf.take_map(map).ok_or(DataplaneError::EventsTaken)?;
-        let ring =
-            RingBuf::try_from(taken).map_err(|source| DataplaneError::Map { map, source })?;
+        let ring = RingBuf::try_from(taken).map_err(|source| DataplaneError::Map {
+            map,
+            source: Box::new(source),
+        })?;
         // SAFETY: the ring buffer owns its map descriptor and keeps it open (and the same) for
         // as long as it lives, which is as long as the AsyncFd.
         let fd =

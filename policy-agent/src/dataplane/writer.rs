@@ -113,7 +113,11 @@ fn update_error(map: &'static str, key: String, capacity: u32, source: MapError)
     {
         return DataplaneError::MapFull { map, key, capacity };
     }
-    DataplaneError::MapUpdate { map, key, source }
+    DataplaneError::MapUpdate {
+        map,
+        key,
+        source: Box::new(source),
+    }
 }
 
 /// Removing what is already gone is not an error.
@@ -125,14 +129,23 @@ fn remove_result(
     match result {
         Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(DataplaneError::MapRemove { map, key, source }),
+        Err(source) => Err(DataplaneError::MapRemove {
+            map,
+            key,
+            source: Box::new(source),
+        }),
     }
 }
 
 impl Shadow {
     pub(crate) fn read(ebpf: &Ebpf) -> Result<Shadow, DataplaneError> {
         let mut shadow = Shadow::default();
-        let read_err = |map: &'static str| move |source| DataplaneError::Map { map, source };
+        let read_err = |map: &'static str| {
+            move |source| DataplaneError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
 
         let endpoints: HashMap<&MapData, u32, EndpointInfo> =
             typed_map(ebpf, map_names::ENDPOINTS)?;
