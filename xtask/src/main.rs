@@ -3,6 +3,7 @@
 //! xtask deliberately does not depend on the eBPF crates: `setup` must be able to run on a fresh
 //! machine before bpf-linker exists.
 
+mod bench;
 mod setup;
 
 use std::process::Command;
@@ -28,6 +29,15 @@ enum Cmd {
     Test,
     /// rustfmt and clippy -D warnings on the userspace crates.
     Lint,
+    /// Benchmarks: datapath, throughput against an nftables baseline, control plane.
+    Bench {
+        /// Only the per-packet datapath benchmark.
+        #[arg(value_parser = ["datapath"])]
+        only: Option<String>,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,6 +69,27 @@ fn main() -> Result<()> {
             cargo(&["test", "--no-fail-fast"])
         }
         Cmd::Lint => lint(),
+        Cmd::Bench { only, json } => {
+            setup::run()?;
+            match only.as_deref() {
+                Some("datapath") => {
+                    let json_flag: &[&str] = if json { &["--json"] } else { &[] };
+                    let mut args = vec![
+                        "run",
+                        "--release",
+                        "-q",
+                        "-p",
+                        "policy-tests",
+                        "--bin",
+                        "bench_datapath",
+                        "--",
+                    ];
+                    args.extend_from_slice(json_flag);
+                    cargo(&args)
+                }
+                _ => bench::run(json),
+            }
+        }
     }
 }
 

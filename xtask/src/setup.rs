@@ -18,6 +18,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "iperf3",
     "netcat-openbsd",
+    // The benchmark chart's font.
+    "fonts-dejavu-core",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

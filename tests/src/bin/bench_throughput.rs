@@ -4,7 +4,7 @@
 //! New connections per second: one 1-byte request and reply per connection, client closes with
 //! SO_LINGER 0 so that TIME_WAIT does not exhaust ephemeral ports. Bulk: iperf3.
 //!
-//! Usage: bench_throughput [--policies N] [--seconds S] [--json]
+//! Usage: bench_throughput [--policies N] [--seconds S] [--crr-only] [--json]
 
 use std::{
     io::{Read, Write},
@@ -29,6 +29,8 @@ struct Opts {
     policies: usize,
     seconds: f64,
     json: bool,
+    /// Only same-node new connections (the policy-count sweep).
+    crr_only: bool,
 }
 
 fn opts() -> Result<Opts> {
@@ -36,6 +38,7 @@ fn opts() -> Result<Opts> {
         policies: 1000,
         seconds: 3.0,
         json: false,
+        crr_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -43,6 +46,7 @@ fn opts() -> Result<Opts> {
             "--policies" => o.policies = args.next().context("--policies N")?.parse()?,
             "--seconds" => o.seconds = args.next().context("--seconds S")?.parse()?,
             "--json" => o.json = true,
+            "--crr-only" => o.crr_only = true,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -156,10 +160,17 @@ struct Figures {
     stream_cross: f64,
 }
 
-fn measure(cluster: &Cluster, seconds: f64) -> Result<Figures> {
+fn measure(cluster: &Cluster, o: &Opts) -> Result<Figures> {
     let a = &cluster.pod("a").netns;
     let (b, c) = (cluster.pod("b").ip, cluster.pod("c").ip);
+    let seconds = o.seconds;
     crr(a, b, 0.2)?; // warm up (ARP, conntrack, JIT caches)
+    if o.crr_only {
+        return Ok(Figures {
+            crr_same: crr(a, b, seconds)?,
+            ..Figures::default()
+        });
+    }
     Ok(Figures {
         crr_same: crr(a, b, seconds)?,
         crr_cross: crr(a, c, seconds)?,
@@ -168,7 +179,7 @@ fn measure(cluster: &Cluster, seconds: f64) -> Result<Figures> {
     })
 }
 
-fn with_nftables(cluster: &Cluster, rules: &[workload::Rule], seconds: f64) -> Result<Figures> {
+fn with_nftables(cluster: &Cluster, rules: &[workload::Rule], o: &Opts) -> Result<Figures> {
     let table = "pa_bench";
     for node in &cluster.nodes {
         let ruleset =
@@ -178,7 +189,7 @@ fn with_nftables(cluster: &Cluster, rules: &[workload::Rule], seconds: f64) -> R
         node.netns.exec("nft", &["-f", &file.to_string_lossy()])?;
         let _ = std::fs::remove_file(&file);
     }
-    let figures = measure(cluster, seconds);
+    let figures = measure(cluster, o);
     for node in &cluster.nodes {
         node.netns
             .exec("nft", &["delete", "table", "inet", table])?;
@@ -189,7 +200,7 @@ fn with_nftables(cluster: &Cluster, rules: &[workload::Rule], seconds: f64) -> R
 fn with_agent(
     cluster: &Cluster,
     rules: &[workload::Rule],
-    seconds: f64,
+    o: &Opts,
 ) -> Result<(Figures, Duration)> {
     let dir = std::env::temp_dir().join(format!("{}-manifests", cluster.prefix));
     std::fs::create_dir_all(&dir)?;
@@ -215,7 +226,7 @@ fn with_agent(
         converge = converge.max(agent.wait_enforced(&node.netns, 1, Duration::from_secs(60))?);
         agents.push(agent);
     }
-    let figures = measure(cluster, seconds);
+    let figures = measure(cluster, o);
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
     Ok((figures?, converge))
@@ -236,17 +247,17 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let rules = workload::policies(o.policies, (STREAM_PORT, CRR_PORT));
 
-    let none = measure(&cluster, o.seconds)?;
+    let none = measure(&cluster, &o)?;
     eprintln!(
         "none: {:.0} / {:.0} conn/s, {:.2} / {:.2} Gb/s",
         none.crr_same, none.crr_cross, none.stream_same, none.stream_cross
     );
-    let nft = with_nftables(&cluster, &rules, o.seconds)?;
+    let nft = with_nftables(&cluster, &rules, &o)?;
     eprintln!(
         "nft:  {:.0} / {:.0} conn/s, {:.2} / {:.2} Gb/s",
         nft.crr_same, nft.crr_cross, nft.stream_same, nft.stream_cross
     );
-    let (ours, converge) = with_agent(&cluster, &rules, o.seconds)?;
+    let (ours, converge) = with_agent(&cluster, &rules, &o)?;
 
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
     let fig = |f: Figures| {
