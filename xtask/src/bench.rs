@@ -258,6 +258,9 @@ fn extra_us(r: &Value, i: usize, k: &str) -> f64 {
     (1e6 / with - 1e6 / none).max(0.0)
 }
 
+/// One line of the chart: label, colour, (log10 policies, µs) points.
+type Series = (&'static str, plotters::style::RGBColor, Vec<(f64, f64)>);
+
 fn chart(r: &Value, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let font: &'static [u8] = Box::leak(
@@ -267,7 +270,7 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
     );
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("invalid font"))?;
-    let series: Vec<(&str, RGBColor, Vec<(f64, f64)>)> =
+    let series: Vec<Series> =
         [("policy-agent", BLUE), ("nftables", RED)]
             .into_iter()
             .zip(["ours", "nft"])
