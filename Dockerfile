@@ -40,7 +40,7 @@ RUN set -eux; \
     rustup run stable rustc -vV | grep -q "^release: ${RUST_VERSION}\."
 
 # Without LLVM_PREFIX bpf-linker searches /usr/lib64 and does not find -lLLVM.
-RUN LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22
+RUN LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version 0.13.0 --no-default-features --features llvm-22
 
 WORKDIR /src
 COPY . .

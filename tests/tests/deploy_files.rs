@@ -228,7 +228,7 @@ fn dockerfile_builds_with_the_workspace_toolchain_setup() {
     );
     for needle in [
         "rustup component add rust-src",
-        "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version 0.13.0 --no-default-features --features llvm-22",
+        "LLVM_PREFIX=/usr/lib/llvm-22 cargo install --locked bpf-linker --version 0.13.0 --no-default-features --features llvm-22",
         "cargo build --release --locked --package policy-agent --bin policy-agent",
         "rustup run stable rustc -vV | grep -q \"^release: ${RUST_VERSION}\\.\"",
     ] {
@@ -254,32 +254,67 @@ fn dockerfile_builds_with_the_workspace_toolchain_setup() {
         ".dockerignore must keep target/ out of the context"
     );
 
-    // The same setup as the repository's own (xtask setup), once it exists.
-    let xtask: String = std::fs::read_dir(repo_path("xtask/src"))
-        .expect("xtask/src")
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "rs"))
-        .map(|e| read(&e.path()))
+    // The same toolchain setup as the repository's own (`cargo xtask setup`, xtask/src/setup.rs): every build
+    // dependency it installs (LLVM 22 and the -dev libraries bpf-linker links), the same bpf-linker.
+    let setup = read(&repo_path("xtask/src/setup.rs"));
+    let setup_packages = rust_str_list(&setup, "APT_PACKAGES");
+    let build_packages: BTreeSet<&str> = setup_packages
+        .iter()
+        .map(String::as_str)
+        .filter(|p| p.ends_with("-dev"))
         .collect();
-    if xtask.contains("bpf-linker") {
-        for needle in [
-            "0.13.0",
-            "llvm-22-dev",
-            "libpolly-22-dev",
-            "libzstd-dev",
-            "zlib1g-dev",
-            "rust-src",
-        ] {
-            assert!(
-                xtask.contains(needle),
-                "xtask setup and the Dockerfile disagree: xtask lacks {needle}"
-            );
-        }
-    } else {
-        eprintln!(
-            "xtask has no setup yet: the Dockerfile was checked against the versions pinned in this test"
+    assert_eq!(
+        packages, build_packages,
+        "the Dockerfile installs other build packages than xtask setup ({setup_packages:?})"
+    );
+    let linker = rust_str_const(&setup, "BPF_LINKER_VERSION");
+    assert!(
+        dockerfile.contains(&format!(
+            "cargo install --locked bpf-linker --version {linker} "
+        )),
+        "the Dockerfile's bpf-linker differs from xtask setup's {linker}"
+    );
+    for needle in [
+        "\"--locked\"",
+        "\"--no-default-features\", \"--features\", \"llvm-22\"",
+        ".env(\"LLVM_PREFIX\", \"/usr/lib/llvm-22\")",
+        "\"component\", \"add\", \"rust-src\"",
+    ] {
+        assert!(
+            setup.contains(needle),
+            "xtask setup no longer has {needle}: update the Dockerfile to match"
         );
     }
+}
+
+/// The string items of a `const NAME: &[&str] = &[...];` in Rust source.
+fn rust_str_list(source: &str, name: &str) -> Vec<String> {
+    let start = source
+        .find(&format!("const {name}: &[&str] = &["))
+        .unwrap_or_else(|| panic!("no const {name}"));
+    let body = &source[start..];
+    let body =
+        &body[body.find("= &[").expect("list start") + 4..body.find("];").expect("list end")];
+    body.lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .flat_map(|l| {
+            l.split('"')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The value of a `const NAME: &str = "...";` in Rust source.
+fn rust_str_const(source: &str, name: &str) -> String {
+    source
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("const {name}: &str = \"")))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no const {name}"))
+        .to_owned()
 }
 
 #[test]
@@ -514,6 +549,14 @@ fn the_text_checks_find_what_they_look_for() {
             ".github/workflows/e2e-kind.yml".to_owned()
         ])
     );
+    assert_eq!(
+        rust_str_list(
+            "const X: &[&str] = &[\n    \"a\", // \"not this\"\n    \"b\",\n];\n",
+            "X"
+        ),
+        ["a", "b"]
+    );
+    assert_eq!(rust_str_const("const V: &str = \"0.13.0\";", "V"), "0.13.0");
     assert!(agent::flag("cleanup-on-exit").is_some());
     assert!(agent::flag("cleanup-on-exits").is_none());
     assert_eq!(
