@@ -16,9 +16,9 @@
 #    With it running, the upstream deny tests pass even when policy-agent enforces nothing.
 #    The switch used here is the one kube-network-policies' own e2e workflow uses on kind v0.29.0
 #    (kubernetes-sigs/kube-network-policies .github/workflows/e2e.yml, step "Install kube-network-policies"):
-#    run kindnet's DaemonSet with kindnetd v20230809-80a64d96, a kindnetd image built from kind's main branch in 2023, before
-#    policies were embedded (kindnetd images are pinned in kind's pkg/build/nodeimage/const_cni.go). Pod networking
-#    (ptp veths, /32 routes, masquerade) is unchanged.
+#    run kindnet's DaemonSet with kindnetd v20230809-80a64d96, an image built from kind's main branch in 2023,
+#    before policies were embedded (kind pins its kindnetd image in pkg/build/nodeimage/const_cni.go). Pod
+#    networking (ptp veths, /32 routes, masquerade) is unchanged.
 #    The replaced kindnetd exits on SIGTERM without running its cleanup, leaving its nftables table behind; it is
 #    harmless (its pod-IP sets are empty while no NetworkPolicy exists), but it is removed so that nothing but
 #    policy-agent touches policy traffic.
