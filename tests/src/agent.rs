@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::Netns;
+use crate::netns::NetNs;
 
 /// The agent binary of this workspace (`cargo build [--release] -p policy-agent` first).
 pub fn agent_binary() -> Result<PathBuf> {
@@ -47,7 +47,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(
-        node: &Netns,
+        node: &NetNs,
         node_name: &str,
         manifest_dir: &Path,
         node_ips: &[String],
@@ -80,7 +80,7 @@ impl Agent {
     /// Polls `/status` from inside `node` until `enforced_revision >= revision`.
     pub fn wait_enforced(
         &mut self,
-        node: &Netns,
+        node: &NetNs,
         revision: u64,
         timeout: Duration,
     ) -> Result<Duration> {
@@ -118,7 +118,7 @@ impl Drop for Agent {
 }
 
 /// A plain HTTP/1.0 GET from inside `ns`; returns the body.
-pub fn http_get(ns: &Netns, addr: SocketAddr, path: &str) -> Result<String> {
+pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> Result<String> {
     ns.run(|| {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;

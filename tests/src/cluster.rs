@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, process::Child};
 
 use anyhow::Result;
 
-use crate::netns::{Netns, unique_name, veth};
+use crate::netns::{NetNs, unique_name, veth};
 
 /// Underlay addresses: node N is 192.168.250.N.
 pub fn node_ip(node: u8) -> Ipv4Addr {
@@ -20,7 +20,7 @@ pub fn gateway_ip(node: u8) -> Ipv4Addr {
 
 pub struct Node {
     pub index: u8,
-    pub netns: Netns,
+    pub netns: NetNs,
     /// Underlay device name in this node's namespace.
     pub uplink: String,
 }
@@ -29,7 +29,7 @@ pub struct Pod {
     pub name: String,
     pub node: u8,
     pub ip: Ipv4Addr,
-    pub netns: Netns,
+    pub netns: NetNs,
     /// Host-side veth name in the node's namespace.
     pub host_if: String,
 }
@@ -49,7 +49,7 @@ impl Cluster {
         let prefix = unique_name(tag);
         let mut nodes = Vec::new();
         for index in 1..=2u8 {
-            let netns = Netns::create(format!("{prefix}-node-{index}"))?;
+            let netns = NetNs::named(format!("{prefix}-node-{index}"))?;
             netns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
             nodes.push(Node {
                 index,
@@ -87,7 +87,7 @@ impl Cluster {
     /// Adds pod `name` on node `node` (1-based) with address 10.244.node.host.
     pub fn add_pod(&mut self, name: &str, node: u8, host: u8) -> Result<&Pod> {
         let ip = Ipv4Addr::new(10, 244, node, host);
-        let netns = Netns::create(format!("{}-pod-{name}", self.prefix))?;
+        let netns = NetNs::named(format!("{}-pod-{name}", self.prefix))?;
         let host_if = format!("veth{name}");
         let node_ns = &self.nodes[usize::from(node) - 1].netns;
         veth(node_ns, &host_if, &netns, "eth0")?;

@@ -1,61 +1,39 @@
-//! Network namespaces for kernel tests: created with a unique name, deleted on drop (so they are
-//! cleaned up even when a test fails), entered per thread with `setns`.
+//! Named network namespaces for tests, deleted on drop.
+//!
+//! Names carry a per-process prefix (`pt<pid>-<n>-<tag>`) so parallel tests and a crashed
+//! earlier run never collide. Nothing here touches the root network namespace: links are created
+//! inside the test's namespaces (`ip -n NS link add ... peer ... netns OTHER`).
 
 use std::{
     fs::File,
     os::fd::AsRawFd,
-    process::Command,
+    process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
 
 use anyhow::{Context, Result, bail};
 
-/// Fails loudly (rather than skipping) when the process lacks the privileges kernel tests need.
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "kernel tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run them as root"
-    );
-}
+static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A unique name prefix for this process: `pa-<tag>-<pid>-<n>`.
+/// A unique name with the given tag: `pt<pid>-<n>-<tag>`.
 pub fn unique_name(tag: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "pa-{tag}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("pt{}-{n}-{tag}", std::process::id())
 }
 
-/// Runs a command and returns its stdout, failing with its stderr.
-pub fn sh(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("spawning {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A named network namespace (`ip netns add`), removed on drop.
-pub struct Netns {
+/// A named network namespace (`ip netns add`), deleted with everything in it on drop.
+#[derive(Debug)]
+pub struct NetNs {
     name: String,
 }
 
-impl Netns {
-    pub fn create(name: impl Into<String>) -> Result<Self> {
-        let name = name.into();
-        sh("ip", &["netns", "add", &name])?;
-        let ns = Self { name };
+impl NetNs {
+    /// Creates `pt<pid>-<n>-<tag>` with its loopback up.
+    pub fn new(tag: &str) -> Result<NetNs> {
+        crate::require_root();
+        let name = unique_name(tag);
+        run_cmd(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -64,55 +42,99 @@ impl Netns {
         &self.name
     }
 
-    /// `ip -n <ns> ARGS`.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["-n", self.name.as_str()];
-        full.extend_from_slice(args);
-        sh("ip", &full)
+    /// `ip -n NAME <args>`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output> {
+        run_cmd(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
-    /// `ip netns exec <ns> PROGRAM ARGS`.
-    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
-        let mut full = vec!["netns", "exec", self.name.as_str(), program];
-        full.extend_from_slice(args);
-        sh("ip", &full)
+    /// Runs a shell script inside the namespace; fails on a non-zero exit.
+    pub fn sh(&self, script: &str) -> Result<Output> {
+        run_cmd(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name, "sh", "-ec"])
+                .arg(script),
+        )
     }
 
-    /// Moves the calling thread into this namespace. Sockets, netlink and interface names used
-    /// afterwards on this thread resolve here.
-    pub fn enter(&self) -> Result<()> {
-        let file = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        // SAFETY: a valid namespace fd; setns only affects the calling thread for CLONE_NEWNET.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    /// Runs `f` on a new thread inside this namespace and returns its result.
-    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                self.enter()?;
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| bail!("thread in netns {} panicked", self.name))
+    /// Runs `f` on a thread that has entered the namespace (sockets it creates live there, and
+    /// interface names resolve there), and returns its result.
+    pub fn run<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+                    // SAFETY: a valid namespace file descriptor; only this thread switches.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .expect("thread inside the network namespace panicked")
         })
+    }
+
+    /// The ifindex of `ifname` inside this namespace.
+    pub fn ifindex(&self, ifname: &str) -> Result<u32> {
+        let out = self.ip(&["-o", "link", "show", "dev", ifname])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("no ifindex for {ifname} in {}: {text}", self.name))
     }
 }
 
-impl Drop for Netns {
+impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
-            .status();
+            .output();
+    }
+}
+
+/// Runs a command, failing with its output on a non-zero exit.
+pub fn run_cmd(cmd: &mut Command) -> Result<Output> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+impl NetNs {
+    /// Creates a namespace with exactly this name (callers derive it from [`unique_name`]), its
+    /// loopback up.
+    pub fn named(name: String) -> Result<NetNs> {
+        crate::require_root();
+        run_cmd(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip netns exec NAME PROGRAM ARGS`; returns stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = run_cmd(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name, program])
+                .args(args),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
 /// Creates a veth pair with `host_if` in `host` and `peer_if` in `peer`, both up.
-pub fn veth(host: &Netns, host_if: &str, peer: &Netns, peer_if: &str) -> Result<()> {
+pub fn veth(host: &NetNs, host_if: &str, peer: &NetNs, peer_if: &str) -> Result<()> {
     host.ip(&[
         "link",
         "add",

@@ -13,11 +13,11 @@ use std::{
 
 use anyhow::Result;
 
-use crate::netns::{Netns, unique_name, veth};
+use crate::netns::{NetNs, unique_name, veth};
 
 pub struct NodeWithPod {
-    pub node: Netns,
-    pub pod: Netns,
+    pub node: NetNs,
+    pub pod: NetNs,
     /// Host-side veth name (in `node`).
     pub host_if: String,
     pub node_ip: Ipv4Addr,
@@ -28,8 +28,8 @@ impl NodeWithPod {
     /// `subnet` is the third octet of 10.200.X.0/30: node .1, pod .2.
     pub fn create(tag: &str, subnet: u8) -> Result<Self> {
         let base = unique_name(tag);
-        let node = Netns::create(format!("{base}-node"))?;
-        let pod = Netns::create(format!("{base}-pod"))?;
+        let node = NetNs::named(format!("{base}-node"))?;
+        let pod = NetNs::named(format!("{base}-pod"))?;
         let host_if = format!("pav{subnet}h");
         veth(&node, &host_if, &pod, "eth0")?;
         let node_ip = Ipv4Addr::new(10, 200, subnet, 1);
@@ -53,7 +53,7 @@ pub struct TcpResponder {
 }
 
 impl TcpResponder {
-    pub fn start(ns: &Netns, ports: &[u16]) -> Result<Self> {
+    pub fn start(ns: &NetNs, ports: &[u16]) -> Result<Self> {
         let listeners = ns.run(|| {
             ports
                 .iter()
@@ -93,6 +93,6 @@ impl Drop for TcpResponder {
 }
 
 /// Whether a TCP handshake from inside `ns` to `addr` completes within `timeout`.
-pub fn tcp_connects(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<bool> {
-    ns.run(|| Ok(TcpStream::connect_timeout(&addr, timeout).is_ok()))
+pub fn tcp_connects(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> Result<bool> {
+    Ok(ns.run(|| TcpStream::connect_timeout(&addr, timeout).is_ok()))
 }

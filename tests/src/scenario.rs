@@ -4,13 +4,17 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
-use policy_agent::dataplane::Dataplane;
+use policy_agent::{
+    compiler::output::{MapDiff, PolicyEntryKey},
+    dataplane::Dataplane,
+};
 use policy_common::{
-    Direction, EndpointInfo, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, endpoint_flags,
-    identity, proto,
+    Config, Direction, EndpointInfo, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue,
+    endpoint_flags, identity, proto,
 };
 
 use crate::{
+    bpffs::PinDir,
     netns::ifindex,
     pod::{NodeWithPod, TcpResponder, tcp_connects},
 };
@@ -32,11 +36,21 @@ pub fn allow_80_deny_81(report: &mut dyn FnMut(String)) -> Result<Outcome> {
         lab.pod.name(),
         lab.pod_ip
     ));
-    let _dataplane = lab.node.run(|| {
-        let mut dp = Dataplane::load()?;
+    let pins = PinDir::new("first")?;
+    let _dataplane = lab.node.run(|| -> Result<Dataplane> {
+        let mut dp = Dataplane::open(pins.path(), Config::default())?;
         dp.attach_endpoint(&lab.host_if)?;
         let ep = 1;
-        dp.set_endpoint(
+        let mut diff = MapDiff::default();
+        diff.policy_upsert.insert(
+            PolicyEntryKey {
+                prefix_len: POLICY_FULL_PREFIX_BITS,
+                key: PolicyKey::new(ep, identity::ANY, Direction::Ingress, proto::TCP, 80),
+            },
+            PolicyValue { rule: 1, flags: 0 },
+        );
+        dp.apply(&diff)?;
+        dp.upsert_endpoint(
             ifindex(&lab.host_if)?,
             EndpointInfo {
                 id: ep,
@@ -44,11 +58,6 @@ pub fn allow_80_deny_81(report: &mut dyn FnMut(String)) -> Result<Outcome> {
                 generation: 0,
                 identity: identity::POD_MIN,
             },
-        )?;
-        dp.insert_policy(
-            PolicyKey::new(ep, identity::ANY, Direction::Ingress, proto::TCP, 80),
-            POLICY_FULL_PREFIX_BITS,
-            PolicyValue { rule: 1, flags: 0 },
         )?;
         Ok(dp)
     })?;

@@ -1,7 +1,7 @@
 //! First kernel test: real packets across a veth, one flow allowed and one dropped according to a
 //! POLICY entry written from userspace.
 
-use policy_tests::{netns::require_root, scenario};
+use policy_tests::{require_root, scenario};
 
 #[test]
 fn tcp_80_allowed_and_81_dropped_by_map_entry() {

@@ -270,22 +270,21 @@ fn chart(r: &Value, path: &Path) -> Result<()> {
     );
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| anyhow::anyhow!("invalid font"))?;
-    let series: Vec<Series> =
-        [("policy-agent", BLUE), ("nftables", RED)]
-            .into_iter()
-            .zip(["ours", "nft"])
-            .map(|((label, color), k)| {
-                (
-                    label,
-                    color,
-                    SWEEP
-                        .iter()
-                        .enumerate()
-                        .map(|(i, n)| ((*n as f64).log10(), extra_us(r, i, k)))
-                        .collect(),
-                )
-            })
-            .collect();
+    let series: Vec<Series> = [("policy-agent", BLUE), ("nftables", RED)]
+        .into_iter()
+        .zip(["ours", "nft"])
+        .map(|((label, color), k)| {
+            (
+                label,
+                color,
+                SWEEP
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ((*n as f64).log10(), extra_us(r, i, k)))
+                    .collect(),
+            )
+        })
+        .collect();
     let ymax = series
         .iter()
         .flat_map(|s| s.2.iter().map(|p| p.1))

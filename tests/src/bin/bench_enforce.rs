@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use policy_tests::{
     agent::{Agent, write_revision},
     cluster::{Cluster, gateway_ip, node_ip},
-    netns::require_root,
+    require_root,
     workload::{self, PodSpec},
 };
 use serde_json::json;

@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 use policy_tests::{
     agent::{Agent, write_revision},
     cluster::{Cluster, gateway_ip, node_ip},
-    netns::{Netns, require_root},
+    netns::NetNs,
+    require_root,
     workload::{self, PodSpec},
 };
 use serde_json::json;
@@ -75,8 +76,8 @@ const PODS: &[PodSpec] = &[
 ];
 
 /// Accepts connections in `ns`: reads one byte, answers one byte, closes.
-fn crr_server(ns: &Netns) -> Result<()> {
-    let listener = ns.run(|| Ok(TcpListener::bind((Ipv4Addr::UNSPECIFIED, CRR_PORT))?))?;
+fn crr_server(ns: &NetNs) -> Result<()> {
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, CRR_PORT)))?;
     std::thread::spawn(move || {
         for mut conn in listener.incoming().flatten() {
             let mut b = [0u8; 1];
@@ -106,7 +107,7 @@ fn linger_zero(s: &TcpStream) {
 }
 
 /// Completed request/reply connections per second from `ns` to `dst`.
-fn crr(ns: &Netns, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
+fn crr(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
     ns.run(|| {
         let addr = SocketAddr::from((dst, CRR_PORT));
         let deadline = Duration::from_secs_f64(seconds);
@@ -132,7 +133,7 @@ fn crr(ns: &Netns, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
 }
 
 /// iperf3 bulk TCP throughput in Gbit/s.
-fn stream(ns: &Netns, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
+fn stream(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
     let out = ns.exec(
         "iperf3",
         &[

@@ -2,7 +2,7 @@
 //! dropped; everything it creates is removed on exit.
 
 use anyhow::{Result, ensure};
-use policy_tests::{netns::require_root, scenario};
+use policy_tests::{require_root, scenario};
 
 fn main() -> Result<()> {
     require_root();
