@@ -482,6 +482,34 @@ fn readme_install_steps_name_existing_files_and_real_flags() {
         "README quotes the grace period"
     );
 
+    // Uninstall names the agent's programs and its clsact filter slot as the dataplane defines them.
+    for program in [
+        policy_common::program_names::FROM_POD,
+        policy_common::program_names::TO_POD,
+        policy_common::program_names::TO_NETWORK,
+    ] {
+        assert!(
+            readme.contains(&format!("`{program}`")),
+            "README does not name program {program}"
+        );
+    }
+    let attach = read(&repo_path("policy-agent/src/dataplane/attach.rs"));
+    let priority = attach
+        .lines()
+        .find_map(|l| l.strip_prefix("const NL_PRIORITY: u16 = "))
+        .and_then(|v| v.strip_suffix(';'))
+        .expect("NL_PRIORITY in policy-agent/src/dataplane/attach.rs");
+    let handle = attach
+        .lines()
+        .find_map(|l| l.strip_prefix("const NL_HANDLE: TcHandle = TcHandle::new(0, "))
+        .and_then(|v| v.strip_suffix(");"))
+        .expect("NL_HANDLE in policy-agent/src/dataplane/attach.rs");
+    for direction in ["ingress", "egress"] {
+        let command =
+            format!("tc filter del dev IFACE {direction} pref {priority} handle {handle} bpf");
+        assert!(readme.contains(&command), "README lacks `{command}`");
+    }
+
     // kind: the same steps, in the same order, with the same names as the workflow and the scripts.
     let cluster = script_default_cluster(PREPARE);
     assert_in_order(
