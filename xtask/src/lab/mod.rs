@@ -4,6 +4,7 @@
 mod agent;
 mod apply;
 mod cluster;
+pub mod demo;
 
 mod net;
 mod objects;
@@ -21,7 +22,6 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
-pub use apply::{Change, Report};
 pub use cluster::{AgentChoice, Lab, UpOptions, down};
 pub use objects::{Kind, ObjRef, parse_doc, parse_text, read_docs};
 pub use probe::{Outcome, Protocol, Via};
@@ -235,8 +235,9 @@ pub fn main(args: LabArgs) -> Result<()> {
                 let st = net::in_netns(&a.netns, || agent::status(a.addr))?;
                 match st {
                     Ok(s) => println!(
-                        "{}: enforced revision {} (read {}), {} endpoints, errors: {}",
+                        "{} ({}): enforced revision {} (read {}), {} endpoints, errors: {}",
                         a.node,
+                        s.node,
                         s.enforced_revision,
                         s.revision,
                         s.endpoints,
