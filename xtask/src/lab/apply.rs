@@ -353,7 +353,7 @@ impl Lab {
                     Object::Namespace(ns) => {
                         let old = self.state.namespaces.get(&key).cloned();
                         let uid = old.as_ref().and_then(|o| o.metadata.uid.clone());
-                        let new = cluster::normalize_namespace(ns, uid);
+                        let new = cluster::normalize_namespace(*ns, uid);
                         let change = match &old {
                             _ if implicit.contains(&key) => Change::Created,
                             None => Change::Created,

@@ -135,7 +135,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let dir = examples_dir();
     // Read and validate before building anything.
     let cluster = load_all(&read_docs(&[dir.join("lab")])?)?;
-    let app = load_all(&read_docs(&[dir.clone()])?)?;
+    let app = load_all(&read_docs(std::slice::from_ref(&dir))?)?;
     let mut lab = Lab::up(
         &args.prefix,
         &UpOptions {
@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn example_manifests_are_valid() {
         let dir = examples_dir();
-        let app = load_all(&read_docs(&[dir.clone()]).unwrap()).unwrap();
+        let app = load_all(&read_docs(std::slice::from_ref(&dir)).unwrap()).unwrap();
         assert_eq!(app.len(), 12);
         let cluster = load_all(&read_docs(&[dir.join("lab")]).unwrap()).unwrap();
         assert_eq!(cluster.len(), 3);

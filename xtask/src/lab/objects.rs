@@ -77,7 +77,7 @@ impl fmt::Display for ObjRef {
 
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Namespace),
+    Namespace(Box<Namespace>),
     Pod(Box<Pod>),
     Service(Box<Service>),
     NetworkPolicy(Box<NetworkPolicy>),
@@ -256,7 +256,7 @@ pub fn parse_doc(doc: &Doc) -> Result<Loaded> {
     }
     let fail = |msg: String| anyhow::anyhow!("{}: {r}: {msg}", doc.source);
     let object = match r.kind {
-        Kind::Namespace => Object::Namespace(typed(&value).map_err(fail)?),
+        Kind::Namespace => Object::Namespace(Box::new(typed(&value).map_err(fail)?)),
         Kind::Pod => Object::Pod(Box::new(typed(&value).map_err(fail)?)),
         Kind::Service => Object::Service(Box::new(typed(&value).map_err(fail)?)),
         Kind::NetworkPolicy => Object::NetworkPolicy(Box::new(typed(&value).map_err(fail)?)),
