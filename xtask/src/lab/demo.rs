@@ -11,18 +11,15 @@ use super::{
     side_by_side,
 };
 
-#[derive(Clone, Debug, clap::Args)]
+/// Options of the demo (`cargo xtask lab demo`; the defaults are what the main job runs).
+#[derive(Clone, Debug)]
 pub struct DemoArgs {
-    #[arg(long, default_value_t = 2)]
     pub nodes: u32,
-    /// Name prefix of the demo's lab.
-    #[arg(long, default_value = "paldemo")]
+    /// Name prefix of the demo's lab (its own, so a lab the user has up is left alone).
     pub prefix: String,
     /// Run this policy-agent binary instead of building it.
-    #[arg(long)]
     pub agent_bin: Option<PathBuf>,
     /// Leave the lab up afterwards.
-    #[arg(long)]
     pub keep: bool,
 }
 

@@ -103,6 +103,18 @@ pub enum LabCommand {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// The three-tier example of deploy/examples on a fresh lab of its own (prefix `<prefix>demo`
+    /// for the default prefix): expected vs observed connectivity, then teardown.
+    Demo {
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Run this policy-agent binary instead of building it.
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Leave the demo's lab up afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Show every agent's status (revision enforced, endpoints, errors).
     Status,
     /// Remove every namespace, link, pin and process the lab made (also after a crash).
@@ -227,6 +239,23 @@ pub fn main(args: LabArgs) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        LabCommand::Demo {
+            nodes,
+            agent_bin,
+            keep,
+        } => {
+            let prefix = if prefix == DEFAULT_PREFIX {
+                demo::DemoArgs::default().prefix
+            } else {
+                prefix.to_string()
+            };
+            demo::run(&demo::DemoArgs {
+                nodes,
+                prefix,
+                agent_bin,
+                keep,
+            })
         }
         LabCommand::Status => {
             let lab = Lab::open(prefix)?;
