@@ -686,9 +686,11 @@ fn check_step(
             });
         }
     }
-    let mut first = compare(&expected, &lab.run_probes(&specs, timeout)?);
+    let mut outcomes = lab.run_probes(&specs, timeout)?;
+    let mut first = compare(&expected, &outcomes);
     if first.values().any(|w| !w.is_empty()) {
-        let second = compare(&expected, &lab.run_probes(&specs, timeout)?);
+        outcomes = lab.run_probes(&specs, timeout)?;
+        let second = compare(&expected, &outcomes);
         for (k, wrong) in &first {
             if !wrong.is_empty() && second.get(k).is_some_and(Vec::is_empty) {
                 r.retried
@@ -701,7 +703,18 @@ fn check_step(
         if wrong.is_empty() {
             continue;
         }
-        let msg = format!("step {n} {protocol}/{port}: {}", wrong.join(", "));
+        let want = &expected
+            .iter()
+            .find(|e| e.0 == port && e.1 == protocol)
+            .expect("expected")
+            .2;
+        let got = observed(want, &outcomes, port, protocol, via);
+        let tables = lab::side_by_side(("expected", want), ("observed", &got));
+        let msg = format!(
+            "step {n} {protocol}/{port}: {}\n       {}",
+            wrong.join(", "),
+            tables.trim_end().replace('\n', "\n       ")
+        );
         match via {
             Via::Service => r.service_failures.push(msg),
             Via::Pod => r.pod_failures.push(msg),
@@ -712,18 +725,24 @@ fn check_step(
 
 type Wrong = BTreeMap<(u16, Protocol, Via), Vec<String>>;
 
+/// The observed table of one matrix, rows and columns in the expectation's order.
+fn observed(want: &Table, outcomes: &[Outcome], port: u16, protocol: Protocol, via: Via) -> Table {
+    let mut got = Table::new(want.rows.clone(), want.cols.clone());
+    for o in outcomes
+        .iter()
+        .filter(|o| o.port == port && o.protocol == protocol && o.via == via)
+    {
+        got.set(&o.from, &o.to, o.connected);
+    }
+    got
+}
+
 /// Wrong cells per matrix, as `from->to expected X got .`.
 fn compare(expected: &[(u16, Protocol, Table)], outcomes: &[Outcome]) -> Wrong {
     let mut out = Wrong::new();
     for (port, protocol, want) in expected {
         for via in [Via::Service, Via::Pod] {
-            let mut got = Table::default();
-            for o in outcomes
-                .iter()
-                .filter(|o| o.port == *port && o.protocol == *protocol && o.via == via)
-            {
-                got.set(&o.from, &o.to, o.connected);
-            }
+            let got = observed(want, outcomes, *port, *protocol, via);
             let sym = |b: bool| if b { "." } else { "X" };
             let mut wrong: Vec<String> = want
                 .differences(&got)

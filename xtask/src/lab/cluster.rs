@@ -49,6 +49,9 @@ pub struct State {
     pub policies: BTreeMap<String, NetworkPolicy>,
     /// The service ruleset last loaded on the nodes.
     pub nft: String,
+    /// EndpointSlices written to the manifest directory, by file name.
+    #[serde(default)]
+    pub endpoint_slices: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -279,6 +282,7 @@ impl Lab {
             services: BTreeMap::new(),
             policies: BTreeMap::new(),
             nft: String::new(),
+            endpoint_slices: BTreeMap::new(),
         };
         let mut lab = Lab {
             names,
@@ -510,7 +514,8 @@ impl Lab {
         })
     }
 
-    /// Recomputes Service endpoints and reloads the DNAT ruleset on every node if it changed.
+    /// Recomputes Service endpoints: reloads the DNAT ruleset on every node if it changed and
+    /// rewrites the EndpointSlices (as the endpoint-slice controller would).
     pub fn reload_services(&mut self, force: bool) -> Result<()> {
         let views: Vec<services::PodView<'_>> = self
             .state
@@ -522,22 +527,41 @@ impl Lab {
                 ip: p.ip,
             })
             .collect();
-        let rules = services::render(&services::service_ports(&self.state.services, &views));
-        if !force && rules == self.state.nft {
-            return Ok(());
+        let ports = services::service_ports(&self.state.services, &views);
+        let node_of: BTreeMap<&str, String> = self
+            .state
+            .pods
+            .iter()
+            .map(|(k, p)| (k.as_str(), topo::node_name(p.node)))
+            .collect();
+        let slices = services::endpoint_slices(&ports, &node_of);
+        let rules = services::render(&ports);
+        if force || rules != self.state.nft {
+            thread::scope(|s| {
+                let handles: Vec<_> = self
+                    .state
+                    .nodes
+                    .iter()
+                    .map(|node| s.spawn(|| net::nft(&node.netns, &rules)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().map_err(|_| anyhow!("nft thread panicked"))?)
+            })?;
+            self.state.nft = rules;
         }
-        thread::scope(|s| {
-            let handles: Vec<_> = self
-                .state
-                .nodes
-                .iter()
-                .map(|node| s.spawn(|| net::nft(&node.netns, &rules)))
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().map_err(|_| anyhow!("nft thread panicked"))?)
-        })?;
-        self.state.nft = rules;
+        let dir = self.paths.manifests();
+        for (file, slice) in &slices {
+            if self.state.endpoint_slices.get(file) != Some(slice) {
+                write_object(&dir, file, slice)?;
+            }
+        }
+        for file in self.state.endpoint_slices.keys() {
+            if !slices.contains_key(file) {
+                remove_object(&dir, file);
+            }
+        }
+        self.state.endpoint_slices = slices;
         Ok(())
     }
 

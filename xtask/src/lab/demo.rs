@@ -195,8 +195,16 @@ fn show(lab: &Lab, via: Via) -> Result<bool> {
         }
     }
     let outcomes = lab.run_probes(&specs, Duration::from_millis(1000))?;
-    let rows: Vec<String> = SOURCES.iter().map(|s| s.0.to_string()).collect();
-    let cols: Vec<String> = DESTS.iter().map(|d| d.label.to_string()).collect();
+    let rows: Vec<String> = SOURCES
+        .iter()
+        .filter(|s| cells.iter().any(|c| c.0 == s.0))
+        .map(|s| s.0.to_string())
+        .collect();
+    let cols: Vec<String> = DESTS
+        .iter()
+        .filter(|d| cells.iter().any(|c| c.1 == d.label))
+        .map(|d| d.label.to_string())
+        .collect();
     let mut want = Table::new(rows.clone(), cols.clone());
     let mut got = Table::new(rows, cols);
     for ((from, label), o) in cells.iter().zip(&outcomes) {

@@ -111,6 +111,83 @@ pub fn service_ports<'a>(
     out
 }
 
+/// A pod's ports for one Service: (port name, target port, protocol).
+type PodPorts = Vec<(String, u16, String)>;
+
+/// EndpointSlices (discovery.k8s.io/v1) for the Services' endpoints, by manifest file name: one
+/// slice per Service and distinct port mapping (named target ports may differ per pod), as the
+/// endpoint-slice controller publishes them. `nodes` maps pod keys to node names.
+pub fn endpoint_slices(
+    ports: &[ServicePort],
+    nodes: &BTreeMap<&str, String>,
+) -> BTreeMap<String, serde_json::Value> {
+    // service -> pod -> its ports (name, target port, protocol)
+    let mut by_service: BTreeMap<&str, BTreeMap<&str, PodPorts>> = BTreeMap::new();
+    for sp in ports {
+        let pods = by_service.entry(&sp.service).or_default();
+        for (pod, _, tp) in &sp.endpoints {
+            pods.entry(pod)
+                .or_default()
+                .push((sp.port_name.clone(), *tp, sp.protocol.clone()));
+        }
+    }
+    let ip_of: BTreeMap<&str, Ipv4Addr> = ports
+        .iter()
+        .flat_map(|sp| sp.endpoints.iter().map(|(k, ip, _)| (k.as_str(), *ip)))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (service, pods) in by_service {
+        let (ns, name) = service.split_once('/').unwrap_or_default();
+        let mut groups: BTreeMap<&PodPorts, Vec<&str>> = BTreeMap::new();
+        for (pod, pod_ports) in &pods {
+            groups.entry(pod_ports).or_default().push(pod);
+        }
+        let slices: Vec<(Vec<serde_json::Value>, Vec<&str>)> = if groups.is_empty() {
+            vec![(Vec::new(), Vec::new())]
+        } else {
+            groups
+                .into_iter()
+                .map(|(pp, pods)| {
+                    let ports = pp
+                        .iter()
+                        .map(|(n, p, proto)| serde_json::json!({"name": n, "port": p, "protocol": proto}))
+                        .collect();
+                    (ports, pods)
+                })
+                .collect()
+        };
+        for (i, (slice_ports, pods)) in slices.into_iter().enumerate() {
+            let slice_name = format!("{name}-{i}");
+            let endpoints: Vec<serde_json::Value> = pods
+                .iter()
+                .map(|pod| {
+                    let pod_name = pod.split_once('/').map(|(_, n)| n).unwrap_or_default();
+                    serde_json::json!({
+                        "addresses": [ip_of[pod].to_string()],
+                        "conditions": {"ready": true, "serving": true, "terminating": false},
+                        "nodeName": nodes.get(pod),
+                        "targetRef": {"kind": "Pod", "namespace": ns, "name": pod_name}
+                    })
+                })
+                .collect();
+            out.insert(
+                format!("endpointslice.{ns}.{slice_name}.yaml"),
+                serde_json::json!({
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {"name": slice_name, "namespace": ns, "labels": {
+                        "kubernetes.io/service-name": name,
+                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                    "addressType": "IPv4",
+                    "endpoints": endpoints,
+                    "ports": slice_ports,
+                }),
+            );
+        }
+    }
+    out
+}
+
 /// The nftables table of one node (the same for every node: Services are cluster-wide).
 pub const TABLE: &str = "lab";
 
@@ -262,6 +339,19 @@ mod tests {
             sp[2].endpoints.iter().map(|e| e.2).collect::<Vec<_>>(),
             vec![81, 81]
         );
+
+        let nodes: BTreeMap<&str, String> =
+            [("x/a", "node-1".to_string()), ("x/b", "node-2".to_string())].into();
+        let slices = endpoint_slices(&sp, &nodes);
+        // x/a and x/b map the named ports differently: two slices
+        assert_eq!(slices.len(), 2, "{slices:#?}");
+        let a = &slices["endpointslice.x.web-0.yaml"];
+        assert_eq!(a["metadata"]["labels"]["kubernetes.io/service-name"], "web");
+        assert_eq!(a["endpoints"][0]["addresses"][0], "10.244.1.2");
+        assert_eq!(a["endpoints"][0]["nodeName"], "node-1");
+        assert_eq!(a["ports"].as_array().unwrap().len(), 3);
+        let b = &slices["endpointslice.x.web-1.yaml"];
+        assert_eq!(b["ports"][0]["port"], 9090);
 
         let rules = render(&sp);
         assert!(
