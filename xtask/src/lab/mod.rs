@@ -96,9 +96,9 @@ pub enum LabCommand {
         /// A number or a port name of the destination (default: every declared port).
         #[arg(long)]
         port: Option<String>,
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, ignore_case = true)]
         protocol: Option<Protocol>,
-        #[arg(long, value_enum, default_value_t = Via::Pod)]
+        #[arg(long, value_enum, ignore_case = true, default_value_t = Via::Pod)]
         via: Via,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
