@@ -4,6 +4,8 @@
 //! machine before bpf-linker exists.
 
 mod bench;
+mod conformance;
+mod lab;
 mod setup;
 
 use std::process::Command;
@@ -29,6 +31,10 @@ enum Cmd {
     Test,
     /// rustfmt and clippy -D warnings on the userspace crates.
     Lint,
+    /// A Kubernetes-shaped cluster of network namespaces running the real agent (see LAB.md).
+    Lab(lab::LabArgs),
+    /// The 48 upstream Kubernetes Netpol e2e cases on the lab, via Services and via pod IPs.
+    Conformance(conformance::Args),
     /// Benchmarks: datapath, throughput against an nftables baseline, control plane.
     Bench {
         /// Only the per-packet datapath benchmark.
@@ -69,6 +75,8 @@ fn main() -> Result<()> {
             cargo(&["test", "--no-fail-fast"])
         }
         Cmd::Lint => lint(),
+        Cmd::Lab(args) => lab::main(args),
+        Cmd::Conformance(args) => conformance::main(args),
         Cmd::Bench { only, json } => {
             setup::run()?;
             match only.as_deref() {
