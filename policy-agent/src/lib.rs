@@ -2,4 +2,5 @@
 pub mod cli;
 pub mod compiler;
 pub mod dataplane;
+pub mod evaluator;
 pub mod model;

@@ -2,13 +2,18 @@
 //! for the per-packet benchmark (`bench_datapath`).
 //!
 //! Everything here needs root and fails (never skips) without it.
+pub mod agent;
 pub mod bpffs;
+pub mod cluster;
 pub mod fixture;
 pub mod netns;
 pub mod packet;
+pub mod pod;
+pub mod scenario;
 pub mod sockets;
 pub mod testrun;
 pub mod topology;
+pub mod workload;
 
 /// Panics unless running as root: kernel tests must fail, not skip, without privileges.
 pub fn require_root() {

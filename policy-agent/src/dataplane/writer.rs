@@ -422,6 +422,7 @@ impl Dataplane {
                 .difference(&desired.services)
                 .copied()
                 .collect(),
+            ..MapDiff::default()
         };
         self.apply(&diff)
     }
