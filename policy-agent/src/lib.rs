@@ -3,3 +3,4 @@ pub mod cli;
 pub mod compiler;
 pub mod dataplane;
 pub mod model;
+pub mod sources;
