@@ -2,5 +2,6 @@
 pub mod cli;
 pub mod compiler;
 pub mod dataplane;
+pub mod endpoints;
 pub mod model;
 pub mod sources;
