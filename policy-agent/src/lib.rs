@@ -5,3 +5,5 @@ pub mod dataplane;
 pub mod endpoints;
 pub mod model;
 pub mod sources;
+pub mod metrics;
+pub mod telemetry;
