@@ -68,4 +68,150 @@ pub struct MapDiff {
     pub policy_remove: BTreeSet<PolicyEntryKey>,
     pub services_add: BTreeSet<IpAddr>,
     pub services_remove: BTreeSet<IpAddr>,
+    /// Rule references (userspace only: flow logs and metrics resolve `PolicyValue::rule` here).
+    pub rules_upsert: BTreeMap<u32, RuleRef>,
+    pub rules_remove: BTreeSet<u32>,
+}
+
+/// Upserts (new or changed values) and removals turning `old` into `new`, by one merge pass over
+/// both sorted maps.
+fn diff_map<K: Ord + Clone, V: PartialEq + Clone>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    upsert: &mut BTreeMap<K, V>,
+    remove: &mut BTreeSet<K>,
+) {
+    let mut o = old.iter().peekable();
+    let mut n = new.iter().peekable();
+    loop {
+        match (o.peek(), n.peek()) {
+            (None, None) => break,
+            (Some((ok, _)), None) => {
+                remove.insert((*ok).clone());
+                o.next();
+            }
+            (None, Some((nk, nv))) => {
+                upsert.insert((*nk).clone(), (*nv).clone());
+                n.next();
+            }
+            (Some((ok, ov)), Some((nk, nv))) => match ok.cmp(nk) {
+                std::cmp::Ordering::Less => {
+                    remove.insert((*ok).clone());
+                    o.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    upsert.insert((*nk).clone(), (*nv).clone());
+                    n.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if ov != nv {
+                        upsert.insert((*nk).clone(), (*nv).clone());
+                    }
+                    o.next();
+                    n.next();
+                }
+            },
+        }
+    }
+}
+
+fn apply_map<K: Ord + Clone, V: Clone>(
+    map: &mut BTreeMap<K, V>,
+    upsert: &BTreeMap<K, V>,
+    remove: &BTreeSet<K>,
+) {
+    for k in remove {
+        map.remove(k);
+    }
+    for (k, v) in upsert {
+        map.insert(k.clone(), v.clone());
+    }
+}
+
+impl NodeMaps {
+    /// What changes turn `self` into `new`: only entries that differ.
+    pub fn diff(&self, new: &NodeMaps) -> MapDiff {
+        let mut d = MapDiff::default();
+        diff_map(
+            &self.endpoints,
+            &new.endpoints,
+            &mut d.endpoints_upsert,
+            &mut d.endpoints_remove,
+        );
+        diff_map(
+            &self.ipcache_v4,
+            &new.ipcache_v4,
+            &mut d.ipcache_v4_upsert,
+            &mut d.ipcache_v4_remove,
+        );
+        diff_map(
+            &self.ipcache_v6,
+            &new.ipcache_v6,
+            &mut d.ipcache_v6_upsert,
+            &mut d.ipcache_v6_remove,
+        );
+        diff_map(
+            &self.policy,
+            &new.policy,
+            &mut d.policy_upsert,
+            &mut d.policy_remove,
+        );
+        diff_map(
+            &self.rules,
+            &new.rules,
+            &mut d.rules_upsert,
+            &mut d.rules_remove,
+        );
+        d.services_add = new.services.difference(&self.services).copied().collect();
+        d.services_remove = self.services.difference(&new.services).copied().collect();
+        d
+    }
+
+    /// Applies a diff made by [`NodeMaps::diff`]: removals first, then upserts.
+    pub fn apply(&mut self, diff: &MapDiff) {
+        apply_map(
+            &mut self.endpoints,
+            &diff.endpoints_upsert,
+            &diff.endpoints_remove,
+        );
+        apply_map(
+            &mut self.ipcache_v4,
+            &diff.ipcache_v4_upsert,
+            &diff.ipcache_v4_remove,
+        );
+        apply_map(
+            &mut self.ipcache_v6,
+            &diff.ipcache_v6_upsert,
+            &diff.ipcache_v6_remove,
+        );
+        apply_map(&mut self.policy, &diff.policy_upsert, &diff.policy_remove);
+        apply_map(&mut self.rules, &diff.rules_upsert, &diff.rules_remove);
+        for ip in &diff.services_remove {
+            self.services.remove(ip);
+        }
+        self.services.extend(diff.services_add.iter().copied());
+    }
+}
+
+impl MapDiff {
+    /// True when applying the diff changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == MapDiff::default()
+    }
+
+    /// Number of map operations (upserts and removals) in the diff.
+    pub fn len(&self) -> usize {
+        self.endpoints_upsert.len()
+            + self.endpoints_remove.len()
+            + self.ipcache_v4_upsert.len()
+            + self.ipcache_v4_remove.len()
+            + self.ipcache_v6_upsert.len()
+            + self.ipcache_v6_remove.len()
+            + self.policy_upsert.len()
+            + self.policy_remove.len()
+            + self.services_add.len()
+            + self.services_remove.len()
+            + self.rules_upsert.len()
+            + self.rules_remove.len()
+    }
 }

@@ -1,0 +1,131 @@
+//! Label selectors, normalised: `matchLabels` and `matchExpressions` become one sorted list of
+//! requirements, all of which must hold (`{}` selects everything).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::model::Labels;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Operator {
+    In,
+    /// Also true when the key is absent.
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    /// Sorted, without duplicates; empty for `Exists` / `DoesNotExist`.
+    pub values: Vec<String>,
+}
+
+impl Requirement {
+    pub fn matches(&self, labels: &Labels) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|v| self.values.binary_search(v).is_ok()),
+            Operator::NotIn => value.is_none_or(|v| self.values.binary_search(v).is_err()),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// A normalised label selector. Two selectors that select the same label sets by construction
+/// (same requirements in any order, `matchLabels` vs `In` with one value) compare equal, so
+/// resolution results can be shared.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Selector {
+    requirements: Vec<Requirement>,
+}
+
+/// Why a selector is invalid; `field` is relative to the selector.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelectorError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Selector {
+    /// The selector that matches everything (`{}`, or an absent selector where that means "all").
+    pub fn everything() -> Self {
+        Self::default()
+    }
+
+    /// Validates and normalises a selector the way the API server's validation does: known
+    /// operators only, values required for `In`/`NotIn` and forbidden for `Exists`/`DoesNotExist`.
+    /// Label key and value syntax is not checked (an ill-formed value simply never matches).
+    pub fn parse(selector: &LabelSelector) -> Result<Self, SelectorError> {
+        let mut requirements = Vec::new();
+        for (key, value) in selector.match_labels.iter().flatten() {
+            requirements.push(Requirement {
+                key: key.clone(),
+                operator: Operator::In,
+                values: vec![value.clone()],
+            });
+        }
+        for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
+            let err = |field: &str, reason: &str| SelectorError {
+                field: format!("matchExpressions[{i}]{field}"),
+                reason: reason.to_owned(),
+            };
+            if expr.key.is_empty() {
+                return Err(err(".key", "must not be empty"));
+            }
+            let operator = match expr.operator.as_str() {
+                "In" => Operator::In,
+                "NotIn" => Operator::NotIn,
+                "Exists" => Operator::Exists,
+                "DoesNotExist" => Operator::DoesNotExist,
+                other => {
+                    return Err(err(
+                        ".operator",
+                        &format!("unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"),
+                    ));
+                }
+            };
+            let mut values = expr.values.clone().unwrap_or_default();
+            match operator {
+                Operator::In | Operator::NotIn if values.is_empty() => {
+                    return Err(err(
+                        ".values",
+                        "must be non-empty when the operator is In or NotIn",
+                    ));
+                }
+                Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
+                    return Err(err(
+                        ".values",
+                        "must be empty when the operator is Exists or DoesNotExist",
+                    ));
+                }
+                _ => {}
+            }
+            values.sort();
+            values.dedup();
+            requirements.push(Requirement {
+                key: expr.key.clone(),
+                operator,
+                values,
+            });
+        }
+        requirements.sort();
+        requirements.dedup();
+        Ok(Selector { requirements })
+    }
+
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.requirements.iter().all(|r| r.matches(labels))
+    }
+
+    /// True for `{}`.
+    pub fn is_everything(&self) -> bool {
+        self.requirements.is_empty()
+    }
+
+    pub fn requirements(&self) -> &[Requirement] {
+        &self.requirements
+    }
+}
