@@ -6,5 +6,6 @@ pub mod endpoints;
 pub mod evaluator;
 pub mod metrics;
 pub mod model;
+pub mod numbering;
 pub mod sources;
 pub mod telemetry;

@@ -395,6 +395,7 @@ impl Dataplane {
                 .difference(&desired.services)
                 .copied()
                 .collect(),
+            ..Default::default()
         };
         self.apply(&diff)
     }
