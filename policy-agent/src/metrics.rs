@@ -146,11 +146,7 @@ impl Metrics {
             "Invalid objects or unreadable input reported by the source",
             m.input_errors.clone(),
         );
-        registry.register(
-            "endpoints",
-            "Local endpoints by state",
-            m.endpoints.clone(),
-        );
+        registry.register("endpoints", "Local endpoints by state", m.endpoints.clone());
         registry.register(
             "sync_errors",
             "Failed writes by sync stage",
@@ -201,7 +197,11 @@ impl Metrics {
             self.packets
                 .get_or_create(&ReasonLabels {
                     reason: reason.as_str(),
-                    verdict: if reason.is_drop() { "dropped" } else { "allowed" },
+                    verdict: if reason.is_drop() {
+                        "dropped"
+                    } else {
+                        "allowed"
+                    },
                 })
                 .inc_by(delta);
         }
@@ -226,9 +226,14 @@ mod tests {
         m.set_packet_counts(&[(Reason::DroppedPolicy, 5)]);
         m.set_packet_counts(&[(Reason::DroppedPolicy, 7)]);
         let text = m.encode();
-        assert!(text.contains("policy_agent_map_pressure_ratio{map=\"POLICY\"} 0.5"), "{text}");
         assert!(
-            text.contains("policy_agent_packets_total{reason=\"dropped_policy\",verdict=\"dropped\"} 7"),
+            text.contains("policy_agent_map_pressure_ratio{map=\"POLICY\"} 0.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "policy_agent_packets_total{reason=\"dropped_policy\",verdict=\"dropped\"} 7"
+            ),
             "{text}"
         );
         assert!(text.contains("policy_agent_endpoints{state=\"no_interface\"} 0"));

@@ -86,9 +86,12 @@ impl HostView {
 
     /// This namespace's own unicast addresses (every family), without loopback and IPv6
     /// link-local addresses: the sources of node-originated traffic to pods.
+    /// Addresses on `kube-ipvs0` (kube-proxy's IPVS mode binds every ClusterIP there) are not
+    /// node addresses either.
     pub fn node_addresses(&self) -> BTreeSet<IpAddr> {
         self.addresses
             .iter()
+            .filter(|a| self.link(a.index).is_none_or(|l| l.name != "kube-ipvs0"))
             .map(|a| a.addr)
             .filter(|a| match a {
                 IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
@@ -101,13 +104,14 @@ impl HostView {
             .collect()
     }
 
-    /// Devices of the default routes (every family), plus `flannel.1` when present: where traffic
-    /// to other nodes leaves.
+    /// Where traffic to other nodes and off-cluster leaves: devices of the default routes and of
+    /// routes through a gateway (other nodes' pod ranges on kind and in the lab), plus
+    /// `flannel.1` when present. Every family.
     pub fn uplinks(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .routes
             .iter()
-            .filter(|r| r.destination.is_none_or(|(_, len)| len == 0))
+            .filter(|r| r.via_gateway || r.destination.is_none_or(|(_, len)| len == 0))
             .flat_map(|r| r.oifs.iter())
             .filter_map(|i| self.link(*i))
             .map(|l| l.name.clone())
@@ -319,6 +323,7 @@ mod tests {
                 link(5, "vethA", "veth"),
                 link(6, "cni0", "bridge"),
                 link(7, "flannel.1", "vxlan"),
+                link(8, "underlay", "veth"),
             ],
             addresses: vec![
                 Address {
@@ -346,14 +351,22 @@ mod tests {
                 Route {
                     destination: None,
                     oifs: vec![2],
+                    via_gateway: true,
+                },
+                Route {
+                    destination: Some(("10.244.7.0".parse().unwrap(), 24)),
+                    oifs: vec![8],
+                    via_gateway: true,
                 },
                 Route {
                     destination: Some(("10.244.1.5".parse().unwrap(), 32)),
                     oifs: vec![5],
+                    via_gateway: false,
                 },
                 Route {
                     destination: Some(("10.244.1.0".parse().unwrap(), 24)),
                     oifs: vec![6],
+                    via_gateway: false,
                 },
             ],
         }
@@ -381,6 +394,6 @@ mod tests {
 
     #[test]
     fn uplinks_are_default_route_devices_and_flannel() {
-        assert_eq!(view().uplinks(), ["eth0", "flannel.1"]);
+        assert_eq!(view().uplinks(), ["eth0", "flannel.1", "underlay"]);
     }
 }

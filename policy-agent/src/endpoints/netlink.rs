@@ -53,6 +53,8 @@ pub struct Route {
     pub destination: Option<(IpAddr, u8)>,
     /// Output interfaces (several for a multipath route).
     pub oifs: Vec<u32>,
+    /// The route goes through a gateway (a next hop on another machine).
+    pub via_gateway: bool,
 }
 
 const RT_TABLE_MAIN: u32 = 254;
@@ -275,6 +277,7 @@ fn parse_route(r: RouteMessage) -> Option<Route> {
     let mut table = u32::from(r.header.table);
     let mut destination = None;
     let mut oifs = Vec::new();
+    let mut via_gateway = false;
     for attr in &r.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
@@ -285,12 +288,20 @@ fn parse_route(r: RouteMessage) -> Option<Route> {
                 destination = Some((IpAddr::V6(*a), r.header.destination_prefix_length))
             }
             RouteAttribute::Oif(i) => oifs.push(*i),
-            RouteAttribute::MultiPath(hops) => oifs.extend(hops.iter().map(|h| h.interface_index)),
+            RouteAttribute::Gateway(_) | RouteAttribute::Via(_) => via_gateway = true,
+            RouteAttribute::MultiPath(hops) => {
+                via_gateway = true;
+                oifs.extend(hops.iter().map(|h| h.interface_index))
+            }
             _ => {}
         }
     }
     if table != RT_TABLE_MAIN || r.header.kind != netlink_packet_route::route::RouteType::Unicast {
         return None;
     }
-    Some(Route { destination, oifs })
+    Some(Route {
+        destination,
+        oifs,
+        via_gateway,
+    })
 }

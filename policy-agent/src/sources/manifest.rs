@@ -12,7 +12,8 @@
 //! the maps compiled from that scan are in the kernel, the agent reports that revision as
 //! enforced (`/status`). Callers write manifests, then `.revision`, then wait for
 //! `enforced_revision` ≥ what they wrote. Without `.revision` the revision counts scans that found
-//! a change.
+//! a change. A `.revision` caught mid-write (empty or not a number) keeps the previous revision:
+//! the scan's newer manifests are applied, and the next poll sees the finished file.
 //!
 //! # What the API server would do, done here
 //!
@@ -57,7 +58,7 @@ pub const INVALID_ANNOTATION: &str = "policy-agent.io/invalid";
 #[derive(Debug, Default)]
 pub struct Scan {
     /// Content of `.revision`, read before any manifest.
-    pub revision: Option<u64>,
+    pub revision: RevisionFile,
     pub objects: BTreeMap<Kind, Vec<Object>>,
     /// One line per problem, naming file, document, object and field.
     pub errors: Vec<String>,
@@ -78,6 +79,27 @@ impl Scan {
             revision,
             changed_at: self.newest.unwrap_or_else(SystemTime::now),
             errors: self.errors,
+        }
+    }
+}
+
+/// What `.revision` held when a scan started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RevisionFile {
+    #[default]
+    Missing,
+    Valid(u64),
+    /// Empty or not a decimal u64 (being written, or wrong).
+    Invalid,
+}
+
+impl RevisionFile {
+    /// The revision to report for a scan, given the last one reported.
+    pub fn next(self, last: u64) -> u64 {
+        match self {
+            RevisionFile::Valid(v) => v,
+            RevisionFile::Missing => last + 1,
+            RevisionFile::Invalid => last,
         }
     }
 }
@@ -139,15 +161,19 @@ fn read_revision(dir: &Path) -> (Option<String>, Option<SystemTime>) {
     (text, mtime)
 }
 
-fn parse_revision(text: Option<&str>, errors: &mut Vec<String>) -> Option<u64> {
-    let text = text?.trim();
+fn parse_revision(text: Option<&str>, errors: &mut Vec<String>) -> RevisionFile {
+    let Some(text) = text.map(str::trim) else {
+        return RevisionFile::Missing;
+    };
     match text.parse() {
-        Ok(v) => Some(v),
+        Ok(v) => RevisionFile::Valid(v),
+        // Caught between truncation and write: not worth an error.
+        Err(_) if text.is_empty() => RevisionFile::Invalid,
         Err(e) => {
             errors.push(format!(
                 "{REVISION_FILE}: {text:?} is not a decimal u64: {e}"
             ));
-            None
+            RevisionFile::Invalid
         }
     }
 }
@@ -381,7 +407,7 @@ fn add_implicit_namespaces(objects: &mut BTreeMap<Kind, Vec<Object>>) {
 /// the receiver is dropped.
 pub async fn run(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Update>) {
     let mut last: Option<Fingerprint> = None;
-    let mut scans: u64 = 0;
+    let mut revision: u64 = 0;
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -399,8 +425,7 @@ pub async fn run(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Update>) {
         let Ok(scan) = tokio::task::spawn_blocking(move || scan(&dir2)).await else {
             continue;
         };
-        scans += 1;
-        let revision = scan.revision.unwrap_or(scans);
+        revision = scan.revision.next(revision);
         for e in &scan.errors {
             warn!(error = %e, "manifest");
         }
@@ -419,11 +444,25 @@ mod tests {
     #[test]
     fn revision_parse() {
         let mut errors = vec![];
-        assert_eq!(parse_revision(Some("42\n"), &mut errors), Some(42));
-        assert_eq!(parse_revision(None, &mut errors), None);
-        assert!(errors.is_empty());
-        assert_eq!(parse_revision(Some("x"), &mut errors), None);
+        assert_eq!(
+            parse_revision(Some("42\n"), &mut errors),
+            RevisionFile::Valid(42)
+        );
+        assert_eq!(parse_revision(None, &mut errors), RevisionFile::Missing);
+        assert_eq!(parse_revision(Some(""), &mut errors), RevisionFile::Invalid);
+        assert!(errors.is_empty(), "a file caught mid-write is not an error");
+        assert_eq!(
+            parse_revision(Some("x"), &mut errors),
+            RevisionFile::Invalid
+        );
         assert_eq!(errors.len(), 1);
+        assert_eq!(RevisionFile::Valid(7).next(3), 7);
+        assert_eq!(RevisionFile::Missing.next(3), 4);
+        assert_eq!(
+            RevisionFile::Invalid.next(3),
+            3,
+            "never ahead of what was written"
+        );
     }
 
     #[test]
