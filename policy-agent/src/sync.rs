@@ -56,10 +56,26 @@ pub trait Enforcer {
 
 impl Enforcer for Dataplane {
     fn apply(&mut self, diff: &MapDiff) -> Result<(), DataplaneError> {
-        Dataplane::apply(self, diff).map(drop)
+        let r = Dataplane::apply(self, diff)?;
+        tracing::debug!(
+            upserted = r.upserted,
+            removed = r.removed,
+            unchanged = r.unchanged,
+            bumped = r.endpoints_bumped,
+            "map writes"
+        );
+        Ok(())
     }
     fn sync_maps(&mut self, desired: &NodeMaps) -> Result<(), DataplaneError> {
-        Dataplane::sync(self, desired).map(drop)
+        let r = Dataplane::sync(self, desired)?;
+        tracing::debug!(
+            upserted = r.upserted,
+            removed = r.removed,
+            unchanged = r.unchanged,
+            bumped = r.endpoints_bumped,
+            "map writes (compared with the maps)"
+        );
+        Ok(())
     }
     fn upsert_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DataplaneError> {
         Dataplane::upsert_endpoint(self, ifindex, info)

@@ -8,11 +8,13 @@ mod agent_support;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use agent_support::{Netns, bridge_pod, ptp_pod, require_root, unique_prefix};
+use agent_support::{bridge_pod, ptp_pod};
+use anyhow::Result;
 use policy_agent::{
     endpoints::{Discovery, HostView, Shape, netlink::Netlink},
     model::ObjectKey,
 };
+use policy_tests::{netns::NetNs, require_root};
 
 fn pods(list: &[(&str, &str)]) -> BTreeMap<ObjectKey, Vec<IpAddr>> {
     list.iter()
@@ -21,32 +23,25 @@ fn pods(list: &[(&str, &str)]) -> BTreeMap<ObjectKey, Vec<IpAddr>> {
 }
 
 #[test]
-fn discovers_ptp_and_bridge_endpoints() {
+fn discovers_ptp_and_bridge_endpoints() -> Result<()> {
     require_root();
-    let p = unique_prefix("ad");
-    let node = Netns::new(&format!("{p}-node"));
-    let other_node = Netns::new(&format!("{p}-node2"));
-    let ptp = Netns::new(&format!("{p}-ptp"));
-    let br = Netns::new(&format!("{p}-br"));
-    let remote = Netns::new(&format!("{p}-remote"));
-    ptp_pod(&node, &ptp, &format!("{p}p"), "10.251.1.5", "10.251.1.1");
-    bridge_pod(
-        &node,
-        &br,
-        "cni0",
-        &format!("{p}b"),
-        "10.251.2.5/24",
-        "10.251.2.1",
-    );
+    let node = NetNs::new("dnode")?;
+    let other_node = NetNs::new("dnode2")?;
+    let ptp = NetNs::new("dptp")?;
+    let br = NetNs::new("dbr")?;
+    let remote = NetNs::new("dremote")?;
+    // Interface names live in the test's own namespaces: fixed names cannot collide.
+    ptp_pod(&node, &ptp, "vethptp", "10.251.1.5", "10.251.1.1")?;
+    bridge_pod(&node, &br, "cni0", "vethbr", "10.251.2.5/24", "10.251.2.1")?;
     // A pod of another node with the same shape: its veth peer is not in our namespace.
     bridge_pod(
         &other_node,
         &remote,
         "cni0",
-        &format!("{p}r"),
+        "vethremote",
         "10.251.3.5/24",
         "10.251.3.1",
-    );
+    )?;
     node.ip(&[
         "link",
         "add",
@@ -57,11 +52,11 @@ fn discovers_ptp_and_bridge_endpoints() {
         "name",
         "underlay",
         "netns",
-        &other_node.name,
-    ]);
-    node.ip(&["addr", "add", "192.0.2.10/24", "dev", "uplink0"]);
-    node.ip(&["addr", "add", "2001:db8::10/64", "dev", "uplink0", "nodad"]);
-    node.ip(&["link", "set", "uplink0", "up"]);
+        other_node.name(),
+    ])?;
+    node.ip(&["addr", "add", "192.0.2.10/24", "dev", "uplink0"])?;
+    node.ip(&["addr", "add", "2001:db8::10/64", "dev", "uplink0", "nodad"])?;
+    node.ip(&["link", "set", "uplink0", "up"])?;
     node.ip(&[
         "route",
         "add",
@@ -70,10 +65,10 @@ fn discovers_ptp_and_bridge_endpoints() {
         "192.0.2.1",
         "dev",
         "uplink0",
-    ]);
+    ])?;
 
-    let ptp_index = node.ifindex(&format!("{p}p"));
-    let br_index = node.ifindex(&format!("{p}b"));
+    let ptp_index = node.ifindex("vethptp")?;
+    let br_index = node.ifindex("vethbr")?;
     let wanted = pods(&[
         ("ptp", "10.251.1.5"),
         ("br", "10.251.2.5"),
@@ -91,7 +86,7 @@ fn discovers_ptp_and_bridge_endpoints() {
         assert_eq!(ptp_host.shape, Shape::PointToPoint);
         let br_host = &found[&ObjectKey::new("t", "br")];
         assert_eq!(br_host.ifindex, br_index);
-        assert_eq!(br_host.name, format!("{p}b"));
+        assert_eq!(br_host.name, "vethbr");
         assert_eq!(br_host.shape, Shape::Bridge);
         assert!(
             !found.contains_key(&ObjectKey::new("t", "remote")),
@@ -115,14 +110,13 @@ fn discovers_ptp_and_bridge_endpoints() {
         assert_eq!(view.uplinks(), ["uplink0"]);
 
         // Found again from the cache: same answer.
-        let again = discovery.find(&view, &wanted);
-        assert_eq!(again, found);
+        assert_eq!(discovery.find(&view, &wanted), found);
     });
 
     // The bridge pod's address changes; the ptp pod's veth vanishes.
-    br.ip(&["addr", "del", "10.251.2.5/24", "dev", "eth0"]);
-    br.ip(&["addr", "add", "10.251.2.6/24", "dev", "eth0"]);
-    node.ip(&["link", "del", &format!("{p}p")]);
+    br.ip(&["addr", "del", "10.251.2.5/24", "dev", "eth0"])?;
+    br.ip(&["addr", "add", "10.251.2.6/24", "dev", "eth0"])?;
+    node.ip(&["link", "del", "vethptp"])?;
     let wanted = pods(&[("ptp", "10.251.1.5"), ("br", "10.251.2.6")]);
     node.run(|| {
         let mut nl = Netlink::new().unwrap();
@@ -134,4 +128,5 @@ fn discovers_ptp_and_bridge_endpoints() {
         );
         assert_eq!(found[&ObjectKey::new("t", "br")].ifindex, br_index);
     });
+    Ok(())
 }
