@@ -237,7 +237,7 @@ struct Loop {
 }
 
 const RETRY: Duration = Duration::from_secs(1);
-const METRICS_INTERVAL: Duration = Duration::from_secs(5);
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Loop {
     async fn run(

@@ -31,8 +31,9 @@
 //! traffic the author meant to restrict.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs,
+    hash::{Hash, Hasher},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
@@ -47,6 +48,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{Change, Kind, NAMESPACE_NAME_LABEL, Object, Update, strip};
+use crate::model::ObjectKey;
 
 /// Name of the revision file inside the manifest directory.
 pub const REVISION_FILE: &str = ".revision";
@@ -113,45 +115,75 @@ struct Fingerprint {
 
 /// Reads `.revision`, then every manifest, into objects.
 pub fn scan(dir: &Path) -> Scan {
-    let mut scan = Scan::default();
-    let (revision_text, revision_mtime) = read_revision(dir);
-    scan.newest = revision_mtime;
-    scan.revision = parse_revision(revision_text.as_deref(), &mut scan.errors);
-    let mut files = Vec::new();
-    if let Err(e) = manifest_files(dir, &mut files) {
-        scan.errors.push(format!("{}: {e}", dir.display()));
-    }
-    let mut by_key: BTreeMap<(Kind, crate::model::ObjectKey), (PathBuf, Object)> = BTreeMap::new();
-    for path in files {
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                scan.errors.push(format!("{}: {e}", path.display()));
-                continue;
-            }
-        };
-        if let Ok(mtime) = fs::metadata(&path).and_then(|m| m.modified()) {
-            scan.newest = scan.newest.max(Some(mtime));
+    Scanner::default().scan(dir)
+}
+
+/// Scans a directory repeatedly, parsing only files whose content changed since the last scan.
+#[derive(Default)]
+pub struct Scanner {
+    /// Path → (content hash, objects and errors parsed from it).
+    parsed: HashMap<PathBuf, (u64, Vec<Object>, Vec<String>)>,
+}
+
+impl Scanner {
+    /// Reads `.revision`, then every manifest, into objects.
+    pub fn scan(&mut self, dir: &Path) -> Scan {
+        let mut scan = Scan::default();
+        let (revision_text, revision_mtime) = read_revision(dir);
+        scan.newest = revision_mtime;
+        scan.revision = parse_revision(revision_text.as_deref(), &mut scan.errors);
+        let mut files = Vec::new();
+        if let Err(e) = manifest_files(dir, &mut files) {
+            scan.errors.push(format!("{}: {e}", dir.display()));
         }
-        for object in parse_documents(&path, &text, &mut scan.errors) {
-            let key = (object.kind(), object.key());
-            if let Some((previous, _)) = by_key.get(&key) {
-                scan.errors.push(format!(
-                    "{}: {} {} is also defined in {}; the later file wins",
-                    path.display(),
-                    key.0.as_str(),
-                    key.1,
-                    previous.display()
-                ));
+        self.parsed.retain(|p, _| files.contains(p));
+        let mut by_key: BTreeMap<(Kind, ObjectKey), (PathBuf, Object)> = BTreeMap::new();
+        for path in files {
+            let text = match fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    scan.errors.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+            };
+            if let Ok(mtime) = fs::metadata(&path).and_then(|m| m.modified()) {
+                scan.newest = scan.newest.max(Some(mtime));
             }
-            by_key.insert(key, (path.clone(), object));
+            let hash = {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                text.hash(&mut h);
+                h.finish()
+            };
+            let (_, objects, errors) = match self.parsed.get(&path) {
+                Some(entry) if entry.0 == hash => entry,
+                _ => {
+                    let mut errors = Vec::new();
+                    let objects = parse_documents(&path, &text, &mut errors);
+                    self.parsed.insert(path.clone(), (hash, objects, errors));
+                    &self.parsed[&path]
+                }
+            };
+            scan.errors.extend(errors.iter().cloned());
+            for object in objects {
+                let key = (object.kind(), object.key());
+                if let Some((previous, _)) = by_key.get(&key) {
+                    scan.errors.push(format!(
+                        "{}: {} {} is also defined in {}; the later file wins",
+                        path.display(),
+                        key.0.as_str(),
+                        key.1,
+                        previous.display()
+                    ));
+                }
+                by_key.insert(key, (path.clone(), object.clone()));
+            }
         }
+        for ((kind, _), (_, object)) in by_key {
+            scan.objects.entry(kind).or_default().push(object);
+        }
+        add_implicit_namespaces(&mut scan.objects);
+        scan
     }
-    for ((kind, _), (_, object)) in by_key {
-        scan.objects.entry(kind).or_default().push(object);
-    }
-    add_implicit_namespaces(&mut scan.objects);
-    scan
 }
 
 fn read_revision(dir: &Path) -> (Option<String>, Option<SystemTime>) {
@@ -408,6 +440,7 @@ fn add_implicit_namespaces(objects: &mut BTreeMap<Kind, Vec<Object>>) {
 pub async fn run(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Update>) {
     let mut last: Option<Fingerprint> = None;
     let mut revision: u64 = 0;
+    let scanner = std::sync::Arc::new(std::sync::Mutex::new(Scanner::default()));
     let mut ticker = tokio::time::interval(poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -422,7 +455,15 @@ pub async fn run(dir: PathBuf, poll: Duration, tx: mpsc::Sender<Update>) {
         if last.as_ref() == Some(&fp) {
             continue;
         }
-        let Ok(scan) = tokio::task::spawn_blocking(move || scan(&dir2)).await else {
+        let scanner = scanner.clone();
+        let Ok(scan) = tokio::task::spawn_blocking(move || {
+            scanner
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .scan(&dir2)
+        })
+        .await
+        else {
             continue;
         };
         revision = scan.revision.next(revision);
