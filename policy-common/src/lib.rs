@@ -63,7 +63,8 @@ pub mod capacity {
     /// Shorter prefixes.
     pub const IPCACHE_V4: u32 = 262_144;
     pub const IPCACHE_V6: u32 = 262_144;
-    pub const POLICY: u32 = 1_048_576;
+    /// Chunks of port ranges (one or more per (endpoint, peer identity, direction, protocol)).
+    pub const POLICY: u32 = 262_144;
     pub const SERVICES: u32 = 65_536;
     pub const CONNTRACK: u32 = 262_144;
     pub const FRAGMENTS: u32 = 8192;
@@ -193,12 +194,16 @@ pub const POLICY_FIXED_PREFIX_BITS: u32 = 80;
 /// Full POLICY prefix length: a rule for exactly one port.
 pub const POLICY_FULL_PREFIX_BITS: u32 = POLICY_FIXED_PREFIX_BITS + 16;
 
-/// POLICY (LPM trie) key data. The prefix length covers the fixed fields and then the top
-/// `prefixlen - 80` bits of `dport`: an `endPort` range is a handful of such port prefixes, a rule
-/// for all ports of a protocol is prefix 80.
+/// A POLICY entry as the compiler emits it: an LPM-style key whose prefix length covers the
+/// fixed fields and then the top `prefixlen - 80` bits of `dport`. An `endPort` range is a handful
+/// of such port prefixes, a rule for all ports of a protocol is prefix 80.
 ///
-/// Lookup precedence (two probes, see `policy-ebpf/src/policy.rs`): exact peer identity, then the
-/// peer's CIDR identity, then [`identity::ANY`]. Any hit allows (NetworkPolicy is a pure union).
+/// The map writer stores the entries grouped: every entry of one (endpoint, peer identity,
+/// direction, protocol) becomes one [`PortRange`] in that group's [`PortRanges`] value in the
+/// POLICY hash ([`PolicyGroupKey`]), so a lookup is one hash probe per candidate identity, flat
+/// in the number of policies. Precedence (see `policy-ebpf/src/policy.rs`): exact peer identity,
+/// then the peer's CIDR identity, then [`identity::ANY`]. Any hit allows (NetworkPolicy is a pure
+/// union).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyKey {
@@ -233,7 +238,50 @@ impl PolicyKey {
     }
 }
 
-/// POLICY value.
+/// POLICY (hash) key: one group of port ranges per (endpoint, peer identity, direction,
+/// protocol), split in chunks of [`PORT_RANGES_PER_CHUNK`] (chunk 0 first).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyGroupKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    pub protocol: u8,
+    pub chunk: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PolicyGroupKey>() == 12);
+
+/// An inclusive destination port range with the rule that allows it (one compiler entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+    /// [`PolicyValue::rule`] of the entry.
+    pub rule: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortRange>() == 8);
+
+/// Port ranges in one POLICY chunk.
+pub const PORT_RANGES_PER_CHUNK: usize = 15;
+/// Chunks per group: at most 15 × 8 = 120 port prefixes for one (endpoint, peer, direction,
+/// protocol); more is reported as a full POLICY map.
+pub const POLICY_MAX_CHUNKS: u8 = 8;
+
+/// POLICY (hash) value: the first `count` ranges are in use, the others (only in the last chunk)
+/// hold port 65535 with rule 0, which reads as "no rule"; `more` = 1 when the next chunk exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRanges {
+    pub count: u32,
+    pub more: u32,
+    pub ranges: [PortRange; PORT_RANGES_PER_CHUNK],
+}
+const _: () = assert!(core::mem::size_of::<PortRanges>() == 128);
+
+/// POLICY entry value (compiler side).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
@@ -540,6 +588,8 @@ mod user {
     unsafe impl aya::Pod for IdentityPair {}
     unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for PolicyGroupKey {}
+    unsafe impl aya::Pod for PortRanges {}
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}

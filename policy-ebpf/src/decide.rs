@@ -141,8 +141,8 @@ fn judge_new(
     if peer_ids.identity == identity::HOST {
         return v.with(Reason::AllowedHost);
     }
-    if let Some(entry) = policy::allows(ep.id, direction, peer_ids, protocol, dport) {
-        v.rule = entry.rule;
+    if let Some(rule) = policy::allows(ep.id, direction, peer_ids, protocol, dport) {
+        v.rule = rule;
         return v.with(Reason::AllowedByPolicy);
     }
     v

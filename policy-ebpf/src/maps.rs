@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    Addr, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyKey,
-    PolicyValue, Reason, ServiceKey, capacity,
+    Addr, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyGroupKey,
+    PortRanges, Reason, ServiceKey, capacity,
 };
 
 /// Host-side veth ifindex → endpoint.
@@ -41,9 +41,11 @@ pub static IPCACHE_V4: LpmTrie<[u8; 4], IdentityPair> =
 pub static IPCACHE_V6: LpmTrie<[u8; 16], IdentityPair> =
     LpmTrie::with_max_entries(capacity::IPCACHE_V6, 0);
 
-/// See [`PolicyKey`] for the layout and `policy::allows` for the lookup.
+/// Allowed port ranges per (endpoint, peer identity, direction, protocol); see
+/// `policy::allows` for the lookup.
 #[map(name = "POLICY")]
-pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(capacity::POLICY, 0);
+pub static POLICY: HashMap<PolicyGroupKey, PortRanges> =
+    HashMap::with_max_entries(capacity::POLICY, BPF_F_NO_PREALLOC);
 
 /// Service frontend addresses (ClusterIPs) → flags (unused, 0).
 #[map(name = "SERVICES")]

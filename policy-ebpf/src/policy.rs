@@ -4,8 +4,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
-    Addr, Direction, IdentityPair, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, addr_octets,
-    identity,
+    Addr, Direction, IdentityPair, POLICY_MAX_CHUNKS, PolicyGroupKey, addr_octets, identity,
 };
 
 use crate::maps::{IPCACHE_EXACT, IPCACHE_V4, IPCACHE_V6, POLICY};
@@ -43,29 +42,58 @@ pub fn identities(addr: &Addr) -> IdentityPair {
     })
 }
 
-/// One POLICY probe.
+/// One POLICY probe: the rule of a range of `endpoint`'s group for `peer` that contains
+/// `dport`, or 0 (rule references start at 1).
 ///
-/// POLICY is an LPM trie keyed by [`PolicyKey`] = {endpoint, peer identity, direction,
-/// protocol, dport}, all big-endian, so the trie compares them bit by bit in that order. An entry's
-/// prefix covers the fixed 80 bits plus a prefix of the port: one port is /96, an `endPort` range
-/// is the handful of port prefixes that tile it, all ports of a protocol is /80. We probe with
-/// the full /96 key, so the trie answers with the most specific entry covering the port.
-#[inline(always)]
-fn probe(
+/// POLICY is a hash keyed by [`PolicyGroupKey`] = {endpoint, peer identity, direction,
+/// protocol, chunk}; each value holds up to 15 inclusive port ranges (an exact port, the tiles of
+/// an `endPort` range, or 0-65535 for "all ports"), and says whether another chunk follows. Groups
+/// are small (one per peer a rule names), so a probe is one hash lookup and a short scan, however
+/// many policies exist. A global BPF function (exported by `build.rs`), so the verifier checks the
+/// scan once instead of at every call site.
+#[inline(never)]
+#[unsafe(no_mangle)]
+pub extern "C" fn policy_probe(
     endpoint: u32,
     peer: u32,
-    direction: Direction,
+    direction: u8,
     protocol: u8,
     dport: u16,
-) -> Option<PolicyValue> {
-    let key = Key::new(
-        POLICY_FULL_PREFIX_BITS,
-        PolicyKey::new(endpoint, peer, direction, protocol, dport),
-    );
-    POLICY.get(&key).copied()
+) -> u32 {
+    let mut key = PolicyGroupKey {
+        endpoint,
+        identity: peer,
+        direction,
+        protocol,
+        chunk: 0,
+        _pad: 0,
+    };
+    for chunk in 0..POLICY_MAX_CHUNKS {
+        key.chunk = chunk;
+        let Some(value) = POLICY.get_ptr(&key) else {
+            return 0;
+        };
+        // SAFETY: NO_PREALLOC map (RCU-freed elements): the value stays valid for this run.
+        let value = unsafe { &*value };
+        // Every slot is scanned (unused ones, at the end of the last chunk, say rule 0 = none):
+        // a fixed-length loop is cheaper to verify than one bounded by `count`. The test is
+        // done on derived values (offset into the range ≤ its span) so that the verifier does
+        // not narrow `dport` at each slot and explore every combination of outcomes.
+        for range in &value.ranges {
+            let offset = u32::from(dport).wrapping_sub(u32::from(range.first));
+            let span = u32::from(range.last).wrapping_sub(u32::from(range.first));
+            if offset <= span {
+                return range.rule;
+            }
+        }
+        if value.more == 0 {
+            return 0;
+        }
+    }
+    0
 }
 
-/// The entry that allows a new flow, if any.
+/// The rule that allows a new flow, if any.
 ///
 /// Precedence (NetworkPolicy is a pure union, so the first hit allows; the order only decides
 /// which rule a flow is attributed to):
@@ -79,14 +107,14 @@ pub fn allows(
     peer: IdentityPair,
     protocol: u8,
     dport: u16,
-) -> Option<PolicyValue> {
-    if let Some(v) = probe(endpoint, peer.identity, direction, protocol, dport) {
-        return Some(v);
+) -> Option<u32> {
+    let direction = direction as u8;
+    let mut rule = policy_probe(endpoint, peer.identity, direction, protocol, dport);
+    if rule == 0 && peer.cidr_identity != identity::ANY {
+        rule = policy_probe(endpoint, peer.cidr_identity, direction, protocol, dport);
     }
-    if peer.cidr_identity != identity::ANY {
-        if let Some(v) = probe(endpoint, peer.cidr_identity, direction, protocol, dport) {
-            return Some(v);
-        }
+    if rule == 0 {
+        rule = policy_probe(endpoint, identity::ANY, direction, protocol, dport);
     }
-    probe(endpoint, identity::ANY, direction, protocol, dport)
+    (rule != 0).then_some(rule)
 }

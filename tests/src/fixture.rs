@@ -73,6 +73,13 @@ impl Fixture {
         Ok(Fixture { dp, _dir: dir })
     }
 
+    /// Replaces the dataplane with a freshly opened one on the same pins (an agent restart).
+    pub fn reopen(&mut self) -> Result<()> {
+        let config = self.dp.config();
+        self.dp = Dataplane::open(self._dir.path(), config).context("reopening the dataplane")?;
+        Ok(())
+    }
+
     pub fn endpoint(&mut self, ifindex: u32, id: u32, identity: u32, flags: u32) -> Result<()> {
         self.dp.upsert_endpoint(
             ifindex,

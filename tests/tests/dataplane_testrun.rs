@@ -829,3 +829,86 @@ fn full_maps_are_reported_as_such() -> Result<()> {
     assert_eq!(endpoints.entries, u64::from(capacity));
     Ok(())
 }
+
+#[test]
+fn policy_groups_span_chunks_and_survive_a_restart() -> Result<()> {
+    let mut f = world("chunks", &V4)?;
+    // 40 single ports for one peer: three chunks of the (EP, PEER, egress, TCP) group.
+    let ports: Vec<u16> = (0..40).map(|i| 1000 + 2 * i).collect();
+    let mut diff = policy_agent::compiler::output::MapDiff::default();
+    for (i, &port) in ports.iter().enumerate() {
+        diff.policy_upsert.insert(
+            policy_entry(EP, Direction::Egress, PEER, proto::TCP, port, 96),
+            policy_common::PolicyValue {
+                rule: 1000 + i as u32,
+                flags: 0,
+            },
+        );
+    }
+    f.dp.apply(&diff)?;
+    let probe = |f: &Fixture, sport: u16, port: u16, reason: Reason| {
+        f.expect(
+            FROM_POD,
+            &PacketSpec::tcp(V4.me, sport, V4.peer, port),
+            0,
+            &[reason],
+        )
+    };
+    probe(&f, 30000, 1000, AllowedByPolicy)?;
+    probe(&f, 30000, 1078, AllowedByPolicy)?;
+    probe(&f, 30000, 1079, DroppedPolicy)?;
+    let usage = f.dp.map_usage()?;
+    let policy = usage.iter().find(|u| u.map == "POLICY").unwrap();
+    // This group (port 80 from `world` and the 40 ports) fills 3 chunks; `world` wrote one
+    // chunk for each of its 5 other groups.
+    assert_eq!(policy.entries, 3 + 5);
+
+    // A restarted writer reads the groups back as the same entries: nothing to rewrite.
+    let before = f.dp.current();
+    f.reopen()?;
+    assert_eq!(f.dp.current(), before);
+    let report = f.dp.sync(&before)?;
+    assert_eq!((report.upserted, report.removed), (0, 0), "{report:?}");
+
+    // Shrinking to 16 entries (two chunks) removes the third; the last ports are no longer
+    // allowed, established flows to them are cut.
+    let mut shrink = policy_agent::compiler::output::MapDiff::default();
+    for &port in &ports[15..] {
+        shrink.policy_remove.insert(policy_entry(
+            EP,
+            Direction::Egress,
+            PEER,
+            proto::TCP,
+            port,
+            96,
+        ));
+    }
+    f.dp.apply(&shrink)?;
+    probe(&f, 30000, 1078, DroppedRevoked)?;
+    probe(&f, 30001, 1078, DroppedPolicy)?;
+    probe(&f, 30001, 1028, AllowedByPolicy)?;
+    let usage = f.dp.map_usage()?;
+    assert_eq!(
+        usage.iter().find(|u| u.map == "POLICY").unwrap().entries,
+        2 + 5
+    );
+
+    // More than 120 port ranges for one group is a full map, named as such.
+    let mut too_many = policy_agent::compiler::output::MapDiff::default();
+    for port in 0..121u16 {
+        too_many.policy_upsert.insert(
+            policy_entry(
+                EP,
+                Direction::Ingress,
+                OTHER,
+                proto::UDP,
+                2000 + 2 * port,
+                96,
+            ),
+            policy_common::PolicyValue { rule: 7, flags: 0 },
+        );
+    }
+    let err = f.dp.apply(&too_many).expect_err("group over capacity");
+    assert!(err.is_map_full(), "{err}");
+    Ok(())
+}

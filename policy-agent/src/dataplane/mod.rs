@@ -15,6 +15,7 @@
 mod attach;
 mod error;
 mod loader;
+mod policy_groups;
 mod stats;
 mod sys;
 mod writer;

@@ -74,7 +74,7 @@ impl Dataplane {
             },
             MapUsage {
                 map: map_names::POLICY,
-                entries: s.policy.len() as u64,
+                entries: s.group_chunks.values().map(|&n| u64::from(n)).sum(),
                 capacity: capacity::POLICY,
             },
             MapUsage {

@@ -5,6 +5,9 @@
 //! 1. Service addresses added (new flows to them are deferred to the post-DNAT hook from now on);
 //! 2. IPCACHE upserts, then POLICY upserts (allow entries exist before anything refers to them);
 //! 3. POLICY removals, then IPCACHE removals, then Service removals;
+//!
+//! POLICY entries are written per group (`policy_groups`): a change rewrites the whole group
+//! value, which the kernel swaps in atomically.
 //! 4. generation bumps of every endpoint whose established flows might have lost their allow
 //!    entry (POLICY removals of that endpoint; any changed or removed IPCACHE or Service entry
 //!    bumps all), so their next packet is re-checked.
@@ -26,12 +29,14 @@ use aya::{
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use policy_common::{
-    Addr, EndpointInfo, IdentityPair, PolicyKey, PolicyValue, ServiceKey, addr_from_octets,
-    addr_octets, capacity, map_names,
+    Addr, EndpointInfo, IdentityPair, POLICY_MAX_CHUNKS, PORT_RANGES_PER_CHUNK, PolicyGroupKey,
+    PolicyValue, PortRange, PortRanges, ServiceKey, addr_from_octets, addr_octets, capacity,
+    map_names,
 };
 
 use super::error::DataplaneError;
 use super::loader::{Dataplane, typed_map, typed_map_mut};
+use super::policy_groups::{chunk_key, chunks, describe_group, entry_of, group_of, range_of};
 use crate::compiler::output::{MapDiff, NodeMaps, PolicyEntryKey};
 
 /// What the writer knows is in the maps (read back from them at open, so a restarted agent
@@ -41,7 +46,15 @@ pub(crate) struct Shadow {
     pub(crate) endpoints: BTreeMap<u32, EndpointInfo>,
     pub(crate) ipcache_v4: BTreeMap<Ipv4Network, IdentityPair>,
     pub(crate) ipcache_v6: BTreeMap<Ipv6Network, IdentityPair>,
+    /// The compiler's POLICY entries...
     pub(crate) policy: BTreeMap<PolicyEntryKey, PolicyValue>,
+    /// ...indexed by their POLICY group (chunk 0)...
+    pub(crate) policy_groups: BTreeMap<PolicyGroupKey, BTreeSet<PolicyEntryKey>>,
+    /// ...and the number of chunks each group has in the map.
+    pub(crate) group_chunks: BTreeMap<PolicyGroupKey, u8>,
+    /// Groups whose map content may lag the shadow (a write failed): rewritten by the next
+    /// `apply`.
+    pub(crate) dirty_groups: BTreeSet<PolicyGroupKey>,
     pub(crate) services: BTreeSet<IpAddr>,
 }
 
@@ -89,19 +102,6 @@ pub fn service_key(addr: IpAddr) -> ServiceKey {
     }
 }
 
-fn describe_policy(key: &PolicyEntryKey) -> String {
-    let k = &key.key;
-    format!(
-        "endpoint {} identity {} direction {} protocol {} port {}/{}",
-        u32::from_be_bytes(k.endpoint),
-        u32::from_be_bytes(k.identity),
-        k.direction,
-        k.protocol,
-        u16::from_be_bytes(k.dport),
-        key.prefix_len,
-    )
-}
-
 /// A map write error, with E2BIG (hash full) and ENOSPC (LPM trie full) turned into
 /// [`DataplaneError::MapFull`].
 fn update_error(map: &'static str, key: String, capacity: u32, source: MapError) -> DataplaneError {
@@ -138,6 +138,41 @@ fn remove_result(
 }
 
 impl Shadow {
+    fn insert_policy(&mut self, key: PolicyEntryKey, value: PolicyValue) {
+        self.policy.insert(key, value);
+        self.policy_groups
+            .entry(group_of(&key))
+            .or_default()
+            .insert(key);
+    }
+
+    fn remove_policy(&mut self, key: &PolicyEntryKey) -> bool {
+        if self.policy.remove(key).is_none() {
+            return false;
+        }
+        let group = group_of(key);
+        if let Some(keys) = self.policy_groups.get_mut(&group) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.policy_groups.remove(&group);
+            }
+        }
+        true
+    }
+
+    /// The sorted ranges of a group's entries.
+    fn group_ranges(&self, group: &PolicyGroupKey) -> Vec<PortRange> {
+        let mut ranges: Vec<PortRange> = self
+            .policy_groups
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| Some(range_of(key, self.policy.get(key)?)))
+            .collect();
+        ranges.sort();
+        ranges
+    }
+
     pub(crate) fn read(ebpf: &Ebpf) -> Result<Shadow, DataplaneError> {
         let mut shadow = Shadow::default();
         let read_err = |map: &'static str| {
@@ -176,16 +211,23 @@ impl Shadow {
                 shadow.ipcache_v6.insert(net, value);
             }
         }
-        let policy: LpmTrie<&MapData, PolicyKey, PolicyValue> = typed_map(ebpf, map_names::POLICY)?;
+        let policy: HashMap<&MapData, PolicyGroupKey, PortRanges> =
+            typed_map(ebpf, map_names::POLICY)?;
         for item in policy.iter() {
             let (key, value) = item.map_err(read_err(map_names::POLICY))?;
-            shadow.policy.insert(
-                PolicyEntryKey {
-                    prefix_len: key.prefix_len(),
-                    key: key.data(),
-                },
-                value,
-            );
+            let group = chunk_key(&key, 0);
+            let chunks = shadow.group_chunks.entry(group).or_default();
+            *chunks = (*chunks).max(key.chunk.saturating_add(1));
+            let count = (value.count as usize).min(value.ranges.len());
+            for range in &value.ranges[..count] {
+                match entry_of(&group, range) {
+                    Some((entry, value)) => shadow.insert_policy(entry, value),
+                    // Not written by this writer: rewrite the group from the desired state.
+                    None => {
+                        shadow.dirty_groups.insert(group);
+                    }
+                }
+            }
         }
         let services: HashMap<&MapData, ServiceKey, u32> = typed_map(ebpf, map_names::SERVICES)?;
         for item in services.keys() {
@@ -356,21 +398,27 @@ impl Dataplane {
                 }
             }
         }
+        // Allow entries are added (whole groups rewritten) before any is taken away.
+        let mut touched: BTreeSet<PolicyGroupKey> = self.shadow.dirty_groups.clone();
         for (key, value) in &diff.policy_upsert {
             if self.shadow.policy.get(key) == Some(value) {
                 report.unchanged += 1;
                 continue;
             }
-            self.write_policy(*key, *value)?;
+            self.shadow.insert_policy(*key, *value);
+            touched.insert(group_of(key));
             report.upserted += 1;
         }
+        self.write_groups(touched)?;
+        let mut touched = BTreeSet::new();
         for key in &diff.policy_remove {
-            if self.shadow.policy.contains_key(key) {
-                self.remove_policy(key)?;
+            if self.shadow.remove_policy(key) {
+                touched.insert(group_of(key));
                 bump.insert(u32::from_be_bytes(key.key.endpoint));
                 report.removed += 1;
             }
         }
+        self.write_groups(touched)?;
         for net in &diff.ipcache_v4_remove {
             if self.shadow.ipcache_v4.contains_key(net) {
                 self.remove_ipcache_v4(net)?;
@@ -400,6 +448,19 @@ impl Dataplane {
             0
         };
         Ok(report)
+    }
+
+    /// IPCACHE, POLICY and SERVICES as the writer knows them: what it wrote, or after a restart
+    /// what it read back from the pinned maps. `endpoints` and `rules` are left empty (the maps
+    /// do not hold pod names or rule origins).
+    pub fn current(&self) -> NodeMaps {
+        NodeMaps {
+            ipcache_v4: self.shadow.ipcache_v4.clone(),
+            ipcache_v6: self.shadow.ipcache_v6.clone(),
+            policy: self.shadow.policy.clone(),
+            services: self.shadow.services.clone(),
+            ..NodeMaps::default()
+        }
     }
 
     /// Makes IPCACHE, POLICY and SERVICES equal to `desired` (what a restarted agent calls
@@ -536,30 +597,51 @@ impl Dataplane {
         remove_result(map, ip.to_string(), exact.remove(&addr_of(ip)))
     }
 
-    fn write_policy(
-        &mut self,
-        key: PolicyEntryKey,
-        value: PolicyValue,
-    ) -> Result<(), DataplaneError> {
-        let map = map_names::POLICY;
-        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
-            typed_map_mut(&mut self.ebpf, map)?;
-        trie.insert(&Key::new(key.prefix_len, key.key), value, 0)
-            .map_err(|source| update_error(map, describe_policy(&key), capacity::POLICY, source))?;
-        self.shadow.policy.insert(key, value);
+    /// Rewrites POLICY groups from the shadow. A group that cannot be written stays dirty and
+    /// is retried by the next `apply`.
+    fn write_groups(&mut self, groups: BTreeSet<PolicyGroupKey>) -> Result<(), DataplaneError> {
+        self.shadow.dirty_groups.extend(groups.iter().copied());
+        for group in groups {
+            self.write_group(&group)?;
+            self.shadow.dirty_groups.remove(&group);
+        }
         Ok(())
     }
 
-    fn remove_policy(&mut self, key: &PolicyEntryKey) -> Result<(), DataplaneError> {
+    /// Writes one group's chunks so that readers never follow `more` to a missing chunk: new
+    /// chunks last-to-first, then surplus chunks deleted after the chunk before them says
+    /// `more = 0`.
+    fn write_group(&mut self, group: &PolicyGroupKey) -> Result<(), DataplaneError> {
         let map = map_names::POLICY;
-        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
-            typed_map_mut(&mut self.ebpf, map)?;
-        remove_result(
+        let ranges = self.shadow.group_ranges(group);
+        let values = chunks(&ranges).ok_or_else(|| DataplaneError::MapFull {
             map,
-            describe_policy(key),
-            trie.remove(&Key::new(key.prefix_len, key.key)),
-        )?;
-        self.shadow.policy.remove(key);
+            key: format!(
+                "{} ({} port ranges, at most {})",
+                describe_group(group),
+                ranges.len(),
+                PORT_RANGES_PER_CHUNK * usize::from(POLICY_MAX_CHUNKS)
+            ),
+            capacity: capacity::POLICY,
+        })?;
+        let old = self.shadow.group_chunks.get(group).copied().unwrap_or(0);
+        let mut policy: HashMap<&mut MapData, PolicyGroupKey, PortRanges> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        for (chunk, value) in values.iter().enumerate().rev() {
+            let key = chunk_key(group, chunk as u8);
+            policy.insert(key, value, 0).map_err(|source| {
+                update_error(map, describe_group(&key), capacity::POLICY, source)
+            })?;
+        }
+        for chunk in values.len() as u8..old {
+            let key = chunk_key(group, chunk);
+            remove_result(map, describe_group(&key), policy.remove(&key))?;
+        }
+        if values.is_empty() {
+            self.shadow.group_chunks.remove(group);
+        } else {
+            self.shadow.group_chunks.insert(*group, values.len() as u8);
+        }
         Ok(())
     }
 }
