@@ -47,7 +47,7 @@ pub mod policy;
 pub mod ports;
 pub mod selector;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -269,8 +269,25 @@ pub struct Compiler {
     endpoint_ids: Interner<ObjectKey>,
     rule_ids: Interner<RuleRef>,
     namespaces: HashMap<String, Arc<Labels>>,
+    /// Each pod's identity key as of the last compilation, to skip rebuilding unchanged ones.
+    pods: HashMap<ObjectKey, CachedPod>,
     policies: HashMap<ObjectKey, CachedPolicy>,
     selectors: SelectorCache,
+    epoch: u64,
+}
+
+#[derive(Debug)]
+struct CachedPod {
+    ident: Arc<PodIdentityKey>,
+    identity: u32,
+    epoch: u64,
+}
+
+/// Addresses of this node (HOST) and of the others (REMOTE_NODE).
+#[derive(Default)]
+struct NodeAddresses {
+    host: HashSet<IpAddr>,
+    remote: HashSet<IpAddr>,
 }
 
 impl Default for Compiler {
@@ -318,8 +335,10 @@ impl Compiler {
             endpoint_ids: Interner::new(1, policy_common::capacity::ENDPOINTS - 1),
             rule_ids: Interner::new(1, u32::MAX),
             namespaces: HashMap::new(),
+            pods: HashMap::new(),
             policies: HashMap::new(),
             selectors: SelectorCache::default(),
+            epoch: 0,
         }
     }
 
@@ -345,8 +364,11 @@ impl Compiler {
         self.rule_ids.begin();
         self.selectors.begin();
 
-        let ns_labels = self.namespace_labels(cluster);
-        let pods = self.pods(cluster, &ns_labels, &mut errors);
+        self.epoch += 1;
+        let mut addresses = self.node_objects(cluster, node, &mut errors);
+        let pods = self.pods(cluster, node, &mut addresses, &mut errors);
+        let NodeAddresses { host, mut remote } = addresses;
+        remote.retain(|ip| !host.contains(ip));
         let removed = self.pod_ids.sweep();
         let added: Vec<(u32, &PodIdentityKey)> = self
             .pod_ids
@@ -355,7 +377,6 @@ impl Compiler {
             .filter_map(|id| self.pod_ids.key(*id).map(|k| (*id, &**k)))
             .collect();
         self.selectors.update(&removed, &added);
-        let (host, remote) = node_addresses(cluster, node, &mut errors);
         let policies = self.normalise_policies(cluster, &mut errors);
 
         let mut maps = NodeMaps::default();
@@ -421,58 +442,118 @@ impl Compiler {
     }
 
     /// Namespace labels (with the name label), sharing one `Arc` per unchanged label set across
-    /// compilations.
-    fn namespace_labels(&mut self, cluster: &Cluster) -> HashMap<String, Arc<Labels>> {
-        let names: BTreeSet<&str> = cluster
-            .namespaces
-            .keys()
-            .map(String::as_str)
-            .chain(cluster.pods.keys().map(|k| k.namespace.as_str()))
-            .collect();
-        let mut out = HashMap::with_capacity(names.len());
-        for ns in names {
-            let labels = model::namespace_labels(cluster, ns);
-            let arc = match self.namespaces.get(ns) {
-                Some(old) if **old == labels => old.clone(),
-                _ => Arc::new(labels),
-            };
-            out.insert(ns.to_owned(), arc);
+    /// compilations so unchanged pods are recognised by pointer.
+    fn namespace_labels(&mut self, cluster: &Cluster, ns: &str) -> Arc<Labels> {
+        if let Some(arc) = self.namespaces.get(ns) {
+            return arc.clone();
         }
-        self.namespaces = out.clone();
+        let labels = model::namespace_labels(cluster, ns);
+        let arc = Arc::new(labels);
+        self.namespaces.insert(ns.to_owned(), arc.clone());
+        arc
+    }
+
+    /// Addresses of Node objects; refreshes the namespace label cache.
+    fn node_objects(
+        &mut self,
+        cluster: &Cluster,
+        node: &NodeContext,
+        errors: &mut Vec<CompileError>,
+    ) -> NodeAddresses {
+        // Keep an Arc only while the namespace object and its labels are unchanged.
+        self.namespaces
+            .retain(|ns, arc| **arc == model::namespace_labels(cluster, ns));
+        let mut out = NodeAddresses {
+            host: node.node_ips.iter().copied().collect(),
+            remote: HashSet::new(),
+        };
+        for (name, n) in &cluster.nodes {
+            let (ips, bad) = model::node_addresses(n);
+            errors.extend(bad.into_iter().map(|b| {
+                CompileError::node(name, b.field, format!("{:?} is not an IP address", b.value))
+            }));
+            let set = if *name == node.node_name {
+                &mut out.host
+            } else {
+                &mut out.remote
+            };
+            set.extend(ips);
+        }
         out
     }
 
-    /// Live pods with a pod-network address, with their identities.
+    /// Live pods with a pod-network address, with their identities; collects the node
+    /// addresses pods report (host IPs, hostNetwork pods).
     fn pods<'c>(
         &mut self,
         cluster: &'c Cluster,
-        ns_labels: &HashMap<String, Arc<Labels>>,
+        node: &NodeContext,
+        addresses: &mut NodeAddresses,
         errors: &mut Vec<CompileError>,
     ) -> Vec<PodView<'c>> {
         let mut out = Vec::with_capacity(cluster.pods.len());
         for (key, pod) in &cluster.pods {
-            if model::is_terminated(pod) || model::is_host_network(pod) {
+            if model::is_terminated(pod) {
                 continue;
             }
-            let (ips, bad) = model::pod_ips(pod);
-            errors.extend(bad.into_iter().map(|b| {
+            let bad_address = |b: model::BadAddress| {
                 CompileError::pod(key, b.field, format!("{:?} is not an IP address", b.value))
-            }));
+            };
+            let (host_ips, bad) = model::pod_host_ips(pod);
+            errors.extend(bad.into_iter().map(bad_address));
+            let (ips, bad) = model::pod_ips(pod);
+            errors.extend(bad.into_iter().map(bad_address));
+            let set = if model::pod_node(pod) == Some(&node.node_name) {
+                &mut addresses.host
+            } else {
+                &mut addresses.remote
+            };
+            set.extend(host_ips);
+            if model::is_host_network(pod) {
+                set.extend(ips);
+                continue;
+            }
             if ips.is_empty() {
                 continue;
             }
-            let ident = Arc::new(PodIdentityKey {
-                namespace_labels: ns_labels[key.namespace.as_str()].clone(),
-                labels: model::pod_labels(pod).clone(),
-                named_ports: model::pod_named_ports(pod),
+            let ns_labels = self.namespace_labels(cluster, &key.namespace);
+            let labels = model::pod_labels(pod);
+            let cached = self.pods.get_mut(key).filter(|c| {
+                Arc::ptr_eq(&c.ident.namespace_labels, &ns_labels)
+                    && c.ident.labels == *labels
+                    && model::pod_named_ports_equal(pod, &c.ident.named_ports)
             });
-            let Some(identity) = self.pod_ids.intern(&ident) else {
-                errors.push(CompileError::pod(
-                    key,
-                    "metadata.labels",
-                    "no free pod identity",
-                ));
-                continue;
+            let (identity, ident) = match cached {
+                Some(c) if self.pod_ids.mark_id(c.identity) => {
+                    c.epoch = self.epoch;
+                    (c.identity, c.ident.clone())
+                }
+                _ => {
+                    let fresh = Arc::new(PodIdentityKey {
+                        namespace_labels: ns_labels,
+                        labels: labels.clone(),
+                        named_ports: model::pod_named_ports(pod),
+                    });
+                    let Some(identity) = self.pod_ids.intern(&fresh) else {
+                        errors.push(CompileError::pod(
+                            key,
+                            "metadata.labels",
+                            "no free pod identity",
+                        ));
+                        continue;
+                    };
+                    // Share the interned key.
+                    let ident = self.pod_ids.key(identity).cloned().unwrap_or(fresh);
+                    self.pods.insert(
+                        key.clone(),
+                        CachedPod {
+                            ident: ident.clone(),
+                            identity,
+                            epoch: self.epoch,
+                        },
+                    );
+                    (identity, ident)
+                }
             };
             out.push(PodView {
                 key,
@@ -482,6 +563,8 @@ impl Compiler {
                 ident,
             });
         }
+        let epoch = self.epoch;
+        self.pods.retain(|_, c| c.epoch == epoch);
         out
     }
 
@@ -520,44 +603,6 @@ impl Compiler {
     }
 }
 
-/// This node's addresses (HOST) and every other node's (REMOTE_NODE).
-fn node_addresses(
-    cluster: &Cluster,
-    node: &NodeContext,
-    errors: &mut Vec<CompileError>,
-) -> (HashSet<IpAddr>, HashSet<IpAddr>) {
-    let mut host: HashSet<IpAddr> = node.node_ips.iter().copied().collect();
-    let mut remote = HashSet::new();
-    for (name, n) in &cluster.nodes {
-        let (ips, bad) = model::node_addresses(n);
-        errors.extend(bad.into_iter().map(|b| {
-            CompileError::node(name, b.field, format!("{:?} is not an IP address", b.value))
-        }));
-        if *name == node.node_name {
-            &mut host
-        } else {
-            &mut remote
-        }
-        .extend(ips);
-    }
-    for (key, pod) in &cluster.pods {
-        if model::is_terminated(pod) {
-            continue;
-        }
-        let (mut ips, bad) = model::pod_host_ips(pod);
-        errors.extend(bad.into_iter().map(|b| {
-            CompileError::pod(key, b.field, format!("{:?} is not an IP address", b.value))
-        }));
-        if model::is_host_network(pod) {
-            ips.extend(model::pod_ips(pod).0);
-        }
-        let local = model::pod_node(pod) == Some(&node.node_name);
-        if local { &mut host } else { &mut remote }.extend(ips);
-    }
-    remote.retain(|ip| !host.contains(ip));
-    (host, remote)
-}
-
 fn universe(pod_ids: &Interner<Arc<PodIdentityKey>>) -> IdentityUniverse<'_> {
     let mut by_namespace: HashMap<&str, NamespaceIdentities<'_>> = HashMap::new();
     for (id, key) in pod_ids.iter() {
@@ -587,18 +632,19 @@ fn named_index(
     out
 }
 
-fn insert_ipcache(maps: &mut NodeMaps, prefix: Prefix, pair: IdentityPair) {
-    match prefix {
-        Prefix::V4 { .. } => {
-            if let Some(n) = prefix.to_v4_network() {
-                maps.ipcache_v4.insert(n, pair);
-            }
+/// Sets an IPCACHE entry; with `replace == false` an existing entry for the prefix wins.
+fn insert_ipcache(maps: &mut NodeMaps, prefix: Prefix, pair: IdentityPair, replace: bool) {
+    fn put<K: Ord>(map: &mut BTreeMap<K, IdentityPair>, k: K, v: IdentityPair, replace: bool) {
+        if replace {
+            map.insert(k, v);
+        } else {
+            map.entry(k).or_insert(v);
         }
-        Prefix::V6 { .. } => {
-            if let Some(n) = prefix.to_v6_network() {
-                maps.ipcache_v6.insert(n, pair);
-            }
-        }
+    }
+    if let Some(n) = prefix.to_v4_network() {
+        put(&mut maps.ipcache_v4, n, pair, replace);
+    } else if let Some(n) = prefix.to_v6_network() {
+        put(&mut maps.ipcache_v6, n, pair, replace);
     }
 }
 
@@ -645,20 +691,12 @@ fn ipcache(
         }
     };
 
-    // Prefix entries.
+    // CIDR identities of the prefixes (their entries are added last: addresses win).
     let mut prefix_cidr = Vec::with_capacity(carving.prefixes.len());
-    for (prefix, members) in &carving.prefixes {
+    for (_, members) in &carving.prefixes {
         let id = intern(members, None);
         note(members, id);
         prefix_cidr.push(id);
-        insert_ipcache(
-            maps,
-            *prefix,
-            IdentityPair {
-                identity: identity::WORLD,
-                cidr_identity: id,
-            },
-        );
     }
     let cidr_of = |ip: IpAddr| {
         carving
@@ -694,6 +732,8 @@ fn ipcache(
                     .flat_map(|(i, p)| p.ips.iter().map(move |ip| (*ip, i)))
                     .collect();
                 sorted_ips.sort_unstable();
+                // An address claimed twice belongs to the first pod (as in IPCACHE).
+                sorted_ips.dedup_by_key(|(ip, _)| *ip);
             }
             let start = sorted_ips.partition_point(|(ip, _)| *ip < first_ip(&block.cidr));
             let mut targets = Vec::new();
@@ -727,7 +767,8 @@ fn ipcache(
         v.dedup();
     }
 
-    // Address entries: pods, then nodes (a node's address is never a pod peer).
+    // Address entries. Two live pods claiming one address: the first by namespace/name keeps
+    // it. A node's address is never a pod peer: nodes replace pods.
     for pod in pods {
         for &ip in &pod.ips {
             let cidr_identity = exact
@@ -735,27 +776,28 @@ fn ipcache(
                 .get(&ip)
                 .copied()
                 .unwrap_or_else(|| cidr_of(ip));
-            insert_ipcache(
-                maps,
-                Prefix::host(ip),
-                IdentityPair {
-                    identity: pod.identity,
-                    cidr_identity,
-                },
-            );
+            let pair = IdentityPair {
+                identity: pod.identity,
+                cidr_identity,
+            };
+            insert_ipcache(maps, Prefix::host(ip), pair, false);
         }
     }
     for (set, id) in [(host, identity::HOST), (remote, identity::REMOTE_NODE)] {
         for &ip in set {
-            insert_ipcache(
-                maps,
-                Prefix::host(ip),
-                IdentityPair {
-                    identity: id,
-                    cidr_identity: cidr_of(ip),
-                },
-            );
+            let pair = IdentityPair {
+                identity: id,
+                cidr_identity: cidr_of(ip),
+            };
+            insert_ipcache(maps, Prefix::host(ip), pair, true);
         }
+    }
+    for ((prefix, _), &id) in carving.prefixes.iter().zip(&prefix_cidr) {
+        let pair = IdentityPair {
+            identity: identity::WORLD,
+            cidr_identity: id,
+        };
+        insert_ipcache(maps, *prefix, pair, false);
     }
     (block_cidrs, exact)
 }
