@@ -9,6 +9,7 @@
 /// Names of the maps, as declared in `policy-ebpf` and pinned under the agent's bpffs directory.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
+    pub const ENDPOINTS_BY_ID: &str = "ENDPOINTS_BY_ID";
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
     pub const POLICY: &str = "POLICY";
@@ -18,6 +19,24 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU state of the event rate limiter (internal to the programs).
+    pub const EVENT_RATE: &str = "EVENT_RATE";
+
+    /// Every map of the object, in the order the loader pins them.
+    pub const ALL: [&str; 12] = [
+        ENDPOINTS,
+        ENDPOINTS_BY_ID,
+        IPCACHE_V4,
+        IPCACHE_V6,
+        POLICY,
+        SERVICES,
+        CONNTRACK,
+        FRAGMENTS,
+        CONFIG,
+        COUNTERS,
+        EVENTS,
+        EVENT_RATE,
+    ];
 }
 
 /// Names of the tc programs in the eBPF object.
@@ -29,10 +48,13 @@ pub mod program_names {
     /// tc egress of the node's uplink / tunnel devices: post-DNAT egress decisions for Service
     /// traffic whose backend lives on another node.
     pub const TO_NETWORK: &str = "to_network";
+    /// Returns "ok" and does nothing else: the floor of the per-packet benchmark.
+    pub const NOOP: &str = "noop";
 }
 
 /// Capacities of the maps. The agent reports pressure against these.
 pub mod capacity {
+    /// Also the bound on endpoint ids (`1..ENDPOINTS`), which travel in 12 bits of `skb->mark`.
     pub const ENDPOINTS: u32 = 4096;
     pub const IPCACHE_V4: u32 = 262_144;
     pub const IPCACHE_V6: u32 = 262_144;
@@ -88,16 +110,25 @@ pub mod endpoint_flags {
     pub const NOT_PROGRAMMED: u32 = 1 << 2;
 }
 
-/// ENDPOINTS: host-side veth ifindex (`u32`) → endpoint.
+/// ENDPOINTS: host-side veth ifindex (`u32`) → endpoint; ENDPOINTS_BY_ID: endpoint id (`u32`) →
+/// the same value (used by the post-DNAT hooks, which know the source endpoint only by the id
+/// carried in `skb->mark`).
+///
+/// A packet crossing an attached veth with no ENDPOINTS entry is dropped
+/// ([`Reason::DroppedEndpointNotProgrammed`]): the agent writes the entry before attaching.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointInfo {
-    /// Endpoint id used in POLICY and CONNTRACK keys and carried in `skb->mark`; never 0.
+    /// Endpoint id used in POLICY and CONNTRACK keys and carried in `skb->mark`; never 0, below
+    /// [`capacity::ENDPOINTS`].
     pub id: u32,
     /// [`endpoint_flags`] bits.
     pub flags: u32,
-    /// Bumped by the agent whenever this endpoint's allow entries change; conntrack entries made
-    /// under an older generation are re-checked against policy (revocation).
+    /// Changes whenever something that can revoke an allowed flow of this endpoint changes (its
+    /// allow entries, its flags, peer identities). Conntrack entries made under another generation
+    /// are re-checked against policy on their next packet (revocation, see
+    /// `policy-ebpf/src/conntrack.rs`). The map writer in `policy-agent` owns this field: the
+    /// value passed to `Dataplane::upsert_endpoint` is replaced.
     pub generation: u32,
     /// The endpoint's own pod identity.
     pub identity: u32,
@@ -228,17 +259,23 @@ pub struct CtValue {
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 
 /// FRAGMENTS key: non-first fragments follow the verdict of the first fragment of the same
-/// datagram (which carries the ports). Addresses IPv4-mapped for IPv4.
+/// datagram (which carries the ports) at the same hook: the endpoint and direction are part of
+/// the key, so a first fragment allowed out of one pod does not open the way into another.
+/// Addresses IPv4-mapped for IPv4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
     pub id: u32,
+    pub endpoint: u32,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
 
 /// FRAGMENTS value: the first fragment's verdict.
 #[repr(C)]
@@ -250,23 +287,27 @@ pub struct FragValue {
 }
 const _: () = assert!(core::mem::size_of::<FragValue>() == 8);
 
-/// CONFIG (array, index 0).
+/// CONFIG (array, index 0). Written by the agent when it opens the dataplane.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Bits of `skb->mark` that carry the source endpoint id of Service traffic between the
-    /// source veth and the post-DNAT hook. Must not overlap kube-proxy's 0x4000 / 0x8000.
+    /// source veth and the post-DNAT hook. Must not overlap kube-proxy's 0x4000 / 0x8000, must be
+    /// contiguous and hold every endpoint id (12 bits). 0 disables the post-DNAT decision: Service
+    /// traffic from egress-isolated endpoints is then dropped ([`Reason::DroppedInternal`]).
     pub mark_mask: u32,
-    /// Shift of the endpoint id inside `mark_mask`.
+    /// Shift of the endpoint id inside `mark_mask` (its lowest set bit).
     pub mark_shift: u32,
-    /// Timeouts in seconds.
+    /// Conntrack idle timeouts in seconds. 0 expires an entry at once (every packet is a new
+    /// flow), which the per-packet benchmark uses to time the new-flow path.
     pub ct_tcp_timeout_s: u32,
+    /// After a FIN or RST.
     pub ct_tcp_closing_timeout_s: u32,
     pub ct_udp_timeout_s: u32,
     pub ct_sctp_timeout_s: u32,
-    /// 1 = send verdict events for allowed new flows too (not only drops).
+    /// 1 = send verdict events for allowed new flows too (drops are always sent).
     pub events_allowed: u32,
-    /// Maximum events per CPU per second (rate limit).
+    /// Maximum events per CPU per second (rate limit); 0 = no events.
     pub events_per_sec: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 32);
@@ -274,13 +315,46 @@ const _: () = assert!(core::mem::size_of::<Config>() == 32);
 pub const DEFAULT_MARK_MASK: u32 = 0x0fff_0000;
 pub const DEFAULT_MARK_SHIFT: u32 = 16;
 
+impl Config {
+    /// Defaults: mark bits 0x0fff0000; TCP 6 h idle (10 s after FIN/RST), UDP 60 s, SCTP 6 h;
+    /// drop events only, 1000 per CPU per second.
+    pub const DEFAULT: Config = Config {
+        mark_mask: DEFAULT_MARK_MASK,
+        mark_shift: DEFAULT_MARK_SHIFT,
+        ct_tcp_timeout_s: 6 * 3600,
+        ct_tcp_closing_timeout_s: 10,
+        ct_udp_timeout_s: 60,
+        ct_sctp_timeout_s: 6 * 3600,
+        events_allowed: 0,
+        events_per_sec: 1000,
+    };
+
+    /// The defaults with another mark mask (`mark_shift` derived from it).
+    pub const fn with_mark_mask(mark_mask: u32) -> Config {
+        let mut config = Config::DEFAULT;
+        config.mark_mask = mark_mask;
+        config.mark_shift = if mark_mask == 0 {
+            0
+        } else {
+            mark_mask.trailing_zeros()
+        };
+        config
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::DEFAULT
+    }
+}
+
 /// Why a packet passed or was dropped. COUNTERS (per-CPU array) is indexed by this value.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
     /// A policy rule allowed a new flow.
     AllowedByPolicy = 0,
-    /// Part of an established flow (conntrack hit).
+    /// A later packet of an allowed flow, in the direction it was first seen (conntrack hit).
     AllowedEstablished = 1,
     /// The direction is not isolated.
     AllowedNotIsolated = 2,
@@ -294,6 +368,9 @@ pub enum Reason {
     DeferredService = 6,
     /// Non-first fragment following an allowed first fragment.
     AllowedFragment = 7,
+    /// A reply of an allowed flow (conntrack hit on the reversed tuple), whatever the reverse
+    /// direction's policy says.
+    AllowedReply = 8,
 
     /// No rule allows the new flow.
     DroppedPolicy = 16,
@@ -303,7 +380,8 @@ pub enum Reason {
     DroppedMalformed = 18,
     /// A non-first fragment with no recorded first-fragment verdict.
     DroppedFragment = 19,
-    /// The endpoint is selected but its maps could not be programmed (fail closed).
+    /// The endpoint is selected but its maps could not be programmed, or an attached veth (or the
+    /// source endpoint carried in `skb->mark`) has no ENDPOINTS entry (fail closed).
     DroppedEndpointNotProgrammed = 20,
     /// An internal error (map update failure, …) on a path that must not fail open.
     DroppedInternal = 21,
@@ -313,7 +391,7 @@ pub enum Reason {
 
 impl Reason {
     pub const COUNT: u32 = 32;
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::AllowedByPolicy,
         Reason::AllowedEstablished,
         Reason::AllowedNotIsolated,
@@ -322,6 +400,7 @@ impl Reason {
         Reason::AllowedNotPoliced,
         Reason::DeferredService,
         Reason::AllowedFragment,
+        Reason::AllowedReply,
         Reason::DroppedPolicy,
         Reason::DroppedTruncated,
         Reason::DroppedMalformed,
@@ -346,6 +425,7 @@ impl Reason {
             Reason::AllowedNotPoliced => "allowed_not_policed",
             Reason::DeferredService => "deferred_service",
             Reason::AllowedFragment => "allowed_fragment",
+            Reason::AllowedReply => "allowed_reply",
             Reason::DroppedPolicy => "dropped_policy",
             Reason::DroppedTruncated => "dropped_truncated",
             Reason::DroppedMalformed => "dropped_malformed",

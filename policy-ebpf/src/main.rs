@@ -1,37 +1,74 @@
-//! tc programs enforcing NetworkPolicy on the host side of each pod's veth.
+//! tc programs enforcing NetworkPolicy on the host side of each pod's veth ("generic veth
+//! chaining": the CNI owns the veth, we attach beside it).
 //!
-//! `from_pod` runs on tc ingress of the host veth (the pod's egress), `to_pod` on tc egress (the
-//! pod's ingress). Both call [`decide`], which returns one [`Reason`]; [`finish`] is the single exit
-//! that counts the reason and turns it into a tc action.
+//! - `from_pod`: tc ingress of a pod's host veth, i.e. what the pod sends (its egress).
+//! - `to_pod`: tc egress of a pod's host veth, i.e. what the pod receives (its ingress).
+//! - `to_network`: tc egress of the node's uplink and tunnel devices, where Service traffic to
+//!   backends on other nodes gets its post-DNAT egress verdict.
+//! - `noop`: returns "ok"; the floor of the per-packet benchmark.
+//!
+//! Each entry is thin: `decide` (parse → conntrack → identity and policy lookups) produces a
+//! [`Verdict`], and [`finish`] is the one exit that counts it per CPU, reports it on the EVENTS
+//! ring buffer when warranted and turns it into `TC_ACT_SHOT` or `TC_ACT_OK`.
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod decide;
+mod events;
+mod fragments;
 mod maps;
 mod parse;
 mod policy;
 
 use aya_ebpf::{
-    bindings::TC_ACT_OK, bindings::TC_ACT_SHOT, macros::classifier, programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
 };
-use policy_common::{Direction, Reason, endpoint_flags, identity};
 
+use crate::decide::Verdict;
 use crate::parse::Packet;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    finish(decide(&ctx, Direction::Egress))
+    let mut pkt = Packet::empty();
+    let verdict = decide::from_pod(&ctx, &mut pkt);
+    finish(&ctx, &pkt, None, &verdict)
 }
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    finish(decide(&ctx, Direction::Ingress))
+    let mut pkt = Packet::empty();
+    let mut egress = None;
+    let verdict = decide::to_pod(&ctx, &mut pkt, &mut egress);
+    finish(&ctx, &pkt, egress, &verdict)
 }
 
-/// The one exit: count the reason, drop iff it is a drop reason.
+#[classifier]
+pub fn to_network(ctx: TcContext) -> i32 {
+    let mut pkt = Packet::empty();
+    let verdict = decide::to_network(&ctx, &mut pkt);
+    finish(&ctx, &pkt, None, &verdict)
+}
+
+#[classifier]
+pub fn noop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+/// The one exit. `first` is a decision made earlier for the same packet (the deferred egress
+/// verdict of Service traffic at `to_pod`), counted and reported too; the packet's fate is
+/// `verdict`'s.
 #[inline(always)]
-fn finish(reason: Reason) -> i32 {
-    maps::count(reason);
-    if reason.is_drop() {
+fn finish(ctx: &TcContext, pkt: &Packet, first: Option<Verdict>, verdict: &Verdict) -> i32 {
+    let config = maps::config();
+    let ifindex = decide::ifindex(ctx);
+    if let Some(first) = first {
+        report(ifindex, pkt, &first, &config);
+    }
+    report(ifindex, pkt, verdict, &config);
+    if verdict.reason.is_drop() {
         TC_ACT_SHOT
     } else {
         TC_ACT_OK
@@ -39,46 +76,10 @@ fn finish(reason: Reason) -> i32 {
 }
 
 #[inline(always)]
-fn decide(ctx: &TcContext, direction: Direction) -> Reason {
-    // SAFETY: the kernel hands a valid __sk_buff to tc programs.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(ep) = maps::endpoint(ifindex) else {
-        return Reason::AllowedNotPoliced;
-    };
-    let pkt = match parse::parse(ctx) {
-        Ok(Some(pkt)) => pkt,
-        Ok(None) => return Reason::AllowedNotPoliced,
-        Err(reason) => return reason,
-    };
-    if ep.flags & endpoint_flags::NOT_PROGRAMMED != 0 {
-        return Reason::DroppedEndpointNotProgrammed;
-    }
-    let isolated = match direction {
-        Direction::Ingress => endpoint_flags::INGRESS_ISOLATED,
-        Direction::Egress => endpoint_flags::EGRESS_ISOLATED,
-    };
-    if ep.flags & isolated == 0 {
-        return Reason::AllowedNotIsolated;
-    }
-    let Packet {
-        src,
-        dst,
-        protocol,
-        dport,
-        ..
-    } = pkt;
-    let peer_addr = match direction {
-        Direction::Ingress => src,
-        Direction::Egress => dst,
-    };
-    let peer = maps::identities_v4(peer_addr);
-    if peer.identity == identity::HOST {
-        return Reason::AllowedHost;
-    }
-    if policy::allows(ep.id, direction, peer, protocol, dport).is_some() {
-        Reason::AllowedByPolicy
-    } else {
-        Reason::DroppedPolicy
+fn report(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &policy_common::Config) {
+    maps::count(verdict.reason);
+    if verdict.reason.is_drop() || (verdict.new_flow && config.events_allowed != 0) {
+        events::emit(ifindex, pkt, verdict, config);
     }
 }
 

@@ -1,59 +1,261 @@
-//! Packet parsing: Ethernet → IPv4 → TCP/UDP/SCTP ports.
+//! Packet parsing: Ethernet → IPv4 (with options) / IPv6 (with extension headers) → TCP, UDP and
+//! SCTP ports.
+//!
+//! Every read goes through `bpf_skb_load_bytes`, which also reads non-linear skbs (GRO'd or
+//! GSO packets on veths keep headers in the linear area only by convention) and fails when the
+//! packet is shorter than the read: that failure is [`Reason::DroppedTruncated`].
+//!
+//! What is policed, and why the rest is not:
+//! - TCP, UDP and SCTP over IPv4 and IPv6: the only protocols NetworkPolicy rules can name.
+//! - ICMP, ICMPv6, ARP and every other ethertype or IP protocol pass as
+//!   [`Reason::AllowedNotPoliced`]: the API leaves their treatment undefined, and dropping them
+//!   breaks path-MTU discovery (ICMP "fragmentation needed" / ICMPv6 "packet too big") and IPv6
+//!   neighbour discovery. ESP is not policed either (its payload is opaque).
+//! - IPv6 extension headers are walked up to [`MAX_EXT_HEADERS`] deep (hop-by-hop, routing,
+//!   destination options, fragment, and AH so that TCP cannot hide behind it); a longer chain is
+//!   [`Reason::DroppedMalformed`] rather than a chance to smuggle ports past the policy.
+//! - Fragments: the first fragment carries the ports and is judged like any packet; later
+//!   fragments have no ports and follow the first one's verdict (`fragments.rs`). An IPv4 TCP
+//!   fragment at offset 8 bytes (RFC 1858 overlap attack) is malformed.
+//! - Length fields that disagree with the headers (IHL < 5, IPv4 total length shorter than its
+//!   header, wrong version) are malformed. A total/payload length of 0 is accepted: that is how
+//!   BIG TCP super-packets look on the stack.
 
 use aya_ebpf::programs::TcContext;
 use policy_common::{Reason, proto};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 
-/// The fields a verdict needs.
+/// IPv6 extension headers walked before giving up (malformed).
+pub const MAX_EXT_HEADERS: usize = 6;
+
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
+/// `Packet::frag` values.
+pub const FRAG_NONE: u8 = 0;
+/// First fragment (offset 0, more fragments follow): has ports, its verdict is recorded.
+pub const FRAG_FIRST: u8 = 1;
+/// Later fragment: no ports, follows the first fragment's verdict.
+pub const FRAG_LATER: u8 = 2;
+
+/// The fields a verdict needs. Addresses are IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+#[derive(Clone, Copy)]
 pub struct Packet {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub protocol: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order; 0 for later fragments.
     pub sport: u16,
     pub dport: u16,
+    pub protocol: u8,
+    /// 4 or 6; 0 until parsed.
+    pub family: u8,
+    pub tcp_flags: u8,
+    /// `FRAG_*`.
+    pub frag: u8,
+    /// IPv4 identification or IPv6 fragment identification.
+    pub frag_id: u32,
+}
+
+impl Packet {
+    pub const fn empty() -> Self {
+        Packet {
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+            protocol: 0,
+            family: 0,
+            tcp_flags: 0,
+            frag: FRAG_NONE,
+            frag_id: 0,
+        }
+    }
+}
+
+/// What the parser found.
+pub enum Parsed {
+    /// Not TCP/UDP/SCTP over IP: passes unpoliced (see the module documentation).
+    NotPoliced,
+    /// `Packet` is filled in.
+    Policed,
 }
 
 #[inline(always)]
-fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, Reason> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(Reason::DroppedTruncated);
-    }
-    Ok((start + offset) as *const T)
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+    ctx.load::<T>(offset).map_err(|_| Reason::DroppedTruncated)
 }
 
-/// `Ok(None)`: not a packet policy applies to (not IPv4, or an L4 protocol without ports).
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, Reason> {
-    // SAFETY: every pointer comes from ptr_at, which checked it against data_end.
-    unsafe {
-        let ethertype = u16::from_be(*ptr_at::<u16>(ctx, 12)?);
-        if ethertype != ETH_P_IP {
-            return Ok(None);
-        }
-        let vihl = *ptr_at::<u8>(ctx, ETH_HLEN)?;
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if ihl < 20 {
-            return Err(Reason::DroppedMalformed);
-        }
-        let protocol = *ptr_at::<u8>(ctx, ETH_HLEN + 9)?;
-        let src = *ptr_at::<[u8; 4]>(ctx, ETH_HLEN + 12)?;
-        let dst = *ptr_at::<[u8; 4]>(ctx, ETH_HLEN + 16)?;
-        match protocol {
-            proto::TCP | proto::UDP | proto::SCTP => {}
-            _ => return Ok(None),
-        }
-        let l4 = ETH_HLEN + ihl;
-        let ports = *ptr_at::<[u8; 4]>(ctx, l4)?;
-        Ok(Some(Packet {
-            src,
-            dst,
-            protocol,
-            sport: u16::from_be_bytes([ports[0], ports[1]]),
-            dport: u16::from_be_bytes([ports[2], ports[3]]),
-        }))
+const fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+const fn is_policed(protocol: u8) -> bool {
+    matches!(protocol, proto::TCP | proto::UDP | proto::SCTP)
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
+    let ethertype = be16(load(ctx, 12)?);
+    match ethertype {
+        ETH_P_IP => parse_v4(ctx, pkt),
+        ETH_P_IPV6 => parse_v6(ctx, pkt),
+        _ => Ok(Parsed::NotPoliced),
     }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
+    let h: [u8; 20] = load(ctx, ETH_HLEN)?;
+    if h[0] >> 4 != 4 {
+        return Err(Reason::DroppedMalformed);
+    }
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    let total_len = be16([h[2], h[3]]) as usize;
+    if ihl < 20 || (total_len != 0 && total_len < ihl) {
+        return Err(Reason::DroppedMalformed);
+    }
+    let protocol = h[9];
+    pkt.family = 4;
+    pkt.protocol = protocol;
+    pkt.src = mapped([h[12], h[13], h[14], h[15]]);
+    pkt.dst = mapped([h[16], h[17], h[18], h[19]]);
+    if !is_policed(protocol) {
+        return Ok(Parsed::NotPoliced);
+    }
+    let frag = be16([h[6], h[7]]);
+    let offset = frag & 0x1fff;
+    let more = frag & 0x2000 != 0;
+    if offset != 0 || more {
+        pkt.frag_id = be16([h[4], h[5]]) as u32;
+        if offset != 0 {
+            if offset == 1 && protocol == proto::TCP {
+                return Err(Reason::DroppedMalformed);
+            }
+            pkt.frag = FRAG_LATER;
+            return Ok(Parsed::Policed);
+        }
+        pkt.frag = FRAG_FIRST;
+    }
+    parse_l4(ctx, pkt, ETH_HLEN + ihl)
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
+    let h: [u8; 40] = load(ctx, ETH_HLEN)?;
+    if h[0] >> 4 != 6 {
+        return Err(Reason::DroppedMalformed);
+    }
+    pkt.family = 6;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    pkt.src = src;
+    pkt.dst = dst;
+
+    let mut next = h[6];
+    let mut offset = ETH_HLEN + 40;
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let e: [u8; 2] = load(ctx, offset)?;
+                next = e[0];
+                offset += (e[1] as usize + 1) * 8;
+            }
+            IPV6_AH => {
+                let e: [u8; 2] = load(ctx, offset)?;
+                next = e[0];
+                offset += (e[1] as usize + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let f: [u8; 8] = load(ctx, offset)?;
+                next = f[0];
+                offset += 8;
+                let field = be16([f[2], f[3]]);
+                let frag_offset = field >> 3;
+                let more = field & 1 != 0;
+                if frag_offset != 0 || more {
+                    pkt.frag_id = u32::from_be_bytes([f[4], f[5], f[6], f[7]]);
+                    if frag_offset != 0 {
+                        // Later fragment: the upper-layer protocol is in every fragment header.
+                        pkt.protocol = next;
+                        if !is_policed(next) {
+                            return Ok(Parsed::NotPoliced);
+                        }
+                        pkt.frag = FRAG_LATER;
+                        return Ok(Parsed::Policed);
+                    }
+                    pkt.frag = FRAG_FIRST;
+                }
+                // An atomic fragment (offset 0, no more) is a whole datagram.
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        next,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT
+    ) {
+        return Err(Reason::DroppedMalformed);
+    }
+    pkt.protocol = next;
+    if !is_policed(next) {
+        return Ok(Parsed::NotPoliced);
+    }
+    parse_l4(ctx, pkt, offset)
+}
+
+/// Ports (and TCP flags). The whole fixed header must be present: 14 bytes of TCP up to the
+/// flags, 8 of UDP, 12 of SCTP; a first fragment too short for it is truncated.
+#[inline(always)]
+fn parse_l4(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<Parsed, Reason> {
+    let ports: [u8; 4] = match pkt.protocol {
+        proto::TCP => {
+            let t: [u8; 14] = load(ctx, offset)?;
+            pkt.tcp_flags = t[13];
+            [t[0], t[1], t[2], t[3]]
+        }
+        proto::UDP => {
+            let u: [u8; 8] = load(ctx, offset)?;
+            [u[0], u[1], u[2], u[3]]
+        }
+        _ => {
+            let s: [u8; 12] = load(ctx, offset)?;
+            [s[0], s[1], s[2], s[3]]
+        }
+    };
+    pkt.sport = be16([ports[0], ports[1]]);
+    pkt.dport = be16([ports[2], ports[3]]);
+    Ok(Parsed::Policed)
+}
+
+/// `::ffff:a.b.c.d`
+#[inline(always)]
+pub const fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
+    ]
+}
+
+/// The IPv4 address inside an IPv4-mapped address.
+#[inline(always)]
+pub const fn v4_of(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
+/// Whether an address is IPv4-mapped (how IPv4 addresses are stored in 16-byte fields).
+#[inline(always)]
+pub fn is_mapped_v4(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff
 }

@@ -1,23 +1,42 @@
-//! Policy lookup.
-//!
-//! POLICY is an LPM trie keyed by [`PolicyKey`] = {endpoint, peer identity, direction, protocol,
-//! dport} (all big-endian). The prefix covers the fixed 80 bits plus a port prefix: a rule for one
-//! port is /96, an `endPort` range is a set of shorter port prefixes, "all ports of a protocol" is
-//! /80. We always probe with the full /96 key, so the trie returns the most specific entry that
-//! covers the port.
-//!
-//! Precedence (NetworkPolicy is a pure union, so the first hit allows):
-//!   1. the peer's own identity (pod, host, remote node or world),
-//!   2. the peer's CIDR identity (ipBlock rules; pods carry one too),
-//!   3. `identity::ANY` (rules with no peers).
+//! The two lookups that decide a new flow: the peer's identities (IPCACHE) and the allow entry
+//! (POLICY). Each sits behind one function so the structures can change without touching the
+//! callers.
 
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
     Direction, IdentityPair, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, identity,
 };
 
-use crate::maps::POLICY;
+use crate::maps::{IPCACHE_V4, IPCACHE_V6, POLICY};
+use crate::parse::{is_mapped_v4, v4_of};
 
+/// Identities of a peer address (IPv4-mapped for IPv4).
+///
+/// IPCACHE_V4 / IPCACHE_V6 are LPM tries keyed by `[u8; 4]` / `[u8; 16]` in network order,
+/// probed with the full address (/32, /128): the longest prefix wins. The value carries both
+/// the peer's own identity (pod, host, remote node, world) and the CIDR identity of the most
+/// specific ipBlock prefix containing the address, so that ipBlock rules match pod addresses too
+/// (the compiler fills both for every entry). A miss is the world with no CIDR identity.
+#[inline(always)]
+pub fn identities(addr: &[u8; 16]) -> IdentityPair {
+    let found = if is_mapped_v4(addr) {
+        IPCACHE_V4.get(&Key::new(32, v4_of(addr))).copied()
+    } else {
+        IPCACHE_V6.get(&Key::new(128, *addr)).copied()
+    };
+    found.unwrap_or(IdentityPair {
+        identity: identity::WORLD,
+        cidr_identity: identity::ANY,
+    })
+}
+
+/// One POLICY probe.
+///
+/// POLICY is an LPM trie keyed by [`PolicyKey`] = {endpoint, peer identity, direction,
+/// protocol, dport}, all big-endian, so the trie compares them bit by bit in that order. An entry's
+/// prefix covers the fixed 80 bits plus a prefix of the port: one port is /96, an `endPort` range
+/// is the handful of port prefixes that tile it, all ports of a protocol is /80. We probe with
+/// the full /96 key, so the trie answers with the most specific entry covering the port.
 #[inline(always)]
 fn probe(
     endpoint: u32,
@@ -33,7 +52,13 @@ fn probe(
     POLICY.get(&key).copied()
 }
 
-/// The allowing entry for a new flow, if any.
+/// The entry that allows a new flow, if any.
+///
+/// Precedence (NetworkPolicy is a pure union, so the first hit allows; the order only decides
+/// which rule a flow is attributed to):
+///   1. the peer's own identity (pod, host, remote node or world),
+///   2. the peer's CIDR identity, when it has one (ipBlock rules; pods carry one too),
+///   3. `identity::ANY` (rules with no peers, or whose peers match everything).
 #[inline(always)]
 pub fn allows(
     endpoint: u32,
@@ -42,13 +67,13 @@ pub fn allows(
     protocol: u8,
     dport: u16,
 ) -> Option<PolicyValue> {
-    probe(endpoint, peer.identity, direction, protocol, dport)
-        .or_else(|| {
-            if peer.cidr_identity != identity::ANY {
-                probe(endpoint, peer.cidr_identity, direction, protocol, dport)
-            } else {
-                None
-            }
-        })
-        .or_else(|| probe(endpoint, identity::ANY, direction, protocol, dport))
+    if let Some(v) = probe(endpoint, peer.identity, direction, protocol, dport) {
+        return Some(v);
+    }
+    if peer.cidr_identity != identity::ANY {
+        if let Some(v) = probe(endpoint, peer.cidr_identity, direction, protocol, dport) {
+            return Some(v);
+        }
+    }
+    probe(endpoint, identity::ANY, direction, protocol, dport)
 }

@@ -1,130 +1,299 @@
-//! Loads the embedded `policy-ebpf` object, attaches its programs to host-side veths and writes
-//! its maps.
+//! Loading the embedded `policy-ebpf` object and adopting what a previous agent left pinned.
+//!
+//! Pin layout under the configured bpffs directory (`--bpffs-dir`):
+//!
+//! ```text
+//! <dir>/maps/<MAP>                  every map of the object (policy_common::map_names::ALL)
+//! <dir>/programs/<program>          from_pod, to_pod, to_network, noop (the newest load)
+//! <dir>/links/<program>:<ifname>    TCX links (':' cannot occur in an interface name)
+//! ```
+//!
+//! Restart without a gap: [`Dataplane::open`] reopens the pinned maps (conntrack, counters and
+//! the policy state survive and the old programs keep using them), loads the new programs
+//! against those maps, then swaps every pinned link to the new program with `BPF_LINK_UPDATE`,
+//! which is atomic: each packet runs either the old or the new program, never none. The agent
+//! then recomputes its desired state and calls [`Dataplane::sync`], which writes only the
+//! difference. A pinned map whose definition changed between versions cannot be reused; it is
+//! replaced (logged), which loses its contents.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    Ebpf, include_bytes_aligned,
-    maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType, tc},
+    Ebpf, EbpfLoader, include_bytes_aligned,
+    maps::{Array, MapData, MapInfo},
+    programs::SchedClassifier,
 };
-use policy_common::{EndpointInfo, IdentityPair, PolicyKey, PolicyValue, map_names, program_names};
+use policy_common::{Config, EndpointInfo, capacity, map_names, program_names};
+
+use super::attach::{AttachMode, Attachment};
+use super::error::DataplaneError;
+use super::writer::Shadow;
 
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf"));
 
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error("loading the eBPF object: {source}")]
-    Load {
-        #[source]
-        source: aya::EbpfError,
-    },
-    #[error("program {name} is missing from the eBPF object")]
-    MissingProgram { name: &'static str },
-    #[error("map {name} is missing from the eBPF object")]
-    MissingMap { name: &'static str },
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error("attaching {program} to {interface}: {source}")]
-    Attach {
-        program: &'static str,
-        interface: String,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error("map {map}: {source}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+/// Programs loaded from the object (all of them are `SchedClassifier`s).
+pub(crate) const PROGRAMS: [&str; 4] = [
+    program_names::FROM_POD,
+    program_names::TO_POD,
+    program_names::TO_NETWORK,
+    program_names::NOOP,
+];
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// A loaded dataplane: programs, maps, the interfaces they are attached to, and a shadow of
+/// what the agent has written (for diffs, generations and map pressure).
+pub struct Dataplane {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) pin_dir: PathBuf,
+    pub(crate) config: Config,
+    pub(crate) mode: AttachMode,
+    pub(crate) attachments: BTreeMap<String, Attachment>,
+    pub(crate) shadow: Shadow,
 }
 
-/// A loaded dataplane: the programs and their maps.
-pub struct Dataplane {
-    ebpf: Ebpf,
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("pin_dir", &self.pin_dir)
+            .field("mode", &self.mode)
+            .field("attached", &self.attachments.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Dataplane {
-    /// Loads the object and the programs into the kernel (nothing is attached yet).
-    pub fn load() -> Result<Self, DataplaneError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|source| DataplaneError::Load { source })?;
-        for name in [program_names::FROM_POD, program_names::TO_POD] {
-            classifier(&mut ebpf, name)?
+    /// Loads the programs, reopening (or creating) the maps pinned under `pin_dir`, writes
+    /// `config`, and adopts every link pinned by a previous run (swapping it to the new program).
+    /// Attaches with TCX links on kernels that have them (≥ 6.6), clsact filters otherwise.
+    pub fn open(pin_dir: &Path, config: Config) -> Result<Dataplane, DataplaneError> {
+        Self::open_with_mode(pin_dir, config, AttachMode::detect())
+    }
+
+    /// [`Dataplane::open`] with an explicit attachment mechanism.
+    pub fn open_with_mode(
+        pin_dir: &Path,
+        config: Config,
+        mode: AttachMode,
+    ) -> Result<Dataplane, DataplaneError> {
+        validate_config(&config)?;
+        prepare_pin_dir(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        replace_incompatible_pins(&maps_dir)?;
+
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load { source })?;
+        for name in PROGRAMS {
+            classifier_mut(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
-        Ok(Self { ebpf })
+        pin_programs(&mut ebpf, &pin_dir.join("programs"))?;
+
+        let mut dataplane = Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            config,
+            mode,
+            attachments: BTreeMap::new(),
+            shadow: Shadow::default(),
+        };
+        dataplane.write_config()?;
+        dataplane.shadow = Shadow::read(&dataplane.ebpf)?;
+        dataplane.adopt_links()?;
+        Ok(dataplane)
     }
 
-    /// Attaches `from_pod` (tc ingress) and `to_pod` (tc egress) to a pod's host-side veth in the
-    /// current network namespace. TCX on kernels ≥ 6.6, clsact otherwise.
-    pub fn attach_endpoint(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        // Adding clsact is only needed for the netlink fallback; an existing qdisc is fine.
-        let _ = tc::qdisc_add_clsact(interface);
-        for (name, attach_type) in [
-            (program_names::FROM_POD, TcAttachType::Ingress),
-            (program_names::TO_POD, TcAttachType::Egress),
-        ] {
-            classifier(&mut self.ebpf, name)?
-                .attach(interface, attach_type)
-                .map_err(|source| DataplaneError::Attach {
-                    program: name,
-                    interface: interface.to_owned(),
-                    source,
-                })?;
-        }
-        Ok(())
+    /// The bpffs directory everything is pinned under.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
-    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DataplaneError> {
-        let map = map_names::ENDPOINTS;
-        let mut endpoints: HashMap<&mut MapData, u32, EndpointInfo> = self.map(map)?;
-        endpoints
-            .insert(ifindex, info, 0)
-            .map_err(|source| DataplaneError::Map { map, source })
+    pub fn config(&self) -> Config {
+        self.config
     }
 
-    pub fn set_identity_v4(
-        &mut self,
-        addr: [u8; 4],
-        prefix_len: u32,
-        pair: IdentityPair,
-    ) -> Result<(), DataplaneError> {
-        let map = map_names::IPCACHE_V4;
-        let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> = self.map(map)?;
-        trie.insert(&Key::new(prefix_len, addr), pair, 0)
-            .map_err(|source| DataplaneError::Map { map, source })
+    pub fn attach_mode(&self) -> AttachMode {
+        self.mode
     }
 
-    pub fn insert_policy(
-        &mut self,
-        key: PolicyKey,
-        prefix_len: u32,
-        value: PolicyValue,
-    ) -> Result<(), DataplaneError> {
-        let map = map_names::POLICY;
-        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> = self.map(map)?;
-        trie.insert(&Key::new(prefix_len, key), value, 0)
-            .map_err(|source| DataplaneError::Map { map, source })
+    /// Replaces the runtime settings (mark bits, timeouts, event switches).
+    pub fn set_config(&mut self, config: Config) -> Result<(), DataplaneError> {
+        validate_config(&config)?;
+        self.config = config;
+        self.write_config()
     }
 
-    fn map<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
-    where
-        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
-    {
-        let map = self
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let map = map_names::CONFIG;
+        let mut array: Array<&mut MapData, Config> = typed_map_mut(&mut self.ebpf, map)?;
+        array
+            .set(0, self.config, 0)
+            .map_err(|source| DataplaneError::MapUpdate {
+                map,
+                key: "0".to_owned(),
+                source,
+            })
+    }
+
+    /// A loaded program, for `BPF_PROG_TEST_RUN` (tests and the per-packet benchmark).
+    pub fn program(&self, name: &'static str) -> Result<&SchedClassifier, DataplaneError> {
+        let program = self
             .ebpf
-            .map_mut(name)
-            .ok_or(DataplaneError::MissingMap { name })?;
-        T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+            .program(name)
+            .ok_or(DataplaneError::MissingProgram { name })?;
+        program
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })
+    }
+
+    /// Detaches everything and removes every pin (uninstall). Packets flow unpoliced afterwards.
+    pub fn remove_pins(mut self) -> Result<(), DataplaneError> {
+        let names: Vec<String> = self.attachments.keys().cloned().collect();
+        for ifname in names {
+            self.detach(&ifname)?;
+        }
+        let dir = self.pin_dir.clone();
+        // Closing our descriptors first is not required: unlinking a pin only drops its
+        // reference; the objects go away with their last user.
+        drop(self);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DataplaneError::Io { path: dir, source }),
+        }
+    }
+
+    /// Endpoints currently in the ENDPOINTS map (after a restart: what the previous agent wrote),
+    /// so that the agent can remove the ones it no longer knows.
+    pub fn endpoints(&self) -> Vec<(u32, EndpointInfo)> {
+        self.shadow
+            .endpoints
+            .iter()
+            .map(|(ifindex, info)| (*ifindex, *info))
+            .collect()
     }
 }
 
-fn classifier<'a>(
+fn validate_config(config: &Config) -> Result<(), DataplaneError> {
+    let mask = config.mark_mask;
+    let invalid = |reason: String| Err(DataplaneError::InvalidConfig { reason });
+    if mask == 0 {
+        return Ok(());
+    }
+    if mask & 0xc000 != 0 {
+        return invalid(format!(
+            "mark mask {mask:#x} overlaps kube-proxy's 0x4000/0x8000 bits"
+        ));
+    }
+    let shift = mask.trailing_zeros();
+    if config.mark_shift != shift {
+        return invalid(format!(
+            "mark shift {} is not the lowest bit of mask {mask:#x} ({shift})",
+            config.mark_shift
+        ));
+    }
+    let bits = mask >> shift;
+    if bits & (bits.wrapping_add(1)) != 0 {
+        return invalid(format!("mark mask {mask:#x} is not contiguous"));
+    }
+    if bits < capacity::ENDPOINTS - 1 {
+        return invalid(format!(
+            "mark mask {mask:#x} cannot hold endpoint ids up to {}",
+            capacity::ENDPOINTS - 1
+        ));
+    }
+    Ok(())
+}
+
+fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DataplaneError> {
+    for sub in ["maps", "programs", "links"] {
+        let path = pin_dir.join(sub);
+        fs::create_dir_all(&path).map_err(|source| DataplaneError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let c_path = std::ffi::CString::new(pin_dir.as_os_str().as_encoded_bytes()).map_err(|e| {
+        DataplaneError::Io {
+            path: pin_dir.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        }
+    })?;
+    // SAFETY: a valid C string and a zeroed out-parameter of the right type.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(DataplaneError::Io {
+            path: pin_dir.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if stat.f_type as i64 != BPF_FS_MAGIC {
+        return Err(DataplaneError::NotBpffs {
+            path: pin_dir.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Removes map pins whose type, key, value or capacity differ from the object's definition, so
+/// that the loader creates them afresh instead of handing the programs a map they misread.
+fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
+    let object =
+        aya_obj::Object::parse(EBPF_OBJECT).map_err(|source| DataplaneError::Object { source })?;
+    for (name, def) in &object.maps {
+        let path = maps_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let compatible = match MapInfo::from_pin(&path) {
+            Ok(info) => {
+                info.map_type().ok().map(|t| t as u32) == Some(def.map_type())
+                    && info.key_size() == def.key_size()
+                    && info.value_size() == def.value_size()
+                    && info.max_entries() == def.max_entries()
+            }
+            Err(_) => false,
+        };
+        if !compatible {
+            tracing::warn!(map = %name, path = %path.display(), "pinned map has another definition; replacing it (its contents are lost)");
+            fs::remove_file(&path).map_err(|source| DataplaneError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Pins the newly loaded programs, replacing the previous run's pins (links keep the old
+/// programs alive until they are swapped).
+fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
+    for name in PROGRAMS {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+        classifier_mut(ebpf, name)?
+            .pin(&path)
+            .map_err(|source| DataplaneError::Pin { path, source })?;
+    }
+    Ok(())
+}
+
+pub(crate) fn classifier_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, DataplaneError> {
@@ -134,4 +303,27 @@ fn classifier<'a>(
     program
         .try_into()
         .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// A typed view of one map of the object.
+pub(crate) fn typed_map_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+}
+
+/// A typed read-only view of one map of the object.
+pub(crate) fn typed_map<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
 }

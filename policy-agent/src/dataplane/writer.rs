@@ -1,0 +1,510 @@
+//! The map writer: turns the compiler's output into map writes, in an order that never lets a
+//! denied flow through mid-update, and keeps endpoint generations (revocation) current.
+//!
+//! Write order within [`Dataplane::apply`]:
+//! 1. Service addresses added (new flows to them are deferred to the post-DNAT hook from now on);
+//! 2. IPCACHE upserts, then POLICY upserts (allow entries exist before anything refers to them);
+//! 3. POLICY removals, then IPCACHE removals, then Service removals;
+//! 4. generation bumps of every endpoint whose established flows might have lost their allow
+//!    entry (POLICY removals of that endpoint; any changed or removed IPCACHE or Service entry
+//!    bumps all), so their next packet is re-checked.
+//!
+//! Endpoints are written separately by the agent ([`Dataplane::upsert_endpoint`], since the
+//! ENDPOINTS key is the host veth's ifindex, which only the agent knows). The agent should apply
+//! a diff before upserting endpoints whose isolation it turns on (allow entries before isolation:
+//! the endpoint is never isolated without its allow entries), and remove endpoints after
+//! detaching them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use policy_common::{
+    EndpointInfo, IdentityPair, PolicyKey, PolicyValue, ServiceKey, capacity, map_names,
+};
+
+use super::error::DataplaneError;
+use super::loader::{Dataplane, typed_map, typed_map_mut};
+use crate::compiler::output::{MapDiff, NodeMaps, PolicyEntryKey};
+
+/// What the writer knows is in the maps (read back from them at open, so a restarted agent
+/// diffs against reality).
+#[derive(Debug, Default)]
+pub(crate) struct Shadow {
+    pub(crate) endpoints: BTreeMap<u32, EndpointInfo>,
+    pub(crate) ipcache_v4: BTreeMap<Ipv4Network, IdentityPair>,
+    pub(crate) ipcache_v6: BTreeMap<Ipv6Network, IdentityPair>,
+    pub(crate) policy: BTreeMap<PolicyEntryKey, PolicyValue>,
+    pub(crate) services: BTreeSet<IpAddr>,
+}
+
+/// What one [`Dataplane::apply`] or [`Dataplane::sync`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Entries written (new or changed).
+    pub upserted: usize,
+    /// Entries removed.
+    pub removed: usize,
+    /// Entries in the diff that were already in place.
+    pub unchanged: usize,
+    /// Endpoints whose generation moved on (their established flows are re-checked).
+    pub endpoints_bumped: usize,
+}
+
+/// Entries in one map, for pressure metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+}
+
+/// IPv4 addresses are stored IPv4-mapped in 16-byte fields.
+pub fn service_key(addr: IpAddr) -> ServiceKey {
+    let addr = match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    ServiceKey {
+        addr: addr.octets(),
+    }
+}
+
+fn service_addr(key: &ServiceKey) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn describe_policy(key: &PolicyEntryKey) -> String {
+    let k = &key.key;
+    format!(
+        "endpoint {} identity {} direction {} protocol {} port {}/{}",
+        u32::from_be_bytes(k.endpoint),
+        u32::from_be_bytes(k.identity),
+        k.direction,
+        k.protocol,
+        u16::from_be_bytes(k.dport),
+        key.prefix_len,
+    )
+}
+
+/// A map write error, with E2BIG (hash full) and ENOSPC (LPM trie full) turned into
+/// [`DataplaneError::MapFull`].
+fn update_error(map: &'static str, key: String, capacity: u32, source: MapError) -> DataplaneError {
+    if let MapError::SyscallError(e) = &source
+        && matches!(
+            e.io_error.raw_os_error(),
+            Some(libc::E2BIG) | Some(libc::ENOSPC)
+        )
+    {
+        return DataplaneError::MapFull { map, key, capacity };
+    }
+    DataplaneError::MapUpdate { map, key, source }
+}
+
+/// Removing what is already gone is not an error.
+fn remove_result(
+    map: &'static str,
+    key: String,
+    result: Result<(), MapError>,
+) -> Result<(), DataplaneError> {
+    match result {
+        Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(DataplaneError::MapRemove { map, key, source }),
+    }
+}
+
+impl Shadow {
+    pub(crate) fn read(ebpf: &Ebpf) -> Result<Shadow, DataplaneError> {
+        let mut shadow = Shadow::default();
+        let read_err = |map: &'static str| move |source| DataplaneError::Map { map, source };
+
+        let endpoints: HashMap<&MapData, u32, EndpointInfo> =
+            typed_map(ebpf, map_names::ENDPOINTS)?;
+        for item in endpoints.iter() {
+            let (ifindex, info) = item.map_err(read_err(map_names::ENDPOINTS))?;
+            shadow.endpoints.insert(ifindex, info);
+        }
+        let v4: LpmTrie<&MapData, [u8; 4], IdentityPair> = typed_map(ebpf, map_names::IPCACHE_V4)?;
+        for item in v4.iter() {
+            let (key, value) = item.map_err(read_err(map_names::IPCACHE_V4))?;
+            if let Ok(net) = Ipv4Network::new(key.data().into(), key.prefix_len() as u8) {
+                shadow.ipcache_v4.insert(net, value);
+            }
+        }
+        let v6: LpmTrie<&MapData, [u8; 16], IdentityPair> = typed_map(ebpf, map_names::IPCACHE_V6)?;
+        for item in v6.iter() {
+            let (key, value) = item.map_err(read_err(map_names::IPCACHE_V6))?;
+            if let Ok(net) = Ipv6Network::new(key.data().into(), key.prefix_len() as u8) {
+                shadow.ipcache_v6.insert(net, value);
+            }
+        }
+        let policy: LpmTrie<&MapData, PolicyKey, PolicyValue> = typed_map(ebpf, map_names::POLICY)?;
+        for item in policy.iter() {
+            let (key, value) = item.map_err(read_err(map_names::POLICY))?;
+            shadow.policy.insert(
+                PolicyEntryKey {
+                    prefix_len: key.prefix_len(),
+                    key: key.data(),
+                },
+                value,
+            );
+        }
+        let services: HashMap<&MapData, ServiceKey, u32> = typed_map(ebpf, map_names::SERVICES)?;
+        for item in services.keys() {
+            let key = item.map_err(read_err(map_names::SERVICES))?;
+            shadow.services.insert(service_addr(&key));
+        }
+        Ok(shadow)
+    }
+}
+
+impl Dataplane {
+    /// Writes (or rewrites) the endpoint behind host veth `ifindex`: ENDPOINTS_BY_ID first, then
+    /// ENDPOINTS, so no hook ever finds an id it cannot resolve. The generation is managed here:
+    /// it moves on whenever the flags, identity or id change (established flows are re-checked).
+    pub fn upsert_endpoint(
+        &mut self,
+        ifindex: u32,
+        info: EndpointInfo,
+    ) -> Result<(), DataplaneError> {
+        if info.id == 0 || info.id >= capacity::ENDPOINTS {
+            return Err(DataplaneError::InvalidEndpoint {
+                ifindex,
+                reason: format!("id {} outside 1..{}", info.id, capacity::ENDPOINTS),
+            });
+        }
+        let previous = self.shadow.endpoints.get(&ifindex).copied();
+        let mut info = info;
+        info.generation = match previous {
+            Some(p) if p.id == info.id && p.flags == info.flags && p.identity == info.identity => {
+                p.generation
+            }
+            Some(p) => p.generation.wrapping_add(1),
+            // A fresh endpoint: CT entries left by an earlier endpoint with the same id (before a
+            // restart, or a recycled id) carry small generations; start far from them.
+            None => self.fresh_generation(),
+        };
+        if previous == Some(info) {
+            return Ok(());
+        }
+        self.write_endpoint(ifindex, info)?;
+        if let Some(p) = previous
+            && p.id != info.id
+            && !self.id_in_use(p.id, ifindex)
+        {
+            self.remove_by_id(p.id)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the endpoint behind host veth `ifindex` (detach its veth first).
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        let map = map_names::ENDPOINTS;
+        let mut endpoints: HashMap<&mut MapData, u32, EndpointInfo> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        remove_result(
+            map,
+            format!("ifindex {ifindex}"),
+            endpoints.remove(&ifindex),
+        )?;
+        if let Some(previous) = self.shadow.endpoints.remove(&ifindex)
+            && !self.id_in_use(previous.id, ifindex)
+        {
+            self.remove_by_id(previous.id)?;
+        }
+        Ok(())
+    }
+
+    fn fresh_generation(&self) -> u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+            .unwrap_or(1);
+        nanos | 1
+    }
+
+    fn id_in_use(&self, id: u32, except_ifindex: u32) -> bool {
+        self.shadow
+            .endpoints
+            .iter()
+            .any(|(ifindex, info)| *ifindex != except_ifindex && info.id == id)
+    }
+
+    fn write_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<(), DataplaneError> {
+        let by_id = map_names::ENDPOINTS_BY_ID;
+        let mut ids: HashMap<&mut MapData, u32, EndpointInfo> =
+            typed_map_mut(&mut self.ebpf, by_id)?;
+        ids.insert(info.id, info, 0).map_err(|source| {
+            update_error(
+                by_id,
+                format!("id {}", info.id),
+                capacity::ENDPOINTS,
+                source,
+            )
+        })?;
+        let map = map_names::ENDPOINTS;
+        let mut endpoints: HashMap<&mut MapData, u32, EndpointInfo> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        endpoints.insert(ifindex, info, 0).map_err(|source| {
+            update_error(
+                map,
+                format!("ifindex {ifindex}"),
+                capacity::ENDPOINTS,
+                source,
+            )
+        })?;
+        self.shadow.endpoints.insert(ifindex, info);
+        Ok(())
+    }
+
+    fn remove_by_id(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let map = map_names::ENDPOINTS_BY_ID;
+        let mut ids: HashMap<&mut MapData, u32, EndpointInfo> = typed_map_mut(&mut self.ebpf, map)?;
+        remove_result(map, format!("id {id}"), ids.remove(&id))
+    }
+
+    /// Moves the generation of the given endpoint ids on (all endpoints when `ids` is `None`).
+    fn bump_generations(&mut self, ids: Option<&BTreeSet<u32>>) -> Result<usize, DataplaneError> {
+        let targets: Vec<(u32, EndpointInfo)> = self
+            .shadow
+            .endpoints
+            .iter()
+            .filter(|(_, info)| ids.is_none_or(|ids| ids.contains(&info.id)))
+            .map(|(ifindex, info)| (*ifindex, *info))
+            .collect();
+        for (ifindex, mut info) in targets.iter().copied() {
+            info.generation = info.generation.wrapping_add(1);
+            self.write_endpoint(ifindex, info)?;
+        }
+        Ok(targets.len())
+    }
+
+    /// Applies a compiler diff to IPCACHE, POLICY and SERVICES (see the module documentation for
+    /// the order). Endpoint entries in the diff are ignored: the agent writes those with
+    /// [`Dataplane::upsert_endpoint`]. On error the maps hold a prefix of the writes (every
+    /// write already done is safe on its own); the agent should mark the affected endpoints
+    /// NOT_PROGRAMMED and retry.
+    pub fn apply(&mut self, diff: &MapDiff) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+        let mut bump_all = false;
+        let mut bump: BTreeSet<u32> = BTreeSet::new();
+
+        for addr in &diff.services_add {
+            if self.shadow.services.contains(addr) {
+                report.unchanged += 1;
+                continue;
+            }
+            self.write_service(*addr)?;
+            report.upserted += 1;
+            bump_all = true;
+        }
+        for (net, pair) in &diff.ipcache_v4_upsert {
+            match self.shadow.ipcache_v4.get(net) {
+                Some(old) if old == pair => report.unchanged += 1,
+                old => {
+                    bump_all |= old.is_some();
+                    self.write_ipcache_v4(*net, *pair)?;
+                    report.upserted += 1;
+                }
+            }
+        }
+        for (net, pair) in &diff.ipcache_v6_upsert {
+            match self.shadow.ipcache_v6.get(net) {
+                Some(old) if old == pair => report.unchanged += 1,
+                old => {
+                    bump_all |= old.is_some();
+                    self.write_ipcache_v6(*net, *pair)?;
+                    report.upserted += 1;
+                }
+            }
+        }
+        for (key, value) in &diff.policy_upsert {
+            if self.shadow.policy.get(key) == Some(value) {
+                report.unchanged += 1;
+                continue;
+            }
+            self.write_policy(*key, *value)?;
+            report.upserted += 1;
+        }
+        for key in &diff.policy_remove {
+            if self.shadow.policy.contains_key(key) {
+                self.remove_policy(key)?;
+                bump.insert(u32::from_be_bytes(key.key.endpoint));
+                report.removed += 1;
+            }
+        }
+        for net in &diff.ipcache_v4_remove {
+            if self.shadow.ipcache_v4.contains_key(net) {
+                self.remove_ipcache_v4(net)?;
+                bump_all = true;
+                report.removed += 1;
+            }
+        }
+        for net in &diff.ipcache_v6_remove {
+            if self.shadow.ipcache_v6.contains_key(net) {
+                self.remove_ipcache_v6(net)?;
+                bump_all = true;
+                report.removed += 1;
+            }
+        }
+        for addr in &diff.services_remove {
+            if self.shadow.services.contains(addr) {
+                self.remove_service(*addr)?;
+                bump_all = true;
+                report.removed += 1;
+            }
+        }
+        report.endpoints_bumped = if bump_all {
+            self.bump_generations(None)?
+        } else if !bump.is_empty() {
+            self.bump_generations(Some(&bump))?
+        } else {
+            0
+        };
+        Ok(report)
+    }
+
+    /// Makes IPCACHE, POLICY and SERVICES equal to `desired` (what a restarted agent calls
+    /// once, since the pinned maps hold whatever the previous agent left). Only differences are
+    /// written, in [`Dataplane::apply`]'s order.
+    pub fn sync(&mut self, desired: &NodeMaps) -> Result<ApplyReport, DataplaneError> {
+        let diff = MapDiff {
+            endpoints_upsert: BTreeMap::new(),
+            endpoints_remove: BTreeSet::new(),
+            ipcache_v4_upsert: desired.ipcache_v4.clone(),
+            ipcache_v4_remove: removed_keys(&self.shadow.ipcache_v4, &desired.ipcache_v4),
+            ipcache_v6_upsert: desired.ipcache_v6.clone(),
+            ipcache_v6_remove: removed_keys(&self.shadow.ipcache_v6, &desired.ipcache_v6),
+            policy_upsert: desired.policy.clone(),
+            policy_remove: removed_keys(&self.shadow.policy, &desired.policy),
+            services_add: desired.services.clone(),
+            services_remove: self
+                .shadow
+                .services
+                .difference(&desired.services)
+                .copied()
+                .collect(),
+            ..MapDiff::default()
+        };
+        self.apply(&diff)
+    }
+
+    fn write_service(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        let map = map_names::SERVICES;
+        let mut services: HashMap<&mut MapData, ServiceKey, u32> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        services
+            .insert(service_key(addr), 0, 0)
+            .map_err(|source| update_error(map, addr.to_string(), capacity::SERVICES, source))?;
+        self.shadow.services.insert(addr);
+        Ok(())
+    }
+
+    fn remove_service(&mut self, addr: IpAddr) -> Result<(), DataplaneError> {
+        let map = map_names::SERVICES;
+        let mut services: HashMap<&mut MapData, ServiceKey, u32> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        remove_result(map, addr.to_string(), services.remove(&service_key(addr)))?;
+        self.shadow.services.remove(&addr);
+        Ok(())
+    }
+
+    fn write_ipcache_v4(
+        &mut self,
+        net: Ipv4Network,
+        pair: IdentityPair,
+    ) -> Result<(), DataplaneError> {
+        let map = map_names::IPCACHE_V4;
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        let key = Key::new(net.prefix() as u32, net.network().octets());
+        trie.insert(&key, pair, 0)
+            .map_err(|source| update_error(map, net.to_string(), capacity::IPCACHE_V4, source))?;
+        self.shadow.ipcache_v4.insert(net, pair);
+        Ok(())
+    }
+
+    fn remove_ipcache_v4(&mut self, net: &Ipv4Network) -> Result<(), DataplaneError> {
+        let map = map_names::IPCACHE_V4;
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        let key = Key::new(net.prefix() as u32, net.network().octets());
+        remove_result(map, net.to_string(), trie.remove(&key))?;
+        self.shadow.ipcache_v4.remove(net);
+        Ok(())
+    }
+
+    fn write_ipcache_v6(
+        &mut self,
+        net: Ipv6Network,
+        pair: IdentityPair,
+    ) -> Result<(), DataplaneError> {
+        let map = map_names::IPCACHE_V6;
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], IdentityPair> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        let key = Key::new(net.prefix() as u32, net.network().octets());
+        trie.insert(&key, pair, 0)
+            .map_err(|source| update_error(map, net.to_string(), capacity::IPCACHE_V6, source))?;
+        self.shadow.ipcache_v6.insert(net, pair);
+        Ok(())
+    }
+
+    fn remove_ipcache_v6(&mut self, net: &Ipv6Network) -> Result<(), DataplaneError> {
+        let map = map_names::IPCACHE_V6;
+        let mut trie: LpmTrie<&mut MapData, [u8; 16], IdentityPair> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        let key = Key::new(net.prefix() as u32, net.network().octets());
+        remove_result(map, net.to_string(), trie.remove(&key))?;
+        self.shadow.ipcache_v6.remove(net);
+        Ok(())
+    }
+
+    fn write_policy(
+        &mut self,
+        key: PolicyEntryKey,
+        value: PolicyValue,
+    ) -> Result<(), DataplaneError> {
+        let map = map_names::POLICY;
+        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        trie.insert(&Key::new(key.prefix_len, key.key), value, 0)
+            .map_err(|source| update_error(map, describe_policy(&key), capacity::POLICY, source))?;
+        self.shadow.policy.insert(key, value);
+        Ok(())
+    }
+
+    fn remove_policy(&mut self, key: &PolicyEntryKey) -> Result<(), DataplaneError> {
+        let map = map_names::POLICY;
+        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        remove_result(
+            map,
+            describe_policy(key),
+            trie.remove(&Key::new(key.prefix_len, key.key)),
+        )?;
+        self.shadow.policy.remove(key);
+        Ok(())
+    }
+}
+
+fn removed_keys<K: Ord + Clone, V>(
+    current: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> BTreeSet<K> {
+    current
+        .keys()
+        .filter(|k| !desired.contains_key(*k))
+        .cloned()
+        .collect()
+}

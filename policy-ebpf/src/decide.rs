@@ -1,0 +1,400 @@
+//! The decision for one packet at each hook. Every path ends in a [`Verdict`]; the caller
+//! (`main.rs`) counts it, reports it and turns it into a tc action. Nothing here returns "pass"
+//! on an internal error: missing endpoints, failed map writes and unusable settings all drop.
+//!
+//! Hooks and what they decide:
+//! - `from_pod` (tc ingress of the pod's host veth = the pod's egress): the pod's egress,
+//!   except for Service traffic of egress-isolated pods, which is deferred to the first hook
+//!   after kube-proxy's DNAT (see [`defer`]).
+//! - `to_pod` (tc egress of the host veth = the pod's ingress): first the deferred egress
+//!   decision of the source endpoint carried in `skb->mark` (local Service backend), then the
+//!   pod's own ingress.
+//! - `to_network` (tc egress of uplink / tunnel devices): the deferred egress decision of
+//!   Service traffic whose backend lives on another node. Everything unmarked passes untouched.
+//!
+//! Semantics (BRIEF §2):
+//! - A direction that is not isolated passes without a policy lookup, but still records the
+//!   flow, because replies may have to cross an isolated reverse direction.
+//! - Replies of allowed flows pass whatever the reverse direction says (`conntrack.rs`).
+//! - The node's own addresses (identity HOST) reach local pods, and a pod reaches its own
+//!   node: kubelet probes and node-local services must work under any policy; the reply of a probe
+//!   is covered by conntrack anyway. hostNetwork pods use the node's addresses and are node
+//!   traffic here, not peers.
+//! - A pod reaches itself: source and destination address equal, or a Service hairpin where the
+//!   source endpoint carried in the mark is the destination endpoint.
+//! - An endpoint flagged NOT_PROGRAMMED drops every new flow in both directions (fail closed).
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use policy_common::{Config, Direction, EndpointInfo, Reason, ct_flags, endpoint_flags, identity};
+
+use crate::conntrack::{self, CtHit};
+use crate::fragments;
+use crate::maps;
+use crate::parse::{self, FRAG_LATER, Packet, Parsed};
+use crate::policy;
+
+/// The outcome of one decision.
+#[derive(Clone, Copy)]
+pub struct Verdict {
+    pub reason: Reason,
+    /// Rule reference of the deciding POLICY entry (0 when none).
+    pub rule: u32,
+    /// The endpoint the decision was made for (0 when none was found).
+    pub endpoint: u32,
+    pub peer_identity: u32,
+    pub direction: Direction,
+    /// A new flow was allowed (reported as an event when CONFIG.events_allowed is set).
+    pub new_flow: bool,
+}
+
+impl Verdict {
+    #[inline(always)]
+    pub const fn new(reason: Reason, endpoint: u32, direction: Direction) -> Self {
+        Verdict {
+            reason,
+            rule: 0,
+            endpoint,
+            peer_identity: 0,
+            direction,
+            new_flow: false,
+        }
+    }
+
+    #[inline(always)]
+    const fn with(self, reason: Reason) -> Self {
+        Verdict { reason, ..self }
+    }
+}
+
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the kernel hands tc programs a valid __sk_buff.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: as in `ifindex`.
+    unsafe { (*ctx.skb.skb).mark }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+const fn isolated(ep: &EndpointInfo, direction: Direction) -> bool {
+    let bit = match direction {
+        Direction::Ingress => endpoint_flags::INGRESS_ISOLATED,
+        Direction::Egress => endpoint_flags::EGRESS_ISOLATED,
+    };
+    ep.flags & bit != 0
+}
+
+/// Parses the packet and finds the endpoint of the hook's veth. `Err` carries the final verdict.
+#[inline(always)]
+fn parse_at_endpoint(
+    ctx: &TcContext,
+    pkt: &mut Packet,
+    direction: Direction,
+) -> Result<EndpointInfo, Verdict> {
+    match parse::parse(ctx, pkt) {
+        Err(reason) => return Err(Verdict::new(reason, 0, direction)),
+        Ok(Parsed::NotPoliced) => {
+            return Err(Verdict::new(Reason::AllowedNotPoliced, 0, direction));
+        }
+        Ok(Parsed::Policed) => {}
+    }
+    maps::endpoint(ifindex(ctx)).ok_or(Verdict::new(
+        Reason::DroppedEndpointNotProgrammed,
+        0,
+        direction,
+    ))
+}
+
+/// The decision for a new flow of `ep` in `direction` with the remote address `peer`. Also
+/// used to re-check established flows after a change (revocation).
+#[inline(always)]
+fn judge_new(
+    ep: &EndpointInfo,
+    direction: Direction,
+    peer: &[u8; 16],
+    protocol: u8,
+    dport: u16,
+) -> Verdict {
+    let mut v = Verdict::new(Reason::DroppedPolicy, ep.id, direction);
+    v.new_flow = true;
+    if ep.flags & endpoint_flags::NOT_PROGRAMMED != 0 {
+        return v.with(Reason::DroppedEndpointNotProgrammed);
+    }
+    if !isolated(ep, direction) {
+        return v.with(Reason::AllowedNotIsolated);
+    }
+    let peer_ids = policy::identities(peer);
+    v.peer_identity = peer_ids.identity;
+    if peer_ids.identity == identity::HOST {
+        return v.with(Reason::AllowedHost);
+    }
+    if let Some(entry) = policy::allows(ep.id, direction, peer_ids, protocol, dport) {
+        v.rule = entry.rule;
+        return v.with(Reason::AllowedByPolicy);
+    }
+    v
+}
+
+/// Records an allowed new flow in conntrack (a failed record drops the packet).
+#[inline(always)]
+fn admit(
+    endpoint: u32,
+    direction: Direction,
+    pkt: &Packet,
+    v: Verdict,
+    generation: u32,
+    now: u64,
+) -> Verdict {
+    if v.reason.is_drop() {
+        return v;
+    }
+    match conntrack::create(endpoint, direction, pkt, 0, v.rule, generation, now) {
+        Ok(()) => v,
+        Err(reason) => v.with(reason),
+    }
+}
+
+/// A conntrack hit: established (or a reply), unless the endpoint's generation moved on and the
+/// flow's original direction no longer allows it (revocation, see `conntrack.rs`).
+#[inline(always)]
+fn established(ep: &EndpointInfo, hit: &CtHit, reason: Reason, hook: Direction) -> Verdict {
+    // SAFETY: map value pointer from the lookup.
+    let value = unsafe { &mut *hit.value };
+    let mut v = Verdict::new(reason, ep.id, hook);
+    v.rule = value.rule;
+    if value.flags & ct_flags::SERVICE != 0 || value.generation == ep.generation {
+        return v;
+    }
+    let key = &hit.key;
+    let direction = if key.direction == Direction::Egress as u8 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    let recheck = if key.src == key.dst {
+        Verdict::new(Reason::AllowedSelf, ep.id, direction)
+    } else {
+        let peer = match direction {
+            Direction::Egress => &key.dst,
+            Direction::Ingress => &key.src,
+        };
+        judge_new(ep, direction, peer, key.protocol, u16::from_be(key.dport))
+    };
+    if recheck.reason.is_drop() {
+        conntrack::remove(key);
+        v.peer_identity = recheck.peer_identity;
+        return v.with(Reason::DroppedRevoked);
+    }
+    value.generation = ep.generation;
+    value.rule = recheck.rule;
+    v.rule = recheck.rule;
+    v
+}
+
+/// Service traffic of an egress-isolated pod: the destination is a ClusterIP that kube-proxy
+/// will DNAT after this hook, so the egress verdict must wait for the backend. The source
+/// endpoint id goes into `skb->mark` (CONFIG.mark_mask / mark_shift, chosen not to clash with
+/// kube-proxy's 0x4000 / 0x8000) and the first post-DNAT hook the packet crosses decides:
+/// `to_pod` of a local backend or `to_network` on the uplink for a remote one. Both clear the
+/// bits again. An id that does not fit the mask drops (no silent pass).
+#[inline(always)]
+fn defer(ctx: &TcContext, ep: &EndpointInfo, config: &Config) -> Verdict {
+    let v = Verdict::new(Reason::DeferredService, ep.id, Direction::Egress);
+    let shift = config.mark_shift & 31;
+    let bits = ep.id << shift;
+    if config.mark_mask == 0 || bits >> shift != ep.id || bits & !config.mark_mask != 0 {
+        return v.with(Reason::DroppedInternal);
+    }
+    ctx.set_mark((mark(ctx) & !config.mark_mask) | bits);
+    v
+}
+
+/// The source endpoint id carried in `skb->mark` (0 = none); clears the bits.
+#[inline(always)]
+fn take_mark(ctx: &TcContext, config: &Config) -> u32 {
+    if config.mark_mask == 0 {
+        return 0;
+    }
+    let mark = mark(ctx);
+    let id = (mark & config.mark_mask) >> (config.mark_shift & 31);
+    if id != 0 {
+        ctx.set_mark(mark & !config.mark_mask);
+    }
+    id
+}
+
+/// `from_pod`: the pod's egress.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
+    let direction = Direction::Egress;
+    let ep = match parse_at_endpoint(ctx, pkt, direction) {
+        Ok(ep) => ep,
+        Err(v) => return v,
+    };
+    if pkt.frag == FRAG_LATER {
+        return fragments::follow(ep.id, direction, pkt);
+    }
+    let config = maps::config();
+    let v = pod_egress(ctx, pkt, &ep, &config, now());
+    fragments::record_first(ep.id, direction, pkt, v)
+}
+
+#[inline(always)]
+fn pod_egress(
+    ctx: &TcContext,
+    pkt: &Packet,
+    ep: &EndpointInfo,
+    config: &Config,
+    now: u64,
+) -> Verdict {
+    let direction = Direction::Egress;
+    if pkt.src == pkt.dst {
+        return Verdict::new(Reason::AllowedSelf, ep.id, direction);
+    }
+    let egress_isolated = isolated(ep, direction);
+    if let Some(hit) = conntrack::lookup(ep.id, direction, pkt, config, now) {
+        conntrack::touch(&hit, pkt, now);
+        if hit.reply {
+            return established(ep, &hit, Reason::AllowedReply, direction);
+        }
+        // SAFETY: map value pointer from the lookup.
+        let value = unsafe { &mut *hit.value };
+        // A flow to a Service recorded while egress was not isolated becomes a deferred one
+        // when the endpoint changes (its pre-DNAT tuple says nothing about the backend).
+        let service = value.flags & ct_flags::SERVICE != 0
+            || (value.generation != ep.generation && maps::is_service(&pkt.dst));
+        if !service {
+            return established(ep, &hit, Reason::AllowedEstablished, direction);
+        }
+        value.flags |= ct_flags::SERVICE;
+        value.generation = ep.generation;
+        if egress_isolated {
+            return defer(ctx, ep, config);
+        }
+        return Verdict::new(Reason::AllowedEstablished, ep.id, direction);
+    }
+    if ep.flags & endpoint_flags::NOT_PROGRAMMED != 0 {
+        return Verdict::new(Reason::DroppedEndpointNotProgrammed, ep.id, direction);
+    }
+    if egress_isolated && maps::is_service(&pkt.dst) {
+        // Recorded so that the un-DNATed reply finds it at this pod's `to_pod`.
+        if let Err(reason) = conntrack::create(
+            ep.id,
+            direction,
+            pkt,
+            ct_flags::SERVICE,
+            0,
+            ep.generation,
+            now,
+        ) {
+            return Verdict::new(reason, ep.id, direction);
+        }
+        return defer(ctx, ep, config);
+    }
+    let v = judge_new(ep, direction, &pkt.dst, pkt.protocol, pkt.dport);
+    admit(ep.id, direction, pkt, v, ep.generation, now)
+}
+
+/// `to_pod`: the deferred egress decision of a marked packet's source endpoint (local Service
+/// backend), then the pod's ingress. `egress` receives the first when it passed, so that both
+/// are counted and reported.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, pkt: &mut Packet, egress: &mut Option<Verdict>) -> Verdict {
+    let direction = Direction::Ingress;
+    let config = maps::config();
+    let source = take_mark(ctx, &config);
+    let ep = match parse_at_endpoint(ctx, pkt, direction) {
+        Ok(ep) => ep,
+        Err(v) => return v,
+    };
+    if pkt.frag == FRAG_LATER {
+        return fragments::follow(ep.id, direction, pkt);
+    }
+    let now = now();
+    if source != 0 {
+        let e = post_dnat_egress(source, pkt, ep.id, &config, now);
+        if e.reason.is_drop() {
+            return e;
+        }
+        *egress = Some(e);
+    }
+    let v = pod_ingress(pkt, &ep, &config, now);
+    fragments::record_first(ep.id, direction, pkt, v)
+}
+
+#[inline(always)]
+fn pod_ingress(pkt: &Packet, ep: &EndpointInfo, config: &Config, now: u64) -> Verdict {
+    let direction = Direction::Ingress;
+    if pkt.src == pkt.dst {
+        return Verdict::new(Reason::AllowedSelf, ep.id, direction);
+    }
+    if let Some(hit) = conntrack::lookup(ep.id, direction, pkt, config, now) {
+        conntrack::touch(&hit, pkt, now);
+        let reason = if hit.reply {
+            Reason::AllowedReply
+        } else {
+            Reason::AllowedEstablished
+        };
+        return established(ep, &hit, reason, direction);
+    }
+    let v = judge_new(ep, direction, &pkt.src, pkt.protocol, pkt.dport);
+    admit(ep.id, direction, pkt, v, ep.generation, now)
+}
+
+/// The deferred egress decision of endpoint `source` for a packet after DNAT: the destination
+/// is now the backend address and port. `hook_endpoint` is the endpoint of the `to_pod` hook
+/// (0 on the uplink): equal to `source` is a pod reaching itself through its own Service.
+#[inline(always)]
+fn post_dnat_egress(
+    source: u32,
+    pkt: &Packet,
+    hook_endpoint: u32,
+    config: &Config,
+    now: u64,
+) -> Verdict {
+    let direction = Direction::Egress;
+    let Some(sep) = maps::endpoint_by_id(source) else {
+        return Verdict::new(Reason::DroppedEndpointNotProgrammed, source, direction);
+    };
+    if source == hook_endpoint || pkt.src == pkt.dst {
+        return Verdict::new(Reason::AllowedSelf, source, direction);
+    }
+    if let Some(hit) = conntrack::lookup_forward(source, direction, pkt, config, now) {
+        conntrack::touch(&hit, pkt, now);
+        return established(&sep, &hit, Reason::AllowedEstablished, direction);
+    }
+    let v = judge_new(&sep, direction, &pkt.dst, pkt.protocol, pkt.dport);
+    admit(source, direction, pkt, v, sep.generation, now)
+}
+
+/// `to_network`: deferred egress decisions for Service traffic leaving the node.
+#[inline(always)]
+pub fn to_network(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
+    let direction = Direction::Egress;
+    let config = maps::config();
+    let source = take_mark(ctx, &config);
+    if source == 0 {
+        return Verdict::new(Reason::AllowedNotPoliced, 0, direction);
+    }
+    match parse::parse(ctx, pkt) {
+        Err(reason) => return Verdict::new(reason, source, direction),
+        Ok(Parsed::NotPoliced) => {
+            return Verdict::new(Reason::AllowedNotPoliced, source, direction);
+        }
+        Ok(Parsed::Policed) => {}
+    }
+    if pkt.frag == FRAG_LATER {
+        return fragments::follow(source, direction, pkt);
+    }
+    let v = post_dnat_egress(source, pkt, 0, &config, now());
+    fragments::record_first(source, direction, pkt, v)
+}

@@ -1,0 +1,63 @@
+//! Verdict events on the EVENTS ring buffer, rate-limited per CPU (CONFIG.events_per_sec in
+//! one-second windows). A full ring buffer or an exhausted budget loses the event, never the
+//! verdict: the per-CPU counters still count every packet.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use policy_common::{Config, VerdictEvent};
+
+use crate::decide::Verdict;
+use crate::maps::{EVENT_RATE, EVENTS};
+use crate::parse::Packet;
+
+const WINDOW_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+fn within_budget(config: &Config, now: u64) -> bool {
+    if config.events_per_sec == 0 {
+        return false;
+    }
+    let Some(rate) = EVENT_RATE.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let rate = unsafe { &mut *rate };
+    if now.saturating_sub(rate[0]) >= WINDOW_NS {
+        rate[0] = now;
+        rate[1] = 0;
+    }
+    if rate[1] >= config.events_per_sec as u64 {
+        return false;
+    }
+    rate[1] += 1;
+    true
+}
+
+#[inline(always)]
+pub fn emit(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &Config) {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_budget(config, now) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
+        return;
+    };
+    entry.write(VerdictEvent {
+        ts_ns: now,
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        ifindex,
+        endpoint: verdict.endpoint,
+        reason: verdict.reason as u32,
+        rule: verdict.rule,
+        peer_identity: verdict.peer_identity,
+        protocol: pkt.protocol,
+        direction: verdict.direction as u8,
+        family: pkt.family,
+        _pad: 0,
+        _pad2: 0,
+    });
+    entry.submit(0);
+}
