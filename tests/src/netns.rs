@@ -110,3 +110,55 @@ pub fn run_cmd(cmd: &mut Command) -> Result<Output> {
     }
     Ok(out)
 }
+
+impl NetNs {
+    /// Creates a namespace with exactly this name (callers derive it from [`unique_name`]), its
+    /// loopback up.
+    pub fn named(name: String) -> Result<NetNs> {
+        crate::require_root();
+        run_cmd(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip netns exec NAME PROGRAM ARGS`; returns stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = run_cmd(
+            Command::new("ip")
+                .args(["netns", "exec", &self.name, program])
+                .args(args),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Creates a veth pair with `host_if` in `host` and `peer_if` in `peer`, both up.
+pub fn veth(host: &NetNs, host_if: &str, peer: &NetNs, peer_if: &str) -> Result<()> {
+    host.ip(&[
+        "link",
+        "add",
+        host_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer_if,
+        "netns",
+        peer.name(),
+    ])?;
+    host.ip(&["link", "set", host_if, "up"])?;
+    peer.ip(&["link", "set", peer_if, "up"])?;
+    Ok(())
+}
+
+/// The index of interface `name` in the calling thread's network namespace (sysfs would show the
+/// namespace it was mounted in, not the thread's).
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("interface {name}: {}", std::io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}

@@ -1,1 +1,129 @@
-fn main() {}
+//! Task runner: `cargo xtask <command>`.
+//!
+//! xtask deliberately does not depend on the eBPF crates: `setup` must be able to run on a fresh
+//! machine before bpf-linker exists.
+
+mod bench;
+mod conformance;
+mod lab;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "policy-agent task runner")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, rust-src, bpf-linker, bpffs).
+    /// Idempotent; quick when everything is present.
+    Setup,
+    /// The main job: set up, build, and show enforcement on real packets.
+    Demo,
+    /// Set up and run every test (unit, property, kernel, network-namespace).
+    Test,
+    /// rustfmt and clippy -D warnings on the userspace crates.
+    Lint,
+    /// A Kubernetes-shaped cluster of network namespaces running the real agent (see LAB.md).
+    Lab(lab::LabArgs),
+    /// The 48 upstream Kubernetes Netpol e2e cases on the lab, via Services and via pod IPs.
+    Conformance(conformance::Args),
+    /// Benchmarks: datapath, throughput against an nftables baseline, control plane.
+    Bench {
+        /// Only the per-packet datapath benchmark.
+        #[arg(value_parser = ["datapath"])]
+        only: Option<String>,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Demo => {
+            setup::run()?;
+            cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "policy-agent",
+                "-p",
+                "policy-tests",
+                "--bins",
+            ])?;
+            cargo(&[
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "policy-tests",
+                "--bin",
+                "smoke",
+            ])
+        }
+        Cmd::Test => {
+            setup::run()?;
+            cargo(&["test", "--no-fail-fast"])
+        }
+        Cmd::Lint => lint(),
+        Cmd::Lab(args) => lab::main(args),
+        Cmd::Conformance(args) => conformance::main(args),
+        Cmd::Bench { only, json } => {
+            setup::run()?;
+            match only.as_deref() {
+                Some("datapath") => {
+                    let json_flag: &[&str] = if json { &["--json"] } else { &[] };
+                    let mut args = vec![
+                        "run",
+                        "--release",
+                        "-q",
+                        "-p",
+                        "policy-tests",
+                        "--bin",
+                        "bench_datapath",
+                        "--",
+                    ];
+                    args.extend_from_slice(json_flag);
+                    cargo(&args)
+                }
+                _ => bench::run(json),
+            }
+        }
+    }
+}
+
+fn lint() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])
+}
+
+/// Runs cargo from the workspace root with the same toolchain that runs xtask.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    exec(Command::new(cargo).args(args).current_dir(workspace_root()))
+}
+
+/// Runs a command, failing with its command line when it does not succeed.
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}

@@ -395,7 +395,7 @@ impl Dataplane {
                 .difference(&desired.services)
                 .copied()
                 .collect(),
-            ..Default::default()
+            ..MapDiff::default()
         };
         self.apply(&diff)
     }

@@ -1,0 +1,118 @@
+//! Policy-change-to-enforcement latency: two node namespaces, one agent each (manifest-directory
+//! source), a base of policies, then a series of changes (a policy created, then deleted); for each
+//! change, the time from writing it until every agent reports the new revision enforced.
+//!
+//! Usage: bench_enforce [--policies N] [--changes K] [--json]
+
+use std::{net::Ipv4Addr, time::Duration, time::Instant};
+
+use anyhow::{Context, Result, bail};
+use policy_tests::{
+    agent::{Agent, write_revision},
+    cluster::{Cluster, gateway_ip, node_ip},
+    require_root,
+    workload::{self, PodSpec},
+};
+use serde_json::json;
+
+const PODS: &[PodSpec] = &[
+    PodSpec {
+        name: "a",
+        labels: &[("app", "client")],
+        ip: Ipv4Addr::new(10, 244, 1, 10),
+        node: 1,
+    },
+    PodSpec {
+        name: "b",
+        labels: &[("app", "server")],
+        ip: Ipv4Addr::new(10, 244, 1, 11),
+        node: 1,
+    },
+    PodSpec {
+        name: "c",
+        labels: &[("app", "server")],
+        ip: Ipv4Addr::new(10, 244, 2, 10),
+        node: 2,
+    },
+];
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn main() -> Result<()> {
+    require_root();
+    let (mut policies, mut changes, mut as_json) = (100usize, 40usize, false);
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--policies" => policies = args.next().context("--policies N")?.parse()?,
+            "--changes" => changes = args.next().context("--changes K")?.parse()?,
+            "--json" => as_json = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let mut cluster = Cluster::two_nodes("be")?;
+    for p in PODS {
+        cluster.add_pod(p.name, p.node, p.ip.octets()[3])?;
+    }
+    let dir = std::env::temp_dir().join(format!("{}-manifests", cluster.prefix));
+    std::fs::create_dir_all(&dir)?;
+    let base = workload::policies(policies, (5201, 5202));
+    let file = dir.join("cluster.yaml");
+    std::fs::write(&file, workload::manifests(PODS, &base, node_ip))?;
+    write_revision(&dir, 1)?;
+
+    let mut agents = Vec::new();
+    for node in &cluster.nodes {
+        let ips = [
+            node_ip(node.index).to_string(),
+            gateway_ip(node.index).to_string(),
+        ];
+        let mut agent = Agent::start(
+            &node.netns,
+            &format!("node-{}", node.index),
+            &dir,
+            &ips,
+            &[node.uplink.as_str()],
+        )?;
+        agent.wait_enforced(&node.netns, 1, Duration::from_secs(60))?;
+        agents.push(agent);
+    }
+
+    let mut latencies_ms = Vec::with_capacity(changes);
+    for i in 0..changes {
+        // Odd changes add one more policy, even changes remove it again.
+        let n = if i % 2 == 0 { policies + 1 } else { policies };
+        let revision = i as u64 + 2;
+        std::fs::write(
+            &file,
+            workload::manifests(PODS, &workload::policies(n, (5201, 5202)), node_ip),
+        )?;
+        let start = Instant::now();
+        write_revision(&dir, revision)?;
+        for (agent, node) in agents.iter_mut().zip(&cluster.nodes) {
+            agent.wait_enforced(&node.netns, revision, Duration::from_secs(30))?;
+        }
+        latencies_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    latencies_ms.sort_by(f64::total_cmp);
+    let (p50, p99) = (
+        percentile(&latencies_ms, 0.5),
+        percentile(&latencies_ms, 0.99),
+    );
+    let out = json!({"policies": policies, "changes": changes, "enforce_ms_p50": p50, "enforce_ms_p99": p99,
+                     "enforce_ms_max": latencies_ms.last()});
+    if as_json {
+        println!("{out}");
+    } else {
+        println!(
+            "{changes} changes over {policies} policies, 2 agents: p50 {p50:.1} ms, p99 {p99:.1} ms"
+        );
+    }
+    Ok(())
+}

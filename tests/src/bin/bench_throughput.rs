@@ -1,0 +1,295 @@
+//! Throughput between pods, same node and across nodes, for three enforcers measured in one run:
+//! none, policy-agent with N policies, and an nftables ruleset implementing the same N policies.
+//!
+//! New connections per second: one 1-byte request and reply per connection, client closes with
+//! SO_LINGER 0 so that TIME_WAIT does not exhaust ephemeral ports. Bulk: iperf3.
+//!
+//! Usage: bench_throughput [--policies N] [--seconds S] [--crr-only] [--json]
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use policy_tests::{
+    agent::{Agent, write_revision},
+    cluster::{Cluster, gateway_ip, node_ip},
+    netns::NetNs,
+    require_root,
+    workload::{self, PodSpec},
+};
+use serde_json::json;
+
+const CRR_PORT: u16 = 5202;
+const STREAM_PORT: u16 = 5201;
+
+struct Opts {
+    policies: usize,
+    seconds: f64,
+    json: bool,
+    /// Only same-node new connections (the policy-count sweep).
+    crr_only: bool,
+}
+
+fn opts() -> Result<Opts> {
+    let mut o = Opts {
+        policies: 1000,
+        seconds: 3.0,
+        json: false,
+        crr_only: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--policies" => o.policies = args.next().context("--policies N")?.parse()?,
+            "--seconds" => o.seconds = args.next().context("--seconds S")?.parse()?,
+            "--json" => o.json = true,
+            "--crr-only" => o.crr_only = true,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+const PODS: &[PodSpec] = &[
+    PodSpec {
+        name: "a",
+        labels: &[("app", "client")],
+        ip: Ipv4Addr::new(10, 244, 1, 10),
+        node: 1,
+    },
+    PodSpec {
+        name: "b",
+        labels: &[("app", "server")],
+        ip: Ipv4Addr::new(10, 244, 1, 11),
+        node: 1,
+    },
+    PodSpec {
+        name: "c",
+        labels: &[("app", "server")],
+        ip: Ipv4Addr::new(10, 244, 2, 10),
+        node: 2,
+    },
+];
+
+/// Accepts connections in `ns`: reads one byte, answers one byte, closes.
+fn crr_server(ns: &NetNs) -> Result<()> {
+    let listener = ns.run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, CRR_PORT)))?;
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut b = [0u8; 1];
+            if conn.read_exact(&mut b).is_ok() {
+                let _ = conn.write_all(&b);
+            }
+        }
+    });
+    Ok(())
+}
+
+fn linger_zero(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket fd and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Completed request/reply connections per second from `ns` to `dst`.
+fn crr(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
+    ns.run(|| {
+        let addr = SocketAddr::from((dst, CRR_PORT));
+        let deadline = Duration::from_secs_f64(seconds);
+        let start = Instant::now();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        while start.elapsed() < deadline {
+            let done = (|| -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                s.write_all(&[1])?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)?;
+                linger_zero(&s);
+                Ok(())
+            })();
+            if done.is_ok() { ok += 1 } else { failed += 1 }
+        }
+        if failed > 0 && ok == 0 {
+            bail!("no connection to {addr} succeeded");
+        }
+        Ok(ok as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+/// iperf3 bulk TCP throughput in Gbit/s.
+fn stream(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
+    let out = ns.exec(
+        "iperf3",
+        &[
+            "-c",
+            &dst.to_string(),
+            "-p",
+            &STREAM_PORT.to_string(),
+            "-t",
+            &format!("{seconds}"),
+            "-J",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 JSON without end.sum_received.bits_per_second")
+}
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    crr_same: f64,
+    crr_cross: f64,
+    stream_same: f64,
+    stream_cross: f64,
+}
+
+fn measure(cluster: &Cluster, o: &Opts) -> Result<Figures> {
+    let a = &cluster.pod("a").netns;
+    let (b, c) = (cluster.pod("b").ip, cluster.pod("c").ip);
+    let seconds = o.seconds;
+    crr(a, b, 0.2)?; // warm up (ARP, conntrack, JIT caches)
+    if o.crr_only {
+        return Ok(Figures {
+            crr_same: crr(a, b, seconds)?,
+            ..Figures::default()
+        });
+    }
+    Ok(Figures {
+        crr_same: crr(a, b, seconds)?,
+        crr_cross: crr(a, c, seconds)?,
+        stream_same: stream(a, b, seconds)?,
+        stream_cross: stream(a, c, seconds)?,
+    })
+}
+
+fn with_nftables(cluster: &Cluster, rules: &[workload::Rule], o: &Opts) -> Result<Figures> {
+    let table = "pa_bench";
+    for node in &cluster.nodes {
+        let ruleset =
+            workload::nft_ruleset(table, node.index, PODS, rules, |pod| format!("veth{pod}"));
+        let file = std::env::temp_dir().join(format!("{}-{}.nft", cluster.prefix, node.index));
+        std::fs::write(&file, ruleset)?;
+        node.netns.exec("nft", &["-f", &file.to_string_lossy()])?;
+        let _ = std::fs::remove_file(&file);
+    }
+    let figures = measure(cluster, o);
+    for node in &cluster.nodes {
+        node.netns
+            .exec("nft", &["delete", "table", "inet", table])?;
+    }
+    figures
+}
+
+fn with_agent(
+    cluster: &Cluster,
+    rules: &[workload::Rule],
+    o: &Opts,
+) -> Result<(Figures, Duration)> {
+    let dir = std::env::temp_dir().join(format!("{}-manifests", cluster.prefix));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("cluster.yaml"),
+        workload::manifests(PODS, rules, node_ip),
+    )?;
+    write_revision(&dir, 1)?;
+    let mut agents = Vec::new();
+    let mut converge = Duration::ZERO;
+    for node in &cluster.nodes {
+        let ips = [
+            node_ip(node.index).to_string(),
+            gateway_ip(node.index).to_string(),
+        ];
+        let mut agent = Agent::start(
+            &node.netns,
+            &format!("node-{}", node.index),
+            &dir,
+            &ips,
+            &[node.uplink.as_str()],
+        )?;
+        converge = converge.max(agent.wait_enforced(&node.netns, 1, Duration::from_secs(60))?);
+        agents.push(agent);
+    }
+    let figures = measure(cluster, o);
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((figures?, converge))
+}
+
+fn main() -> Result<()> {
+    require_root();
+    let o = opts()?;
+    let mut cluster = Cluster::two_nodes("bt")?;
+    for p in PODS {
+        cluster.add_pod(p.name, p.node, p.ip.octets()[3])?;
+    }
+    for server in ["b", "c"] {
+        crr_server(&cluster.pod(server).netns)?;
+        let ns = cluster.pod(server).netns.name().to_owned();
+        cluster.spawn_in(&ns, "iperf3", &["-s", "-p", &STREAM_PORT.to_string()])?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let rules = workload::policies(o.policies, (STREAM_PORT, CRR_PORT));
+
+    let none = measure(&cluster, &o)?;
+    eprintln!(
+        "none: {:.0} / {:.0} conn/s, {:.2} / {:.2} Gb/s",
+        none.crr_same, none.crr_cross, none.stream_same, none.stream_cross
+    );
+    let nft = with_nftables(&cluster, &rules, &o)?;
+    eprintln!(
+        "nft:  {:.0} / {:.0} conn/s, {:.2} / {:.2} Gb/s",
+        nft.crr_same, nft.crr_cross, nft.stream_same, nft.stream_cross
+    );
+    let (ours, converge) = with_agent(&cluster, &rules, &o)?;
+
+    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+    let fig = |f: Figures| {
+        json!({"crr_same_node": f.crr_same, "crr_cross_node": f.crr_cross,
+               "stream_gbps_same_node": f.stream_same, "stream_gbps_cross_node": f.stream_cross})
+    };
+    let out = json!({
+        "policies": o.policies,
+        "seconds": o.seconds,
+        "none": fig(none), "ours": fig(ours), "nft": fig(nft),
+        "agent_initial_enforce_ms": converge.as_secs_f64() * 1e3,
+        "crr_ratio_vs_none": ratio(ours.crr_same + ours.crr_cross, none.crr_same + none.crr_cross),
+        "crr_ratio_vs_nft": ratio(ours.crr_same + ours.crr_cross, nft.crr_same + nft.crr_cross),
+        "stream_ratio_vs_none": ratio(ours.stream_same + ours.stream_cross, none.stream_same + none.stream_cross),
+        "stream_ratio_vs_nft": ratio(ours.stream_same + ours.stream_cross, nft.stream_same + nft.stream_cross),
+    });
+    if o.json {
+        println!("{out}");
+    } else {
+        println!("{} policies, {}s per measurement", o.policies, o.seconds);
+        println!(
+            "{:<10} {:>14} {:>14} {:>12} {:>12}",
+            "enforcer", "conn/s same", "conn/s cross", "Gb/s same", "Gb/s cross"
+        );
+        for (name, f) in [("none", none), ("ours", ours), ("nftables", nft)] {
+            println!(
+                "{name:<10} {:>14.0} {:>14.0} {:>12.2} {:>12.2}",
+                f.crr_same, f.crr_cross, f.stream_same, f.stream_cross
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}

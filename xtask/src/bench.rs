@@ -1,0 +1,323 @@
+//! `cargo xtask bench [--json]`: every benchmark in one run, so ratios compare figures taken on the
+//! same machine at the same time.
+//!
+//! - datapath: `bench_datapath` (BPF_PROG_TEST_RUN, ns per packet);
+//! - throughput: `bench_throughput` (pods in network namespaces; none / policy-agent / nftables),
+//!   plus a new-connection sweep over 10, 1,000 and 10,000 policies for the chart;
+//! - control plane: the compiler benchmark at 10k pods × 1k policies and 50k × 5k, and
+//!   `bench_enforce` (policy change → every agent enforcing).
+//!
+//! Writes `target/bench/results.json`, `results.md` and `new-flow-cost.png`.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{cargo, workspace_root};
+
+const SWEEP: [usize; 3] = [10, 1000, 10_000];
+
+/// Runs a release binary of this workspace and parses the JSON object it prints last.
+fn run_json(program: &str, args: &[&str]) -> Result<Value> {
+    let path = workspace_root().join("target/release").join(program);
+    eprintln!("bench: {program} {}", args.join(" "));
+    let out = Command::new(&path)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON output")?;
+    serde_json::from_str(line).with_context(|| format!("{program} printed invalid JSON: {line}"))
+}
+
+pub fn run(as_json: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    cargo(&[
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "policy-agent",
+        "-p",
+        "policy-tests",
+        "--bins",
+    ])?;
+    cargo(&[
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "policy-agent",
+        "--example",
+        "compile_bench",
+    ])?;
+
+    let datapath = run_json("bench_datapath", &["--json"])?;
+    let throughput = run_json(
+        "bench_throughput",
+        &["--policies", "1000", "--seconds", "3", "--json"],
+    )?;
+    let mut sweep = Vec::new();
+    for n in SWEEP {
+        sweep.push(run_json(
+            "bench_throughput",
+            &[
+                "--policies",
+                &n.to_string(),
+                "--seconds",
+                "2",
+                "--crr-only",
+                "--json",
+            ],
+        )?);
+    }
+    let small = run_json(
+        "examples/compile_bench",
+        &["--pods", "10000", "--policies", "1000"],
+    )?;
+    let large = run_json(
+        "examples/compile_bench",
+        &["--pods", "50000", "--policies", "5000"],
+    )?;
+    let enforce = run_json(
+        "bench_enforce",
+        &["--policies", "1000", "--changes", "60", "--json"],
+    )?;
+
+    let pick = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
+    let result = json!({
+        "datapath_ns": datapath,
+        "throughput": throughput,
+        "control_plane": {
+            "compile_ms": {"10k_1k": pick(&small, "compile_ms"), "50k_5k": pick(&large, "compile_ms")},
+            "rss_mib": {"10k_1k": pick(&small, "rss_mib"), "50k_5k": pick(&large, "rss_mib")},
+            "incremental_ms": {"10k_1k": pick(&small, "incremental_ms"), "50k_5k": pick(&large, "incremental_ms")},
+            "enforce_ms_p50": pick(&enforce, "enforce_ms_p50"),
+            "enforce_ms_p99": pick(&enforce, "enforce_ms_p99"),
+        },
+        "new_flow_sweep": sweep,
+        "machine": machine(),
+        "date": date(),
+        "bench_seconds": started.elapsed().as_secs(),
+    });
+
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("results.json"),
+        serde_json::to_string_pretty(&result)?,
+    )?;
+    let table = markdown(&result);
+    std::fs::write(dir.join("results.md"), &table)?;
+    chart(&result, &dir.join("new-flow-cost.png"))?;
+    if as_json {
+        println!("{result}");
+    } else {
+        println!("{table}");
+        println!("written: target/bench/results.json, results.md, new-flow-cost.png");
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn date() -> String {
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn num(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.2}"),
+        None => "—".into(),
+    }
+}
+
+fn markdown(r: &Value) -> String {
+    let d = &r["datapath_ns"];
+    let mut s = format!(
+        "Measured {} on {}.\n\n",
+        r["date"].as_str().unwrap_or(""),
+        r["machine"].as_str().unwrap_or("")
+    );
+    s += "| datapath (ns/packet, BPF_PROG_TEST_RUN, 100k CIDR prefixes loaded) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
+    s += &format!(
+        "| floor (program returning OK) | {} | | |\n| established flow | {} | | |\n",
+        num(&d["floor"]),
+        num(&d["established"])
+    );
+    for (k, label) in [
+        ("new_identity", "new flow, allowed by identity"),
+        ("new_cidr", "new flow, allowed by CIDR"),
+        ("new_port_range", "new flow, allowed by port range"),
+        ("denied", "new flow, denied"),
+    ] {
+        s += &format!(
+            "| {label} | {} | {} | {} |\n",
+            num(&d[k]["10"]),
+            num(&d[k]["1000"]),
+            num(&d[k]["10000"])
+        );
+    }
+    let t = &r["throughput"];
+    s += "\n| pods in namespaces, 1,000 policies | conn/s same node | conn/s cross node | Gb/s same node | Gb/s cross node |\n|---|---|---|---|---|\n";
+    for (k, label) in [
+        ("none", "no enforcement"),
+        ("ours", "policy-agent"),
+        ("nft", "nftables baseline"),
+    ] {
+        let f = &t[k];
+        s += &format!(
+            "| {label} | {} | {} | {} | {} |\n",
+            num(&f["crr_same_node"]),
+            num(&f["crr_cross_node"]),
+            num(&f["stream_gbps_same_node"]),
+            num(&f["stream_gbps_cross_node"])
+        );
+    }
+    s += &format!(
+        "\nRatios: new connections ours/none {}, ours/nftables {}; bulk ours/none {}.\n",
+        num(&t["crr_ratio_vs_none"]),
+        num(&t["crr_ratio_vs_nft"]),
+        num(&t["stream_ratio_vs_none"])
+    );
+    let c = &r["control_plane"];
+    s += "\n| control plane | 10k pods × 1k policies | 50k pods × 5k policies |\n|---|---|---|\n";
+    s += &format!(
+        "| full compile (ms) | {} | {} |\n",
+        num(&c["compile_ms"]["10k_1k"]),
+        num(&c["compile_ms"]["50k_5k"])
+    );
+    s += &format!(
+        "| peak RSS (MiB) | {} | {} |\n",
+        num(&c["rss_mib"]["10k_1k"]),
+        num(&c["rss_mib"]["50k_5k"])
+    );
+    s += &format!(
+        "| one pod relabel, incremental (ms) | {} | {} |\n",
+        num(&c["incremental_ms"]["10k_1k"]),
+        num(&c["incremental_ms"]["50k_5k"])
+    );
+    s += &format!(
+        "\nPolicy change to enforcement on every agent: p50 {} ms, p99 {} ms.\n",
+        num(&c["enforce_ms_p50"]),
+        num(&c["enforce_ms_p99"])
+    );
+    s += "\n| new-connection cost over no enforcement (µs per connection) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
+    for (k, label) in [("ours", "policy-agent"), ("nft", "nftables")] {
+        let cells: Vec<String> = (0..SWEEP.len())
+            .map(|i| format!("{:.1}", extra_us(r, i, k)))
+            .collect();
+        s += &format!("| {label} | {} |\n", cells.join(" | "));
+    }
+    s
+}
+
+/// Extra microseconds per new connection of enforcer `k` over no enforcement, sweep point `i`.
+fn extra_us(r: &Value, i: usize, k: &str) -> f64 {
+    let p = &r["new_flow_sweep"][i];
+    let (none, with) = (
+        p["none"]["crr_same_node"].as_f64().unwrap_or(0.0),
+        p[k]["crr_same_node"].as_f64().unwrap_or(0.0),
+    );
+    if none <= 0.0 || with <= 0.0 {
+        return 0.0;
+    }
+    (1e6 / with - 1e6 / none).max(0.0)
+}
+
+/// One line of the chart: label, colour, (log10 policies, µs) points.
+type Series = (&'static str, plotters::style::RGBColor, Vec<(f64, f64)>);
+
+fn chart(r: &Value, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let font: &'static [u8] = Box::leak(
+        std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
+            .context("fonts-dejavu-core (installed by setup)")?
+            .into_boxed_slice(),
+    );
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font)
+        .map_err(|_| anyhow::anyhow!("invalid font"))?;
+    let series: Vec<Series> = [("policy-agent", BLUE), ("nftables", RED)]
+        .into_iter()
+        .zip(["ours", "nft"])
+        .map(|((label, color), k)| {
+            (
+                label,
+                color,
+                SWEEP
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ((*n as f64).log10(), extra_us(r, i, k)))
+                    .collect(),
+            )
+        })
+        .collect();
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(1.0f64, f64::max)
+        * 1.2;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(
+            "Added cost per new TCP connection vs policies (same node)",
+            ("sans-serif", 22),
+        )
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.8f64..4.2f64, 0f64..ymax)?;
+    c.configure_mesh()
+        .x_desc("policies (log10)")
+        .y_desc("µs per connection over no enforcement")
+        .x_label_formatter(&|x| format!("{:.0}", 10f64.powf(*x)))
+        .draw()?;
+    for (label, color, pts) in series {
+        c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(3)))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
+        c.draw_series(pts.iter().map(|p| Circle::new(*p, 5, color.filled())))?;
+    }
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,845 @@
+//! `cargo xtask conformance`: the 48 connectivity tests of the upstream Kubernetes Netpol e2e suite
+//! (`test/e2e/network/netpol`, catalogued in `xtask/conformance/netpol_cases.{md,json}`) run on the
+//! lab with the real agent.
+//!
+//! Each case starts from fresh namespaces x, y, z with the case's pods (`pod=<name>` labels, one
+//! container per served port × protocol, named ports `serve-<port>-<proto>`) and one Service per pod
+//! (`s-<ns>-<pod>`), checks that every server answers (upstream's `waitForHTTPServers`), then for
+//! each step applies its actions (policy create/update, pod and namespace relabels, policy
+//! deletion) through `lab apply`/`lab delete` — which return once every agent enforces them — and
+//! probes the full matrix of the step's port and protocol twice: through the destination's Service
+//! ClusterIP, as upstream does, and through its pod IP. Loopback is never judged (upstream ignores
+//! it). A wrong matrix is probed once more before it counts, as upstream's `ValidateOrFail` does.
+//! A case that cannot run is a failure with its reason, never a skip.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::lab::{
+    self, AgentChoice, Kind, Lab, ObjRef, Outcome, ProbeSpec, Protocol, Table, UpOptions, Via,
+};
+
+/// The catalogue shipped with the repository.
+const CASES: &str = include_str!("../conformance/netpol_cases.json");
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only these case ids (repeatable); default: all 48.
+    #[arg(long = "case")]
+    pub cases: Vec<u32>,
+    /// Pod set per case: the newest upstream's reduced sets, or the older full 9-pod model.
+    #[arg(long, value_parser = ["reduced", "all9"], default_value = "reduced")]
+    pub pods: String,
+    /// Lab nodes (pods are spread over them, so both same-node and cross-node paths are judged).
+    #[arg(long, default_value_t = 2)]
+    pub nodes: u32,
+    /// Name prefix of the lab this suite brings up (and down).
+    #[arg(long, default_value = "palconf")]
+    pub prefix: String,
+    /// Run this policy-agent binary instead of building it.
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+    /// Probe timeout (upstream: agnhost connect --timeout=1s).
+    #[arg(long, default_value_t = 1000)]
+    pub timeout_ms: u64,
+    /// Read the catalogue from this file instead of the built-in copy.
+    #[arg(long)]
+    pub catalogue: Option<PathBuf>,
+    /// Leave the lab up afterwards (inspect it with `cargo xtask lab --prefix PREFIX ...`).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Catalogue {
+    cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    id: u32,
+    describe: String,
+    name: String,
+    pods_reduced: Vec<String>,
+    ports: Vec<u16>,
+    protocols: Vec<String>,
+    steps: Vec<Step>,
+    computed_denied_non_loopback: BTreeMap<String, Vec<Computed>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Step {
+    actions: Vec<Value>,
+    probes: Vec<ProbeCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProbeCheck {
+    port: u16,
+    protocol: String,
+    expect_ops: Vec<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Computed {
+    step: usize,
+    port: u16,
+    protocol: String,
+    denied: Vec<String>,
+}
+
+const ALL9: [&str; 9] = [
+    "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
+];
+const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+
+/// The result of one case.
+#[derive(Debug, Default)]
+struct CaseResult {
+    /// Wrong cells and other reasons, per way of dialling; empty = passed.
+    service_failures: Vec<String>,
+    pod_failures: Vec<String>,
+    /// Problems that are neither (setup, actions).
+    errors: Vec<String>,
+    /// Matrices that needed the second pass.
+    retried: Vec<String>,
+    converge_ms: Vec<u128>,
+}
+
+impl CaseResult {
+    fn passed_via(&self, via: Via) -> bool {
+        self.errors.is_empty()
+            && match via {
+                Via::Service => self.service_failures.is_empty(),
+                Via::Pod => self.pod_failures.is_empty(),
+            }
+    }
+    fn passed(&self) -> bool {
+        self.passed_via(Via::Service) && self.passed_via(Via::Pod)
+    }
+}
+
+pub fn main(args: Args) -> Result<()> {
+    let text = match &args.catalogue {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => CASES.to_string(),
+    };
+    let catalogue: Catalogue = serde_json::from_str(&text).context("parsing the case catalogue")?;
+    let total = catalogue.cases.len();
+    let selected: Vec<&Case> = catalogue
+        .cases
+        .iter()
+        .filter(|c| args.cases.is_empty() || args.cases.contains(&c.id))
+        .collect();
+    if selected.is_empty() {
+        bail!("no case matches --case {:?}", args.cases);
+    }
+    let agent = match &args.agent_bin {
+        Some(p) => AgentChoice::Binary(p.clone()),
+        None => AgentChoice::Build,
+    };
+    let started = Instant::now();
+    let mut lab = Lab::up(
+        &args.prefix,
+        &UpOptions {
+            nodes: args.nodes,
+            agent,
+        },
+    )?;
+    let outcome = (|| -> Result<Vec<(u32, CaseResult)>> {
+        lab.publish().context("the lab's agents did not come up")?;
+        let timeout = Duration::from_millis(args.timeout_ms);
+        let mut results = Vec::new();
+        for case in &selected {
+            let t = Instant::now();
+            println!("[{:>2}] {} / {}", case.id, case.describe, case.name);
+            let r = run_case(&mut lab, case, &args.pods, timeout);
+            report_case(&r, t.elapsed());
+            results.push((case.id, r));
+        }
+        Ok(results)
+    })();
+    drop(lab);
+    if !args.keep {
+        lab::down(&args.prefix)?;
+    } else {
+        println!(
+            "the lab is still up: cargo xtask lab --prefix {} get",
+            args.prefix
+        );
+    }
+    let results = outcome?;
+    let passed = results.iter().filter(|(_, r)| r.passed()).count();
+    let via_service = results
+        .iter()
+        .filter(|(_, r)| r.passed_via(Via::Service))
+        .count();
+    let via_pod = results
+        .iter()
+        .filter(|(_, r)| r.passed_via(Via::Pod))
+        .count();
+    let mut converge: Vec<u128> = results
+        .iter()
+        .flat_map(|(_, r)| r.converge_ms.iter().copied())
+        .collect();
+    converge.sort_unstable();
+    let pct = |p: f64| {
+        converge
+            .get(((converge.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!();
+    if results.len() < total {
+        println!("(ran {} of {total} cases)", results.len());
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| !r.passed())
+        .map(|(id, _)| id.to_string())
+        .collect();
+    if !failed.is_empty() {
+        println!("failed cases: {}", failed.join(", "));
+    }
+    println!(
+        "via Service ClusterIP: {via_service}/{n}, via pod IP: {via_pod}/{n}",
+        n = results.len()
+    );
+    println!(
+        "policy/label changes enforced by every agent in p50 {} ms, p99 {} ms, max {} ms ({} changes); suite took {:.1} s",
+        pct(0.5),
+        pct(0.99),
+        converge.last().copied().unwrap_or(0),
+        converge.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "{passed}/{} cases passed",
+        if results.len() == total {
+            total
+        } else {
+            results.len()
+        }
+    );
+    if passed != results.len() {
+        bail!(
+            "{} of {} conformance cases failed",
+            results.len() - passed,
+            results.len()
+        );
+    }
+    Ok(())
+}
+
+fn report_case(r: &CaseResult, took: Duration) {
+    let verdict = if r.passed() { "ok" } else { "FAILED" };
+    println!("     {verdict} in {:.1} s", took.as_secs_f64());
+    for e in &r.errors {
+        println!("     error: {e}");
+    }
+    for (via, fs) in [
+        ("Service", &r.service_failures),
+        ("pod IP", &r.pod_failures),
+    ] {
+        for f in fs {
+            println!("     wrong via {via}: {f}");
+        }
+    }
+    for m in &r.retried {
+        println!("     note: {m} was wrong on the first pass and right on the second");
+    }
+}
+
+fn pods_of(case: &Case, model: &str) -> Vec<String> {
+    if model == "all9" {
+        ALL9.iter().map(|s| s.to_string()).collect()
+    } else {
+        case.pods_reduced.clone()
+    }
+}
+
+fn run_case(lab: &mut Lab, case: &Case, model: &str, timeout: Duration) -> CaseResult {
+    let mut r = CaseResult::default();
+    let pods = pods_of(case, model);
+    if let Err(e) = setup(lab, case, &pods, timeout, &mut r) {
+        r.errors.push(format!("setup: {e:#}"));
+        return r;
+    }
+    let computed = case
+        .computed_denied_non_loopback
+        .get(model)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (i, step) in case.steps.iter().enumerate() {
+        let n = i + 1;
+        for action in &step.actions {
+            if let Err(e) = act(lab, action, &mut r) {
+                r.errors.push(format!("step {n}: {action}: {e:#}"));
+                return r;
+            }
+        }
+        if let Err(e) = check_step(lab, n, step, &pods, computed, timeout, &mut r) {
+            r.errors.push(format!("step {n}: {e:#}"));
+            return r;
+        }
+    }
+    r
+}
+
+fn proto_lower(p: &str) -> String {
+    p.to_lowercase()
+}
+
+/// Fresh namespaces, pods and Services for a case; then every server must answer.
+fn setup(
+    lab: &mut Lab,
+    case: &Case,
+    pods: &[String],
+    timeout: Duration,
+    r: &mut CaseResult,
+) -> Result<()> {
+    let old: Vec<ObjRef> = NAMESPACES
+        .iter()
+        .map(|ns| ObjRef {
+            kind: Kind::Namespace,
+            namespace: String::new(),
+            name: ns.to_string(),
+        })
+        .collect();
+    if let Some(c) = lab.delete(old, true)?.converged {
+        r.converge_ms.extend(c.took.map(|t| t.as_millis()));
+    }
+    let mut docs = Vec::new();
+    for ns in NAMESPACES {
+        docs.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+    }
+    for key in pods {
+        let (ns, name) = key
+            .split_once('/')
+            .ok_or_else(|| anyhow!("bad pod {key:?}"))?;
+        let mut containers = Vec::new();
+        let mut svc_ports = Vec::new();
+        for port in &case.ports {
+            for proto in &case.protocols {
+                let p = proto_lower(proto);
+                containers.push(json!({
+                    "name": format!("cont-{port}-{p}"),
+                    "image": "registry.k8s.io/e2e-test-images/agnhost:2.53",
+                    "ports": [{"containerPort": port, "name": format!("serve-{port}-{p}"), "protocol": proto}]
+                }));
+                svc_ports.push(json!({"name": format!("service-port-{p}-{port}"), "port": port, "protocol": proto}));
+            }
+        }
+        docs.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": {"pod": name}},
+            "spec": {"terminationGracePeriodSeconds": 0, "containers": containers}}));
+        docs.push(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": format!("s-{ns}-{name}"), "namespace": ns},
+            "spec": {"selector": {"pod": name}, "ports": svc_ports}}));
+    }
+    apply_values(lab, &docs, r)?;
+    // waitForHTTPServers: up to 10 rounds, 1 s apart, until every cell answers.
+    let mut specs = Vec::new();
+    for port in &case.ports {
+        for proto in &case.protocols {
+            let protocol =
+                Protocol::parse(proto).ok_or_else(|| anyhow!("unknown protocol {proto}"))?;
+            for via in [Via::Service, Via::Pod] {
+                specs.push(ProbeSpec {
+                    port: Some(port.to_string()),
+                    protocol: Some(protocol),
+                    via,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    let mut silent = Vec::new();
+    for round in 0..10 {
+        if round > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let outcomes = lab.run_probes(&specs, timeout)?;
+        silent = outcomes
+            .iter()
+            .filter(|o| !o.connected)
+            .map(|o| {
+                format!(
+                    "{} -> {} {}/{} via {}",
+                    o.from,
+                    o.to,
+                    o.protocol,
+                    o.port,
+                    o.via.as_str()
+                )
+            })
+            .collect();
+        if silent.is_empty() {
+            return Ok(());
+        }
+    }
+    bail!(
+        "servers unreachable before any policy exists: {}",
+        silent.join(", ")
+    )
+}
+
+fn apply_values(lab: &mut Lab, docs: &[Value], r: &mut CaseResult) -> Result<()> {
+    let mut text = String::new();
+    for d in docs {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(d)?);
+    }
+    let loaded = lab::load_all(&lab::parse_text("<conformance>", &text)?)?;
+    if let Some(c) = lab.apply(loaded)?.converged {
+        r.converge_ms.extend(c.took.map(|t| t.as_millis()));
+        for w in c.warnings {
+            eprintln!("     warning: {w}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs one catalogue action.
+fn act(lab: &mut Lab, action: &Value, r: &mut CaseResult) -> Result<()> {
+    let op = action["op"].as_str().unwrap_or_default();
+    match op {
+        "create" | "update" => {
+            let ns = action["namespace"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no namespace"))?;
+            let name = action["name"].as_str().ok_or_else(|| anyhow!("no name"))?;
+            let spec = resolve_placeholders(&action["spec"], &|key| lab.pod_ip(key))?;
+            let exists = lab.state.policies.contains_key(&format!("{ns}/{name}"));
+            if op == "create" && exists {
+                bail!("policy {ns}/{name} already exists");
+            }
+            if op == "update" && !exists {
+                bail!("policy {ns}/{name} does not exist");
+            }
+            apply_values(
+                lab,
+                &[
+                    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": name, "namespace": ns}, "spec": spec}),
+                ],
+                r,
+            )
+        }
+        "add_pod_labels" => {
+            let key = action["pod"].as_str().ok_or_else(|| anyhow!("no pod"))?;
+            let mut pod = lab
+                .state
+                .pods
+                .get(key)
+                .ok_or_else(|| anyhow!("no pod {key}"))?
+                .pod
+                .clone();
+            let labels = pod.metadata.labels.get_or_insert_with(Default::default);
+            for (k, v) in action["labels"].as_object().into_iter().flatten() {
+                labels.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+            }
+            pod.status = None;
+            let mut v = serde_json::to_value(&pod)?;
+            v["apiVersion"] = json!("v1");
+            v["kind"] = json!("Pod");
+            apply_values(lab, &[v], r)
+        }
+        "add_namespace_labels" => {
+            let name = action["namespace"]
+                .as_str()
+                .ok_or_else(|| anyhow!("no namespace"))?;
+            let ns = lab
+                .state
+                .namespaces
+                .get(name)
+                .ok_or_else(|| anyhow!("no namespace {name}"))?;
+            let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+            for (k, v) in action["labels"].as_object().into_iter().flatten() {
+                labels.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+            }
+            apply_values(
+                lab,
+                &[
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}),
+                ],
+                r,
+            )
+        }
+        "delete_all_policies" => {
+            let refs: Vec<ObjRef> = lab
+                .state
+                .policies
+                .keys()
+                .filter_map(|k| k.split_once('/'))
+                .filter(|(ns, _)| NAMESPACES.contains(ns))
+                .map(|(ns, name)| ObjRef {
+                    kind: Kind::NetworkPolicy,
+                    namespace: ns.into(),
+                    name: name.into(),
+                })
+                .collect();
+            if let Some(c) = lab.delete(refs, false)?.converged {
+                r.converge_ms.extend(c.took.map(|t| t.as_millis()));
+            }
+            if let Some(s) = action["then_sleep_s"].as_u64() {
+                std::thread::sleep(Duration::from_secs(s));
+            }
+            Ok(())
+        }
+        other => bail!("unknown action {other:?}"),
+    }
+}
+
+/// Replaces the catalogue's run-time placeholders: `<podIP of NS/POD>/32 (/128 if IPv6)` and
+/// `<the /N network containing NS/POD's podIP, …>` (upstream's `makeLargeCIDRForIP`: the masked
+/// network). Any other placeholder is an error.
+fn resolve_placeholders(v: &Value, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Result<Value> {
+    Ok(match v {
+        Value::String(s) if s.contains('<') => Value::String(resolve_str(s, ip_of)?),
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .map(|x| resolve_placeholders(x, ip_of))
+                .collect::<Result<_>>()?,
+        ),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| Ok((k.clone(), resolve_placeholders(x, ip_of)?)))
+                .collect::<Result<_>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+fn resolve_str(s: &str, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Result<String> {
+    let start = s.find('<').expect("has a placeholder");
+    let end = s[start..]
+        .find('>')
+        .map(|e| start + e)
+        .ok_or_else(|| anyhow!("unterminated placeholder in {s:?}"))?;
+    let inner = &s[start + 1..end];
+    let pod_ip = |key: &str| ip_of(key).ok_or_else(|| anyhow!("placeholder {s:?}: no pod {key}"));
+    let value = if let Some(rest) = inner.strip_prefix("podIP of ") {
+        pod_ip(rest.trim())?.to_string()
+    } else if let Some(rest) = inner.strip_prefix("the /") {
+        let (len, rest) = rest
+            .split_once(' ')
+            .ok_or_else(|| anyhow!("placeholder {s:?}"))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| anyhow!("placeholder {s:?}: bad prefix length"))?;
+        let key = rest
+            .strip_prefix("network containing ")
+            .and_then(|r| r.split_once("'s podIP"))
+            .map(|(k, _)| k)
+            .ok_or_else(|| anyhow!("placeholder {s:?} not understood"))?;
+        let ip = u32::from(pod_ip(key)?);
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        format!("{}/{len}", Ipv4Addr::from(ip & mask))
+    } else {
+        bail!("placeholder {s:?} not understood");
+    };
+    // Drop the catalogue's remark on IPv6 ("… (/128 if IPv6)"): the lab is IPv4.
+    let tail = s[end + 1..].split(" (").next().unwrap_or_default();
+    let out = format!("{}{value}{tail}", &s[..start]);
+    if out.contains('<') {
+        resolve_str(&out, ip_of)
+    } else {
+        Ok(out)
+    }
+}
+
+/// Upstream's reachability helpers on a fresh all-allowed `pods × pods` table (loopback left out).
+fn expected_table(pods: &[String], ops: &[Value]) -> Result<Table> {
+    let mut t = Table::new(pods.to_vec(), pods.to_vec());
+    for f in pods {
+        for to in pods {
+            if f != to {
+                t.set(f, to, true);
+            }
+        }
+    }
+    let peer = |v: &Value| -> (Option<String>, Option<String>) {
+        (
+            v[0].as_str().map(String::from),
+            v[1].as_str().map(String::from),
+        )
+    };
+    let matches = |p: &(Option<String>, Option<String>), key: &str| {
+        let (ns, name) = key.split_once('/').unwrap_or_default();
+        p.0.as_deref().is_none_or(|x| x == ns) && p.1.as_deref().is_none_or(|x| x == name)
+    };
+    for op in ops {
+        let kind = op[0].as_str().unwrap_or_default();
+        let cells: Vec<(String, String)> = match kind {
+            "P" => {
+                let (from, to) = (peer(&op[1]), peer(&op[2]));
+                t.cells
+                    .keys()
+                    .filter(|(f, d)| matches(&from, f) && matches(&to, d))
+                    .cloned()
+                    .collect()
+            }
+            "AI" => t
+                .cells
+                .keys()
+                .filter(|(_, d)| op[1].as_str() == Some(d))
+                .cloned()
+                .collect(),
+            "AE" => t
+                .cells
+                .keys()
+                .filter(|(f, _)| op[1].as_str() == Some(f))
+                .cloned()
+                .collect(),
+            "E" => t
+                .cells
+                .keys()
+                .filter(|(f, d)| op[1].as_str() == Some(f) && op[2].as_str() == Some(d))
+                .cloned()
+                .collect(),
+            other => bail!("unknown expectation {other:?}"),
+        };
+        let allowed = op
+            .as_array()
+            .and_then(|a| a.last())
+            .and_then(Value::as_bool)
+            .ok_or_else(|| anyhow!("bad op {op}"))?;
+        for (f, d) in cells {
+            t.set(&f, &d, allowed);
+        }
+    }
+    Ok(t)
+}
+
+/// Probes every matrix of a step via Services and via pod IPs and compares with the expectation.
+fn check_step(
+    lab: &Lab,
+    n: usize,
+    step: &Step,
+    pods: &[String],
+    computed: &[Computed],
+    timeout: Duration,
+    r: &mut CaseResult,
+) -> Result<()> {
+    let mut expected = Vec::new();
+    let mut specs = Vec::new();
+    for pc in &step.probes {
+        let protocol = Protocol::parse(&pc.protocol)
+            .ok_or_else(|| anyhow!("unknown protocol {}", pc.protocol))?;
+        let want = expected_table(pods, &pc.expect_ops)?;
+        // The catalogue's machine-checked denied pairs must agree with the edits (for the newest
+        // pod sets the edits are exact; the older 9-pod model has a few extra edits upstream).
+        if let Some(c) = computed
+            .iter()
+            .find(|c| c.step == n && c.port == pc.port && c.protocol == pc.protocol)
+        {
+            let denied: Vec<String> = want
+                .cells
+                .iter()
+                .filter(|(_, v)| !**v)
+                .map(|((f, t), _)| format!("{f}->{t}"))
+                .collect();
+            let mut listed = c.denied.clone();
+            listed.sort();
+            let mut mine = denied.clone();
+            mine.sort();
+            if listed != mine {
+                // Trust the catalogue's computed list (it encodes the older model's extra edits).
+                let mut t = want.clone();
+                for v in t.cells.values_mut() {
+                    *v = true;
+                }
+                for pair in &c.denied {
+                    let (f, d) = pair
+                        .split_once("->")
+                        .ok_or_else(|| anyhow!("bad pair {pair}"))?;
+                    t.set(f, d, false);
+                }
+                expected.push((pc.port, protocol, t));
+            } else {
+                expected.push((pc.port, protocol, want));
+            }
+        } else {
+            expected.push((pc.port, protocol, want));
+        }
+        for via in [Via::Service, Via::Pod] {
+            specs.push(ProbeSpec {
+                port: Some(pc.port.to_string()),
+                protocol: Some(protocol),
+                via,
+                ..Default::default()
+            });
+        }
+    }
+    let mut outcomes = lab.run_probes(&specs, timeout)?;
+    let mut first = compare(&expected, &outcomes);
+    if first.values().any(|w| !w.is_empty()) {
+        outcomes = lab.run_probes(&specs, timeout)?;
+        let second = compare(&expected, &outcomes);
+        for (k, wrong) in &first {
+            if !wrong.is_empty() && second.get(k).is_some_and(Vec::is_empty) {
+                r.retried
+                    .push(format!("step {n} {}/{} via {}", k.1, k.0, k.2.as_str()));
+            }
+        }
+        first = second;
+    }
+    for ((port, protocol, via), wrong) in first {
+        if wrong.is_empty() {
+            continue;
+        }
+        let want = &expected
+            .iter()
+            .find(|e| e.0 == port && e.1 == protocol)
+            .expect("expected")
+            .2;
+        let got = observed(want, &outcomes, port, protocol, via);
+        let tables = lab::side_by_side(("expected", want), ("observed", &got));
+        let msg = format!(
+            "step {n} {protocol}/{port}: {}\n       {}",
+            wrong.join(", "),
+            tables.trim_end().replace('\n', "\n       ")
+        );
+        match via {
+            Via::Service => r.service_failures.push(msg),
+            Via::Pod => r.pod_failures.push(msg),
+        }
+    }
+    Ok(())
+}
+
+type Wrong = BTreeMap<(u16, Protocol, Via), Vec<String>>;
+
+/// The observed table of one matrix, rows and columns in the expectation's order.
+fn observed(want: &Table, outcomes: &[Outcome], port: u16, protocol: Protocol, via: Via) -> Table {
+    let mut got = Table::new(want.rows.clone(), want.cols.clone());
+    for o in outcomes
+        .iter()
+        .filter(|o| o.port == port && o.protocol == protocol && o.via == via)
+    {
+        got.set(&o.from, &o.to, o.connected);
+    }
+    got
+}
+
+/// Wrong cells per matrix, as `from->to expected X got .`.
+fn compare(expected: &[(u16, Protocol, Table)], outcomes: &[Outcome]) -> Wrong {
+    let mut out = Wrong::new();
+    for (port, protocol, want) in expected {
+        for via in [Via::Service, Via::Pod] {
+            let got = observed(want, outcomes, *port, *protocol, via);
+            let sym = |b: bool| if b { "." } else { "X" };
+            let mut wrong: Vec<String> = want
+                .differences(&got)
+                .into_iter()
+                .map(|(f, t, w, g)| format!("{f}->{t} expected {} got {}", sym(w), sym(g)))
+                .collect();
+            wrong.extend(
+                want.missing(&got)
+                    .into_iter()
+                    .map(|(f, t)| format!("{f}->{t} not probed")),
+            );
+            out.insert((*port, *protocol, via), wrong);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalogue() -> Catalogue {
+        serde_json::from_str(CASES).unwrap()
+    }
+
+    #[test]
+    fn catalogue_has_48_cases_with_tcp_udp_sctp() {
+        let c = catalogue();
+        assert_eq!(c.cases.len(), 48);
+        let protos: std::collections::BTreeSet<&str> = c
+            .cases
+            .iter()
+            .flat_map(|c| c.protocols.iter().map(String::as_str))
+            .collect();
+        assert_eq!(protos, ["SCTP", "TCP", "UDP"].into());
+    }
+
+    /// The expectation edits, evaluated as upstream's Reachability does, reproduce the catalogue's
+    /// independently computed denied pairs for every step of every case (newest pod sets).
+    #[test]
+    fn expectations_match_the_computed_denied_pairs() {
+        for case in catalogue().cases {
+            let computed = &case.computed_denied_non_loopback["reduced"];
+            for (i, step) in case.steps.iter().enumerate() {
+                for pc in &step.probes {
+                    let t = expected_table(&case.pods_reduced, &pc.expect_ops).unwrap();
+                    let mut mine: Vec<String> = t
+                        .cells
+                        .iter()
+                        .filter(|(_, v)| !**v)
+                        .map(|((f, d), _)| format!("{f}->{d}"))
+                        .collect();
+                    mine.sort();
+                    let c = computed
+                        .iter()
+                        .find(|c| c.step == i + 1 && c.port == pc.port && c.protocol == pc.protocol)
+                        .unwrap_or_else(|| {
+                            panic!("case {} step {} has no computed list", case.id, i + 1)
+                        });
+                    let mut listed = c.denied.clone();
+                    listed.sort();
+                    assert_eq!(mine, listed, "case {} step {}", case.id, i + 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn placeholders_resolve_like_upstream() {
+        let ip = |k: &str| match k {
+            "x/b" => Some(Ipv4Addr::new(10, 244, 2, 7)),
+            "y/b" => Some(Ipv4Addr::new(10, 244, 1, 9)),
+            _ => None,
+        };
+        let v = json!({"cidr": "<the /4 network containing x/b's podIP, e.g. 0.0.0.0/4 for 10.x>",
+                       "except": ["<podIP of x/b>/32 (/128 if IPv6)"], "other": "<podIP of y/b>/32 (/128 if IPv6)"});
+        let r = resolve_placeholders(&v, &ip).unwrap();
+        assert_eq!(
+            r,
+            json!({"cidr": "0.0.0.0/4", "except": ["10.244.2.7/32"], "other": "10.244.1.9/32"})
+        );
+        assert!(resolve_placeholders(&json!("<podIP of q/q>/32"), &ip).is_err());
+        assert!(resolve_placeholders(&json!("<something else>"), &ip).is_err());
+    }
+
+    #[test]
+    fn every_placeholder_in_the_catalogue_is_understood() {
+        let ip = |_: &str| Some(Ipv4Addr::new(10, 244, 1, 2));
+        for case in catalogue().cases {
+            for step in &case.steps {
+                for a in &step.actions {
+                    if let Some(spec) = a.get("spec") {
+                        let r = resolve_placeholders(spec, &ip).unwrap();
+                        assert!(!r.to_string().contains('<'), "case {}: {r}", case.id);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The per-node agents: the production `policy-agent` binary fed by the manifest directory, and the
+//! convergence protocol — the lab writes objects, then `DIR/.revision`, and waits until every
+//! agent's `GET /status` reports `enforced_revision` at least that number.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+
+use super::net::{enter_netns, open_netns, process_alive};
+
+/// `GET /status` of an agent.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Status {
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub revision: u64,
+    pub enforced_revision: u64,
+    #[serde(default)]
+    pub endpoints: u64,
+    #[serde(default)]
+    pub errors: Vec<serde_json::Value>,
+}
+
+/// Where to reach one agent.
+#[derive(Clone, Debug)]
+pub struct AgentRef {
+    pub node: String,
+    pub netns: String,
+    pub addr: SocketAddrV4,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// `cargo build --release -p policy-agent`, returning the binary's path.
+pub fn build() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("building the agent: cargo build --release -p policy-agent");
+    let mut child = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "policy-agent",
+            "--bin",
+            "policy-agent",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running cargo build for policy-agent")?;
+    let mut exe = None;
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "policy-agent"
+            && let Some(path) = msg["executable"].as_str()
+        {
+            exe = Some(PathBuf::from(path));
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("cargo build --release -p policy-agent failed ({status})");
+    }
+    exe.ok_or_else(|| anyhow!("cargo build did not report the policy-agent executable"))
+}
+
+/// The last lines of a log file, for error messages.
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
+    if tail.is_empty() {
+        format!("({} is empty)", path.display())
+    } else {
+        format!(
+            "last lines of {}:\n    {}",
+            path.display(),
+            tail.join("\n    ")
+        )
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the agents speak plain HTTP); returns status code and body.
+pub fn http_get(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response from {addr}"))?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("malformed HTTP status line from {addr}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].strip_prefix("\r\n").unwrap_or(&rest[n..]);
+    }
+    out
+}
+
+/// Fetches one agent's status; must run on a thread inside the agent's network namespace.
+pub fn status(addr: SocketAddrV4) -> Result<Status> {
+    let (code, body) = http_get(addr, "/status", Duration::from_millis(500))?;
+    if code != 200 {
+        bail!("GET /status answered {code}: {}", body.trim());
+    }
+    serde_json::from_str(&body).with_context(|| format!("GET /status: unexpected body {body:?}"))
+}
+
+/// Waits until every agent has enforced `revision`; returns the statuses and the time it took.
+pub fn wait_converged(
+    agents: &[AgentRef],
+    revision: u64,
+    timeout: Duration,
+) -> Result<(Vec<Status>, Duration)> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let results: Vec<Result<Status>> = thread::scope(|s| {
+        let handles: Vec<_> = agents
+            .iter()
+            .map(|a| {
+                s.spawn(move || -> Result<Status> {
+                    let ns = open_netns(&a.netns)?;
+                    enter_netns(&ns)?;
+                    let mut last;
+                    loop {
+                        if !process_alive(a.pid) {
+                            bail!(
+                                "the agent on {} (pid {}) is not running; {}",
+                                a.node,
+                                a.pid,
+                                log_tail(&a.log, 15)
+                            );
+                        }
+                        match status(a.addr) {
+                            Ok(st) if st.enforced_revision >= revision => return Ok(st),
+                            Ok(st) => {
+                                last = format!(
+                                    "enforced revision {} (read {}), errors {:?}",
+                                    st.enforced_revision, st.revision, st.errors
+                                )
+                            }
+                            Err(e) => last = format!("{e:#}"),
+                        }
+                        if Instant::now() >= deadline {
+                            bail!(
+                                "the agent on {} did not enforce revision {revision} within {:?}: {last}; {}",
+                                a.node,
+                                timeout,
+                                log_tail(&a.log, 15)
+                            );
+                        }
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("status poller panicked")))
+            })
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let statuses = results.into_iter().collect::<Result<Vec<_>>>()?;
+    Ok((statuses, elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(dechunk("4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n"), "{\"a\":1}");
+    }
+}

@@ -1,0 +1,330 @@
+//! `cargo xtask lab …`: a Kubernetes-shaped cluster of network namespaces running the real agent
+//! (see `shared/design/LAB.md` for the interface; it only ever grows).
+
+mod agent;
+mod apply;
+mod cluster;
+pub mod demo;
+
+mod net;
+mod objects;
+mod probe;
+mod query;
+mod sctp;
+mod serve;
+mod services;
+mod table;
+mod topology;
+mod validate;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+
+pub use cluster::{AgentChoice, Lab, UpOptions, down};
+pub use objects::{Kind, ObjRef, parse_doc, parse_text, read_docs};
+pub use probe::{Outcome, Protocol, Via};
+pub use query::ProbeSpec;
+pub use table::{Table, side_by_side, title};
+pub use topology::EXT_IP;
+
+/// Default name prefix of everything a lab creates.
+pub const DEFAULT_PREFIX: &str = "pal";
+
+#[derive(Debug, Args)]
+pub struct LabArgs {
+    /// Name prefix of everything this lab creates (network namespaces, links, bpffs pins, state);
+    /// labs with different prefixes coexist.
+    #[arg(long, global = true, env = "LAB_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// How long `apply`/`delete`/`up` wait for every agent to enforce a change.
+    #[arg(
+        long,
+        global = true,
+        env = "LAB_CONVERGE_TIMEOUT_S",
+        default_value_t = 30
+    )]
+    pub converge_timeout_s: u64,
+
+    #[command(subcommand)]
+    pub command: LabCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// N node namespaces + an off-cluster host `ext`; one agent per node.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Run this policy-agent binary instead of building it.
+        #[arg(long, conflicts_with = "no_agent")]
+        agent_bin: Option<PathBuf>,
+        /// No agents: nothing is enforced (a baseline).
+        #[arg(long)]
+        no_agent: bool,
+    },
+    /// Create or replace the objects in YAML/JSON files or directories, like `kubectl apply`.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the objects named in those files.
+    Delete {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// Show objects: pods, services, namespaces, networkpolicies (or nodes); all when omitted.
+    Get {
+        resource: Option<String>,
+        #[arg(short = 'o', long = "output", value_parser = ["json", "yaml", "wide"])]
+        output: Option<String>,
+    },
+    /// Try connections; prints truth tables (rows = from, columns = to, `.` connected, `X` not).
+    Probe {
+        #[arg(long)]
+        json: bool,
+        /// NS/POD, node/NODE or ext (default: every pod).
+        #[arg(long)]
+        from: Option<String>,
+        /// NS/POD or ext (default: every pod).
+        #[arg(long)]
+        to: Option<String>,
+        /// A number or a port name of the destination (default: every declared port).
+        #[arg(long)]
+        port: Option<String>,
+        #[arg(long, value_enum, ignore_case = true)]
+        protocol: Option<Protocol>,
+        #[arg(long, value_enum, ignore_case = true, default_value_t = Via::Pod)]
+        via: Via,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// The three-tier example of deploy/examples on a fresh lab of its own (prefix `<prefix>demo`
+    /// for the default prefix): expected vs observed connectivity, then teardown.
+    Demo {
+        #[arg(long, default_value_t = 2)]
+        nodes: u32,
+        /// Run this policy-agent binary instead of building it.
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
+        /// Leave the demo's lab up afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Show every agent's status (revision enforced, endpoints, errors).
+    Status,
+    /// Remove every namespace, link, pin and process the lab made (also after a crash).
+    Down,
+    /// (internal) The responder run inside a pod's network namespace.
+    #[command(hide = true)]
+    Serve(serve::ServeArgs),
+}
+
+/// Probes run at once (each denied probe holds a thread for the whole timeout).
+pub const PROBE_PARALLELISM: usize = 256;
+
+pub fn main(args: LabArgs) -> Result<()> {
+    // Behave like a Unix tool when the reader goes away (`lab probe | head`).
+    // SAFETY: resetting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let prefix = args.prefix.as_str();
+    let timeout = Duration::from_secs(args.converge_timeout_s);
+    match args.command {
+        LabCommand::Serve(a) => serve::serve(a),
+        LabCommand::Up {
+            nodes,
+            agent_bin,
+            no_agent,
+        } => {
+            let agent = match (agent_bin, no_agent) {
+                (_, true) => AgentChoice::None,
+                (Some(p), false) => AgentChoice::Binary(p),
+                (None, false) => AgentChoice::Build,
+            };
+            let mut lab = Lab::up(prefix, &UpOptions { nodes, agent })?;
+            lab.converge_timeout = timeout;
+            let c = match lab.publish() {
+                Ok(c) => c,
+                Err(e) => {
+                    drop(lab);
+                    let _ = down(prefix);
+                    return Err(e.context("the lab did not come up; everything was removed"));
+                }
+            };
+            println!(
+                "lab {prefix:?} is up: {nodes} nodes, off-cluster host ext at {}",
+                EXT_IP
+            );
+            print!("{}", lab.get_text(Some(query::Resource::Nodes)));
+            println!("{c}");
+            Ok(())
+        }
+        LabCommand::Apply { files } => {
+            let docs = read_docs(&files)?;
+            let loaded = load_all(&docs)?;
+            let mut lab = Lab::open(prefix)?;
+            lab.converge_timeout = timeout;
+            lab.apply(loaded)?.print();
+            Ok(())
+        }
+        LabCommand::Delete {
+            files,
+            ignore_not_found,
+        } => {
+            let docs = read_docs(&files)?;
+            let mut refs = Vec::new();
+            let mut errors = Vec::new();
+            for d in &docs {
+                match objects::doc_ref(d) {
+                    Ok(r) => refs.push(r),
+                    Err(e) => errors.push(format!("{e:#}")),
+                }
+            }
+            if !errors.is_empty() {
+                bail!("nothing was deleted:\n  {}", errors.join("\n  "));
+            }
+            let mut lab = Lab::open(prefix)?;
+            lab.converge_timeout = timeout;
+            lab.delete(refs, ignore_not_found)?.print();
+            Ok(())
+        }
+        LabCommand::Get { resource, output } => {
+            let what = resource
+                .as_deref()
+                .map(query::Resource::parse)
+                .transpose()?;
+            let lab = Lab::open(prefix)?;
+            match output.as_deref() {
+                Some("json") => println!("{}", serde_json::to_string_pretty(&lab.get_json(what))?),
+                Some("yaml") => print!("{}", serde_yaml::to_string(&lab.get_json(what))?),
+                _ => print!("{}", lab.get_text(what)),
+            }
+            Ok(())
+        }
+        LabCommand::Probe {
+            json,
+            from,
+            to,
+            port,
+            protocol,
+            via,
+            timeout_ms,
+        } => {
+            let lab = Lab::open(prefix)?;
+            let spec = ProbeSpec {
+                from,
+                to,
+                port,
+                protocol,
+                via,
+            };
+            let outcomes = lab.probe(&spec, Duration::from_millis(timeout_ms))?;
+            if json {
+                #[derive(serde::Serialize)]
+                struct Probes<'a> {
+                    probes: &'a [Outcome],
+                }
+                println!("{}", serde_json::to_string(&Probes { probes: &outcomes })?);
+            } else {
+                for ((proto, port, via), t) in table::from_outcomes(&outcomes) {
+                    println!("{}:", title(proto, port, via));
+                    for line in t.lines() {
+                        println!("{line}");
+                    }
+                    println!();
+                }
+            }
+            Ok(())
+        }
+        LabCommand::Demo {
+            nodes,
+            agent_bin,
+            keep,
+        } => {
+            let prefix = if prefix == DEFAULT_PREFIX {
+                demo::DemoArgs::default().prefix
+            } else {
+                prefix.to_string()
+            };
+            demo::run(&demo::DemoArgs {
+                nodes,
+                prefix,
+                agent_bin,
+                keep,
+            })
+        }
+        LabCommand::Status => {
+            let lab = Lab::open(prefix)?;
+            println!("lab {prefix:?}: revision {}", lab.state.revision);
+            for a in lab.agents() {
+                let st = net::in_netns(&a.netns, || agent::status(a.addr))?;
+                match st {
+                    Ok(s) => println!(
+                        "{} ({}): enforced revision {} (read {}), {} endpoints, errors: {}",
+                        a.node,
+                        s.node,
+                        s.enforced_revision,
+                        s.revision,
+                        s.endpoints,
+                        if s.errors.is_empty() {
+                            "none".into()
+                        } else {
+                            serde_json::to_string(&s.errors)?
+                        }
+                    ),
+                    Err(e) => println!("{}: {e:#}", a.node),
+                }
+            }
+            Ok(())
+        }
+        LabCommand::Down => {
+            let removed = down(prefix)?;
+            if removed.is_empty() {
+                println!("lab {prefix:?} was not up; nothing to remove");
+            } else {
+                println!("lab {prefix:?} is down: removed {}", removed.summary());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Parses and validates every document; all errors at once, nothing applied on any error.
+pub fn load_all(docs: &[objects::Doc]) -> Result<Vec<objects::Loaded>> {
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for d in docs {
+        match parse_doc(d) {
+            Ok(l) => loaded.push(l),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("nothing was applied:\n{}", errors.join("\n"));
+    }
+    if loaded.is_empty() {
+        bail!("no objects found");
+    }
+    Ok(loaded)
+}
+
+impl Lab {
+    /// Plans and runs probes.
+    pub fn probe(&self, spec: &ProbeSpec, timeout: Duration) -> Result<Vec<Outcome>> {
+        let jobs = self.plan_probes(spec)?;
+        probe::run(&jobs, timeout, PROBE_PARALLELISM)
+    }
+
+    /// Runs already planned probes (the conformance suite batches several matrices).
+    pub fn run_probes(&self, specs: &[ProbeSpec], timeout: Duration) -> Result<Vec<Outcome>> {
+        let mut jobs = Vec::new();
+        for s in specs {
+            jobs.extend(self.plan_probes(s)?);
+        }
+        probe::run(&jobs, timeout, PROBE_PARALLELISM)
+    }
+}

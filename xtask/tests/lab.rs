@@ -1,0 +1,523 @@
+//! The lab driven through its command line, as a user would: `xtask lab up/apply/get/probe/
+//! delete/down`. Needs root (network namespaces, bpffs); fails without it. Each test uses its own
+//! lab prefix and tears its lab down even when it fails.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn require_root() {
+    // SAFETY: plain syscall.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the lab tests need root (network namespaces, bpffs, nftables)"
+    );
+}
+
+/// A lab prefix unique to this process and test.
+fn prefix(tag: char) -> String {
+    let mut n = std::process::id() % 36u32.pow(6);
+    let mut s = String::new();
+    for _ in 0..6 {
+        s.push(std::char::from_digit(n % 36, 36).unwrap());
+        n /= 36;
+    }
+    format!("t{s}{tag}")
+}
+
+struct LabGuard {
+    prefix: String,
+}
+
+impl LabGuard {
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(XTASK)
+            .current_dir(root())
+            .env("RUST_BACKTRACE", "0")
+            .arg("lab")
+            .arg("--prefix")
+            .arg(&self.prefix)
+            .args(args)
+            .output()
+            .expect("xtask runs");
+        eprintln!(
+            "$ xtask lab --prefix {} {}\n{}{}",
+            self.prefix,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "xtask lab {} failed", args.join(" "));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    /// `connected` of the single probe this asks for.
+    fn connected(&self, args: &[&str]) -> bool {
+        let mut a = vec!["probe", "--json"];
+        a.extend_from_slice(args);
+        let v = self.json(&a);
+        let probes = v["probes"].as_array().unwrap();
+        assert_eq!(probes.len(), 1, "{v}");
+        probes[0]["connected"].as_bool().unwrap()
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn root_links() -> BTreeSet<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect()
+}
+
+/// Everything of this lab that could survive `down`.
+fn remains(prefix: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let n = e.file_name().into_string().unwrap();
+        if n.starts_with(&format!("{prefix}-")) {
+            left.push(format!("network namespace {n}"));
+        }
+    }
+    for e in std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let n = e.file_name().into_string().unwrap();
+        if n.starts_with(&format!("{prefix}-")) {
+            left.push(format!("bpffs pin {n}"));
+        }
+    }
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().into_string().unwrap().parse::<u32>() else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == "--prefix" && w[1] == prefix && args.iter().any(|a| a == "serve"))
+            || args
+                .iter()
+                .any(|a| a.starts_with(&format!("/sys/fs/bpf/{prefix}-")));
+        if ours {
+            left.push(format!("process {pid}: {}", args.join(" ")));
+        }
+    }
+    if root().join("target/lab").join(prefix).exists() {
+        left.push("state directory".into());
+    }
+    left
+}
+
+fn examples() -> (String, String) {
+    let d = root().join("deploy/examples");
+    (d.join("lab").display().to_string(), d.display().to_string())
+}
+
+/// Without agents nothing is enforced: every pod reaches every other pod on every declared port,
+/// TCP, UDP and SCTP, through pod IPs and through Service ClusterIPs; nodes and ext reach pods; pods
+/// reach ext through the node's masquerade.
+#[test]
+fn unpoliced_lab_connects_everything() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('u'),
+    };
+    lab.ok(&["up", "--nodes", "2", "--no-agent"]);
+    let dir = std::env::temp_dir().join(format!("{}-pods.yaml", lab.prefix));
+    let mut yaml = String::new();
+    for ns in ["x", "y"] {
+        for pod in ["a", "b"] {
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\n\
+                 spec:\n  containers:\n  - name: c\n    ports:\n    - {{containerPort: 80, name: serve-80-tcp}}\n    - {{containerPort: 81, name: serve-81-udp, protocol: UDP}}\n    - {{containerPort: 82, name: serve-82-sctp, protocol: SCTP}}\n\
+                 ---\napiVersion: v1\nkind: Service\nmetadata: {{name: s-{ns}-{pod}, namespace: {ns}}}\n\
+                 spec:\n  selector: {{pod: {pod}}}\n  ports:\n  - {{name: t, port: 8080, targetPort: serve-80-tcp}}\n  - {{name: u, port: 81, protocol: UDP}}\n  - {{name: s, port: 82, protocol: SCTP}}\n"
+            ));
+        }
+    }
+    std::fs::write(&dir, yaml).unwrap();
+    lab.ok(&["apply", "-f", dir.to_str().unwrap()]);
+    for via in ["pod", "service"] {
+        let v = lab.json(&["probe", "--json", "--via", via]);
+        let probes = v["probes"].as_array().unwrap();
+        // 4 pods: 12 ordered pairs × 3 ports
+        assert_eq!(probes.len(), 36, "{v}");
+        for p in probes {
+            assert_eq!(p["connected"], true, "{p}");
+            assert_eq!(p["via"], via);
+        }
+        let protos: BTreeSet<&str> = probes
+            .iter()
+            .map(|p| p["protocol"].as_str().unwrap())
+            .collect();
+        assert_eq!(protos, ["SCTP", "TCP", "UDP"].into());
+        if via == "service" {
+            assert!(
+                probes
+                    .iter()
+                    .all(|p| p["to_ip"].as_str().unwrap().starts_with("10.96."))
+            );
+            assert!(
+                probes
+                    .iter()
+                    .any(|p| p["service_port"] == 8080 && p["port"] == 80)
+            );
+        }
+    }
+    // the truth table notation
+    let text = lab.ok(&["probe", "--port", "serve-82-sctp"]);
+    assert!(text.contains("SCTP/82 via pod:"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["x/a", "-", ".", ".", "."]),
+        "{text}"
+    );
+    // a port nobody serves is refused, for each protocol
+    for proto in ["TCP", "UDP", "SCTP"] {
+        assert!(!lab.connected(&[
+            "--from",
+            "x/a",
+            "--to",
+            "y/b",
+            "--port",
+            "7981",
+            "--protocol",
+            proto
+        ]));
+    }
+    assert!(lab.connected(&["--from", "node/node-2", "--to", "x/a", "--port", "80"]));
+    assert!(lab.connected(&[
+        "--from",
+        "node/node-1",
+        "--to",
+        "x/b",
+        "--port",
+        "81",
+        "--via",
+        "service"
+    ]));
+    assert!(lab.connected(&["--from", "ext", "--to", "y/a", "--port", "serve-81-udp"]));
+    assert!(lab.connected(&[
+        "--from",
+        "x/a",
+        "--to",
+        "ext",
+        "--port",
+        "443",
+        "--protocol",
+        "TCP"
+    ]));
+    assert!(lab.connected(&[
+        "--from",
+        "x/a",
+        "--to",
+        "ext",
+        "--port",
+        "53",
+        "--protocol",
+        "UDP"
+    ]));
+    lab.ok(&["down"]);
+    let _ = std::fs::remove_file(dir);
+    assert_eq!(remains(&lab.prefix), Vec::<String>::new());
+}
+
+/// The whole command line with the real agent on the example manifests; then `down` leaves no
+/// network namespace, link, pin or process behind.
+#[test]
+fn lab_commands_enforce_policy_and_down_leaves_nothing() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('e'),
+    };
+    let links_before = root_links();
+    let up = lab.ok(&["up", "--nodes", "2"]);
+    assert!(up.contains("enforced by 2/2 agents"), "{up}");
+    let (cluster, app) = examples();
+    let out = lab.ok(&["apply", "-f", &cluster, "-f", &app]);
+    assert!(
+        out.contains("networkpolicy/shop/default-deny-all created"),
+        "{out}"
+    );
+    assert!(out.contains("enforced by 2/2 agents in"), "{out}");
+    // Re-applying is a no-op.
+    assert!(lab.ok(&["apply", "-f", &app]).contains("nothing changed"));
+
+    let pods = lab.json(&["get", "pods", "-o", "json"]);
+    let items = pods["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5);
+    for p in items {
+        assert!(
+            p["spec"]["nodeName"].as_str().unwrap().starts_with("node-"),
+            "{p}"
+        );
+        assert!(
+            p["status"]["podIP"]
+                .as_str()
+                .unwrap()
+                .starts_with("10.244."),
+            "{p}"
+        );
+        assert!(
+            p["status"]["hostIP"]
+                .as_str()
+                .unwrap()
+                .starts_with("172.18.0."),
+            "{p}"
+        );
+    }
+    let ns = lab.json(&["get", "namespaces", "-o", "json"]);
+    assert!(
+        ns["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["metadata"]["labels"]["kubernetes.io/metadata.name"] == "shop")
+    );
+    let svcs = lab.json(&["get", "services", "-o", "json"]);
+    assert!(
+        svcs["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["spec"]["clusterIP"] == "10.96.0.10")
+    );
+    let netpols = lab.json(&["get", "networkpolicies", "-o", "json"]);
+    assert_eq!(netpols["items"].as_array().unwrap().len(), 5);
+
+    // The chain is open, everything else in `shop` is closed, via pod IPs and Services.
+    for via in ["pod", "service"] {
+        assert!(lab.connected(&[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/backend",
+            "--port",
+            "http",
+            "--via",
+            via
+        ]));
+        assert!(lab.connected(&[
+            "--from",
+            "shop/backend",
+            "--to",
+            "shop/database",
+            "--port",
+            "postgres",
+            "--via",
+            via
+        ]));
+        assert!(!lab.connected(&[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/database",
+            "--port",
+            "5432",
+            "--via",
+            via
+        ]));
+        assert!(!lab.connected(&[
+            "--from",
+            "default/debug",
+            "--to",
+            "shop/backend",
+            "--port",
+            "8080",
+            "--via",
+            via
+        ]));
+        assert!(lab.connected(&[
+            "--from",
+            "shop/database",
+            "--to",
+            "kube-system/coredns",
+            "--port",
+            "dns",
+            "--via",
+            via
+        ]));
+    }
+    assert!(lab.connected(&["--from", "ext", "--to", "shop/frontend", "--port", "8080"]));
+    assert!(!lab.connected(&["--from", "ext", "--to", "shop/backend", "--port", "8080"]));
+    assert!(!lab.connected(&[
+        "--from",
+        "shop/frontend",
+        "--to",
+        "ext",
+        "--port",
+        "443",
+        "--protocol",
+        "TCP"
+    ]));
+    // the pod's own node always gets in (kubelet probes)
+    let backend_node = items
+        .iter()
+        .find(|p| p["metadata"]["name"] == "backend")
+        .map(|p| p["spec"]["nodeName"].as_str().unwrap().to_string())
+        .unwrap();
+    assert!(lab.connected(&[
+        "--from",
+        &format!("node/{backend_node}"),
+        "--to",
+        "shop/backend",
+        "--port",
+        "8080"
+    ]));
+
+    // Relabel in place: the database becomes a frontend and may call the backend, keeping its IP.
+    let db_ip = |v: &Value| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["metadata"]["name"] == "database")
+            .unwrap()["status"]["podIP"]
+            .clone()
+    };
+    let ip_before = db_ip(&pods);
+    let pods_yaml = std::fs::read_to_string(format!("{app}/10-shop-pods.yaml")).unwrap();
+    let db_doc = pods_yaml
+        .split("\n---\n")
+        .find(|d| d.contains("name: database") && d.contains("kind: Pod"))
+        .unwrap();
+    assert!(db_doc.contains("labels: {app: database, tier: data}"));
+    let relabel = std::env::temp_dir().join(format!("{}-relabel.yaml", lab.prefix));
+    for (labels, connected) in [
+        ("{app: frontend, tier: data}", true),
+        ("{app: database, tier: data}", false),
+    ] {
+        std::fs::write(
+            &relabel,
+            db_doc.replace("{app: database, tier: data}", labels),
+        )
+        .unwrap();
+        let out = lab.ok(&["apply", "-f", relabel.to_str().unwrap()]);
+        assert!(
+            out.contains("pod/shop/database configured (relabelled in place)"),
+            "{out}"
+        );
+        assert_eq!(
+            lab.connected(&[
+                "--from",
+                "shop/database",
+                "--to",
+                "shop/backend",
+                "--port",
+                "8080"
+            ]),
+            connected
+        );
+    }
+    assert_eq!(db_ip(&lab.json(&["get", "pods", "-o", "json"])), ip_before);
+
+    // An invalid file changes nothing and names file, object and field.
+    let bad = std::env::temp_dir().join(format!("{}-bad.yaml", lab.prefix));
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: ok, namespace: shop}\nspec: {podSelector: {}}\n---\n\
+         apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: shop}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 80, endPort: 70}]}]\n",
+    )
+    .unwrap();
+    let out = lab.run(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml (document 2)")
+            && err.contains("networkpolicy/shop/broken")
+            && err.contains("spec.ingress[0].ports[0].endPort"),
+        "{err}"
+    );
+    assert_eq!(
+        lab.json(&["get", "networkpolicies", "-o", "json"])["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+
+    // Deleting the policies opens everything again.
+    let out = lab.ok(&["delete", "-f", &format!("{app}/20-network-policies.yaml")]);
+    assert!(
+        out.contains("networkpolicy/shop/default-deny-all deleted"),
+        "{out}"
+    );
+    assert!(lab.connected(&[
+        "--from",
+        "default/debug",
+        "--to",
+        "shop/database",
+        "--port",
+        "5432",
+        "--via",
+        "service"
+    ]));
+
+    lab.ok(&["down"]);
+    for f in [relabel, bad] {
+        let _ = std::fs::remove_file(f);
+    }
+    assert_eq!(remains(&lab.prefix), Vec::<String>::new());
+    assert_eq!(
+        root_links(),
+        links_before,
+        "links appeared in the root network namespace"
+    );
+}
+
+/// `down` finds everything even when the lab's state is lost (a crash mid-command).
+#[test]
+fn down_cleans_up_after_a_crash() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('c'),
+    };
+    lab.ok(&["up", "--nodes", "2"]);
+    let (cluster, _) = examples();
+    lab.ok(&["apply", "-f", &cluster]);
+    assert!(!remains(&lab.prefix).is_empty());
+    std::fs::remove_dir_all(root().join("target/lab").join(&lab.prefix)).unwrap();
+    let out = lab.ok(&["down"]);
+    assert!(out.contains("is down"), "{out}");
+    assert_eq!(remains(&lab.prefix), Vec::<String>::new());
+}
