@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod bpffs;
 pub mod cluster;
+pub mod fixture;
 pub mod netns;
 pub mod packet;
 pub mod pod;
@@ -20,4 +21,18 @@ pub fn require_root() {
         euid, 0,
         "these tests load eBPF programs and create network namespaces: run them as root"
     );
+}
+
+/// Pins the calling thread to one CPU (per-CPU state such as the event rate limiter, and
+/// steadier benchmark figures).
+pub fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays inside it for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }

@@ -54,7 +54,7 @@ pub fn run(program: &SchedClassifier, packet: &[u8], mark: u32) -> Result<Run> {
             repeat: 1,
             ..Default::default()
         })
-        .context("BPF_PROG_TEST_RUN")?;
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {} bytes", packet.len()))?;
     let mark = u32::from_ne_bytes(ctx_out[MARK_OFFSET..MARK_OFFSET + 4].try_into()?);
     Ok(Run {
         action: result.return_value as i32,
@@ -73,6 +73,6 @@ pub fn time(program: &SchedClassifier, packet: &[u8], repeat: u32) -> Result<(Du
             repeat,
             ..Default::default()
         })
-        .context("BPF_PROG_TEST_RUN")?;
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {} bytes", packet.len()))?;
     Ok((result.duration, result.return_value as i32))
 }

@@ -129,3 +129,95 @@ impl Selector {
         &self.requirements
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sel(v: serde_json::Value) -> Result<Selector, SelectorError> {
+        Selector::parse(&serde_json::from_value(v).unwrap())
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_selects_everything() {
+        let s = sel(json!({})).unwrap();
+        assert!(s.is_everything());
+        assert!(s.matches(&labels(&[])));
+        assert!(s.matches(&labels(&[("a", "b")])));
+    }
+
+    #[test]
+    fn match_labels_and_expressions_are_anded() {
+        let s = sel(json!({
+            "matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["f", "b"]}]
+        }))
+        .unwrap();
+        assert!(s.matches(&labels(&[("app", "web"), ("tier", "f")])));
+        assert!(!s.matches(&labels(&[("app", "web")])));
+        assert!(!s.matches(&labels(&[("app", "db"), ("tier", "f")])));
+    }
+
+    #[test]
+    fn operators() {
+        let one = |op: &str, values: Option<Vec<&str>>| {
+            let mut e = json!({"key": "k", "operator": op});
+            if let Some(v) = values {
+                e["values"] = json!(v);
+            }
+            sel(json!({"matchExpressions": [e]})).unwrap()
+        };
+        let none = labels(&[]);
+        let a = labels(&[("k", "a")]);
+        let b = labels(&[("k", "b")]);
+        let s = one("In", Some(vec!["a"]));
+        assert!(s.matches(&a) && !s.matches(&b) && !s.matches(&none));
+        // NotIn holds when the key is absent.
+        let s = one("NotIn", Some(vec!["a"]));
+        assert!(!s.matches(&a) && s.matches(&b) && s.matches(&none));
+        let s = one("Exists", None);
+        assert!(s.matches(&a) && s.matches(&b) && !s.matches(&none));
+        let s = one("DoesNotExist", None);
+        assert!(!s.matches(&a) && !s.matches(&b) && s.matches(&none));
+    }
+
+    #[test]
+    fn equivalent_selectors_normalise_equal() {
+        let a = sel(json!({"matchLabels": {"x": "1", "y": "2"}})).unwrap();
+        let b = sel(json!({"matchExpressions": [
+            {"key": "y", "operator": "In", "values": ["2"]},
+            {"key": "x", "operator": "In", "values": ["1", "1"]}
+        ]}))
+        .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn invalid_selectors_name_the_field() {
+        let e = sel(json!({"matchExpressions": [
+            {"key": "k", "operator": "Exists"},
+            {"key": "k", "operator": "Near", "values": ["a"]}
+        ]}))
+        .unwrap_err();
+        assert_eq!(e.field, "matchExpressions[1].operator");
+        let e = sel(json!({"matchExpressions": [{"key": "k", "operator": "In", "values": []}]}))
+            .unwrap_err();
+        assert_eq!(e.field, "matchExpressions[0].values");
+        let e = sel(json!({"matchExpressions": [{"key": "k", "operator": "NotIn"}]})).unwrap_err();
+        assert_eq!(e.field, "matchExpressions[0].values");
+        let e =
+            sel(json!({"matchExpressions": [{"key": "k", "operator": "Exists", "values": ["a"]}]}))
+                .unwrap_err();
+        assert_eq!(e.field, "matchExpressions[0].values");
+        let e = sel(json!({"matchExpressions": [{"key": "", "operator": "Exists"}]})).unwrap_err();
+        assert_eq!(e.field, "matchExpressions[0].key");
+    }
+}

@@ -1,0 +1,234 @@
+//! A dataplane in its own pin directory with helpers to write entries by hand (the tests do
+//! not depend on the compiler) and to run programs while checking which counters moved.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, ensure};
+use ipnetwork::IpNetwork;
+use policy_agent::compiler::output::{MapDiff, PolicyEntryKey};
+use policy_agent::dataplane::Dataplane;
+use policy_common::{
+    Config, Direction, EndpointInfo, IdentityPair, POLICY_FIXED_PREFIX_BITS,
+    POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, Reason,
+};
+
+use crate::bpffs::PinDir;
+use crate::packet::PacketSpec;
+use crate::testrun::{self, Run};
+
+pub struct Fixture {
+    pub dp: Dataplane,
+    // Dropped after `dp`: removes the pins.
+    _dir: PinDir,
+}
+
+/// A POLICY entry for `port` under `prefix_len` (96 = exactly that port, 80 = every port).
+pub fn policy_entry(
+    endpoint: u32,
+    direction: Direction,
+    identity: u32,
+    protocol: u8,
+    port: u16,
+    prefix_len: u32,
+) -> PolicyEntryKey {
+    assert!((POLICY_FIXED_PREFIX_BITS..=POLICY_FULL_PREFIX_BITS).contains(&prefix_len));
+    let port_bits = prefix_len - POLICY_FIXED_PREFIX_BITS;
+    let mask = if port_bits == 0 {
+        0
+    } else {
+        u16::MAX << (16 - port_bits)
+    };
+    PolicyEntryKey {
+        prefix_len,
+        key: PolicyKey::new(endpoint, identity, direction, protocol, port & mask),
+    }
+}
+
+/// The port prefixes (port, prefix length in the POLICY key) tiling `start..=end`.
+pub fn port_range_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
+    let mut out = Vec::new();
+    let mut port = u32::from(start);
+    let end = u32::from(end);
+    while port <= end {
+        let mut bits = 0;
+        // Widen while aligned and inside the range.
+        while bits < 16 && port % (1 << (bits + 1)) == 0 && port + (1 << (bits + 1)) - 1 <= end {
+            bits += 1;
+        }
+        out.push((port as u16, POLICY_FULL_PREFIX_BITS - bits));
+        port += 1 << bits;
+    }
+    out
+}
+
+impl Fixture {
+    pub fn new(tag: &str) -> Result<Fixture> {
+        Self::with_config(tag, Config::DEFAULT)
+    }
+
+    pub fn with_config(tag: &str, config: Config) -> Result<Fixture> {
+        let dir = PinDir::new(tag)?;
+        let dp = Dataplane::open(dir.path(), config).context("opening the dataplane")?;
+        Ok(Fixture { dp, _dir: dir })
+    }
+
+    pub fn endpoint(&mut self, ifindex: u32, id: u32, identity: u32, flags: u32) -> Result<()> {
+        self.dp.upsert_endpoint(
+            ifindex,
+            EndpointInfo {
+                id,
+                flags,
+                generation: 0,
+                identity,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// IPCACHE entry for `cidr` (IPv4 or IPv6).
+    pub fn ipcache(&mut self, cidr: &str, identity: u32, cidr_identity: u32) -> Result<()> {
+        let pair = IdentityPair {
+            identity,
+            cidr_identity,
+        };
+        let mut diff = MapDiff::default();
+        match cidr.parse::<IpNetwork>()? {
+            IpNetwork::V4(net) => diff.ipcache_v4_upsert.insert(net, pair),
+            IpNetwork::V6(net) => diff.ipcache_v6_upsert.insert(net, pair),
+        };
+        self.dp.apply(&diff)?;
+        Ok(())
+    }
+
+    pub fn remove_ipcache(&mut self, cidr: &str) -> Result<()> {
+        let mut diff = MapDiff::default();
+        match cidr.parse::<IpNetwork>()? {
+            IpNetwork::V4(net) => diff.ipcache_v4_remove.insert(net),
+            IpNetwork::V6(net) => diff.ipcache_v6_remove.insert(net),
+        };
+        self.dp.apply(&diff)?;
+        Ok(())
+    }
+
+    pub fn allow_entry(&mut self, key: PolicyEntryKey, rule: u32) -> Result<()> {
+        let mut diff = MapDiff::default();
+        diff.policy_upsert
+            .insert(key, PolicyValue { rule, flags: 0 });
+        self.dp.apply(&diff)?;
+        Ok(())
+    }
+
+    /// Allows exactly `port`.
+    pub fn allow(
+        &mut self,
+        endpoint: u32,
+        direction: Direction,
+        identity: u32,
+        protocol: u8,
+        port: u16,
+        rule: u32,
+    ) -> Result<()> {
+        let key = policy_entry(
+            endpoint,
+            direction,
+            identity,
+            protocol,
+            port,
+            POLICY_FULL_PREFIX_BITS,
+        );
+        self.allow_entry(key, rule)
+    }
+
+    /// Allows `start..=end` (an `endPort` range) as port prefixes.
+    pub fn allow_range(
+        &mut self,
+        endpoint: u32,
+        direction: Direction,
+        identity: u32,
+        protocol: u8,
+        (start, end): (u16, u16),
+        rule: u32,
+    ) -> Result<()> {
+        for (port, prefix_len) in port_range_prefixes(start, end) {
+            let key = policy_entry(endpoint, direction, identity, protocol, port, prefix_len);
+            self.allow_entry(key, rule)?;
+        }
+        Ok(())
+    }
+
+    pub fn revoke(&mut self, key: PolicyEntryKey) -> Result<()> {
+        let mut diff = MapDiff::default();
+        diff.policy_remove.insert(key);
+        self.dp.apply(&diff)?;
+        Ok(())
+    }
+
+    pub fn service(&mut self, addr: &str) -> Result<()> {
+        let mut diff = MapDiff::default();
+        diff.services_add.insert(addr.parse()?);
+        self.dp.apply(&diff)?;
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<BTreeMap<Reason, u64>> {
+        Ok(self.dp.counters()?.into_iter().collect())
+    }
+
+    /// Runs `program` on `spec` with `mark`.
+    pub fn run(&self, program: &'static str, spec: &PacketSpec, mark: u32) -> Result<Run> {
+        self.run_bytes(program, &spec.build(), mark)
+    }
+
+    pub fn run_bytes(&self, program: &'static str, bytes: &[u8], mark: u32) -> Result<Run> {
+        testrun::run(self.dp.program(program)?, bytes, mark)
+    }
+
+    /// Runs `program` on `bytes` and checks that exactly the `reasons` were counted (the
+    /// decision path, not only the action) and that the action matches the last one.
+    pub fn expect_bytes(
+        &self,
+        program: &'static str,
+        bytes: &[u8],
+        mark: u32,
+        reasons: &[Reason],
+    ) -> Result<Run> {
+        let before = self.counters()?;
+        let run = self.run_bytes(program, bytes, mark)?;
+        let after = self.counters()?;
+        let mut moved: Vec<Reason> = Vec::new();
+        for (reason, n) in &after {
+            for _ in before.get(reason).copied().unwrap_or(0)..*n {
+                moved.push(*reason);
+            }
+        }
+        let mut expected = reasons.to_vec();
+        expected.sort();
+        ensure!(
+            moved == expected,
+            "{program}: counted {moved:?}, expected {expected:?}"
+        );
+        let last = *reasons.last().expect("at least one reason");
+        let want = if last.is_drop() {
+            testrun::TC_ACT_SHOT
+        } else {
+            testrun::TC_ACT_OK
+        };
+        ensure!(
+            run.action == want,
+            "{program}: action {} for {last:?}",
+            run.action
+        );
+        Ok(run)
+    }
+
+    pub fn expect(
+        &self,
+        program: &'static str,
+        spec: &PacketSpec,
+        mark: u32,
+        reasons: &[Reason],
+    ) -> Result<Run> {
+        self.expect_bytes(program, &spec.build(), mark, reasons)
+            .with_context(|| format!("packet {spec:?}"))
+    }
+}
