@@ -1,4 +1,11 @@
 //! POLICY entries of one local endpoint.
+//!
+//! Key: {endpoint id, peer identity, direction, protocol, destination port} with prefix length
+//! 80 + the port prefix bits (`policy_common::PolicyKey`, probed by `policy-ebpf/src/policy.rs`
+//! with the full key for the peer's identity, then its CIDR identity, then ANY). Value: the rule
+//! reference. Policies are visited in namespace/name order and rules in index order, and the
+//! first entry for a key is kept, so a key shared by several rules carries the smallest
+//! [`RuleRef`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -16,7 +16,13 @@
 //! - **IPCACHE** maps each prefix to (identity, CIDR identity): pod /32 (/128) →
 //!   (pod identity, CIDR identity of the address), node addresses → (HOST or REMOTE_NODE, CIDR
 //!   identity), ipBlock prefixes → (WORLD, CIDR identity). An address that is both a node's and a
-//!   pod's is the node's. hostNetwork pods are node traffic: their addresses are node addresses.
+//!   pod's is the node's; one claimed by two live pods is the first's by namespace/name.
+//!   hostNetwork pods are node traffic, not peers: their addresses are node addresses, and no
+//!   selector ever matches them. Terminated pods (`Succeeded`, `Failed`) are ignored: their
+//!   addresses may already belong to new pods.
+//! - **Node addresses**: [`NodeContext::node_ips`], the Node object named
+//!   [`NodeContext::node_name`] and the host addresses of pods scheduled here are this node
+//!   (HOST); every other Node object's addresses and other pods' host addresses are REMOTE_NODE.
 //! - **ENDPOINTS**: local pods (scheduled here, not hostNetwork, not terminated, with an address),
 //!   with a stable id in 1..=4095 and the isolation flags from the policies selecting them.
 //! - **POLICY**: for each local endpoint, direction it is isolated in, selecting policy, rule, peer
@@ -86,6 +92,7 @@ pub struct Compilation {
     pub errors: Vec<CompileError>,
 }
 
+/// A policy's normal form, reused while its spec is unchanged.
 #[derive(Debug)]
 struct CachedPolicy {
     spec: Option<NetworkPolicySpec>,
