@@ -149,6 +149,8 @@ pub fn main(args: Args) -> Result<()> {
         None => AgentChoice::Build,
     };
     let started = Instant::now();
+    // The suite's lab is its own: whatever an interrupted earlier run left goes first.
+    lab::down(&args.prefix)?;
     let mut lab = Lab::up(
         &args.prefix,
         &UpOptions {
