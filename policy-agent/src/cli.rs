@@ -59,6 +59,10 @@ pub struct Args {
     #[arg(long, env = "POLICY_AGENT_MARK_MASK", default_value = "0x0fff0000", value_parser = parse_mask)]
     pub mark_mask: u32,
 
+    /// How often the manifest directory is checked for changes (file sizes and mtimes).
+    #[arg(long, env = "POLICY_AGENT_MANIFEST_POLL_MS", default_value_t = 20)]
+    pub manifest_poll_ms: u64,
+
     /// Wait this long after a change for more before recompiling.
     #[arg(long, env = "POLICY_AGENT_DEBOUNCE_MS", default_value_t = 20)]
     pub debounce_ms: u64,

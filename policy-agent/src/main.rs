@@ -1,9 +1,19 @@
+//! `policy-agent`: enforces Kubernetes NetworkPolicy with eBPF on this node. See `agent` for
+//! what runs, `cli` for the flags.
 use clap::Parser;
-use policy_agent::cli::Args;
+use policy_agent::{agent, bpffs, cli::Args, telemetry};
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = policy_common::Config::with_mark_mask(args.mark_mask);
-    let _dataplane = policy_agent::dataplane::Dataplane::open(&args.bpffs_dir, config)?;
+    // Before any thread exists: may join another mount namespace to reach the shared bpffs.
+    let bpffs = bpffs::ensure(&args.bpffs_dir);
+    let log = telemetry::init(args.log_format, &args.log_level)?;
+    if let Some(note) = bpffs? {
+        tracing::info!("{note}");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(agent::run(args, Some(log)))?;
     Ok(())
 }

@@ -1,0 +1,497 @@
+//! The daemon: source → store → (debounce) → compile → discover → write → status, plus the HTTP
+//! server and the flow log.
+//!
+//! - A sync runs when the source sends an update, when interfaces or routes change (netlink
+//!   notifications: a pod's veth appearing gets attached at once), and every second while the
+//!   last sync was incomplete (an endpoint without interface, a failed write).
+//! - Updates are debounced: a sync waits until the input has been quiet for `--debounce-ms`
+//!   (at most ten times that in total).
+//! - Nothing is compiled before the source delivered its first complete state; until then (and
+//!   whenever the source is unreachable later) the pinned maps a previous agent left stay
+//!   enforced as they are.
+//! - SIGTERM / SIGINT stop the agent leaving programs, links and maps pinned (enforcement stays);
+//!   with `--cleanup-on-exit` everything is detached and unpinned instead.
+
+use std::{
+    collections::BTreeSet,
+    io,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::{
+    cli::Args,
+    compiler::NodeContext,
+    dataplane::{Dataplane, DataplaneError},
+    endpoints::{Discovery, HostView, netlink::Netlink},
+    flowlog::{self, FlowContext},
+    http::{self, HttpState, Status},
+    metrics::{self, Metrics, endpoint_state},
+    model,
+    node::NodeSettings,
+    sources::{ClusterStore, Update, kubernetes, manifest},
+    sync::{Report, Syncer},
+    telemetry::LogFilter,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("binding the HTTP server to {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("opening the dataplane pinned under {dir}: {source}")]
+    Dataplane {
+        dir: PathBuf,
+        #[source]
+        source: DataplaneError,
+    },
+    #[error("netlink in the agent's network namespace: {source}")]
+    Netlink {
+        #[source]
+        source: io::Error,
+    },
+    #[error("Kubernetes source: {source}")]
+    Kubernetes {
+        #[source]
+        source: kubernetes::KubernetesError,
+    },
+    #[error("removing the dataplane (--cleanup-on-exit): {source}")]
+    Cleanup {
+        #[source]
+        source: DataplaneError,
+    },
+}
+
+/// Runs the agent until SIGTERM / SIGINT.
+pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
+    let metrics = Arc::new(Metrics::new());
+    let status = Arc::new(RwLock::new(Status {
+        node: args.node_name.clone(),
+        ..Default::default()
+    }));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(signals(stop_tx));
+
+    let listener = http::bind(args.http_addr)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: args.http_addr,
+            source,
+        })?;
+    let http_state = HttpState {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        log,
+    };
+    let mut http_stop = stop_rx.clone();
+    let http_task = tokio::spawn(http::serve(listener, http_state, async move {
+        let _ = http_stop.wait_for(|s| *s).await;
+    }));
+
+    let mut config = policy_common::Config::with_mark_mask(args.mark_mask);
+    config.events_allowed = u32::from(args.flow_log_allowed);
+    if !args.flow_log {
+        config.events_per_sec = 0;
+    }
+    let mut dataplane =
+        Dataplane::open(&args.bpffs_dir, config).map_err(|source| AgentError::Dataplane {
+            dir: args.bpffs_dir.clone(),
+            source,
+        })?;
+    info!(dir = %args.bpffs_dir.display(), mode = ?dataplane.attach_mode(), "dataplane open");
+    let flows = Arc::new(RwLock::new(FlowContext::default()));
+    if args.flow_log {
+        match dataplane.events() {
+            Ok(reader) => {
+                tokio::spawn(flowlog::run(reader, flows.clone(), metrics.clone()));
+            }
+            Err(e) => warn!(error = %e, "flow log unavailable"),
+        }
+    }
+
+    let (updates_tx, updates) = mpsc::channel::<Update>(64);
+    match &args.manifest_dir {
+        Some(dir) => {
+            info!(dir = %dir.display(), "source: manifest directory");
+            tokio::spawn(manifest::run(
+                dir.clone(),
+                Duration::from_millis(args.manifest_poll_ms.max(1)),
+                updates_tx,
+            ));
+        }
+        None => {
+            let client = kubernetes::client(args.kubeconfig.as_deref())
+                .await
+                .map_err(|source| AgentError::Kubernetes { source })?;
+            info!("source: Kubernetes API");
+            tokio::spawn(kubernetes::run(client, updates_tx));
+        }
+    }
+    let interfaces = watch_interfaces().map_err(|source| AgentError::Netlink { source })?;
+    let netlink = Netlink::new().map_err(|source| AgentError::Netlink { source })?;
+    let discovery = Discovery::new().map_err(|source| AgentError::Netlink { source })?;
+
+    let mut lp = Loop {
+        settings: NodeSettings {
+            name: args.node_name.clone(),
+            ips: args.node_ips.clone(),
+            uplinks: args.uplinks.clone(),
+        },
+        debounce: Duration::from_millis(args.debounce_ms),
+        syncer: Syncer::new(dataplane),
+        store: ClusterStore::default(),
+        have_state: false,
+        pending: Vec::new(),
+        netlink,
+        discovery,
+        metrics: metrics.clone(),
+        status,
+        flows: args.flow_log.then_some(flows),
+        last_problems: BTreeSet::new(),
+    };
+    lp.run(updates, interfaces, stop_rx).await;
+
+    let _ = http_task.await;
+    if args.cleanup_on_exit {
+        info!("removing programs, links and maps (--cleanup-on-exit)");
+        lp.syncer
+            .into_enforcer()
+            .remove_pins()
+            .map_err(|source| AgentError::Cleanup { source })?;
+    } else {
+        info!("stopping; programs and maps stay pinned and enforcing");
+    }
+    Ok(())
+}
+
+async fn signals(stop: watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    let _ = stop.send(true);
+}
+
+/// Link, address and route changes of this namespace, coalesced into a channel of capacity 1.
+fn watch_interfaces() -> io::Result<mpsc::Receiver<()>> {
+    let socket = Netlink::subscribe()?;
+    let (tx, rx) = mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("netlink-watch".into())
+        .spawn(move || {
+            let mut buf = Vec::with_capacity(1 << 16);
+            loop {
+                buf.clear();
+                if let Err(e) = socket.recv(&mut buf, 0) {
+                    // ENOBUFS: notifications were lost; a resync covers them.
+                    if e.raw_os_error() != Some(libc::ENOBUFS) {
+                        warn!(error = %e, "netlink notifications stopped");
+                        return;
+                    }
+                }
+                if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+enum Wake {
+    Update(Update),
+    Interfaces,
+    Retry,
+    Tick,
+    Stop,
+}
+
+struct Loop {
+    settings: NodeSettings,
+    debounce: Duration,
+    syncer: Syncer<Dataplane>,
+    store: ClusterStore,
+    have_state: bool,
+    /// When the changes not yet enforced were made.
+    pending: Vec<SystemTime>,
+    netlink: Netlink,
+    discovery: Discovery,
+    metrics: Arc<Metrics>,
+    status: Arc<RwLock<Status>>,
+    flows: Option<Arc<RwLock<FlowContext>>>,
+    last_problems: BTreeSet<String>,
+}
+
+const RETRY: Duration = Duration::from_secs(1);
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Loop {
+    async fn run(
+        &mut self,
+        mut updates: mpsc::Receiver<Update>,
+        mut interfaces: mpsc::Receiver<()>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut tick = tokio::time::interval(METRICS_INTERVAL);
+        let mut source_open = true;
+        loop {
+            let wake = tokio::select! {
+                u = updates.recv(), if source_open => match u {
+                    Some(u) => Wake::Update(u),
+                    None => { source_open = false; warn!("source stopped; keeping the last state"); continue }
+                },
+                Some(()) = interfaces.recv() => Wake::Interfaces,
+                _ = sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
+                _ = tick.tick() => Wake::Tick,
+                _ = stop.wait_for(|s| *s) => Wake::Stop,
+            };
+            match wake {
+                Wake::Stop => return,
+                Wake::Tick => {
+                    self.collect_counters();
+                    continue;
+                }
+                Wake::Update(u) => self.take(u),
+                Wake::Interfaces | Wake::Retry => {}
+            }
+            if !self.have_state {
+                continue;
+            }
+            // Debounce: wait for quiet, bounded.
+            let started = Instant::now();
+            let bound = self.debounce * 10;
+            let mut stopping = false;
+            loop {
+                let wait = self.debounce.min(bound.saturating_sub(started.elapsed()));
+                if wait.is_zero() {
+                    break;
+                }
+                let more = tokio::select! {
+                    u = updates.recv(), if source_open => u.map(Wake::Update),
+                    Some(()) = interfaces.recv() => Some(Wake::Interfaces),
+                    _ = stop.wait_for(|s| *s) => Some(Wake::Stop),
+                    _ = tokio::time::sleep(wait) => None,
+                };
+                match more {
+                    None => break,
+                    Some(Wake::Update(u)) => self.take(u),
+                    Some(Wake::Stop) => {
+                        stopping = true;
+                        break;
+                    }
+                    Some(_) => {}
+                }
+            }
+            let complete = tokio::task::block_in_place(|| self.sync());
+            retry_at = (!complete).then(|| tokio::time::Instant::now() + RETRY);
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    fn take(&mut self, update: Update) {
+        self.pending.push(update.changed_at);
+        self.store.apply(update);
+        self.have_state = true;
+        self.metrics.revision.set(self.store.revision as i64);
+        self.status_mut().revision = self.store.revision;
+    }
+
+    fn status_mut(&self) -> std::sync::RwLockWriteGuard<'_, Status> {
+        self.status.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One complete pass; true when everything desired is enforced.
+    fn sync(&mut self) -> bool {
+        let started = Instant::now();
+        let revision = self.store.revision;
+        let view = match HostView::read(&mut self.netlink) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "reading interfaces failed");
+                self.metrics
+                    .sync_errors
+                    .get_or_create(&metrics::StageLabel {
+                        stage: metrics::stage::DISCOVERY,
+                    })
+                    .inc();
+                return false;
+            }
+        };
+        let node = NodeContext {
+            node_name: self.settings.name.clone(),
+            node_ips: self.settings.node_ips(&view),
+        };
+        let compilation = self.syncer.compile(&self.store.cluster, &node);
+        let local = Syncer::<Dataplane>::local_pods(&compilation);
+        let found = self.discovery.find(&view, &local);
+        let present = view
+            .links
+            .iter()
+            .map(|l| (l.index, l.name.clone()))
+            .collect();
+        let uplinks = self.settings.uplinks(&view, found.values());
+        let report = self.syncer.write(&compilation, &found, &present, &uplinks);
+        let elapsed = started.elapsed();
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
+        self.metrics.syncs.inc();
+        self.metrics
+            .compile_errors
+            .set(compilation.errors.len() as i64);
+        self.metrics
+            .input_errors
+            .set(self.store.errors.len() as i64);
+        self.record_endpoints(&report);
+        self.record_maps();
+
+        let mut errors: Vec<String> = self.store.errors.clone();
+        errors.extend(compilation.errors.iter().map(ToString::to_string));
+        errors.extend(report.problems.iter().cloned());
+        self.log_problems(&errors);
+        {
+            let mut status = self.status_mut();
+            status.revision = revision;
+            status.endpoints = report.endpoints_enforced;
+            status.errors = errors;
+            if report.complete {
+                status.enforced_revision = revision;
+                status.ready = true;
+            }
+        }
+        if report.complete {
+            self.metrics.enforced_revision.set(revision as i64);
+            let now = SystemTime::now();
+            for changed in self.pending.drain(..) {
+                let latency = now.duration_since(changed).unwrap_or_default();
+                self.metrics
+                    .enforcement_latency
+                    .observe(latency.as_secs_f64());
+            }
+        }
+        self.refresh_flows();
+        tracing::debug!(
+            revision,
+            complete = report.complete,
+            ms = elapsed.as_secs_f64() * 1e3,
+            endpoints = report.endpoints_enforced,
+            "sync"
+        );
+        report.complete
+    }
+
+    fn record_endpoints(&self, report: &Report) {
+        for (state, n) in [
+            (endpoint_state::ENFORCED, report.endpoints_enforced),
+            (endpoint_state::NO_INTERFACE, report.endpoints_no_interface),
+            (endpoint_state::FAILED, report.endpoints_failed),
+        ] {
+            self.metrics
+                .endpoints
+                .get_or_create(&metrics::StateLabel { state })
+                .set(n as i64);
+        }
+        let stage = |stage| metrics::StageLabel { stage };
+        if report.maps_failed {
+            self.metrics
+                .sync_errors
+                .get_or_create(&stage(metrics::stage::MAPS))
+                .inc();
+        }
+        if report.endpoints_failed > 0 {
+            self.metrics
+                .sync_errors
+                .get_or_create(&stage(metrics::stage::ENDPOINTS))
+                .inc();
+        }
+        if report.uplinks_failed > 0 {
+            self.metrics
+                .sync_errors
+                .get_or_create(&stage(metrics::stage::UPLINKS))
+                .inc();
+        }
+    }
+
+    fn record_maps(&self) {
+        let Some(maps) = self.syncer.applied() else {
+            return;
+        };
+        let programmed = self.syncer.programmed().len();
+        for (map, capacity) in metrics::MAPS {
+            let entries = match map {
+                policy_common::map_names::ENDPOINTS => programmed,
+                policy_common::map_names::IPCACHE_V4 => maps.ipcache_v4.len(),
+                policy_common::map_names::IPCACHE_V6 => maps.ipcache_v6.len(),
+                policy_common::map_names::POLICY => maps.policy.len(),
+                _ => maps.services.len(),
+            };
+            self.metrics.set_map_entries(map, entries, capacity);
+        }
+    }
+
+    fn collect_counters(&self) {
+        match self.syncer.enforcer().counters() {
+            Ok(counts) => self.metrics.set_packet_counts(&counts),
+            Err(e) => warn!(error = %e, "reading packet counters failed"),
+        }
+    }
+
+    /// Logs problems when they appear (not on every retry).
+    fn log_problems(&mut self, errors: &[String]) {
+        let now: BTreeSet<String> = errors.iter().cloned().collect();
+        for e in now.difference(&self.last_problems) {
+            warn!(problem = %e, "not enforced as written");
+        }
+        for e in self.last_problems.difference(&now) {
+            info!(problem = %e, "resolved");
+        }
+        self.last_problems = now;
+    }
+
+    fn refresh_flows(&self) {
+        let Some(flows) = &self.flows else { return };
+        let mut ctx = FlowContext {
+            rules: self
+                .syncer
+                .applied()
+                .map(|m| m.rules.clone())
+                .unwrap_or_default(),
+            endpoints: self
+                .syncer
+                .programmed()
+                .iter()
+                .map(|(pod, p)| (p.info.id, pod.clone()))
+                .collect(),
+            services: self.store.service_backends(),
+            ..Default::default()
+        };
+        for (key, pod) in &self.store.cluster.pods {
+            for ip in model::pod_ips(pod).0 {
+                ctx.pods_by_ip.insert(ip, key.clone());
+            }
+        }
+        *flows.write().unwrap_or_else(|e| e.into_inner()) = ctx;
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,315 @@
+//! The manifest-directory source: parsing (multi-document, List, every kind), API-server
+//! defaults, invalid input reported with file / document / object / field and skipped (a
+//! NetworkPolicy failing closed), and the watcher with the `.revision` protocol.
+
+use std::{fs, path::Path, time::Duration};
+
+use policy_agent::{
+    model::ObjectKey,
+    sources::{
+        Change, ClusterStore, Kind, Update,
+        manifest::{self, INVALID_ANNOTATION, RevisionFile},
+    },
+};
+use tokio::sync::mpsc;
+
+const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: a, labels: {app: a}}
+spec: {nodeName: node-1, containers: [{name: c, ports: [{containerPort: 80, name: http}]}]}
+status: {podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}], hostIP: 172.18.0.2}
+---
+# a pod in a namespace nobody defined, and without namespace at all
+apiVersion: v1
+kind: Pod
+metadata: {namespace: y, name: b}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {namespace: x, name: s}
+  spec: {clusterIP: 10.96.0.10, selector: {app: a}, ports: [{port: 80, targetPort: http}]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {namespace: x, name: p}
+  spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {namespace: x, name: s-1, labels: {kubernetes.io/service-name: s}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.1.2]}]
+ports: [{port: 80, protocol: TCP}]
+"#;
+
+fn store_of(update: Update) -> ClusterStore {
+    let mut store = ClusterStore::default();
+    store.apply(update);
+    store
+}
+
+#[test]
+fn parses_every_kind_with_api_server_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("cluster.yaml"), GOOD).unwrap();
+    let scan = manifest::scan(dir.path());
+    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    assert_eq!(scan.revision, RevisionFile::Missing);
+    let store = store_of(scan.into_update(1));
+    let c = &store.cluster;
+    assert_eq!(c.pods.len(), 3);
+    assert!(
+        c.pods.contains_key(&ObjectKey::new("default", "c")),
+        "default namespace"
+    );
+    assert_eq!(c.services.len(), 1);
+    assert_eq!(c.policies.len(), 1);
+    assert_eq!(c.nodes.len(), 1);
+    assert_eq!(store.endpoint_slices.len(), 1);
+    for ns in ["x", "y", "default"] {
+        let labels = c.namespaces[ns].metadata.labels.as_ref().unwrap();
+        assert_eq!(labels["kubernetes.io/metadata.name"], ns, "{ns}");
+    }
+    assert_eq!(
+        c.namespaces["x"].metadata.labels.as_ref().unwrap()["team"],
+        "a"
+    );
+    let backends = store.service_backends();
+    assert_eq!(
+        backends[&("10.244.1.2".parse().unwrap(), 80, 6)],
+        ObjectKey::new("x", "s")
+    );
+}
+
+#[test]
+fn invalid_objects_are_reported_precisely_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a-good.yaml"), GOOD).unwrap();
+    fs::write(
+        dir.path().join("b-bad.yaml"),
+        r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: cm}
+---
+apiVersion: v2
+kind: Pod
+metadata: {name: wrong-version}
+---
+apiVersion: v1
+kind: Pod
+metadata: {labels: {a: b}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: bad-port}
+spec: {containers: [{name: c, ports: [{containerPort: eighty}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: fine}
+spec: {containers: [{name: c}]}
+"#,
+    )
+    .unwrap();
+    let scan = manifest::scan(dir.path());
+    let errors = scan.errors.join("\n");
+    for expected in [
+        "b-bad.yaml: document 1: kind: \"ConfigMap\"",
+        "b-bad.yaml: document 2: Pod \"wrong-version\": apiVersion",
+        "b-bad.yaml: document 3: Pod: metadata.name: missing",
+        "b-bad.yaml: document 4: Pod \"bad-port\": spec.containers[0].ports[0].containerPort",
+    ] {
+        assert!(errors.contains(expected), "{expected:?} in\n{errors}");
+    }
+    let store = store_of(scan.into_update(1));
+    assert!(
+        store
+            .cluster
+            .pods
+            .contains_key(&ObjectKey::new("x", "fine"))
+    );
+    assert!(
+        !store
+            .cluster
+            .pods
+            .contains_key(&ObjectKey::new("x", "bad-port"))
+    );
+    assert_eq!(
+        store.cluster.pods.len(),
+        4,
+        "the rest of the directory applies"
+    );
+}
+
+#[test]
+fn invalid_network_policy_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("p.yaml"),
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: x, name: typo}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress:
+  - ports: [{port: 80, endPort: many}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {namespace: x, name: worse}
+spec:
+  podSelector: {matchLabels: [not, a, map]}
+  egress: []
+"#,
+    )
+    .unwrap();
+    let scan = manifest::scan(dir.path());
+    assert!(
+        scan.errors
+            .iter()
+            .any(|e| e.contains("\"typo\"") && e.contains("spec.ingress[0].ports[0].endPort")),
+        "{:?}",
+        scan.errors
+    );
+    let store = store_of(scan.into_update(1));
+    let typo = &store.cluster.policies[&ObjectKey::new("x", "typo")];
+    let spec = typo.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.pod_selector
+            .as_ref()
+            .unwrap()
+            .match_labels
+            .as_ref()
+            .unwrap()["app"],
+        "web",
+        "still selects what it meant to"
+    );
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_string(), "Egress".to_string()][..])
+    );
+    assert!(
+        spec.ingress.is_none() && spec.egress.is_none(),
+        "allows nothing"
+    );
+    assert!(typo.metadata.annotations.as_ref().unwrap()[INVALID_ANNOTATION].contains("endPort"));
+    let worse = &store.cluster.policies[&ObjectKey::new("x", "worse")];
+    assert_eq!(
+        worse.spec.as_ref().unwrap().pod_selector,
+        Some(Default::default()),
+        "an unreadable podSelector isolates the whole namespace"
+    );
+}
+
+#[test]
+fn broken_yaml_keeps_the_documents_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("p.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ok}\n---\nkind: [unclosed\n",
+    )
+    .unwrap();
+    let scan = manifest::scan(dir.path());
+    assert_eq!(scan.errors.len(), 1, "{:?}", scan.errors);
+    assert!(scan.errors[0].contains("p.yaml: document 2"));
+    assert!(
+        store_of(scan.into_update(1))
+            .cluster
+            .namespaces
+            .contains_key("ok")
+    );
+}
+
+async fn next(rx: &mut mpsc::Receiver<Update>) -> Update {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("an update")
+        .expect("source running")
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write-and-rename, as editors and the lab do.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text).unwrap();
+    fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+#[tokio::test]
+async fn watcher_follows_changes_and_the_revision_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "cluster.yaml", GOOD);
+    write(dir.path(), ".revision", "5\n");
+    let (tx, mut rx) = mpsc::channel(8);
+    let task = tokio::spawn(manifest::run(
+        dir.path().to_owned(),
+        Duration::from_millis(10),
+        tx,
+    ));
+    let first = next(&mut rx).await;
+    assert_eq!(first.revision, 5);
+    assert!(
+        first
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::Replace(Kind::Pod, objects) if objects.len() == 3))
+    );
+
+    // Nothing changes: nothing is sent.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_err()
+    );
+
+    // New manifests, then a new revision: the update carries both.
+    write(
+        dir.path(),
+        "more.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: z}\n",
+    );
+    write(dir.path(), ".revision", "6");
+    let mut store = ClusterStore::default();
+    let mut update = next(&mut rx).await;
+    while update.revision < 6 {
+        store.apply(update);
+        update = next(&mut rx).await;
+    }
+    store.apply(update);
+    assert_eq!(store.revision, 6);
+    assert!(store.cluster.namespaces.contains_key("z"));
+
+    // A revision file caught empty never reports a revision ahead of what was written.
+    fs::write(dir.path().join(".revision"), "").unwrap();
+    let update = next(&mut rx).await;
+    assert_eq!(update.revision, 6);
+    // Deleting a file removes its objects.
+    fs::remove_file(dir.path().join("more.yaml")).unwrap();
+    write(dir.path(), ".revision", "7");
+    let mut update = next(&mut rx).await;
+    while update.revision < 7 {
+        update = next(&mut rx).await;
+    }
+    store.apply(update);
+    assert!(!store.cluster.namespaces.contains_key("z"));
+    task.abort();
+}
