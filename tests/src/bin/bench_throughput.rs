@@ -15,11 +15,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use policy_tests::{
-    agent::{Agent, write_revision},
-    cluster::{Cluster, gateway_ip, node_ip},
+    agent::{self, write_revision},
+    cluster::{Cluster, node_ip},
     netns::NetNs,
     require_root,
-    workload::{self, PodSpec},
+    workload::{self, PODS},
 };
 use serde_json::json;
 
@@ -57,27 +57,6 @@ fn opts() -> Result<Opts> {
     }
     Ok(o)
 }
-
-const PODS: &[PodSpec] = &[
-    PodSpec {
-        name: "a",
-        labels: &[("app", "client")],
-        ip: Ipv4Addr::new(10, 244, 1, 10),
-        node: 1,
-    },
-    PodSpec {
-        name: "b",
-        labels: &[("app", "server")],
-        ip: Ipv4Addr::new(10, 244, 1, 11),
-        node: 1,
-    },
-    PodSpec {
-        name: "c",
-        labels: &[("app", "server")],
-        ip: Ipv4Addr::new(10, 244, 2, 10),
-        node: 2,
-    },
-];
 
 /// Accepts connections in `ns`: reads one byte, answers one byte, closes.
 fn crr_server(ns: &NetNs) -> Result<()> {
@@ -231,23 +210,7 @@ fn with_agent(
         workload::manifests(PODS, rules, node_ip),
     )?;
     write_revision(&dir, 1)?;
-    let mut agents = Vec::new();
-    let mut converge = Duration::ZERO;
-    for node in &cluster.nodes {
-        let ips = [
-            node_ip(node.index).to_string(),
-            gateway_ip(node.index).to_string(),
-        ];
-        let mut agent = Agent::start(
-            &node.netns,
-            &format!("node-{}", node.index),
-            &dir,
-            &ips,
-            &[node.uplink.as_str()],
-        )?;
-        converge = converge.max(agent.wait_enforced(&node.netns, 1, Duration::from_secs(60))?);
-        agents.push(agent);
-    }
+    let (agents, converge) = agent::start_all(cluster, &dir, 1)?;
     let figures = measure(cluster, o);
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
@@ -257,10 +220,7 @@ fn with_agent(
 fn main() -> Result<()> {
     require_root();
     let o = opts()?;
-    let mut cluster = Cluster::two_nodes("bt")?;
-    for p in PODS {
-        cluster.add_pod(p.name, p.node, p.ip.octets()[3])?;
-    }
+    let mut cluster = workload::cluster("bt")?;
     for server in ["b", "c"] {
         crr_server(&cluster.pod(server).netns)?;
         let ns = cluster.pod(server).netns.name().to_owned();
