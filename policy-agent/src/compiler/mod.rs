@@ -122,6 +122,9 @@ struct CachedPod {
     epoch: u64,
 }
 
+/// A pod identity and its key.
+type Interned = (u32, Arc<PodIdentityKey>);
+
 /// Addresses of this node (HOST) and of the others (REMOTE_NODE).
 #[derive(Default)]
 struct NodeAddresses {
@@ -309,6 +312,8 @@ impl Compiler {
         errors: &mut Vec<CompileError>,
     ) -> Vec<PodView<'c>> {
         let mut out = Vec::with_capacity(cluster.pods.len());
+        // Identities interned in this pass, by (namespace labels, pod labels).
+        let mut seen: HashMap<(usize, &Labels), Vec<Interned>> = HashMap::new();
         for (key, pod) in &cluster.pods {
             if model::is_terminated(pod) {
                 continue;
@@ -346,21 +351,36 @@ impl Compiler {
                     (c.identity, c.ident.clone())
                 }
                 _ => {
-                    let fresh = Arc::new(PodIdentityKey {
-                        namespace_labels: ns_labels,
-                        labels: labels.clone(),
-                        named_ports: model::pod_named_ports(pod),
+                    // A label set met earlier in this pass shares its key without building one.
+                    let slot = (Arc::as_ptr(&ns_labels) as usize, labels);
+                    let same = seen.get(&slot).and_then(|v| {
+                        v.iter()
+                            .find(|(_, k)| model::pod_named_ports_equal(pod, &k.named_ports))
                     });
-                    let Some(identity) = self.pod_ids.intern(&fresh) else {
-                        errors.push(CompileError::pod(
-                            key,
-                            "metadata.labels",
-                            "no free pod identity",
-                        ));
-                        continue;
+                    let (identity, ident) = match same {
+                        Some((id, k)) => (*id, k.clone()),
+                        None => {
+                            let fresh = Arc::new(PodIdentityKey {
+                                namespace_labels: ns_labels,
+                                labels: labels.clone(),
+                                named_ports: model::pod_named_ports(pod),
+                            });
+                            let Some(identity) = self.pod_ids.intern(&fresh) else {
+                                errors.push(CompileError::pod(
+                                    key,
+                                    "metadata.labels",
+                                    "no free pod identity",
+                                ));
+                                continue;
+                            };
+                            // Share the interned key.
+                            let ident = self.pod_ids.key(identity).cloned().unwrap_or(fresh);
+                            seen.entry(slot)
+                                .or_default()
+                                .push((identity, ident.clone()));
+                            (identity, ident)
+                        }
                     };
-                    // Share the interned key.
-                    let ident = self.pod_ids.key(identity).cloned().unwrap_or(fresh);
                     self.pods.insert(
                         key.clone(),
                         CachedPod {
