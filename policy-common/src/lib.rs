@@ -10,6 +10,7 @@
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const ENDPOINTS_BY_ID: &str = "ENDPOINTS_BY_ID";
+    pub const IPCACHE_EXACT: &str = "IPCACHE_EXACT";
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
     pub const POLICY: &str = "POLICY";
@@ -23,9 +24,10 @@ pub mod map_names {
     pub const EVENT_RATE: &str = "EVENT_RATE";
 
     /// Every map of the object, in the order the loader pins them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ENDPOINTS,
         ENDPOINTS_BY_ID,
+        IPCACHE_EXACT,
         IPCACHE_V4,
         IPCACHE_V6,
         POLICY,
@@ -56,6 +58,9 @@ pub mod program_names {
 pub mod capacity {
     /// Also the bound on endpoint ids (`1..ENDPOINTS`), which travel in 12 bits of `skb->mark`.
     pub const ENDPOINTS: u32 = 4096;
+    /// /32 and /128 entries.
+    pub const IPCACHE_EXACT: u32 = 262_144;
+    /// Shorter prefixes.
     pub const IPCACHE_V4: u32 = 262_144;
     pub const IPCACHE_V6: u32 = 262_144;
     pub const POLICY: u32 = 1_048_576;
@@ -80,6 +85,35 @@ pub mod proto {
     pub const UDP: u8 = 17;
     pub const ICMPV6: u8 = 58;
     pub const SCTP: u8 = 132;
+}
+
+/// A 128-bit address in the programs' keys: the 16 bytes of the IPv6 address (IPv4-mapped,
+/// `::ffff:a.b.c.d`, for IPv4) in network order, held as four native-endian words so that the
+/// programs copy and compare it word by word. [`addr_from_octets`] / [`addr_octets`] convert.
+pub type Addr = [u32; 4];
+
+/// The [`Addr`] of 16 network-order bytes.
+pub const fn addr_from_octets(b: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The 16 network-order bytes of an [`Addr`].
+pub const fn addr_octets(a: Addr) -> [u8; 16] {
+    let (w0, w1, w2, w3) = (
+        a[0].to_ne_bytes(),
+        a[1].to_ne_bytes(),
+        a[2].to_ne_bytes(),
+        a[3].to_ne_bytes(),
+    );
+    [
+        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0],
+        w3[1], w3[2], w3[3],
+    ]
 }
 
 /// Reserved identities. Pod identities (one per distinct namespace-labels + pod-labels set) start
@@ -135,8 +169,10 @@ pub struct EndpointInfo {
 }
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
 
-/// IPCACHE_V4 / IPCACHE_V6 value (LPM trie keyed by address prefix, `[u8; 4]` / `[u8; 16]` in
-/// network order).
+/// IPCACHE value. The compiler's IPCACHE entries are split by the map writer: full-length
+/// prefixes (/32, /128: pods, nodes) go to IPCACHE_EXACT, a hash keyed by [`Addr`], probed first;
+/// shorter prefixes go to the LPM tries IPCACHE_V4 / IPCACHE_V6 (keyed by `[u8; 4]` / `[u8; 16]`
+/// in network order). See `policy-ebpf/src/policy.rs`.
 ///
 /// Both identities of an address are carried so that ipBlock rules match pod addresses too: a pod's
 /// /32 entry holds the pod identity *and* the CIDR identity of the most specific ipBlock prefix that
@@ -213,24 +249,26 @@ const _: () = assert!(core::mem::size_of::<PolicyValue>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
-    pub addr: [u8; 16],
+    pub addr: Addr,
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 16);
 
-/// CONNTRACK key: one entry per (endpoint, direction, 5-tuple as first seen in that direction).
-/// Addresses are IPv4-mapped IPv6 for IPv4. Replies are looked up with the tuple reversed.
+/// CONNTRACK key: one entry per (endpoint, 5-tuple), the tuple in a canonical order (the
+/// lower (port, address) end first) so that one lookup finds a flow from either side. The value
+/// records the direction the flow was first seen in and which end sent its first packet; see
+/// `policy-ebpf/src/conntrack.rs`. Addresses IPv4-mapped for IPv4.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    /// Ports in network order as on the wire (0 for port-less protocols).
-    pub sport: u16,
-    pub dport: u16,
+    /// The lower end.
+    pub a: Addr,
+    pub b: Addr,
+    /// Ports in host order (0 for port-less protocols).
+    pub a_port: u16,
+    pub b_port: u16,
     pub endpoint: u32,
     pub protocol: u8,
-    pub direction: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 
@@ -243,6 +281,10 @@ pub mod ct_flags {
     pub const CLOSING: u32 = 1 << 1;
     /// A reply was seen.
     pub const REPLIED: u32 = 1 << 2;
+    /// The flow's first packet went from `a` to `b` (else from `b` to `a`).
+    pub const A_TO_B: u32 = 1 << 3;
+    /// The flow was first seen as the endpoint's egress (else ingress).
+    pub const EGRESS: u32 = 1 << 4;
 }
 
 /// CONNTRACK value.
@@ -251,12 +293,35 @@ pub mod ct_flags {
 pub struct CtValue {
     pub last_seen_ns: u64,
     pub rule: u32,
+    /// [`ct_flags`] bits.
     pub flags: u32,
     /// Endpoint generation the entry was allowed under.
     pub generation: u32,
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
+
+impl CtValue {
+    /// The direction the flow was first seen in.
+    pub const fn direction(&self) -> Direction {
+        if self.flags & ct_flags::EGRESS != 0 {
+            Direction::Egress
+        } else {
+            Direction::Ingress
+        }
+    }
+}
+
+impl CtKey {
+    /// The flow's original (source, source port, destination, destination port).
+    pub const fn original(&self, value: &CtValue) -> (Addr, u16, Addr, u16) {
+        if value.flags & ct_flags::A_TO_B != 0 {
+            (self.a, self.a_port, self.b, self.b_port)
+        } else {
+            (self.b, self.b_port, self.a, self.a_port)
+        }
+    }
+}
 
 /// FRAGMENTS key: non-first fragments follow the verdict of the first fragment of the same
 /// datagram (which carries the ports) at the same hook: the endpoint and direction are part of
@@ -265,8 +330,8 @@ const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
     /// IPv4 identification (16 bits) or IPv6 fragment identification.
     pub id: u32,
     pub endpoint: u32,

@@ -1,18 +1,22 @@
 //! Connection tracking: the memory that lets replies of allowed flows through whatever the
 //! reverse direction's policy says, and lets later packets skip the policy lookup.
 //!
-//! CONNTRACK is an LRU hash keyed by [`CtKey`] = {endpoint, direction, 5-tuple as first seen at
-//! that endpoint in that direction}:
-//! - a flow first seen as pod egress of endpoint E (at `from_pod`, or at the post-DNAT hook for
-//!   Service traffic) is `{E, Egress, tuple}`; its replies arrive at E's `to_pod` and are found by
-//!   reversing the packet's tuple and looking up `{E, Egress, reversed}`;
-//! - a flow first seen as pod ingress of E (at `to_pod`) is `{E, Ingress, tuple}`; its replies
-//!   leave through E's `from_pod` and match `{E, Ingress, reversed}`.
+//! CONNTRACK is an LRU hash keyed by [`CtKey`] = {endpoint, protocol, the two ends of the
+//! flow in canonical order (lower (port, address) first)}. The value says in which direction the
+//! flow was first seen at that endpoint (`EGRESS`) and which end sent its first packet (`A_TO_B`),
+//! so ONE lookup classifies a packet:
+//! - same direction, same orientation as the first packet: a later packet of the flow;
+//! - opposite direction, opposite orientation: a reply (a flow first seen as E's egress is
+//!   answered at E's `to_pod`, a flow first seen as E's ingress at E's `from_pod`);
+//! - anything else (the same tuple in a contradictory role) is not this flow: it is judged as new
+//!   and, if allowed, replaces the entry.
+//! That is one hash lookup per packet instead of a forward and a reversed probe.
 //!
 //! Entries are made for every new flow that is allowed, even in directions that are not
 //! isolated, because the reverse direction may be. Idle timeouts come from CONFIG per protocol
 //! (TCP switches to the closing timeout once a FIN or RST is seen); an expired entry is a miss and
-//! is overwritten by the next allowed packet. `last_seen_ns` is refreshed on every hit.
+//! is overwritten by the next allowed packet. `last_seen_ns` (coarse clock) is refreshed on
+//! every hit.
 //!
 //! Revocation (`decide::established`): every entry records the endpoint generation it was
 //! allowed under. When the endpoint's generation has moved on (its allow entries, flags or peer
@@ -43,32 +47,41 @@ pub const fn opposite(direction: Direction) -> Direction {
     }
 }
 
+/// The canonical key of `pkt`'s flow at `endpoint`, and whether `pkt` goes from `a` to `b`.
 #[inline(always)]
-fn key(endpoint: u32, direction: Direction, pkt: &Packet) -> CtKey {
-    CtKey {
-        src: pkt.src,
-        dst: pkt.dst,
-        sport: pkt.sport.to_be(),
-        dport: pkt.dport.to_be(),
+fn key(endpoint: u32, pkt: &Packet) -> (CtKey, bool) {
+    let forward = if pkt.sport != pkt.dport {
+        pkt.sport < pkt.dport
+    } else {
+        pkt.src <= pkt.dst
+    };
+    let (a, a_port, b, b_port) = if forward {
+        (pkt.src, pkt.sport, pkt.dst, pkt.dport)
+    } else {
+        (pkt.dst, pkt.dport, pkt.src, pkt.sport)
+    };
+    let key = CtKey {
+        a,
+        b,
+        a_port,
+        b_port,
         endpoint,
         protocol: pkt.protocol,
-        direction: direction as u8,
-        _pad: [0; 2],
-    }
+        _pad: [0; 3],
+    };
+    (key, forward)
 }
 
 #[inline(always)]
-fn reversed(endpoint: u32, direction: Direction, pkt: &Packet) -> CtKey {
-    CtKey {
-        src: pkt.dst,
-        dst: pkt.src,
-        sport: pkt.dport.to_be(),
-        dport: pkt.sport.to_be(),
-        endpoint,
-        protocol: pkt.protocol,
-        direction: direction as u8,
-        _pad: [0; 2],
+fn role_flags(direction: Direction, a_to_b: bool) -> u32 {
+    let mut flags = 0;
+    if a_to_b {
+        flags |= ct_flags::A_TO_B;
     }
+    if matches!(direction, Direction::Egress) {
+        flags |= ct_flags::EGRESS;
+    }
+    flags
 }
 
 #[inline(always)]
@@ -87,17 +100,17 @@ fn live(key: &CtKey, now: u64, config: &Config) -> Option<*mut CtValue> {
     let value = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a pointer into the map returned by the lookup helper; plain data.
     let v = unsafe { *value };
-    // Another CPU may have stamped the entry after we read the clock.
+    // Another CPU may have stamped the entry after we read the clock: idle 0.
     let idle = now.saturating_sub(v.last_seen_ns);
-    if v.last_seen_ns >= now || idle < timeout_ns(config, key.protocol, v.flags) {
+    if idle < timeout_ns(config, key.protocol, v.flags) {
         Some(value)
     } else {
         None
     }
 }
 
-/// The flow `pkt` belongs to at `endpoint`, seen in `direction`: first as a later packet of a
-/// flow first seen in this direction, then as a reply of a flow first seen in the opposite one.
+/// The flow `pkt` belongs to at `endpoint`, seen in `direction`: a later packet of a flow
+/// first seen in this direction, or a reply of one first seen in the opposite direction.
 #[inline(always)]
 pub fn lookup(
     endpoint: u32,
@@ -106,19 +119,22 @@ pub fn lookup(
     config: &Config,
     now: u64,
 ) -> Option<CtHit> {
-    if let Some(hit) = lookup_forward(endpoint, direction, pkt, config, now) {
-        return Some(hit);
-    }
-    let key = reversed(endpoint, opposite(direction), pkt);
+    let (key, a_to_b) = key(endpoint, pkt);
     let value = live(&key, now, config)?;
-    Some(CtHit {
-        value,
-        key,
-        reply: true,
-    })
+    // SAFETY: map value pointer from the lookup; plain data.
+    let role = unsafe { (*value).flags } & (ct_flags::A_TO_B | ct_flags::EGRESS);
+    let reply = if role == role_flags(direction, a_to_b) {
+        false
+    } else if role == role_flags(opposite(direction), !a_to_b) {
+        true
+    } else {
+        return None;
+    };
+    Some(CtHit { value, key, reply })
 }
 
-/// Only the forward lookup (post-DNAT hooks only ever see the forward packets of a flow).
+/// Only later packets in `direction` (post-DNAT hooks only ever see the forward packets of a
+/// flow).
 #[inline(always)]
 pub fn lookup_forward(
     endpoint: u32,
@@ -127,13 +143,7 @@ pub fn lookup_forward(
     config: &Config,
     now: u64,
 ) -> Option<CtHit> {
-    let key = key(endpoint, direction, pkt);
-    let value = live(&key, now, config)?;
-    Some(CtHit {
-        value,
-        key,
-        reply: false,
-    })
+    lookup(endpoint, direction, pkt, config, now).filter(|hit| !hit.reply)
 }
 
 #[inline(always)]
@@ -174,15 +184,16 @@ pub fn create(
     generation: u32,
     now: u64,
 ) -> Result<(), Reason> {
+    let (key, a_to_b) = key(endpoint, pkt);
     let value = CtValue {
         last_seen_ns: now,
         rule,
-        flags: flags | closing(pkt),
+        flags: flags | closing(pkt) | role_flags(direction, a_to_b),
         generation,
         _pad: 0,
     };
     CONNTRACK
-        .insert(&key(endpoint, direction, pkt), &value, 0)
+        .insert(&key, &value, 0)
         .map_err(|_| Reason::DroppedInternal)
 }
 

@@ -24,8 +24,10 @@
 //!   source endpoint carried in the mark is the destination endpoint.
 //! - An endpoint flagged NOT_PROGRAMMED drops every new flow in both directions (fail closed).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
-use policy_common::{Config, Direction, EndpointInfo, Reason, ct_flags, endpoint_flags, identity};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use policy_common::{
+    Addr, Config, Direction, EndpointInfo, Reason, ct_flags, endpoint_flags, identity,
+};
 
 use crate::conntrack::{self, CtHit};
 use crate::fragments;
@@ -78,10 +80,12 @@ fn mark(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).mark }
 }
 
+/// Conntrack time. The coarse clock (tick resolution, a few ms) is ample for idle timeouts in
+/// seconds and costs a fraction of `bpf_ktime_get_ns` on virtual machines.
 #[inline(always)]
 fn now() -> u64 {
     // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -120,7 +124,7 @@ fn parse_at_endpoint(
 fn judge_new(
     ep: &EndpointInfo,
     direction: Direction,
-    peer: &[u8; 16],
+    peer: &Addr,
     protocol: u8,
     dport: u16,
 ) -> Verdict {
@@ -174,23 +178,19 @@ fn established(ep: &EndpointInfo, hit: &CtHit, reason: Reason, hook: Direction) 
     if value.flags & ct_flags::SERVICE != 0 || value.generation == ep.generation {
         return v;
     }
-    let key = &hit.key;
-    let direction = if key.direction == Direction::Egress as u8 {
-        Direction::Egress
-    } else {
-        Direction::Ingress
-    };
-    let recheck = if key.src == key.dst {
+    let direction = value.direction();
+    let (src, _, dst, dport) = hit.key.original(value);
+    let recheck = if src == dst {
         Verdict::new(Reason::AllowedSelf, ep.id, direction)
     } else {
         let peer = match direction {
-            Direction::Egress => &key.dst,
-            Direction::Ingress => &key.src,
+            Direction::Egress => &dst,
+            Direction::Ingress => &src,
         };
-        judge_new(ep, direction, peer, key.protocol, u16::from_be(key.dport))
+        judge_new(ep, direction, peer, hit.key.protocol, dport)
     };
     if recheck.reason.is_drop() {
-        conntrack::remove(key);
+        conntrack::remove(&hit.key);
         v.peer_identity = recheck.peer_identity;
         return v.with(Reason::DroppedRevoked);
     }

@@ -3,7 +3,7 @@
 //! verdict: the per-CPU counters still count every packet.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use policy_common::{Config, VerdictEvent};
+use policy_common::{Config, VerdictEvent, addr_octets};
 
 use crate::decide::Verdict;
 use crate::maps::{EVENT_RATE, EVENTS};
@@ -44,8 +44,8 @@ pub fn emit(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &Config) {
     };
     entry.write(VerdictEvent {
         ts_ns: now,
-        src: pkt.src,
-        dst: pkt.dst,
+        src: addr_octets(pkt.src),
+        dst: addr_octets(pkt.dst),
         sport: pkt.sport,
         dport: pkt.dport,
         ifindex,

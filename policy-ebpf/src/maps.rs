@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyKey, PolicyValue,
-    Reason, ServiceKey, capacity,
+    Addr, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyKey,
+    PolicyValue, Reason, ServiceKey, capacity,
 };
 
 /// Host-side veth ifindex → endpoint.
@@ -25,6 +25,11 @@ static ENDPOINTS: HashMap<u32, EndpointInfo> =
 #[map(name = "ENDPOINTS_BY_ID")]
 static ENDPOINTS_BY_ID: HashMap<u32, EndpointInfo> =
     HashMap::with_max_entries(capacity::ENDPOINTS, BPF_F_NO_PREALLOC);
+
+/// Full-length addresses (/32, /128) → identities. See `policy::identities`.
+#[map(name = "IPCACHE_EXACT")]
+pub static IPCACHE_EXACT: HashMap<Addr, IdentityPair> =
+    HashMap::with_max_entries(capacity::IPCACHE_EXACT, BPF_F_NO_PREALLOC);
 
 /// IPv4 address prefix (network order) → identities. See `policy::identities`.
 #[map(name = "IPCACHE_V4")]
@@ -85,7 +90,7 @@ pub fn endpoint_by_id(id: u32) -> Option<EndpointInfo> {
 
 /// Whether `addr` (IPv4-mapped for IPv4) is a Service frontend address.
 #[inline(always)]
-pub fn is_service(addr: &[u8; 16]) -> bool {
+pub fn is_service(addr: &Addr) -> bool {
     SERVICES.get_ptr(&ServiceKey { addr: *addr }).is_some()
 }
 

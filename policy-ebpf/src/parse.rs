@@ -1,9 +1,9 @@
 //! Packet parsing: Ethernet → IPv4 (with options) / IPv6 (with extension headers) → TCP, UDP and
 //! SCTP ports.
 //!
-//! Every read goes through `bpf_skb_load_bytes`, which also reads non-linear skbs (GRO'd or
-//! GSO packets on veths keep headers in the linear area only by convention) and fails when the
-//! packet is shorter than the read: that failure is [`Reason::DroppedTruncated`].
+//! Reads use direct packet access (a helper call per header costs more than the rest of the
+//! parse). Headers outside the linear part of a non-linear skb are pulled in first
+//! (`bpf_skb_pull_data`); a read past the end of the packet is [`Reason::DroppedTruncated`].
 //!
 //! What is policed, and why the rest is not:
 //! - TCP, UDP and SCTP over IPv4 and IPv6: the only protocols NetworkPolicy rules can name.
@@ -22,7 +22,7 @@
 //!   BIG TCP super-packets look on the stack.
 
 use aya_ebpf::programs::TcContext;
-use policy_common::{Reason, proto};
+use policy_common::{Addr, Reason, proto};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -47,11 +47,12 @@ pub const FRAG_FIRST: u8 = 1;
 /// Later fragment: no ports, follows the first fragment's verdict.
 pub const FRAG_LATER: u8 = 2;
 
-/// The fields a verdict needs. Addresses are IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+/// The fields a verdict needs. Addresses are IPv6 or IPv4-mapped IPv6 (`::ffff:a.b.c.d`), as
+/// words ([`Addr`]) so that keys are built with word copies.
 #[derive(Clone, Copy)]
 pub struct Packet {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
     /// Host byte order; 0 for later fragments.
     pub sport: u16,
     pub dport: u16,
@@ -68,8 +69,8 @@ pub struct Packet {
 impl Packet {
     pub const fn empty() -> Self {
         Packet {
-            src: [0; 16],
-            dst: [0; 16],
+            src: [0; 4],
+            dst: [0; 4],
             sport: 0,
             dport: 0,
             protocol: 0,
@@ -89,9 +90,49 @@ pub enum Parsed {
     Policed,
 }
 
+/// Headers starting further into the packet than this are malformed (it bounds the offsets
+/// the verifier must reason about; real header chains are far shorter).
+const MAX_HEADER_OFFSET: usize = 4096;
+
+/// `skb->data` / `skb->data_end`, reloaded at every use: the verifier turns these 32-bit
+/// context loads into packet pointers, and a value LLVM kept in a register would come back
+/// zero-extended by shifts, which the verifier rejects on pointers.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
-    ctx.load::<T>(offset).map_err(|_| Reason::DroppedTruncated)
+fn data(ctx: &TcContext) -> usize {
+    // SAFETY: a field of the __sk_buff the kernel handed us.
+    unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).data) as usize }
+}
+
+#[inline(always)]
+fn data_end(ctx: &TcContext) -> usize {
+    // SAFETY: as in `data`.
+    unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).data_end) as usize }
+}
+
+/// Reads a `T` at `offset` with direct packet access. Bytes beyond the linear part of a
+/// non-linear skb are pulled in first; bytes beyond the packet are [`Reason::DroppedTruncated`].
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+    let size = core::mem::size_of::<T>();
+    if offset > MAX_HEADER_OFFSET {
+        return Err(Reason::DroppedMalformed);
+    }
+    if data(ctx) + offset + size > data_end(ctx) {
+        if offset + size > ctx.len() as usize {
+            return Err(Reason::DroppedTruncated);
+        }
+        if ctx.pull_data((offset + size) as u32).is_err() {
+            return Err(Reason::DroppedInternal);
+        }
+    }
+    // Fresh pointers (a pull moves the data), checked again for the verifier, which only
+    // trusts a bound on this very pointer plus a constant.
+    let ptr = data(ctx) + offset;
+    if ptr + size > data_end(ctx) {
+        return Err(Reason::DroppedTruncated);
+    }
+    // SAFETY: `ptr .. ptr + size` was checked against data_end just above.
+    Ok(unsafe { core::ptr::read_unaligned(ptr as *const T) })
 }
 
 #[inline(always)]
@@ -128,8 +169,8 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let protocol = h[9];
     pkt.family = 4;
     pkt.protocol = protocol;
-    pkt.src = mapped([h[12], h[13], h[14], h[15]]);
-    pkt.dst = mapped([h[16], h[17], h[18], h[19]]);
+    pkt.src = mapped(word(&h, 12));
+    pkt.dst = mapped(word(&h, 16));
     if !is_policed(protocol) {
         return Ok(Parsed::NotPoliced);
     }
@@ -157,12 +198,8 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
         return Err(Reason::DroppedMalformed);
     }
     pkt.family = 6;
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
-    dst.copy_from_slice(&h[24..40]);
-    pkt.src = src;
-    pkt.dst = dst;
+    pkt.src = [word(&h, 8), word(&h, 12), word(&h, 16), word(&h, 20)];
+    pkt.dst = [word(&h, 24), word(&h, 28), word(&h, 32), word(&h, 36)];
 
     let mut next = h[6];
     let mut offset = ETH_HLEN + 40;
@@ -240,22 +277,23 @@ fn parse_l4(ctx: &TcContext, pkt: &mut Packet, offset: usize) -> Result<Parsed, 
     Ok(Parsed::Policed)
 }
 
-/// `::ffff:a.b.c.d`
+/// Four header bytes as an [`Addr`] word (network byte order kept).
 #[inline(always)]
-pub const fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
-    ]
+const fn word<const N: usize>(h: &[u8; N], at: usize) -> u32 {
+    u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]])
 }
 
-/// The IPv4 address inside an IPv4-mapped address.
+/// The third word of an IPv4-mapped address: bytes `00 00 ff ff`.
+pub const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `::ffff:a.b.c.d` from the IPv4 address word.
 #[inline(always)]
-pub const fn v4_of(addr: &[u8; 16]) -> [u8; 4] {
-    [addr[12], addr[13], addr[14], addr[15]]
+pub const fn mapped(v4: u32) -> Addr {
+    [0, 0, MAPPED_WORD, v4]
 }
 
 /// Whether an address is IPv4-mapped (how IPv4 addresses are stored in 16-byte fields).
 #[inline(always)]
-pub fn is_mapped_v4(addr: &[u8; 16]) -> bool {
-    addr[..10] == [0u8; 10] && addr[10] == 0xff && addr[11] == 0xff
+pub const fn is_mapped_v4(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == MAPPED_WORD
 }

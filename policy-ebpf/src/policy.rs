@@ -4,25 +4,38 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use policy_common::{
-    Direction, IdentityPair, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, identity,
+    Addr, Direction, IdentityPair, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, addr_octets,
+    identity,
 };
 
-use crate::maps::{IPCACHE_V4, IPCACHE_V6, POLICY};
-use crate::parse::{is_mapped_v4, v4_of};
+use crate::maps::{IPCACHE_EXACT, IPCACHE_V4, IPCACHE_V6, POLICY};
+use crate::parse::is_mapped_v4;
 
 /// Identities of a peer address (IPv4-mapped for IPv4).
 ///
-/// IPCACHE_V4 / IPCACHE_V6 are LPM tries keyed by `[u8; 4]` / `[u8; 16]` in network order,
-/// probed with the full address (/32, /128): the longest prefix wins. The value carries both
-/// the peer's own identity (pod, host, remote node, world) and the CIDR identity of the most
-/// specific ipBlock prefix containing the address, so that ipBlock rules match pod addresses too
-/// (the compiler fills both for every entry). A miss is the world with no CIDR identity.
+/// Two structures, longest match first:
+/// 1. IPCACHE_EXACT, a hash keyed by the full address: every /32 and /128 entry (pods, nodes).
+///    Most peers are pods, and a hash lookup stays flat however many CIDR prefixes exist;
+/// 2. IPCACHE_V4 / IPCACHE_V6, LPM tries keyed by `[u8; 4]` / `[u8; 16]` in network order with
+///    every shorter prefix (ipBlocks, node and pod ranges), probed with the full address.
+///
+/// An exact entry is by definition the longest match, so nothing shorter can override it. The
+/// value carries both the peer's own identity (pod, host, remote node, world) and the CIDR
+/// identity of the most specific ipBlock prefix containing the address, so that ipBlock rules
+/// match pod addresses too (the compiler fills both for every entry). A miss is the world with
+/// no CIDR identity.
 #[inline(always)]
-pub fn identities(addr: &[u8; 16]) -> IdentityPair {
+pub fn identities(addr: &Addr) -> IdentityPair {
+    // SAFETY: NO_PREALLOC map (RCU-freed elements); the value is copied out at once.
+    if let Some(pair) = unsafe { IPCACHE_EXACT.get(addr) } {
+        return *pair;
+    }
     let found = if is_mapped_v4(addr) {
-        IPCACHE_V4.get(&Key::new(32, v4_of(addr))).copied()
+        IPCACHE_V4
+            .get(&Key::new(32, addr[3].to_ne_bytes()))
+            .copied()
     } else {
-        IPCACHE_V6.get(&Key::new(128, *addr)).copied()
+        IPCACHE_V6.get(&Key::new(128, addr_octets(*addr))).copied()
     };
     found.unwrap_or(IdentityPair {
         identity: identity::WORLD,

@@ -15,6 +15,7 @@ use policy_common::{
 use crate::bpffs::PinDir;
 use crate::packet::PacketSpec;
 use crate::testrun::{self, Run};
+use crate::topology::{Node, Pod};
 
 pub struct Fixture {
     pub dp: Dataplane,
@@ -82,6 +83,29 @@ impl Fixture {
                 identity,
             },
         )?;
+        Ok(())
+    }
+
+    /// Writes `pod`'s endpoint, then attaches the programs to its host veth (from inside the
+    /// node namespace, where the name resolves).
+    pub fn attach_pod(
+        &mut self,
+        node: &Node,
+        pod: &Pod,
+        id: u32,
+        identity: u32,
+        flags: u32,
+    ) -> Result<()> {
+        self.endpoint(pod.ifindex, id, identity, flags)?;
+        let dp = &mut self.dp;
+        node.ns.run(|| dp.attach_endpoint(&pod.host_if))?;
+        Ok(())
+    }
+
+    /// Attaches `to_network` to a node's uplink.
+    pub fn attach_uplink(&mut self, node: &Node, ifname: &str) -> Result<()> {
+        let dp = &mut self.dp;
+        node.ns.run(|| dp.attach_uplink(ifname))?;
         Ok(())
     }
 

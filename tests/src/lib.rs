@@ -10,7 +10,9 @@ pub mod netns;
 pub mod packet;
 pub mod pod;
 pub mod scenario;
+pub mod sockets;
 pub mod testrun;
+pub mod topology;
 pub mod workload;
 
 /// Panics unless running as root: kernel tests must fail, not skip, without privileges.

@@ -25,6 +25,8 @@ use policy_common::program_names;
 
 use super::error::DataplaneError;
 use super::loader::{Dataplane, classifier_mut};
+use super::sys;
+use aya::programs::MultiProgLink as _;
 
 /// clsact filter priority and handle used by every hook (fixed so a restarted agent replaces its
 /// own filter instead of adding a second one).
@@ -108,7 +110,10 @@ pub(crate) struct Attachment {
 #[derive(Debug)]
 enum HookLink {
     /// Pinned TCX link; dropping the descriptor leaves the pin (and the attachment) in place.
-    Tcx { _link: FdLink, pin: PathBuf },
+    Tcx {
+        link: SchedClassifierLink,
+        pin: PathBuf,
+    },
     /// clsact filter at (`NL_PRIORITY`, `NL_HANDLE`); outlives us by itself.
     Clsact,
 }
@@ -185,7 +190,7 @@ impl Dataplane {
         let attach_err = |source| DataplaneError::Attach {
             program,
             interface: ifname.to_owned(),
-            source,
+            source: Box::new(source),
         };
         match self.mode {
             AttachMode::Tcx => {
@@ -206,16 +211,20 @@ impl Dataplane {
                 let link = prog.take_link(id).map_err(attach_err)?;
                 let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
                     path: pin.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
                 let pinned = fd_link.pin(&pin).map_err(|source| DataplaneError::Pin {
                     path: pin.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
-                Ok(HookLink::Tcx {
-                    _link: pinned.into(),
-                    pin,
-                })
+                let link =
+                    SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                        DataplaneError::Link {
+                            path: pin.clone(),
+                            source: Box::new(source),
+                        }
+                    })?;
+                Ok(HookLink::Tcx { link, pin })
             }
             AttachMode::Clsact => {
                 match tc::qdisc_add_clsact(ifname) {
@@ -275,14 +284,16 @@ impl Dataplane {
     ) -> Result<Option<HookLink>, DataplaneError> {
         let link_err = |source| DataplaneError::Link {
             path: pin.clone(),
-            source,
+            source: Box::new(source),
         };
         let pinned = PinnedLink::from_pin(pin).map_err(link_err)?;
         let fd_link: FdLink = pinned.into();
         let link = SchedClassifierLink::try_from(fd_link).map_err(link_err)?;
-        let target = tcx_target(&link).map_err(|source| DataplaneError::Io {
-            path: pin.clone(),
-            source,
+        let target = link.fd().map_err(link_err).and_then(|fd| {
+            sys::tcx_target(fd).map_err(|source| DataplaneError::Io {
+                path: pin.clone(),
+                source,
+            })
         })?;
         let current = ifindex_of(ifname);
         if target.is_none() || target != current {
@@ -295,24 +306,34 @@ impl Dataplane {
         let attach_err = |source| DataplaneError::Attach {
             program,
             interface: ifname.to_owned(),
-            source,
+            source: Box::new(source),
         };
         let id = prog.attach_to_link(link).map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
-        let fd_link = FdLink::try_from(link).map_err(link_err)?;
         Ok(Some(HookLink::Tcx {
-            _link: fd_link,
+            link,
             pin: pin.clone(),
         }))
     }
 
     fn release(&mut self, ifname: &str, hook: Hook, link: HookLink) -> Result<(), DataplaneError> {
         match link {
-            HookLink::Tcx { _link, pin } => {
+            HookLink::Tcx { link, pin } => {
+                // Detach first (synchronous), then forget the pin and the descriptor.
+                let detached = link
+                    .fd()
+                    .map_err(|source| DataplaneError::Link {
+                        path: pin.clone(),
+                        source: Box::new(source),
+                    })
+                    .and_then(|fd| {
+                        sys::link_detach(fd).map_err(|source| DataplaneError::Io {
+                            path: pin.clone(),
+                            source,
+                        })
+                    });
                 remove_pin(&pin)?;
-                // Dropping the last reference destroys the link, which detaches the program.
-                drop(_link);
-                Ok(())
+                detached
             }
             HookLink::Clsact => {
                 let Ok(link) = SchedClassifierLink::attached(
@@ -331,7 +352,7 @@ impl Dataplane {
                     Err(source) => Err(DataplaneError::Detach {
                         program: hook.program(),
                         interface: ifname.to_owned(),
-                        source,
+                        source: Box::new(source),
                     }),
                 }
             }
@@ -401,44 +422,4 @@ fn ifindex_of(ifname: &str) -> Option<u32> {
         0 => None,
         index => Some(index),
     }
-}
-
-/// The ifindex a TCX link is attached to (`None` once its device is gone). aya's `LinkInfo`
-/// does not expose the TCX part of `bpf_link_info`, so this asks the kernel directly.
-fn tcx_target(link: &SchedClassifierLink) -> io::Result<Option<u32>> {
-    use aya::programs::MultiProgLink as _;
-    use std::os::fd::AsRawFd as _;
-
-    let fd = link
-        .fd()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-byte aligned union whose
-    // `tcx` member starts with { u32 ifindex; u32 attach_type; }.
-    let mut info = [0u64; 32];
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    // SAFETY: attr and info are valid for the sizes given; the kernel writes at most info_len.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let ifindex = (info[2] & 0xffff_ffff) as u32;
-    Ok((ifindex != 0).then_some(ifindex))
 }

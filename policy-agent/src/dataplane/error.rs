@@ -1,5 +1,6 @@
 //! Errors of the dataplane. Map write failures name the map and the key, and a full map is its
-//! own variant so the agent can fail the affected endpoints closed and say why.
+//! own variant so the agent can fail the affected endpoints closed and say why. aya's errors are
+//! boxed to keep `Result<_, DataplaneError>` small.
 
 use std::{io, path::PathBuf};
 
@@ -18,12 +19,12 @@ pub enum DataplaneError {
     #[error("parsing the embedded eBPF object: {source}")]
     Object {
         #[source]
-        source: aya_obj::ParseError,
+        source: Box<aya_obj::ParseError>,
     },
     #[error("loading the eBPF object: {source}")]
     Load {
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
@@ -33,19 +34,19 @@ pub enum DataplaneError {
     Program {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("pinning {path}: {source}")]
     Pin {
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("pinned link {path}: {source}")]
     Link {
         path: PathBuf,
         #[source]
-        source: aya::programs::links::LinkError,
+        source: Box<aya::programs::links::LinkError>,
     },
     #[error("interface {interface}: {source}")]
     Interface {
@@ -58,20 +59,20 @@ pub enum DataplaneError {
         program: &'static str,
         interface: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("detaching {program} from {interface}: {source}")]
     Detach {
         program: &'static str,
         interface: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("map {map} is full (capacity {capacity}) writing {key}")]
     MapFull {
@@ -84,14 +85,14 @@ pub enum DataplaneError {
         map: &'static str,
         key: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("map {map}: removing {key}: {source}")]
     MapRemove {
         map: &'static str,
         key: String,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("endpoint on ifindex {ifindex}: {reason}")]
     InvalidEndpoint { ifindex: u32, reason: String },

@@ -71,6 +71,9 @@ impl Dataplane {
     /// Loads the programs, reopening (or creating) the maps pinned under `pin_dir`, writes
     /// `config`, and adopts every link pinned by a previous run (swapping it to the new program).
     /// Attaches with TCX links on kernels that have them (≥ 6.6), clsact filters otherwise.
+    ///
+    /// Call it from the network namespace the interfaces live in: a pinned link is adopted only
+    /// if its interface still exists there under the same name (otherwise its pin is removed).
     pub fn open(pin_dir: &Path, config: Config) -> Result<Dataplane, DataplaneError> {
         Self::open_with_mode(pin_dir, config, AttachMode::detect())
     }
@@ -92,11 +95,16 @@ impl Dataplane {
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .map_err(|source| DataplaneError::Load { source })?;
+            .map_err(|source| DataplaneError::Load {
+                source: Box::new(source),
+            })?;
         for name in PROGRAMS {
             classifier_mut(&mut ebpf, name)?
                 .load()
-                .map_err(|source| DataplaneError::Program { name, source })?;
+                .map_err(|source| DataplaneError::Program {
+                    name,
+                    source: Box::new(source),
+                })?;
         }
         pin_programs(&mut ebpf, &pin_dir.join("programs"))?;
 
@@ -142,7 +150,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::MapUpdate {
                 map,
                 key: "0".to_owned(),
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -154,7 +162,10 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram { name })?;
         program
             .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })
+            .map_err(|source| DataplaneError::Program {
+                name,
+                source: Box::new(source),
+            })
     }
 
     /// Detaches everything and removes every pin (uninstall). Packets flow unpoliced afterwards.
@@ -249,8 +260,9 @@ fn prepare_pin_dir(pin_dir: &Path) -> Result<(), DataplaneError> {
 /// Removes map pins whose type, key, value or capacity differ from the object's definition, so
 /// that the loader creates them afresh instead of handing the programs a map they misread.
 fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
-    let object =
-        aya_obj::Object::parse(EBPF_OBJECT).map_err(|source| DataplaneError::Object { source })?;
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(|source| DataplaneError::Object {
+        source: Box::new(source),
+    })?;
     for (name, def) in &object.maps {
         let path = maps_dir.join(name);
         if !path.exists() {
@@ -288,7 +300,10 @@ fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
         }
         classifier_mut(ebpf, name)?
             .pin(&path)
-            .map_err(|source| DataplaneError::Pin { path, source })?;
+            .map_err(|source| DataplaneError::Pin {
+                path,
+                source: Box::new(source),
+            })?;
     }
     Ok(())
 }
@@ -302,7 +317,10 @@ pub(crate) fn classifier_mut<'a>(
         .ok_or(DataplaneError::MissingProgram { name })?;
     program
         .try_into()
-        .map_err(|source| DataplaneError::Program { name, source })
+        .map_err(|source| DataplaneError::Program {
+            name,
+            source: Box::new(source),
+        })
 }
 
 /// A typed view of one map of the object.
@@ -316,7 +334,10 @@ where
     let map = ebpf
         .map_mut(name)
         .ok_or(DataplaneError::MissingMap { name })?;
-    T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+    T::try_from(map).map_err(|source| DataplaneError::Map {
+        map: name,
+        source: Box::new(source),
+    })
 }
 
 /// A typed read-only view of one map of the object.
@@ -325,5 +346,8 @@ where
     T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
 {
     let map = ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
-    T::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })
+    T::try_from(map).map_err(|source| DataplaneError::Map {
+        map: name,
+        source: Box::new(source),
+    })
 }

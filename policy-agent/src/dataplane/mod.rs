@@ -16,10 +16,11 @@ mod attach;
 mod error;
 mod loader;
 mod stats;
+mod sys;
 mod writer;
 
 pub use attach::{AttachMode, Role};
 pub use error::DataplaneError;
 pub use loader::{Dataplane, EBPF_OBJECT};
 pub use stats::EventReader;
-pub use writer::{ApplyReport, MapUsage, service_key};
+pub use writer::{ApplyReport, MapUsage, addr_of, ip_of, service_key};

@@ -22,9 +22,13 @@ impl Dataplane {
         Reason::ALL
             .iter()
             .map(|&reason| {
-                let values = counters
-                    .get(&(reason as u32), 0)
-                    .map_err(|source| DataplaneError::Map { map, source })?;
+                let values =
+                    counters
+                        .get(&(reason as u32), 0)
+                        .map_err(|source| DataplaneError::Map {
+                            map,
+                            source: Box::new(source),
+                        })?;
                 Ok((reason, values.iter().sum()))
             })
             .collect()
@@ -44,6 +48,9 @@ impl Dataplane {
     /// per packet).
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
         let s = &self.shadow;
+        // /32 and /128 entries live in IPCACHE_EXACT.
+        let exact_v4 = s.ipcache_v4.keys().filter(|n| n.prefix() == 32).count() as u64;
+        let exact_v6 = s.ipcache_v6.keys().filter(|n| n.prefix() == 128).count() as u64;
         let mut usage = vec![
             MapUsage {
                 map: map_names::ENDPOINTS,
@@ -51,13 +58,18 @@ impl Dataplane {
                 capacity: capacity::ENDPOINTS,
             },
             MapUsage {
+                map: map_names::IPCACHE_EXACT,
+                entries: exact_v4 + exact_v6,
+                capacity: capacity::IPCACHE_EXACT,
+            },
+            MapUsage {
                 map: map_names::IPCACHE_V4,
-                entries: s.ipcache_v4.len() as u64,
+                entries: s.ipcache_v4.len() as u64 - exact_v4,
                 capacity: capacity::IPCACHE_V4,
             },
             MapUsage {
                 map: map_names::IPCACHE_V6,
-                entries: s.ipcache_v6.len() as u64,
+                entries: s.ipcache_v6.len() as u64 - exact_v6,
                 capacity: capacity::IPCACHE_V6,
             },
             MapUsage {
@@ -92,7 +104,12 @@ impl Dataplane {
         let map = map_names::CONNTRACK;
         let ct: BpfHashMap<&MapData, CtKey, CtValue> = typed_map(&self.ebpf, map)?;
         ct.iter()
-            .map(|item| item.map_err(|source| DataplaneError::Map { map, source }))
+            .map(|item| {
+                item.map_err(|source| DataplaneError::Map {
+                    map,
+                    source: Box::new(source),
+                })
+            })
             .collect()
     }
 
@@ -101,8 +118,10 @@ impl Dataplane {
     pub fn events(&mut self) -> Result<EventReader, DataplaneError> {
         let map = map_names::EVENTS;
         let taken = self.ebpf.take_map(map).ok_or(DataplaneError::EventsTaken)?;
-        let ring =
-            RingBuf::try_from(taken).map_err(|source| DataplaneError::Map { map, source })?;
+        let ring = RingBuf::try_from(taken).map_err(|source| DataplaneError::Map {
+            map,
+            source: Box::new(source),
+        })?;
         // SAFETY: the ring buffer owns its map descriptor and keeps it open (and the same) for
         // as long as it lives, which is as long as the AsyncFd.
         let fd =

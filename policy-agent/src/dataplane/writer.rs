@@ -17,7 +17,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
 };
 
 use aya::{
@@ -26,7 +26,8 @@ use aya::{
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use policy_common::{
-    EndpointInfo, IdentityPair, PolicyKey, PolicyValue, ServiceKey, capacity, map_names,
+    Addr, EndpointInfo, IdentityPair, PolicyKey, PolicyValue, ServiceKey, addr_from_octets,
+    addr_octets, capacity, map_names,
 };
 
 use super::error::DataplaneError;
@@ -65,22 +66,26 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
-/// IPv4 addresses are stored IPv4-mapped in 16-byte fields.
-pub fn service_key(addr: IpAddr) -> ServiceKey {
-    let addr = match addr {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-        IpAddr::V6(v6) => v6,
-    };
-    ServiceKey {
-        addr: addr.octets(),
-    }
+/// The key form of an address: IPv4-mapped for IPv4, as [`Addr`] words.
+pub fn addr_of(ip: IpAddr) -> Addr {
+    addr_from_octets(match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    })
 }
 
-fn service_addr(key: &ServiceKey) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(key.addr);
+/// The address of a key [`Addr`].
+pub fn ip_of(addr: Addr) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr_octets(addr));
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
         None => IpAddr::V6(v6),
+    }
+}
+
+pub fn service_key(addr: IpAddr) -> ServiceKey {
+    ServiceKey {
+        addr: addr_of(addr),
     }
 }
 
@@ -108,7 +113,11 @@ fn update_error(map: &'static str, key: String, capacity: u32, source: MapError)
     {
         return DataplaneError::MapFull { map, key, capacity };
     }
-    DataplaneError::MapUpdate { map, key, source }
+    DataplaneError::MapUpdate {
+        map,
+        key,
+        source: Box::new(source),
+    }
 }
 
 /// Removing what is already gone is not an error.
@@ -120,20 +129,38 @@ fn remove_result(
     match result {
         Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(DataplaneError::MapRemove { map, key, source }),
+        Err(source) => Err(DataplaneError::MapRemove {
+            map,
+            key,
+            source: Box::new(source),
+        }),
     }
 }
 
 impl Shadow {
     pub(crate) fn read(ebpf: &Ebpf) -> Result<Shadow, DataplaneError> {
         let mut shadow = Shadow::default();
-        let read_err = |map: &'static str| move |source| DataplaneError::Map { map, source };
+        let read_err = |map: &'static str| {
+            move |source| DataplaneError::Map {
+                map,
+                source: Box::new(source),
+            }
+        };
 
         let endpoints: HashMap<&MapData, u32, EndpointInfo> =
             typed_map(ebpf, map_names::ENDPOINTS)?;
         for item in endpoints.iter() {
             let (ifindex, info) = item.map_err(read_err(map_names::ENDPOINTS))?;
             shadow.endpoints.insert(ifindex, info);
+        }
+        let exact: HashMap<&MapData, Addr, IdentityPair> =
+            typed_map(ebpf, map_names::IPCACHE_EXACT)?;
+        for item in exact.iter() {
+            let (addr, value) = item.map_err(read_err(map_names::IPCACHE_EXACT))?;
+            match ip_of(addr) {
+                IpAddr::V4(v4) => shadow.ipcache_v4.insert(Ipv4Network::from(v4), value),
+                IpAddr::V6(v6) => shadow.ipcache_v6.insert(Ipv6Network::from(v6), value),
+            };
         }
         let v4: LpmTrie<&MapData, [u8; 4], IdentityPair> = typed_map(ebpf, map_names::IPCACHE_V4)?;
         for item in v4.iter() {
@@ -163,7 +190,7 @@ impl Shadow {
         let services: HashMap<&MapData, ServiceKey, u32> = typed_map(ebpf, map_names::SERVICES)?;
         for item in services.keys() {
             let key = item.map_err(read_err(map_names::SERVICES))?;
-            shadow.services.insert(service_addr(&key));
+            shadow.services.insert(ip_of(key.addr));
         }
         Ok(shadow)
     }
@@ -425,22 +452,31 @@ impl Dataplane {
         net: Ipv4Network,
         pair: IdentityPair,
     ) -> Result<(), DataplaneError> {
-        let map = map_names::IPCACHE_V4;
-        let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> =
-            typed_map_mut(&mut self.ebpf, map)?;
-        let key = Key::new(net.prefix() as u32, net.network().octets());
-        trie.insert(&key, pair, 0)
-            .map_err(|source| update_error(map, net.to_string(), capacity::IPCACHE_V4, source))?;
+        if net.prefix() == 32 {
+            self.write_ipcache_exact(IpAddr::V4(net.ip()), pair)?;
+        } else {
+            let map = map_names::IPCACHE_V4;
+            let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> =
+                typed_map_mut(&mut self.ebpf, map)?;
+            let key = Key::new(net.prefix() as u32, net.network().octets());
+            trie.insert(&key, pair, 0).map_err(|source| {
+                update_error(map, net.to_string(), capacity::IPCACHE_V4, source)
+            })?;
+        }
         self.shadow.ipcache_v4.insert(net, pair);
         Ok(())
     }
 
     fn remove_ipcache_v4(&mut self, net: &Ipv4Network) -> Result<(), DataplaneError> {
-        let map = map_names::IPCACHE_V4;
-        let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> =
-            typed_map_mut(&mut self.ebpf, map)?;
-        let key = Key::new(net.prefix() as u32, net.network().octets());
-        remove_result(map, net.to_string(), trie.remove(&key))?;
+        if net.prefix() == 32 {
+            self.remove_ipcache_exact(IpAddr::V4(net.ip()))?;
+        } else {
+            let map = map_names::IPCACHE_V4;
+            let mut trie: LpmTrie<&mut MapData, [u8; 4], IdentityPair> =
+                typed_map_mut(&mut self.ebpf, map)?;
+            let key = Key::new(net.prefix() as u32, net.network().octets());
+            remove_result(map, net.to_string(), trie.remove(&key))?;
+        }
         self.shadow.ipcache_v4.remove(net);
         Ok(())
     }
@@ -450,24 +486,54 @@ impl Dataplane {
         net: Ipv6Network,
         pair: IdentityPair,
     ) -> Result<(), DataplaneError> {
-        let map = map_names::IPCACHE_V6;
-        let mut trie: LpmTrie<&mut MapData, [u8; 16], IdentityPair> =
-            typed_map_mut(&mut self.ebpf, map)?;
-        let key = Key::new(net.prefix() as u32, net.network().octets());
-        trie.insert(&key, pair, 0)
-            .map_err(|source| update_error(map, net.to_string(), capacity::IPCACHE_V6, source))?;
+        if net.prefix() == 128 {
+            self.write_ipcache_exact(IpAddr::V6(net.ip()), pair)?;
+        } else {
+            let map = map_names::IPCACHE_V6;
+            let mut trie: LpmTrie<&mut MapData, [u8; 16], IdentityPair> =
+                typed_map_mut(&mut self.ebpf, map)?;
+            let key = Key::new(net.prefix() as u32, net.network().octets());
+            trie.insert(&key, pair, 0).map_err(|source| {
+                update_error(map, net.to_string(), capacity::IPCACHE_V6, source)
+            })?;
+        }
         self.shadow.ipcache_v6.insert(net, pair);
         Ok(())
     }
 
     fn remove_ipcache_v6(&mut self, net: &Ipv6Network) -> Result<(), DataplaneError> {
-        let map = map_names::IPCACHE_V6;
-        let mut trie: LpmTrie<&mut MapData, [u8; 16], IdentityPair> =
-            typed_map_mut(&mut self.ebpf, map)?;
-        let key = Key::new(net.prefix() as u32, net.network().octets());
-        remove_result(map, net.to_string(), trie.remove(&key))?;
+        if net.prefix() == 128 {
+            self.remove_ipcache_exact(IpAddr::V6(net.ip()))?;
+        } else {
+            let map = map_names::IPCACHE_V6;
+            let mut trie: LpmTrie<&mut MapData, [u8; 16], IdentityPair> =
+                typed_map_mut(&mut self.ebpf, map)?;
+            let key = Key::new(net.prefix() as u32, net.network().octets());
+            remove_result(map, net.to_string(), trie.remove(&key))?;
+        }
         self.shadow.ipcache_v6.remove(net);
         Ok(())
+    }
+
+    /// /32 and /128 entries live in IPCACHE_EXACT (see `policy-ebpf/src/policy.rs`).
+    fn write_ipcache_exact(
+        &mut self,
+        ip: IpAddr,
+        pair: IdentityPair,
+    ) -> Result<(), DataplaneError> {
+        let map = map_names::IPCACHE_EXACT;
+        let mut exact: HashMap<&mut MapData, Addr, IdentityPair> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        exact
+            .insert(addr_of(ip), pair, 0)
+            .map_err(|source| update_error(map, ip.to_string(), capacity::IPCACHE_EXACT, source))
+    }
+
+    fn remove_ipcache_exact(&mut self, ip: IpAddr) -> Result<(), DataplaneError> {
+        let map = map_names::IPCACHE_EXACT;
+        let mut exact: HashMap<&mut MapData, Addr, IdentityPair> =
+            typed_map_mut(&mut self.ebpf, map)?;
+        remove_result(map, ip.to_string(), exact.remove(&addr_of(ip)))
     }
 
     fn write_policy(

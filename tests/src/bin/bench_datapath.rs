@@ -1,1 +1,334 @@
-fn main() {}
+//! Per-packet cost of the tc programs, measured in the kernel with BPF_PROG_TEST_RUN.
+//!
+//! `cargo xtask bench datapath` runs this (`--json` for one JSON object on stdout).
+//!
+//! Every scenario runs `from_pod` (the pod's egress) on one IPv4 TCP packet, `--repeat` times
+//! per kernel call, and reports the median over `--rounds` calls of the mean ns per packet:
+//! - floor: a program that only returns "ok" (`noop`): the test-run harness itself;
+//! - established: a packet of a flow already in conntrack;
+//! - new_identity / new_cidr / new_port_range: a new flow allowed by a rule naming the peer's
+//!   pod identity / an ipBlock containing a non-pod address / an endPort range. "New" is made
+//!   real by a conntrack timeout of 0, so every run misses conntrack, judges the flow and writes
+//!   its entry;
+//! - denied: a new flow no rule allows (every policy probe misses).
+//!
+//! Each is measured with 10, 1,000 and 10,000 POLICY entries spread over 100 endpoints and
+//! 4,000 identities, and always 100,000 IPv4 CIDR prefixes (lengths /8../32) in the IPCACHE
+//! besides the pod addresses.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use ipnetwork::Ipv4Network;
+use policy_agent::compiler::output::MapDiff;
+use policy_common::{
+    Config, Direction, IdentityPair, PolicyValue, endpoint_flags, identity,
+    program_names::{FROM_POD, NOOP},
+    proto,
+};
+use policy_tests::{
+    fixture::{Fixture, policy_entry, port_range_prefixes},
+    packet::{PacketSpec, TCP_ACK},
+    testrun::{self, TC_ACT_OK, TC_ACT_SHOT, TEST_IFINDEX},
+};
+
+const POLICY_COUNTS: [usize; 3] = [10, 1_000, 10_000];
+const CIDR_PREFIXES: usize = 100_000;
+
+const EP: u32 = 7;
+const PEER: u32 = 5000;
+const CIDR_ID: u32 = identity::CIDR_MIN + 7;
+const ME: &str = "10.0.0.7";
+const PEER_ADDR: &str = "10.0.3.9";
+/// Inside `WORLD_NET`, which carries CIDR_ID.
+const WORLD_ADDR: &str = "203.0.113.77";
+const WORLD_NET: &str = "203.0.113.0/24";
+
+struct Args {
+    json: bool,
+    repeat: u32,
+    rounds: usize,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        json: false,
+        repeat: 100_000,
+        rounds: 7,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => args.json = true,
+            "--repeat" => args.repeat = it.next().context("--repeat N")?.parse()?,
+            "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
+            "-h" | "--help" => {
+                println!("bench_datapath [--json] [--repeat N] [--rounds N]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(args)
+}
+
+/// xorshift64*: deterministic filler, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// 100,000 distinct IPv4 prefixes outside the pod and test ranges, lengths weighted like
+/// real CIDR lists (mostly /16../32), each with its own CIDR identity.
+fn cidr_prefixes(rng: &mut Rng) -> BTreeMap<Ipv4Network, IdentityPair> {
+    let mut out = BTreeMap::new();
+    let mut n = 0u32;
+    while out.len() < CIDR_PREFIXES {
+        let len = match rng.below(10) {
+            0 => 8 + rng.below(8) as u8,
+            1..=3 => 16 + rng.below(8) as u8,
+            4..=7 => 24,
+            _ => 25 + rng.below(8) as u8,
+        };
+        let addr = rng.next() as u32 & (u32::MAX << (32 - len));
+        let first = addr >> 24;
+        // Keep clear of 10/8 (pods) and 203.0.113/24 (the measured world address).
+        if first == 10 || first == 203 || first == 0 {
+            continue;
+        }
+        n += 1;
+        let net = Ipv4Network::new(addr.into(), len).expect("valid prefix length");
+        out.insert(
+            net,
+            IdentityPair {
+                identity: identity::WORLD,
+                cidr_identity: identity::CIDR_MIN + 1000 + n,
+            },
+        );
+    }
+    out
+}
+
+/// A dataplane holding `policies` POLICY entries (the measured ones included) and the IPCACHE.
+fn setup(policies: usize, cidrs: &BTreeMap<Ipv4Network, IdentityPair>) -> Result<Fixture> {
+    let mut f = Fixture::new("bench")?;
+    f.endpoint(TEST_IFINDEX, EP, 1000, endpoint_flags::EGRESS_ISOLATED)?;
+    let mut diff = MapDiff {
+        ipcache_v4_upsert: cidrs.clone(),
+        ..MapDiff::default()
+    };
+    let pair = |identity| IdentityPair {
+        identity,
+        cidr_identity: identity::ANY,
+    };
+    diff.ipcache_v4_upsert
+        .insert(format!("{ME}/32").parse()?, pair(1000));
+    diff.ipcache_v4_upsert
+        .insert(format!("{PEER_ADDR}/32").parse()?, pair(PEER));
+    diff.ipcache_v4_upsert.insert(
+        WORLD_NET.parse()?,
+        IdentityPair {
+            identity: identity::WORLD,
+            cidr_identity: CIDR_ID,
+        },
+    );
+    // Pod addresses of the other identities.
+    for i in 0..4000u32 {
+        let addr = std::net::Ipv4Addr::from(0x0a01_0000 + i);
+        diff.ipcache_v4_upsert
+            .insert(Ipv4Network::new(addr, 32)?, pair(256 + i));
+    }
+
+    let value = |rule| PolicyValue { rule, flags: 0 };
+    let eg = Direction::Egress;
+    // The measured rules.
+    diff.policy_upsert
+        .insert(policy_entry(EP, eg, PEER, proto::TCP, 80, 96), value(1));
+    diff.policy_upsert
+        .insert(policy_entry(EP, eg, CIDR_ID, proto::TCP, 443, 96), value(2));
+    for (port, len) in port_range_prefixes(8000, 8099) {
+        diff.policy_upsert
+            .insert(policy_entry(EP, eg, PEER, proto::TCP, port, len), value(3));
+    }
+    // Filler: other endpoints and identities, single ports and ranges.
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    while diff.policy_upsert.len() < policies {
+        let endpoint = 1 + rng.below(100) as u32;
+        let direction = if rng.below(2) == 0 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let peer = 256 + rng.below(4000) as u32;
+        let protocol = [proto::TCP, proto::UDP, proto::SCTP][rng.below(3) as usize];
+        let port = 1 + rng.below(65_000) as u16;
+        let len = if rng.below(4) == 0 {
+            88 + rng.below(8) as u32
+        } else {
+            96
+        };
+        diff.policy_upsert.insert(
+            policy_entry(endpoint, direction, peer, protocol, port, len),
+            value(10 + diff.policy_upsert.len() as u32),
+        );
+    }
+    f.dp.apply(&diff)?;
+    Ok(f)
+}
+
+/// Median over `rounds` of the kernel's mean ns per run; checks the verdict.
+fn measure(
+    f: &Fixture,
+    program: &'static str,
+    spec: &PacketSpec,
+    want: i32,
+    args: &Args,
+) -> Result<f64> {
+    let bytes = spec.build();
+    let program = f.dp.program(program)?;
+    let mut samples = Vec::with_capacity(args.rounds);
+    for _ in 0..args.rounds {
+        let (duration, action) = testrun::time(program, &bytes, args.repeat)?;
+        if action != want {
+            bail!("{spec:?}: action {action}, expected {want}");
+        }
+        samples.push(duration.as_nanos() as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+fn new_flow_config() -> Config {
+    let mut config = Config::DEFAULT;
+    config.ct_tcp_timeout_s = 0;
+    config.ct_tcp_closing_timeout_s = 0;
+    config.ct_udp_timeout_s = 0;
+    config.ct_sctp_timeout_s = 0;
+    config
+}
+
+#[derive(Default)]
+struct Figures {
+    floor: f64,
+    established: BTreeMap<usize, f64>,
+    new_identity: BTreeMap<usize, f64>,
+    new_cidr: BTreeMap<usize, f64>,
+    new_port_range: BTreeMap<usize, f64>,
+    denied: BTreeMap<usize, f64>,
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    policy_tests::require_root();
+    policy_tests::pin_to_cpu(0)?;
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let cidrs = cidr_prefixes(&mut rng);
+    let mut figures = Figures::default();
+
+    for &policies in &POLICY_COUNTS {
+        eprintln!("loading {policies} policies and {CIDR_PREFIXES} CIDR prefixes...");
+        let mut f = setup(policies, &cidrs)?;
+        if policies == POLICY_COUNTS[0] {
+            figures.floor = measure(
+                &f,
+                NOOP,
+                &PacketSpec::tcp(ME, 1, PEER_ADDR, 80),
+                TC_ACT_OK,
+                &args,
+            )?;
+        }
+        // Established: the first run records the flow, the timed ones find it.
+        let flow = PacketSpec::tcp(ME, 40000, PEER_ADDR, 80);
+        f.expect(
+            FROM_POD,
+            &flow,
+            0,
+            &[policy_common::Reason::AllowedByPolicy],
+        )?;
+        let est = flow.flags(TCP_ACK);
+        figures
+            .established
+            .insert(policies, measure(&f, FROM_POD, &est, TC_ACT_OK, &args)?);
+
+        f.dp.set_config(new_flow_config())?;
+        let cases = [
+            (
+                &mut figures.new_identity,
+                PacketSpec::tcp(ME, 40001, PEER_ADDR, 80),
+                TC_ACT_OK,
+            ),
+            (
+                &mut figures.new_cidr,
+                PacketSpec::tcp(ME, 40002, WORLD_ADDR, 443),
+                TC_ACT_OK,
+            ),
+            (
+                &mut figures.new_port_range,
+                PacketSpec::tcp(ME, 40003, PEER_ADDR, 8070),
+                TC_ACT_OK,
+            ),
+            (
+                &mut figures.denied,
+                PacketSpec::tcp(ME, 40004, PEER_ADDR, 9),
+                TC_ACT_SHOT,
+            ),
+        ];
+        for (table, spec, want) in cases {
+            table.insert(policies, measure(&f, FROM_POD, &spec, want, &args)?);
+        }
+    }
+
+    if args.json {
+        let by_count = |m: &BTreeMap<usize, f64>| {
+            serde_json::Value::Object(
+                m.iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                    .collect(),
+            )
+        };
+        let last = POLICY_COUNTS[POLICY_COUNTS.len() - 1];
+        let out = serde_json::json!({
+            "floor": figures.floor,
+            "established": figures.established[&last],
+            "new_identity": by_count(&figures.new_identity),
+            "new_cidr": by_count(&figures.new_cidr),
+            "new_port_range": by_count(&figures.new_port_range),
+            "denied": by_count(&figures.denied),
+            "established_by_policies": by_count(&figures.established),
+            "cidr_prefixes": CIDR_PREFIXES,
+            "unit": "ns/packet",
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "ns per packet (BPF_PROG_TEST_RUN, median of {} x {} runs), {CIDR_PREFIXES} CIDR prefixes loaded",
+            args.rounds, args.repeat
+        );
+        println!("{:<16}{:>10}{:>10}{:>10}", "policies", 10, 1000, 10000);
+        println!("{:<16}{:>10.0}", "floor (noop)", figures.floor);
+        for (name, table) in [
+            ("established", &figures.established),
+            ("new_identity", &figures.new_identity),
+            ("new_cidr", &figures.new_cidr),
+            ("new_port_range", &figures.new_port_range),
+            ("denied", &figures.denied),
+        ] {
+            print!("{name:<16}");
+            for count in POLICY_COUNTS {
+                print!("{:>10.0}", table[&count]);
+            }
+            println!();
+        }
+    }
+    Ok(())
+}

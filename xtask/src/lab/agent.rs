@@ -48,15 +48,18 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `cargo build --release -p policy-agent`, returning the binary's path.
+/// `cargo build --release -p policy-agent`, returning the binary's path. `LAB_AGENT_PROFILE`
+/// picks another cargo profile (`dev` reuses what `cargo test` already compiled).
 pub fn build() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building the agent: cargo build --release -p policy-agent");
+    let profile = std::env::var("LAB_AGENT_PROFILE").unwrap_or_else(|_| "release".into());
+    eprintln!("building the agent: cargo build --profile {profile} -p policy-agent");
     let mut child = Command::new(cargo)
         .current_dir(workspace_root())
         .args([
             "build",
-            "--release",
+            "--profile",
+            &profile,
             "-p",
             "policy-agent",
             "--bin",
@@ -82,7 +85,7 @@ pub fn build() -> Result<PathBuf> {
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("cargo build --release -p policy-agent failed ({status})");
+        bail!("cargo build --profile {profile} -p policy-agent failed ({status})");
     }
     exe.ok_or_else(|| anyhow!("cargo build did not report the policy-agent executable"))
 }
