@@ -155,6 +155,7 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
         status,
         flows: args.flow_log.then_some(flows),
         last_problems: BTreeSet::new(),
+        started: SystemTime::now(),
     };
     lp.run(updates, interfaces, stop_rx).await;
 
@@ -234,6 +235,7 @@ struct Loop {
     status: Arc<RwLock<Status>>,
     flows: Option<Arc<RwLock<FlowContext>>>,
     last_problems: BTreeSet<String>,
+    started: SystemTime,
 }
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -377,7 +379,8 @@ impl Loop {
         if report.complete {
             self.metrics.enforced_revision.set(revision as i64);
             let now = SystemTime::now();
-            for changed in self.pending.drain(..) {
+            // Changes made before the agent started measure downtime, not enforcement latency.
+            for changed in self.pending.drain(..).filter(|c| *c >= self.started) {
                 let latency = now.duration_since(changed).unwrap_or_default();
                 self.metrics
                     .enforcement_latency

@@ -111,7 +111,7 @@ fn host_bpffs() -> Option<String> {
         }
     }
     let mut candidates: Vec<(usize, String)> = by_ns.into_values().collect();
-    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     candidates
         .into_iter()
         .map(|(_, pid)| pid)

@@ -1,7 +1,7 @@
-//! The 48 upstream e2e NetworkPolicy cases (`tests/data/netpol_cases.json`, a copy of
-//! `shared/conformance/netpol_cases.json`) replayed step by step on the e2e model (namespaces
-//! x, y, z; pods a, b, c; one container per served port × protocol; two nodes), in both the 9-pod
-//! model and the newest reduced pod sets.
+//! The 48 upstream e2e NetworkPolicy cases (`xtask/conformance/netpol_cases.json`, the catalogue
+//! the lab's conformance suite also runs; see `netpol_cases.md` beside it) replayed step by step
+//! on the e2e model (namespaces x, y, z; pods a, b, c; one container per served port × protocol;
+//! two nodes), in both the 9-pod model and the newest reduced pod sets.
 //!
 //! Every probe's truth table is rebuilt from the case's expectation edits (`ExpectPeer`,
 //! `ExpectAllIngress`, `ExpectAllEgress`, `Expect`) and must equal, for every non-loopback pair:
@@ -21,7 +21,7 @@ use serde_json::Value;
 const NODES: [&str; 2] = ["node-1", "node-2"];
 
 fn cases() -> Vec<Value> {
-    let text = include_str!("data/netpol_cases.json");
+    let text = include_str!("../../xtask/conformance/netpol_cases.json");
     let doc: Value = serde_json::from_str(text).unwrap();
     doc["cases"].as_array().unwrap().clone()
 }

@@ -134,3 +134,33 @@ pub fn http_get(ns: &NetNs, addr: SocketAddr, path: &str) -> Result<String> {
         Ok(body.to_owned())
     })
 }
+
+/// One agent per node of `cluster`, reading `manifest_dir`; returns once every agent enforces
+/// `revision`, with the slowest agent's time.
+pub fn start_all(
+    cluster: &crate::cluster::Cluster,
+    manifest_dir: &Path,
+    revision: u64,
+) -> Result<(Vec<Agent>, Duration)> {
+    use crate::cluster::{gateway_ip, node_ip};
+    let mut agents = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for node in &cluster.nodes {
+        let ips = [
+            node_ip(node.index).to_string(),
+            gateway_ip(node.index).to_string(),
+        ];
+        let name = format!("node-{}", node.index);
+        let mut agent = Agent::start(
+            &node.netns,
+            &name,
+            manifest_dir,
+            &ips,
+            &[node.uplink.as_str()],
+        )?;
+        slowest =
+            slowest.max(agent.wait_enforced(&node.netns, revision, Duration::from_secs(60))?);
+        agents.push(agent);
+    }
+    Ok((agents, slowest))
+}

@@ -36,6 +36,28 @@ pub struct PodSpec {
 
 pub const NAMESPACE: &str = "bench";
 
+/// The benchmark pods: a client and a server on node 1, a server on node 2.
+pub const PODS: &[PodSpec] = &[
+    PodSpec {
+        name: "a",
+        labels: &[("app", "client")],
+        ip: Ipv4Addr::new(10, 244, 1, 10),
+        node: 1,
+    },
+    PodSpec {
+        name: "b",
+        labels: &[("app", "server")],
+        ip: Ipv4Addr::new(10, 244, 1, 11),
+        node: 1,
+    },
+    PodSpec {
+        name: "c",
+        labels: &[("app", "server")],
+        ip: Ipv4Addr::new(10, 244, 2, 10),
+        node: 2,
+    },
+];
+
 /// `n` policies, one rule each, half ingress for `app=server`, half egress for `app=client`. The
 /// two that let the client reach the servers on `allowed_ports` sit in the middle of the list (an
 /// nftables chain evaluates rules in order; an LPM lookup does not care).
@@ -206,4 +228,13 @@ pub fn nft_ruleset(
         "  chain forward {{\n    type filter hook forward priority filter; policy accept;\n    ct state established,related accept\n{dispatch}  }}\n}}"
     );
     out
+}
+
+/// The two-node benchmark cluster with [`PODS`] attached.
+pub fn cluster(tag: &str) -> anyhow::Result<crate::cluster::Cluster> {
+    let mut cluster = crate::cluster::Cluster::two_nodes(tag)?;
+    for p in PODS {
+        cluster.add_pod(p.name, p.node, p.ip.octets()[3])?;
+    }
+    Ok(cluster)
 }

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_support::{Agent, apply_manifests, connect_echo, echo_server, pod_yaml, ptp_pod};
+use agent_support::{
+    Agent, apply_manifests, bridge_pod, connect_echo, echo_server, pod_yaml, ptp_pod,
+};
 use anyhow::{Result, bail};
 use policy_tests::{bpffs::PinDir, netns::NetNs, require_root};
 
@@ -67,10 +69,20 @@ fn agent_follows_pods_and_reports() -> Result<()> {
     let intruder = NetNs::new("eintruder")?;
     let web = NetNs::new("eweb")?;
     let late = NetNs::new("elate")?;
+    let bridged = NetNs::new("ebridged")?;
     node.sh("sysctl -qw net.ipv4.ip_forward=1")?;
     ptp_pod(&node, &client, "vclient", "10.253.1.2", GW)?;
     ptp_pod(&node, &intruder, "vintruder", "10.253.1.3", GW)?;
     ptp_pod(&node, &web, "vweb", "10.253.1.4", GW)?;
+    // A flannel-style pod on a bridge, next to the ptp ones (found through its netns).
+    bridge_pod(
+        &node,
+        &bridged,
+        "cni0",
+        "vbridged",
+        "10.253.9.4/24",
+        "10.253.9.1",
+    )?;
     let pins = PinDir::new("e2e")?;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("m");
@@ -88,6 +100,7 @@ fn agent_follows_pods_and_reports() -> Result<()> {
                 &pod_yaml("t", "intruder", "intruder", NODE, "10.253.1.3", PORT),
             ),
             ("web.yaml", &protected_pod("web", "10.253.1.4")),
+            ("bridged.yaml", &protected_pod("bridged", "10.253.9.4")),
             ("policy.yaml", POLICY),
         ],
         1,
@@ -99,13 +112,35 @@ fn agent_follows_pods_and_reports() -> Result<()> {
         pins.path(),
         http,
         &tmp.path().join("log"),
-        &[],
+        &["--flow-log", "--flow-log-allowed"],
     )?;
     agent.wait_enforced(&node, 1, Duration::from_secs(30))?;
     let stop = Arc::new(AtomicBool::new(false));
     let _web_server = echo_server(&web, addr("10.253.1.4"), stop.clone());
+    let _bridged_server = echo_server(&bridged, addr("10.253.9.4"), stop.clone());
     assert_protected(&client, &intruder, "10.253.1.4");
-    assert_eq!(agent.status(&node)?.endpoints, 3);
+    assert_protected(&client, &intruder, "10.253.9.4");
+    assert!(pins.path().join("links/to_pod:vbridged").exists());
+    assert_eq!(agent.status(&node)?.endpoints, 4);
+
+    // The flow log names the pods and, for allowed flows, the deciding policy and rule.
+    wait_until("flow log lines", Duration::from_secs(5), || {
+        let log = agent.log_text();
+        let flows: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("policy_agent::flow"))
+            .collect();
+        Ok(flows.iter().any(|l| {
+            l.contains("\"reason\":\"dropped_policy\"")
+                && l.contains("\"endpoint\":\"t/web\"")
+                && l.contains("\"peer\":\"t/intruder\"")
+        }) && flows.iter().any(|l| {
+            l.contains("\"reason\":\"allowed_by_policy\"")
+                && l.contains("\"policy\":\"t/protect\"")
+                && l.contains("\"rule\":\"ingress[0]\"")
+                && l.contains("\"peer\":\"t/client\"")
+        }))
+    })?;
 
     // A pod whose manifest comes before its veth: reported, revision held back.
     apply_manifests(
@@ -159,7 +194,7 @@ fn agent_follows_pods_and_reports() -> Result<()> {
     node.ip(&["link", "del", "vlate2"])?;
     apply_manifests(&dir, &[], 4)?;
     agent.wait_enforced(&node, 4, Duration::from_secs(5))?;
-    assert_eq!(agent.status(&node)?.endpoints, 3);
+    assert_eq!(agent.status(&node)?.endpoints, 4);
     assert!(!pins.path().join("links/to_pod:vlate2").exists());
 
     // Invalid input: reported with file and field; the broken policy fails closed; the rest
@@ -215,7 +250,7 @@ fn agent_follows_pods_and_reports() -> Result<()> {
         "policy_agent_enforcement_latency_seconds_count",
         "policy_agent_map_entries{map=\"POLICY\"}",
         "policy_agent_map_pressure_ratio{map=\"IPCACHE_V4\"}",
-        "policy_agent_endpoints{state=\"enforced\"} 3",
+        "policy_agent_endpoints{state=\"enforced\"} 4",
         "policy_agent_compile_errors",
         "policy_agent_enforced_revision 6",
     ] {

@@ -24,16 +24,7 @@ use k8s_openapi::{
 use serde_json::Value;
 
 /// The kinds the agent watches, as (apiGroup, resource), with get/list/watch each.
-// TODO(agent): this is a copy of `policy_agent::sources::kubernetes::WATCHED`, which is not on main yet; use the
-// constant once it is.
-const WATCHED: &[(&str, &str)] = &[
-    ("", "pods"),
-    ("", "namespaces"),
-    ("", "services"),
-    ("", "nodes"),
-    ("networking.k8s.io", "networkpolicies"),
-    ("discovery.k8s.io", "endpointslices"),
-];
+use policy_agent::sources::kubernetes::WATCHED;
 const WATCH_VERBS: &[&str] = &["get", "list", "watch"];
 
 /// The value the DaemonSet's downward-API env vars get in these tests.

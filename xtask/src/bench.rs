@@ -68,7 +68,15 @@ pub fn run(as_json: bool) -> Result<()> {
     let datapath = run_json("bench_datapath", &["--json"])?;
     let throughput = run_json(
         "bench_throughput",
-        &["--policies", "1000", "--seconds", "3", "--json"],
+        &[
+            "--policies",
+            "1000",
+            "--seconds",
+            "2",
+            "--rounds",
+            "3",
+            "--json",
+        ],
     )?;
     let mut sweep = Vec::new();
     for n in SWEEP {
@@ -78,7 +86,9 @@ pub fn run(as_json: bool) -> Result<()> {
                 "--policies",
                 &n.to_string(),
                 "--seconds",
-                "2",
+                "1",
+                "--rounds",
+                "3",
                 "--crr-only",
                 "--json",
             ],

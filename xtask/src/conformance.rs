@@ -149,6 +149,8 @@ pub fn main(args: Args) -> Result<()> {
         None => AgentChoice::Build,
     };
     let started = Instant::now();
+    // The suite's lab is its own: whatever an interrupted earlier run left goes first.
+    lab::down(&args.prefix)?;
     let mut lab = Lab::up(
         &args.prefix,
         &UpOptions {
@@ -156,8 +158,16 @@ pub fn main(args: Args) -> Result<()> {
             agent,
         },
     )?;
+    let mut cases_took = Duration::ZERO;
     let outcome = (|| -> Result<Vec<(u32, CaseResult)>> {
         lab.publish().context("the lab's agents did not come up")?;
+        println!(
+            "lab {:?} up with {} nodes and their agents in {:.1} s (including building the agent)",
+            args.prefix,
+            args.nodes,
+            started.elapsed().as_secs_f64()
+        );
+        let cases_started = Instant::now();
         let timeout = Duration::from_millis(args.timeout_ms);
         let mut results = Vec::new();
         for case in &selected {
@@ -167,6 +177,7 @@ pub fn main(args: Args) -> Result<()> {
             report_case(&r, t.elapsed());
             results.push((case.id, r));
         }
+        cases_took = cases_started.elapsed();
         Ok(results)
     })();
     drop(lab);
@@ -216,11 +227,12 @@ pub fn main(args: Args) -> Result<()> {
         n = results.len()
     );
     println!(
-        "policy/label changes enforced by every agent in p50 {} ms, p99 {} ms, max {} ms ({} changes); suite took {:.1} s",
+        "policy/label changes enforced by every agent in p50 {} ms, p99 {} ms, max {} ms ({} changes); cases took {:.1} s, {:.1} s in all",
         pct(0.5),
         pct(0.99),
         converge.last().copied().unwrap_or(0),
         converge.len(),
+        cases_took.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
     println!(

@@ -25,7 +25,8 @@ enum Cmd {
     /// Install what building and testing need (apt packages, rust-src, bpf-linker, bpffs).
     /// Idempotent; quick when everything is present.
     Setup,
-    /// The main job: set up, build, and show enforcement on real packets.
+    /// The main job: set up, then the three-tier example of deploy/examples on a fresh lab with
+    /// the real agent (expected vs observed connectivity), then teardown.
     Demo,
     /// Set up and run every test (unit, property, kernel, network-namespace).
     Test,
@@ -51,28 +52,15 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Demo => {
             setup::run()?;
-            cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "policy-agent",
-                "-p",
-                "policy-tests",
-                "--bins",
-            ])?;
-            cargo(&[
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "policy-tests",
-                "--bin",
-                "smoke",
-            ])
+            lab::demo::run(&lab::demo::DemoArgs::default())
         }
         Cmd::Test => {
             setup::run()?;
-            cargo(&["test", "--no-fail-fast"])
+            // The lab tests and the conformance suite run the agent `cargo test` already built.
+            // SAFETY: single-threaded at this point; children inherit the variable.
+            unsafe { std::env::set_var("LAB_AGENT_PROFILE", "dev") };
+            cargo(&["test", "--no-fail-fast"])?;
+            exec(Command::new(std::env::current_exe()?).arg("conformance"))
         }
         Cmd::Lint => lint(),
         Cmd::Lab(args) => lab::main(args),

@@ -19,6 +19,15 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where the lab keeps its state (as xtask computes it).
+fn state_dir(prefix: &str) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+        .join("lab")
+        .join(prefix)
+}
+
 fn require_root() {
     // SAFETY: plain syscall.
     assert_eq!(
@@ -142,7 +151,7 @@ fn remains(prefix: &str) -> Vec<String> {
             left.push(format!("process {pid}: {}", args.join(" ")));
         }
     }
-    if root().join("target/lab").join(prefix).exists() {
+    if state_dir(prefix).exists() {
         left.push("state directory".into());
     }
     left
@@ -516,7 +525,7 @@ fn down_cleans_up_after_a_crash() {
     let (cluster, _) = examples();
     lab.ok(&["apply", "-f", &cluster]);
     assert!(!remains(&lab.prefix).is_empty());
-    std::fs::remove_dir_all(root().join("target/lab").join(&lab.prefix)).unwrap();
+    std::fs::remove_dir_all(state_dir(&lab.prefix)).unwrap();
     let out = lab.ok(&["down"]);
     assert!(out.contains("is down"), "{out}");
     assert_eq!(remains(&lab.prefix), Vec::<String>::new());

@@ -9,8 +9,8 @@ use std::hash::Hash;
 
 #[derive(Debug)]
 pub struct Interner<K> {
-    ids: HashMap<K, Slot>,
-    keys: HashMap<u32, K>,
+    ids: HashMap<K, u32>,
+    slots: HashMap<u32, Slot<K>>,
     free: VecDeque<u32>,
     next: u64,
     max: u64,
@@ -19,8 +19,8 @@ pub struct Interner<K> {
 }
 
 #[derive(Debug)]
-struct Slot {
-    id: u32,
+struct Slot<K> {
+    key: K,
     epoch: u64,
 }
 
@@ -29,7 +29,7 @@ impl<K: Clone + Eq + Hash> Interner<K> {
     pub fn new(min: u32, max: u32) -> Self {
         Self {
             ids: HashMap::new(),
-            keys: HashMap::new(),
+            slots: HashMap::new(),
             free: VecDeque::new(),
             next: u64::from(min),
             max: u64::from(max),
@@ -47,9 +47,9 @@ impl<K: Clone + Eq + Hash> Interner<K> {
     /// The id of `key`, allocating one if needed, and marks it in use. `None` when every id is
     /// taken.
     pub fn intern(&mut self, key: &K) -> Option<u32> {
-        if let Some(slot) = self.ids.get_mut(key) {
-            slot.epoch = self.epoch;
-            return Some(slot.id);
+        if let Some(&id) = self.ids.get(key) {
+            self.mark_id(id);
+            return Some(id);
         }
         let id = if self.next <= self.max {
             self.next += 1;
@@ -57,31 +57,35 @@ impl<K: Clone + Eq + Hash> Interner<K> {
         } else {
             self.free.pop_front()?
         };
-        self.ids.insert(
-            key.clone(),
+        self.ids.insert(key.clone(), id);
+        self.slots.insert(
+            id,
             Slot {
-                id,
+                key: key.clone(),
                 epoch: self.epoch,
             },
         );
-        self.keys.insert(id, key.clone());
         self.added.push(id);
         Some(id)
     }
 
-    /// The id of `key` if it is allocated, marking it in use.
-    pub fn mark(&mut self, key: &K) -> Option<u32> {
-        let slot = self.ids.get_mut(key)?;
-        slot.epoch = self.epoch;
-        Some(slot.id)
+    /// Marks an allocated id in use; false if it is not allocated.
+    pub fn mark_id(&mut self, id: u32) -> bool {
+        match self.slots.get_mut(&id) {
+            Some(slot) => {
+                slot.epoch = self.epoch;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn get(&self, key: &K) -> Option<u32> {
-        self.ids.get(key).map(|s| s.id)
+        self.ids.get(key).copied()
     }
 
     pub fn key(&self, id: u32) -> Option<&K> {
-        self.keys.get(&id)
+        self.slots.get(&id).map(|s| &s.key)
     }
 
     /// Ids allocated since [`Interner::begin`].
@@ -93,24 +97,24 @@ impl<K: Clone + Eq + Hash> Interner<K> {
     pub fn sweep(&mut self) -> Vec<u32> {
         let epoch = self.epoch;
         let mut removed = Vec::new();
-        self.ids.retain(|_, slot| {
+        self.slots.retain(|id, slot| {
             let keep = slot.epoch == epoch;
             if !keep {
-                removed.push(slot.id);
+                removed.push((*id, slot.key.clone()));
             }
             keep
         });
-        removed.sort_unstable();
-        for id in &removed {
-            self.keys.remove(id);
+        removed.sort_unstable_by_key(|(id, _)| *id);
+        for (id, key) in &removed {
+            self.ids.remove(key);
             self.free.push_back(*id);
         }
-        removed
+        removed.into_iter().map(|(id, _)| id).collect()
     }
 
     /// Every (id, key) in use.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &K)> {
-        self.keys.iter().map(|(id, k)| (*id, k))
+        self.slots.iter().map(|(id, s)| (*id, &s.key))
     }
 }
 
@@ -132,10 +136,11 @@ mod tests {
         assert_eq!(i.intern(&"a"), Some(1));
         assert_eq!(i.sweep(), vec![2]);
         i.begin();
-        i.mark(&"a");
+        assert!(i.mark_id(1));
         assert_eq!(i.sweep(), vec![3]);
         i.begin();
-        i.mark(&"a");
+        i.mark_id(1);
+        assert!(!i.mark_id(3));
         // 2 was freed before 3.
         assert_eq!(i.intern(&"e"), Some(2));
         assert_eq!(i.intern(&"f"), Some(3));

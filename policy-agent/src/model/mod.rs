@@ -160,17 +160,28 @@ pub fn is_terminated(pod: &Pod) -> bool {
     )
 }
 
+/// Where an address came from: `(list field, index, member)` for list entries
+/// (`status.podIPs[1].ip`), `(field, None, "")` for scalars. Formatted only on error.
+type AddressField = (&'static str, Option<usize>, &'static str);
+
 fn parse_addresses<'a>(
-    fields: impl Iterator<Item = (String, &'a str)>,
+    fields: impl Iterator<Item = (AddressField, &'a str)>,
 ) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
     let mut ips = Vec::new();
     let mut bad = Vec::new();
-    for (field, value) in fields {
+    for ((field, index, member), value) in fields {
+        if value.is_empty() {
+            // Not assigned yet.
+            continue;
+        }
         match value.parse::<std::net::IpAddr>() {
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
             Err(_) => bad.push(BadAddress {
-                field,
+                field: match index {
+                    Some(i) => format!("{field}[{i}]{member}"),
+                    None => field.to_owned(),
+                },
                 value: value.to_owned(),
             }),
         }
@@ -187,14 +198,13 @@ pub fn pod_ips(pod: &Pod) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
     };
     let listed = status.pod_ips.iter().flatten().enumerate();
     let fields = listed
-        .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str()))
+        .map(|(i, p)| (("status.podIPs", Some(i), ".ip"), p.ip.as_str()))
         .chain(
             status
                 .pod_ip
                 .iter()
-                .map(|s| ("status.podIP".to_owned(), s.as_str())),
-        )
-        .filter(|(_, v)| !v.is_empty());
+                .map(|s| (("status.podIP", None, ""), s.as_str())),
+        );
     parse_addresses(fields)
 }
 
@@ -206,14 +216,13 @@ pub fn pod_host_ips(pod: &Pod) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
     };
     let listed = status.host_ips.iter().flatten().enumerate();
     let fields = listed
-        .map(|(i, p)| (format!("status.hostIPs[{i}].ip"), p.ip.as_str()))
+        .map(|(i, p)| (("status.hostIPs", Some(i), ".ip"), p.ip.as_str()))
         .chain(
             status
                 .host_ip
                 .iter()
-                .map(|s| ("status.hostIP".to_owned(), s.as_str())),
-        )
-        .filter(|(_, v)| !v.is_empty());
+                .map(|s| (("status.hostIP", None, ""), s.as_str())),
+        );
     parse_addresses(fields)
 }
 
@@ -225,9 +234,12 @@ pub fn node_addresses(node: &Node) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
         .flat_map(|s| s.addresses.iter().flatten())
         .enumerate()
         .filter(|(_, a)| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"));
-    parse_addresses(
-        listed.map(|(i, a)| (format!("status.addresses[{i}].address"), a.address.as_str())),
-    )
+    parse_addresses(listed.map(|(i, a)| {
+        (
+            ("status.addresses", Some(i), ".address"),
+            a.address.as_str(),
+        )
+    }))
 }
 
 /// Every address that belongs to node `name`: its Node object's addresses, the host addresses its
@@ -253,26 +265,43 @@ pub fn node_owned_addresses(cluster: &Cluster, name: &str) -> Vec<std::net::IpAd
 }
 
 /// The named ports of a pod's containers (`spec.containers[].ports[]` with a name; protocol
-/// defaulting to TCP). Entries with an unknown protocol or a number outside 1..=65535 cannot exist
-/// in a valid Pod and are skipped.
-pub fn pod_named_ports(pod: &Pod) -> Vec<NamedPort> {
-    let mut out: Vec<NamedPort> = pod
-        .spec
+/// defaulting to TCP), in declaration order, possibly repeated. Entries with an unknown protocol or
+/// a number outside 1..=65535 cannot exist in a valid Pod and are skipped.
+pub fn pod_named_port_fields(pod: &Pod) -> impl Iterator<Item = (&str, Protocol, u16)> {
+    pod.spec
         .iter()
         .flat_map(|s| s.containers.iter())
         .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| {
-            let name = p.name.as_ref().filter(|n| !n.is_empty())?;
+            let name = p.name.as_deref().filter(|n| !n.is_empty())?;
             let protocol = Protocol::parse_defaulted(p.protocol.as_deref())?;
             let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
-            Some(NamedPort {
-                name: name.clone(),
-                protocol,
-                port,
-            })
+            Some((name, protocol, port))
+        })
+}
+
+/// [`pod_named_port_fields`], sorted and deduplicated.
+pub fn pod_named_ports(pod: &Pod) -> Vec<NamedPort> {
+    let mut out: Vec<NamedPort> = pod_named_port_fields(pod)
+        .map(|(name, protocol, port)| NamedPort {
+            name: name.to_owned(),
+            protocol,
+            port,
         })
         .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// Whether a pod's named ports are exactly `ports` (as [`pod_named_ports`] would return them),
+/// without allocating.
+pub fn pod_named_ports_equal(pod: &Pod, ports: &[NamedPort]) -> bool {
+    let same = |(name, protocol, port): (&str, Protocol, u16), p: &NamedPort| {
+        p.name == name && p.protocol == protocol && p.port == port
+    };
+    pod_named_port_fields(pod).all(|f| ports.iter().any(|p| same(f, p)))
+        && ports
+            .iter()
+            .all(|p| pod_named_port_fields(pod).any(|f| same(f, p)))
 }

@@ -144,27 +144,23 @@ where
 /// Watches every kind in [`WATCHED`] and sends updates to `tx` until it is dropped.
 pub async fn run(client: Client, tx: mpsc::Sender<Update>) {
     let streams: Vec<KindStream> = vec![
-        reflect(namespaced::<Pod>(&client), Kind::Pod, Object::Pod),
+        reflect(namespaced::<Pod>(&client), Kind::Pod, Object::from),
         reflect(
             Api::<Namespace>::all(client.clone()),
             Kind::Namespace,
-            Object::Namespace,
+            Object::from,
         ),
-        reflect(
-            namespaced::<Service>(&client),
-            Kind::Service,
-            Object::Service,
-        ),
-        reflect(Api::<Node>::all(client.clone()), Kind::Node, Object::Node),
+        reflect(namespaced::<Service>(&client), Kind::Service, Object::from),
+        reflect(Api::<Node>::all(client.clone()), Kind::Node, Object::from),
         reflect(
             namespaced::<NetworkPolicy>(&client),
             Kind::NetworkPolicy,
-            Object::NetworkPolicy,
+            Object::from,
         ),
         reflect(
             namespaced::<EndpointSlice>(&client),
             Kind::EndpointSlice,
-            Object::EndpointSlice,
+            Object::from,
         ),
     ];
     run_streams(select_all(streams), tx).await

@@ -40,7 +40,11 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::networking::v1::{NetworkPolicy, NetworkPolicySpec},
+    api::{
+        core::v1::{Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+        networking::v1::{NetworkPolicy, NetworkPolicySpec},
+    },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use serde::de::DeserializeOwned;
@@ -319,12 +323,12 @@ fn parse_value(
         return;
     }
     let parsed = match kind.as_str() {
-        "Namespace" => typed(&value).map(Object::Namespace),
-        "Pod" => typed(&value).map(Object::Pod),
-        "Service" => typed(&value).map(Object::Service),
-        "Node" => typed(&value).map(Object::Node),
-        "EndpointSlice" => typed(&value).map(Object::EndpointSlice),
-        _ => typed(&value).map(Object::NetworkPolicy),
+        "Namespace" => typed::<Namespace>(&value).map(Object::from),
+        "Pod" => typed::<Pod>(&value).map(Object::from),
+        "Service" => typed::<Service>(&value).map(Object::from),
+        "Node" => typed::<Node>(&value).map(Object::from),
+        "EndpointSlice" => typed::<EndpointSlice>(&value).map(Object::from),
+        _ => typed::<NetworkPolicy>(&value).map(Object::from),
     };
     match parsed {
         Ok(object) => out.push(normalize(object)),
@@ -332,9 +336,7 @@ fn parse_value(
             errors.push(format!(
                 "{at}: {label}: {e}; enforcing it as deny-all for the pods it selects"
             ));
-            out.push(normalize(Object::NetworkPolicy(fail_closed_policy(
-                &value, &e,
-            ))));
+            out.push(normalize(Object::from(fail_closed_policy(&value, &e))));
         }
         Err(e) => errors.push(format!("{at}: {label}: {e}; skipped")),
     }
@@ -426,12 +428,12 @@ fn add_implicit_namespaces(objects: &mut BTreeMap<Kind, Vec<Object>>) {
         .filter(|ns| !defined.contains(ns))
         .collect();
     for name in referenced {
-        let mut ns = k8s_openapi::api::core::v1::Namespace::default();
+        let mut ns = Namespace::default();
         ns.metadata.name = Some(name);
         objects
             .entry(Kind::Namespace)
             .or_default()
-            .push(normalize(Object::Namespace(ns)));
+            .push(normalize(Object::from(ns)));
     }
 }
 

@@ -67,16 +67,27 @@ impl Kind {
     }
 }
 
-/// One object of a watched kind.
+/// One object of a watched kind (boxed: the kinds differ a lot in size).
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Pod),
-    Service(Service),
-    NetworkPolicy(NetworkPolicy),
-    Node(Node),
-    EndpointSlice(EndpointSlice),
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    Node(Box<Node>),
+    EndpointSlice(Box<EndpointSlice>),
 }
+
+macro_rules! object_from {
+    ($($kind:ident),*) => {$(
+        impl From<$kind> for Object {
+            fn from(o: $kind) -> Self {
+                Object::$kind(Box::new(o))
+            }
+        }
+    )*};
+}
+object_from!(Namespace, Pod, Service, NetworkPolicy, Node, EndpointSlice);
 
 impl Object {
     pub fn kind(&self) -> Kind {
@@ -180,22 +191,22 @@ impl ClusterStore {
         let c = &mut self.cluster;
         match object {
             Object::Namespace(o) => {
-                c.namespaces.insert(key.name, o);
+                c.namespaces.insert(key.name, *o);
             }
             Object::Node(o) => {
-                c.nodes.insert(key.name, o);
+                c.nodes.insert(key.name, *o);
             }
             Object::Pod(o) => {
-                c.pods.insert(key, o);
+                c.pods.insert(key, *o);
             }
             Object::Service(o) => {
-                c.services.insert(key, o);
+                c.services.insert(key, *o);
             }
             Object::NetworkPolicy(o) => {
-                c.policies.insert(key, o);
+                c.policies.insert(key, *o);
             }
             Object::EndpointSlice(o) => {
-                self.endpoint_slices.insert(key, o);
+                self.endpoint_slices.insert(key, *o);
             }
         }
     }
@@ -279,7 +290,7 @@ mod tests {
         let mut p = Pod::default();
         p.metadata.namespace = Some(ns.into());
         p.metadata.name = Some(name.into());
-        Object::Pod(p)
+        Object::from(p)
     }
 
     fn update(changes: Vec<Change>, revision: u64) -> Update {
@@ -323,6 +334,6 @@ mod tests {
         let mut ns = Namespace::default();
         ns.metadata.name = Some("x".into());
         ns.metadata.namespace = Some("ignored".into());
-        assert_eq!(Object::Namespace(ns).key(), ObjectKey::new("", "x"));
+        assert_eq!(Object::from(ns).key(), ObjectKey::new("", "x"));
     }
 }

@@ -199,7 +199,9 @@ impl SimOutcome {
 }
 
 /// The verdict `policy-ebpf` reaches for a new flow of endpoint `ep` in `direction` with a peer
-/// at `peer_ip`: isolation flag, host, self, then POLICY probes (identity, CIDR identity, ANY).
+/// at `peer_ip` (`judge_new` in `policy-ebpf/src/decide.rs`, `allows` in `policy.rs`):
+/// NOT_PROGRAMMED, isolation flag, HOST, self (the peer is one of the endpoint's own addresses),
+/// then the POLICY probes: peer identity, CIDR identity (when not ANY), ANY.
 pub fn simulate(
     maps: &NodeMaps,
     ep: &EndpointEntry,

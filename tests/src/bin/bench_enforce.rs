@@ -4,37 +4,16 @@
 //!
 //! Usage: bench_enforce [--policies N] [--changes K] [--json]
 
-use std::{net::Ipv4Addr, time::Duration, time::Instant};
+use std::{time::Duration, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use policy_tests::{
-    agent::{Agent, write_revision},
-    cluster::{Cluster, gateway_ip, node_ip},
+    agent::{self, write_revision},
+    cluster::node_ip,
     require_root,
-    workload::{self, PodSpec},
+    workload::{self, PODS},
 };
 use serde_json::json;
-
-const PODS: &[PodSpec] = &[
-    PodSpec {
-        name: "a",
-        labels: &[("app", "client")],
-        ip: Ipv4Addr::new(10, 244, 1, 10),
-        node: 1,
-    },
-    PodSpec {
-        name: "b",
-        labels: &[("app", "server")],
-        ip: Ipv4Addr::new(10, 244, 1, 11),
-        node: 1,
-    },
-    PodSpec {
-        name: "c",
-        labels: &[("app", "server")],
-        ip: Ipv4Addr::new(10, 244, 2, 10),
-        node: 2,
-    },
-];
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -53,10 +32,7 @@ fn main() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let mut cluster = Cluster::two_nodes("be")?;
-    for p in PODS {
-        cluster.add_pod(p.name, p.node, p.ip.octets()[3])?;
-    }
+    let cluster = workload::cluster("be")?;
     let dir = std::env::temp_dir().join(format!("{}-manifests", cluster.prefix));
     std::fs::create_dir_all(&dir)?;
     let base = workload::policies(policies, (5201, 5202));
@@ -64,22 +40,7 @@ fn main() -> Result<()> {
     std::fs::write(&file, workload::manifests(PODS, &base, node_ip))?;
     write_revision(&dir, 1)?;
 
-    let mut agents = Vec::new();
-    for node in &cluster.nodes {
-        let ips = [
-            node_ip(node.index).to_string(),
-            gateway_ip(node.index).to_string(),
-        ];
-        let mut agent = Agent::start(
-            &node.netns,
-            &format!("node-{}", node.index),
-            &dir,
-            &ips,
-            &[node.uplink.as_str()],
-        )?;
-        agent.wait_enforced(&node.netns, 1, Duration::from_secs(60))?;
-        agents.push(agent);
-    }
+    let (mut agents, _) = agent::start_all(&cluster, &dir, 1)?;
 
     let mut latencies_ms = Vec::with_capacity(changes);
     for i in 0..changes {

@@ -4,7 +4,7 @@
 //! New connections per second: one 1-byte request and reply per connection, client closes with
 //! SO_LINGER 0 so that TIME_WAIT does not exhaust ephemeral ports. Bulk: iperf3.
 //!
-//! Usage: bench_throughput [--policies N] [--seconds S] [--crr-only] [--json]
+//! Usage: bench_throughput [--policies N] [--seconds S] [--rounds R] [--crr-only] [--json]
 
 use std::{
     io::{Read, Write},
@@ -15,11 +15,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use policy_tests::{
-    agent::{Agent, write_revision},
-    cluster::{Cluster, gateway_ip, node_ip},
+    agent::{self, write_revision},
+    cluster::{Cluster, node_ip},
     netns::NetNs,
     require_root,
-    workload::{self, PodSpec},
+    workload::{self, PODS},
 };
 use serde_json::json;
 
@@ -32,6 +32,8 @@ struct Opts {
     json: bool,
     /// Only same-node new connections (the policy-count sweep).
     crr_only: bool,
+    /// Rounds of none / nftables / ours; figures are medians.
+    rounds: usize,
 }
 
 fn opts() -> Result<Opts> {
@@ -40,6 +42,7 @@ fn opts() -> Result<Opts> {
         seconds: 3.0,
         json: false,
         crr_only: false,
+        rounds: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -48,32 +51,12 @@ fn opts() -> Result<Opts> {
             "--seconds" => o.seconds = args.next().context("--seconds S")?.parse()?,
             "--json" => o.json = true,
             "--crr-only" => o.crr_only = true,
+            "--rounds" => o.rounds = args.next().context("--rounds N")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
     Ok(o)
 }
-
-const PODS: &[PodSpec] = &[
-    PodSpec {
-        name: "a",
-        labels: &[("app", "client")],
-        ip: Ipv4Addr::new(10, 244, 1, 10),
-        node: 1,
-    },
-    PodSpec {
-        name: "b",
-        labels: &[("app", "server")],
-        ip: Ipv4Addr::new(10, 244, 1, 11),
-        node: 1,
-    },
-    PodSpec {
-        name: "c",
-        labels: &[("app", "server")],
-        ip: Ipv4Addr::new(10, 244, 2, 10),
-        node: 2,
-    },
-];
 
 /// Accepts connections in `ns`: reads one byte, answers one byte, closes.
 fn crr_server(ns: &NetNs) -> Result<()> {
@@ -161,6 +144,23 @@ struct Figures {
     stream_cross: f64,
 }
 
+impl Figures {
+    /// Field-wise median.
+    fn median(all: &[Figures]) -> Figures {
+        let med = |f: fn(&Figures) -> f64| {
+            let mut v: Vec<f64> = all.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        Figures {
+            crr_same: med(|f| f.crr_same),
+            crr_cross: med(|f| f.crr_cross),
+            stream_same: med(|f| f.stream_same),
+            stream_cross: med(|f| f.stream_cross),
+        }
+    }
+}
+
 fn measure(cluster: &Cluster, o: &Opts) -> Result<Figures> {
     let a = &cluster.pod("a").netns;
     let (b, c) = (cluster.pod("b").ip, cluster.pod("c").ip);
@@ -210,23 +210,7 @@ fn with_agent(
         workload::manifests(PODS, rules, node_ip),
     )?;
     write_revision(&dir, 1)?;
-    let mut agents = Vec::new();
-    let mut converge = Duration::ZERO;
-    for node in &cluster.nodes {
-        let ips = [
-            node_ip(node.index).to_string(),
-            gateway_ip(node.index).to_string(),
-        ];
-        let mut agent = Agent::start(
-            &node.netns,
-            &format!("node-{}", node.index),
-            &dir,
-            &ips,
-            &[node.uplink.as_str()],
-        )?;
-        converge = converge.max(agent.wait_enforced(&node.netns, 1, Duration::from_secs(60))?);
-        agents.push(agent);
-    }
+    let (agents, converge) = agent::start_all(cluster, &dir, 1)?;
     let figures = measure(cluster, o);
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
@@ -236,10 +220,7 @@ fn with_agent(
 fn main() -> Result<()> {
     require_root();
     let o = opts()?;
-    let mut cluster = Cluster::two_nodes("bt")?;
-    for p in PODS {
-        cluster.add_pod(p.name, p.node, p.ip.octets()[3])?;
-    }
+    let mut cluster = workload::cluster("bt")?;
     for server in ["b", "c"] {
         crr_server(&cluster.pod(server).netns)?;
         let ns = cluster.pod(server).netns.name().to_owned();
@@ -248,17 +229,29 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let rules = workload::policies(o.policies, (STREAM_PORT, CRR_PORT));
 
-    let none = measure(&cluster, &o)?;
-    eprintln!(
-        "none: {:.0} / {:.0} conn/s, {:.2} / {:.2} Gb/s",
-        none.crr_same, none.crr_cross, none.stream_same, none.stream_cross
+    // The three enforcers take turns, round after round, and each figure is the median over the
+    // rounds: load from elsewhere on a shared 2-core machine then hits all three alike.
+    let (mut nones, mut nfts, mut ourss) = (Vec::new(), Vec::new(), Vec::new());
+    let mut converge = Duration::ZERO;
+    for round in 0..o.rounds {
+        nones.push(measure(&cluster, &o)?);
+        nfts.push(with_nftables(&cluster, &rules, &o)?);
+        let (f, c) = with_agent(&cluster, &rules, &o)?;
+        ourss.push(f);
+        converge = converge.max(c);
+        eprintln!(
+            "round {}: none {:.0}, nftables {:.0}, ours {:.0} conn/s (same node)",
+            round + 1,
+            nones[round].crr_same,
+            nfts[round].crr_same,
+            ourss[round].crr_same
+        );
+    }
+    let (none, nft, ours) = (
+        Figures::median(&nones),
+        Figures::median(&nfts),
+        Figures::median(&ourss),
     );
-    let nft = with_nftables(&cluster, &rules, &o)?;
-    eprintln!(
-        "nft:  {:.0} / {:.0} conn/s, {:.2} / {:.2} Gb/s",
-        nft.crr_same, nft.crr_cross, nft.stream_same, nft.stream_cross
-    );
-    let (ours, converge) = with_agent(&cluster, &rules, &o)?;
 
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
     let fig = |f: Figures| {
@@ -268,6 +261,7 @@ fn main() -> Result<()> {
     let out = json!({
         "policies": o.policies,
         "seconds": o.seconds,
+        "rounds": o.rounds,
         "none": fig(none), "ours": fig(ours), "nft": fig(nft),
         "agent_initial_enforce_ms": converge.as_secs_f64() * 1e3,
         "crr_ratio_vs_none": ratio(ours.crr_same + ours.crr_cross, none.crr_same + none.crr_cross),

@@ -48,15 +48,20 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `cargo build --release -p policy-agent`, returning the binary's path.
+/// `cargo build --release -p policy-agent`, returning the binary's path. `LAB_AGENT_PROFILE`
+/// picks another cargo profile (`dev` reuses what `cargo test` already compiled).
 pub fn build() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("building the agent: cargo build --release -p policy-agent");
-    let mut child = Command::new(cargo)
+    let profile = std::env::var("LAB_AGENT_PROFILE").unwrap_or_else(|_| "release".into());
+    eprintln!("building the agent: cargo build --profile {profile} -p policy-agent");
+    let mut cmd = Command::new(cargo);
+    xtask_env(&mut cmd);
+    let mut child = cmd
         .current_dir(workspace_root())
         .args([
             "build",
-            "--release",
+            "--profile",
+            &profile,
             "-p",
             "policy-agent",
             "--bin",
@@ -82,9 +87,39 @@ pub fn build() -> Result<PathBuf> {
     }
     let status = child.wait()?;
     if !status.success() {
-        bail!("cargo build --release -p policy-agent failed ({status})");
+        bail!("cargo build --profile {profile} -p policy-agent failed ({status})");
     }
     exe.ok_or_else(|| anyhow!("cargo build did not report the policy-agent executable"))
+}
+
+/// Gives a nested cargo the environment it has under `cargo xtask …` (`cargo run` sets the
+/// package variables of xtask), whether xtask runs through the alias, from `cargo test` or
+/// directly. Build scripts such as ring's ask cargo to rebuild when these change, so a differing
+/// environment would recompile the agent and much of its dependency tree from scratch.
+fn xtask_env(cmd: &mut Command) {
+    for (k, v) in [
+        ("CARGO_MANIFEST_DIR", env!("CARGO_MANIFEST_DIR")),
+        (
+            "CARGO_MANIFEST_PATH",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        ),
+        ("CARGO_PKG_NAME", env!("CARGO_PKG_NAME")),
+        ("CARGO_PKG_VERSION", env!("CARGO_PKG_VERSION")),
+        ("CARGO_PKG_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
+        ("CARGO_PKG_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR")),
+        ("CARGO_PKG_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
+        ("CARGO_PKG_VERSION_PRE", env!("CARGO_PKG_VERSION_PRE")),
+    ] {
+        cmd.env(k, v);
+    }
+    for k in [
+        "CARGO_MANIFEST_LINKS",
+        "OUT_DIR",
+        "DEBUG",
+        "CARGO_TARGET_TMPDIR",
+    ] {
+        cmd.env_remove(k);
+    }
 }
 
 /// The last lines of a log file, for error messages.

@@ -133,6 +133,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     // Read and validate before building anything.
     let cluster = load_all(&read_docs(&[dir.join("lab")])?)?;
     let app = load_all(&read_docs(std::slice::from_ref(&dir))?)?;
+    // The demo's lab is its own: whatever an interrupted earlier run left goes first.
+    down(&args.prefix)?;
     let mut lab = Lab::up(
         &args.prefix,
         &UpOptions {
