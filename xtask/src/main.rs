@@ -60,7 +60,8 @@ fn main() -> Result<()> {
             // SAFETY: single-threaded at this point; children inherit the variable.
             unsafe { std::env::set_var("LAB_AGENT_PROFILE", "dev") };
             cargo(&["test", "--no-fail-fast"])?;
-            exec(Command::new(std::env::current_exe()?).arg("conformance"))
+            // Through cargo, not this executable: `cargo test` may have rebuilt (replaced) it.
+            cargo(&["run", "--quiet", "--package", "xtask", "--", "conformance"])
         }
         Cmd::Lint => lint(),
         Cmd::Lab(args) => lab::main(args),

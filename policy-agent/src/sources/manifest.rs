@@ -51,8 +51,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{Change, Kind, NAMESPACE_NAME_LABEL, Object, Update, strip};
-use crate::model::ObjectKey;
+use super::{Change, Kind, Object, Update, strip};
+use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey};
 
 /// Name of the revision file inside the manifest directory.
 pub const REVISION_FILE: &str = ".revision";

@@ -26,9 +26,6 @@ use k8s_openapi::{
 
 use crate::model::{Cluster, ObjectKey};
 
-/// The label the API server puts on every Namespace (and the manifest source emulates).
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-
 /// The kinds both sources deliver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
