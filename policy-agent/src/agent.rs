@@ -31,7 +31,6 @@ use crate::{
     flowlog::{self, FlowContext},
     http::{self, HttpState, Status},
     metrics::{self, Metrics, endpoint_state},
-    model,
     node::NodeSettings,
     sources::{ClusterStore, Update, kubernetes, manifest},
     sync::{Report, Syncer},
@@ -484,7 +483,7 @@ impl Loop {
             ..Default::default()
         };
         for (key, pod) in &self.store.cluster.pods {
-            for ip in model::pod_ips(pod).0 {
+            for &ip in &pod.ips {
                 ctx.pods_by_ip.insert(ip, key.clone());
             }
         }

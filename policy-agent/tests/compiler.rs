@@ -6,6 +6,8 @@ mod common;
 
 use std::net::IpAddr;
 
+use k8s_openapi::api::core::v1::Pod;
+
 use common::*;
 use policy_agent::compiler::{CompileError, Compiler, IdentityInfo, NodeMaps};
 use policy_agent::evaluator::{self, Flow, Outcome, Peer, Protocol};
@@ -17,6 +19,40 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// The pods of [`base`]: namespace, name (also the `app` label), node, address, container ports.
+const BASE_PODS: [(&str, &str, &str, &str, &[Port<'static>]); 3] = [
+    ("x", "a", "n1", "10.0.1.1", &[("http", 80, "TCP")]),
+    (
+        "x",
+        "b",
+        "n1",
+        "10.0.1.2",
+        &[("http", 8080, "TCP"), ("dns", 53, "UDP")],
+    ),
+    ("y", "c", "n2", "10.0.2.1", &[("http", 8080, "TCP")]),
+];
+
+/// Pod `ns/name` of [`base`], as the API server holds it.
+fn base_pod(ns: &str, name: &str) -> Pod {
+    let (_, _, node, addr, ports) = BASE_PODS
+        .into_iter()
+        .find(|p| (p.0, p.1) == (ns, name))
+        .unwrap();
+    let spec = PodSpec {
+        labels: vec![("app", name)],
+        node,
+        ips: vec![ip(addr)],
+        host_ip: Some(if node == "n1" {
+            ip("172.18.0.1")
+        } else {
+            ip("172.18.0.2")
+        }),
+        ports: ports.to_vec(),
+        ..Default::default()
+    };
+    pod_object(ns, name, &spec)
+}
+
 /// Two nodes; namespaces x and y; pods x/a, x/b on n1 and y/c on n2.
 fn base() -> Cluster {
     let mut c = Cluster::default();
@@ -26,50 +62,9 @@ fn base() -> Cluster {
         c.namespaces
             .insert(ns.into(), namespace(ns, &[(NAMESPACE_NAME_LABEL, ns)]));
     }
-    let add = |c: &mut Cluster,
-               ns: &str,
-               name: &str,
-               node: &str,
-               addr: &str,
-               ports: Vec<Port<'static>>| {
-        let spec = PodSpec {
-            labels: vec![("app", name)],
-            node,
-            ips: vec![ip(addr)],
-            host_ip: Some(if node == "n1" {
-                ip("172.18.0.1")
-            } else {
-                ip("172.18.0.2")
-            }),
-            ports,
-            ..Default::default()
-        };
-        c.pods.insert(key(ns, name), pod(ns, name, &spec));
-    };
-    add(
-        &mut c,
-        "x",
-        "a",
-        "n1",
-        "10.0.1.1",
-        vec![("http", 80, "TCP")],
-    );
-    add(
-        &mut c,
-        "x",
-        "b",
-        "n1",
-        "10.0.1.2",
-        vec![("http", 8080, "TCP"), ("dns", 53, "UDP")],
-    );
-    add(
-        &mut c,
-        "y",
-        "c",
-        "n2",
-        "10.0.2.1",
-        vec![("http", 8080, "TCP")],
-    );
+    for (ns, name, ..) in BASE_PODS {
+        c.pods.insert(key(ns, name), base_pod(ns, name).into());
+    }
     c
 }
 
@@ -77,13 +72,7 @@ fn flow(c: &Cluster, from: &str, to: &str, protocol: Protocol, port: u16) -> Flo
     let peer = |p: &str| match p.split_once('/') {
         Some((ns, name)) => Peer::Pod {
             pod: key(ns, name),
-            ip: ip(c.pods[&key(ns, name)]
-                .status
-                .as_ref()
-                .unwrap()
-                .pod_ip
-                .as_deref()
-                .unwrap()),
+            ip: c.pods[&key(ns, name)].ips[0],
         },
         None => Peer::Address(ip(p)),
     };
@@ -549,12 +538,12 @@ fn services_and_bad_addresses() {
         .insert(key("x", "headless"), service("x", "headless", &["None"]));
     c.services
         .insert(key("x", "broken"), service("x", "broken", &["10.96.0.300"]));
-    let mut bad = c.pods[&key("x", "a")].clone();
+    let mut bad = base_pod("x", "a");
     bad.status.as_mut().unwrap().pod_ips = Some(vec![
         serde_json::from_value(json!({"ip": "10.0.1.1"})).unwrap(),
         serde_json::from_value(json!({"ip": "not-an-ip"})).unwrap(),
     ]);
-    c.pods.insert(key("x", "a"), bad);
+    c.pods.insert(key("x", "a"), bad.into());
     let (_, maps, errors) = compile(&c, "n1");
     assert_eq!(maps.services, [ip("10.96.0.10"), ip("fd00:96::10")].into());
     let named: Vec<(String, String, String)> = errors
@@ -601,8 +590,7 @@ fn identities_follow_label_sets_and_stay_stable() {
     assert_ne!(id(&m1, "a"), id(&m1, "a3"));
     assert_ne!(id(&m1, "a"), id(&m1, "b"));
     // Relabelling x/b changes nothing else; x/a's identity and every endpoint id stay.
-    c.pods.get_mut(&key("x", "b")).unwrap().metadata.labels =
-        Some([("app".into(), "z".into())].into());
+    c.pods.get_mut(&key("x", "b")).unwrap().labels = [("app".into(), "z".into())].into();
     let m2 = compiler.compile(&c, &node_context(&c, "n1")).maps;
     assert_eq!(id(&m1, "a"), id(&m2, "a"));
     assert_ne!(id(&m1, "b"), id(&m2, "b"));
@@ -636,9 +624,9 @@ fn identities_follow_label_sets_and_stay_stable() {
 #[test]
 fn endpoints_are_local_live_pods_with_addresses() {
     let mut c = base();
-    let mut done = c.pods[&key("x", "b")].clone();
+    let mut done = base_pod("x", "b");
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
-    c.pods.insert(key("x", "done"), done);
+    c.pods.insert(key("x", "done"), done.into());
     let pending = PodSpec {
         labels: vec![("app", "p")],
         node: "n1",

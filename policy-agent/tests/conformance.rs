@@ -92,15 +92,7 @@ impl Model {
 
     fn ip(&self, pod: &str) -> IpAddr {
         let (ns, name) = pod.split_once('/').unwrap();
-        self.cluster.pods[&key(ns, name)]
-            .status
-            .as_ref()
-            .unwrap()
-            .pod_ip
-            .as_ref()
-            .unwrap()
-            .parse()
-            .unwrap()
+        self.cluster.pods[&key(ns, name)].ips[0]
     }
 
     /// Replaces the run-time placeholders of ipBlock CIDRs.
@@ -158,9 +150,8 @@ impl Model {
             "add_pod_labels" => {
                 let (ns, name) = action["pod"].as_str().unwrap().split_once('/').unwrap();
                 if let Some(p) = self.cluster.pods.get_mut(&key(ns, name)) {
-                    let labels = p.metadata.labels.get_or_insert_default();
                     for (k, v) in action["labels"].as_object().unwrap() {
-                        labels.insert(k.clone(), v.as_str().unwrap().to_owned());
+                        p.labels.insert(k.clone(), v.as_str().unwrap().to_owned());
                     }
                 }
             }

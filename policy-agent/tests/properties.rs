@@ -18,7 +18,7 @@ use common::*;
 use policy_agent::compiler::cidr::Prefix;
 use policy_agent::compiler::{Compiler, MapDiff, NodeMaps, RuleRef};
 use policy_agent::evaluator::{Flow, Peer, Protocol};
-use policy_agent::model::{self, Cluster, NAMESPACE_NAME_LABEL, ObjectKey};
+use policy_agent::model::{Cluster, NAMESPACE_NAME_LABEL, ObjectKey, PodInfo};
 use policy_common::{Direction, identity};
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -380,8 +380,8 @@ fn build(g: &GenCluster) -> Cluster {
     c
 }
 
-/// Pod `i`'s object with address slot `slot`.
-fn build_pod(i: usize, p: &GenPod, slot: usize) -> k8s_openapi::api::core::v1::Pod {
+/// Pod `i` as stored, with address slot `slot`.
+fn build_pod(i: usize, p: &GenPod, slot: usize) -> PodInfo {
     let node_addr = node_ips(p.node);
     let ips = match p.kind {
         Kind::NoAddress => vec![],
@@ -409,7 +409,7 @@ fn build_pod(i: usize, p: &GenPod, slot: usize) -> k8s_openapi::api::core::v1::P
 fn flows(c: &Cluster) -> Vec<Flow> {
     let mut parties: Vec<Peer> = Vec::new();
     for (k, p) in &c.pods {
-        for ip in model::pod_ips(p).0 {
+        for &ip in &p.ips {
             parties.push(Peer::Pod { pod: k.clone(), ip });
         }
     }
@@ -552,7 +552,7 @@ fn apply_change(c: &mut Cluster, g: &GenCluster, ch: &Change) -> bool {
             let Some((k, _)) = pick_pod(c, g, *i, |_| true) else {
                 return false;
             };
-            c.pods.get_mut(&k).unwrap().metadata.labels = Some(l.clone());
+            c.pods.get_mut(&k).unwrap().labels = l.clone();
         }
         Change::RelabelNamespace(i, l) => {
             let mut labels = l.clone();
@@ -582,14 +582,11 @@ fn apply_change(c: &mut Cluster, g: &GenCluster, ch: &Change) -> bool {
                 return false;
             };
             let slot = 6 + j;
-            if c.pods
-                .values()
-                .any(|q| model::pod_ips(q).0.contains(&v4(slot)))
-            {
+            if c.pods.values().any(|q| q.ips.contains(&v4(slot))) {
                 return false;
             }
             let mut new = build_pod(gi, &g.pods[gi], slot);
-            new.metadata.labels = c.pods[&k].metadata.labels.clone();
+            new.labels = c.pods[&k].labels.clone();
             c.pods.insert(k, new);
         }
         Change::DeletePod(i) => {
@@ -659,7 +656,7 @@ fn endpoint_ids(m: &NodeMaps, pods: &BTreeSet<ObjectKey>) -> BTreeSet<u32> {
 fn pod_identities(m: &NodeMaps, c: &Cluster, pods: &BTreeSet<ObjectKey>) -> BTreeSet<u32> {
     pods.iter()
         .filter_map(|k| c.pods.get(k))
-        .flat_map(|p| model::pod_ips(p).0)
+        .flat_map(|p| p.ips.iter().copied())
         .map(|ip| ipcache_lookup(m, ip).identity)
         .filter(|id| (identity::POD_MIN..identity::CIDR_MIN).contains(id))
         .collect()
@@ -668,7 +665,7 @@ fn pod_identities(m: &NodeMaps, c: &Cluster, pods: &BTreeSet<ObjectKey>) -> BTre
 fn pod_hosts(c: &Cluster, pods: &BTreeSet<ObjectKey>) -> BTreeSet<Prefix> {
     pods.iter()
         .filter_map(|k| c.pods.get(k))
-        .flat_map(|p| model::pod_ips(p).0)
+        .flat_map(|p| p.ips.iter().copied())
         .map(Prefix::host)
         .collect()
 }

@@ -180,7 +180,7 @@ impl World {
     fn add_pod(&mut self, name: &str, app: &str, ip: &str, veth: Option<u32>) {
         self.cluster
             .pods
-            .insert(ObjectKey::new("t", name), pod(name, app, ip, NODE));
+            .insert(ObjectKey::new("t", name), pod(name, app, ip, NODE).into());
         if let Some(i) = veth {
             self.veths.insert(name.into(), (i, format!("veth{i}")));
         }

@@ -22,7 +22,7 @@ use super::policy::{NormPeer, NormPolicy, NormRule, PortSpec};
 use super::ports::{self, PortPrefix};
 use super::resolve::{IdentityUniverse, SelectorCache};
 use super::{EndpointEntry, PodView, PolicyEntryKey, RuleRef};
-use crate::model::{self, Protocol};
+use crate::model::Protocol;
 
 /// Everything entry emission needs, computed once per compilation.
 pub(super) struct Resolution<'c> {
@@ -50,7 +50,7 @@ impl Emitter<'_, '_> {
         ns_policies: &[Arc<NormPolicy>],
         out: &mut BTreeMap<PolicyEntryKey, PolicyValue>,
     ) -> EndpointEntry {
-        let labels = model::pod_labels(pod.pod);
+        let labels = &pod.pod.labels;
         let selecting: Vec<&NormPolicy> = ns_policies
             .iter()
             .filter(|p| p.subject.matches(labels))
@@ -75,7 +75,7 @@ impl Emitter<'_, '_> {
             id,
             flags,
             identity: pod.identity,
-            addresses: pod.ips.clone(),
+            addresses: pod.ips.to_vec(),
         }
     }
 

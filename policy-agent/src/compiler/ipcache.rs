@@ -171,7 +171,7 @@ pub(super) fn build(
     // Address entries. Two live pods claiming one address: the first by namespace/name keeps
     // it. A node's address is never a pod peer: nodes replace pods.
     for pod in pods {
-        for &ip in &pod.ips {
+        for &ip in pod.ips {
             let cidr_identity = exact
                 .cidr_of
                 .get(&ip)

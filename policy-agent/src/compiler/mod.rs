@@ -61,7 +61,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicySpec;
 use policy_common::identity;
 
@@ -73,7 +72,7 @@ use self::alloc::Interner;
 use self::emit::{Emitter, Resolution};
 use self::policy::NormPolicy;
 use self::resolve::{SelectorCache, named_index, universe};
-use crate::model::{self, Cluster, Labels, ObjectKey};
+use crate::model::{self, Cluster, Labels, ObjectKey, PodInfo};
 
 /// The node a compilation is for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -141,8 +140,8 @@ impl Default for Compiler {
 /// A live pod with a pod-network address.
 struct PodView<'c> {
     key: &'c ObjectKey,
-    pod: &'c Pod,
-    ips: Vec<IpAddr>,
+    pod: &'c PodInfo,
+    ips: &'c [IpAddr],
     identity: u32,
     ident: Arc<PodIdentityKey>,
 }
@@ -222,7 +221,7 @@ impl Compiler {
         };
         for pod in pods
             .iter()
-            .filter(|p| model::pod_node(p.pod) == Some(&node.node_name))
+            .filter(|p| p.pod.node_name.as_deref() == Some(&node.node_name))
         {
             let Some(id) = self.endpoint_ids.intern(pod.key) else {
                 errors.push(CompileError::pod(
@@ -315,35 +314,32 @@ impl Compiler {
         // Identities interned in this pass, by (namespace labels, pod labels).
         let mut seen: HashMap<(usize, &Labels), Vec<Interned>> = HashMap::new();
         for (key, pod) in &cluster.pods {
-            if model::is_terminated(pod) {
+            if pod.terminated {
                 continue;
             }
-            let bad_address = |b: model::BadAddress| {
-                CompileError::pod(key, b.field, format!("{:?} is not an IP address", b.value))
-            };
-            let (host_ips, bad) = model::pod_host_ips(pod);
-            errors.extend(bad.into_iter().map(bad_address));
-            let (ips, bad) = model::pod_ips(pod);
-            errors.extend(bad.into_iter().map(bad_address));
-            let set = if model::pod_node(pod) == Some(&node.node_name) {
+            errors.extend(pod.bad_addresses.iter().map(|b| {
+                CompileError::pod(key, &b.field, format!("{:?} is not an IP address", b.value))
+            }));
+            let set = if pod.node_name.as_deref() == Some(&node.node_name) {
                 &mut addresses.host
             } else {
                 &mut addresses.remote
             };
-            set.extend(host_ips);
-            if model::is_host_network(pod) {
-                set.extend(ips);
+            set.extend(pod.host_ips.iter().copied());
+            let ips = &*pod.ips;
+            if pod.host_network {
+                set.extend(ips.iter().copied());
                 continue;
             }
             if ips.is_empty() {
                 continue;
             }
             let ns_labels = self.namespace_labels(cluster, &key.namespace);
-            let labels = model::pod_labels(pod);
+            let labels = &pod.labels;
             let cached = self.pods.get_mut(key).filter(|c| {
                 Arc::ptr_eq(&c.ident.namespace_labels, &ns_labels)
                     && c.ident.labels == *labels
-                    && model::pod_named_ports_equal(pod, &c.ident.named_ports)
+                    && pod.named_ports_equal(&c.ident.named_ports)
             });
             let (identity, ident) = match cached {
                 Some(c) if self.pod_ids.mark_id(c.identity) => {
@@ -355,7 +351,7 @@ impl Compiler {
                     let slot = (Arc::as_ptr(&ns_labels) as usize, labels);
                     let same = seen.get(&slot).and_then(|v| {
                         v.iter()
-                            .find(|(_, k)| model::pod_named_ports_equal(pod, &k.named_ports))
+                            .find(|(_, k)| pod.named_ports_equal(&k.named_ports))
                     });
                     let (identity, ident) = match same {
                         Some((id, k)) => (*id, k.clone()),
@@ -363,7 +359,7 @@ impl Compiler {
                             let fresh = Arc::new(PodIdentityKey {
                                 namespace_labels: ns_labels,
                                 labels: labels.clone(),
-                                named_ports: model::pod_named_ports(pod),
+                                named_ports: pod.named_ports(),
                             });
                             let Some(identity) = self.pod_ids.intern(&fresh) else {
                                 errors.push(CompileError::pod(

@@ -23,7 +23,6 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
@@ -33,7 +32,7 @@ use policy_common::Direction;
 
 use crate::compiler::RuleRef;
 pub use crate::model::Protocol;
-use crate::model::{self, Cluster, Labels, ObjectKey};
+use crate::model::{self, Cluster, Labels, ObjectKey, PodInfo};
 
 /// One end of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -121,7 +120,7 @@ type RuleParts<'a> = (
 enum Party<'c> {
     Pod {
         key: &'c ObjectKey,
-        pod: &'c Pod,
+        pod: &'c PodInfo,
         ip: IpAddr,
     },
     Address(IpAddr),
@@ -134,7 +133,7 @@ impl Party<'_> {
         }
     }
 
-    fn pod(&self) -> Option<&Pod> {
+    fn pod(&self) -> Option<&PodInfo> {
         match self {
             Party::Pod { pod, .. } => Some(pod),
             Party::Address(_) => None,
@@ -146,13 +145,11 @@ fn party<'c>(cluster: &'c Cluster, peer: &Peer) -> Party<'c> {
     match peer {
         Peer::Pod { pod, ip } => match cluster.pods.get_key_value(pod) {
             // hostNetwork pods are node traffic; terminated pods have no traffic of their own.
-            Some((key, p)) if !model::is_host_network(p) && !model::is_terminated(p) => {
-                Party::Pod {
-                    key,
-                    pod: p,
-                    ip: *ip,
-                }
-            }
+            Some((key, p)) if !p.host_network && !p.terminated => Party::Pod {
+                key,
+                pod: p,
+                ip: *ip,
+            },
             _ => Party::Address(*ip),
         },
         Peer::Address(ip) => Party::Address(*ip),
@@ -193,7 +190,7 @@ fn judge(
         return DirectionVerdict::plain(Outcome::SelfTraffic);
     }
     if let Party::Address(ip) = peer
-        && let Some(node) = model::pod_node(subject_pod)
+        && let Some(node) = subject_pod.node_name.as_deref()
         && model::node_owned_addresses(cluster, node).contains(ip)
     {
         return DirectionVerdict::plain(Outcome::Host);
@@ -203,7 +200,7 @@ fn judge(
         Direction::Ingress => Some(subject_pod),
         Direction::Egress => peer.pod(),
     };
-    let subject_labels = model::pod_labels(subject_pod);
+    let subject_labels = &subject_pod.labels;
     let mut verdict = DirectionVerdict::plain(Outcome::NotIsolated);
     let in_namespace = cluster
         .policies
@@ -295,7 +292,7 @@ fn declared_types(spec: &NetworkPolicySpec) -> Vec<Direction> {
     }
 }
 
-fn port_matches(p: &NetworkPolicyPort, flow: &Flow, destination: Option<&Pod>) -> bool {
+fn port_matches(p: &NetworkPolicyPort, flow: &Flow, destination: Option<&PodInfo>) -> bool {
     if p.protocol.as_deref().unwrap_or("TCP") != flow.protocol.as_str() {
         return false;
     }
@@ -307,15 +304,9 @@ fn port_matches(p: &NetworkPolicyPort, flow: &Flow, destination: Option<&Pod>) -
         // A named port: the destination pod must declare that name, with this number and this
         // protocol. Never matches a destination that is not a pod.
         (Some(IntOrString::String(name)), _) => destination.is_some_and(|pod| {
-            pod.spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .flat_map(|c| c.ports.iter().flatten())
-                .any(|cp| {
-                    cp.name.as_deref() == Some(name.as_str())
-                        && cp.container_port == port
-                        && cp.protocol.as_deref().unwrap_or("TCP") == flow.protocol.as_str()
-                })
+            pod.ports.iter().any(|cp| {
+                &*cp.name == name.as_str() && cp.port == flow.port && cp.protocol == flow.protocol
+            })
         }),
     }
 }
@@ -340,7 +331,7 @@ fn peer_matches(
     let pod_ok = rule_peer
         .pod_selector
         .as_ref()
-        .is_none_or(|sel| selector_matches(sel, model::pod_labels(pod)));
+        .is_none_or(|sel| selector_matches(sel, &pod.labels));
     namespace_ok && pod_ok
 }
 

@@ -1,14 +1,20 @@
-//! The cluster state the compiler reads: plain k8s-openapi objects keyed by namespace and name.
+//! The cluster state the compiler reads, keyed by namespace and name: k8s-openapi objects, except
+//! pods, of which only the projection [`PodInfo`] is kept (they are by far the most numerous
+//! objects, and a k8s-openapi `Pod` takes kilobytes even when nearly empty).
 //!
 //! Both sources (the Kubernetes API and a manifest directory) fill the same [`Cluster`], so what the
 //! lab proves is what a cluster runs.
 
+mod pod;
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
+    core::v1::{Namespace, Node, Service},
     networking::v1::NetworkPolicy,
 };
+
+pub use self::pod::{PodInfo, PodPort};
 
 /// Namespace and name of a namespaced object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,7 +43,8 @@ impl std::fmt::Display for ObjectKey {
 pub struct Cluster {
     /// By name.
     pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<ObjectKey, Pod>,
+    /// What the agent reads of each Pod ([`PodInfo::from`] a k8s-openapi `Pod`).
+    pub pods: BTreeMap<ObjectKey, PodInfo>,
     pub policies: BTreeMap<ObjectKey, NetworkPolicy>,
     pub services: BTreeMap<ObjectKey, Service>,
     /// By name.
@@ -131,35 +138,6 @@ pub fn namespace_labels(cluster: &Cluster, ns: &str) -> Labels {
     labels
 }
 
-/// Labels of a pod (empty when it has none).
-pub fn pod_labels(pod: &Pod) -> &Labels {
-    static EMPTY: Labels = BTreeMap::new();
-    pod.metadata.labels.as_ref().unwrap_or(&EMPTY)
-}
-
-/// The node a pod is scheduled on.
-pub fn pod_node(pod: &Pod) -> Option<&str> {
-    pod.spec.as_ref()?.node_name.as_deref()
-}
-
-/// hostNetwork pods share their node's addresses: they are node traffic, never policy subjects or
-/// pod peers (the common choice the NetworkPolicy documentation allows).
-pub fn is_host_network(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.host_network)
-        .unwrap_or(false)
-}
-
-/// A pod in phase `Succeeded` or `Failed` has no running containers and its address may already
-/// belong to another pod: it is neither an endpoint nor a peer.
-pub fn is_terminated(pod: &Pod) -> bool {
-    matches!(
-        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
-
 /// Where an address came from: `(list field, index, member)` for list entries
 /// (`status.podIPs[1].ip`), `(field, None, "")` for scalars. Formatted only on error.
 type AddressField = (&'static str, Option<usize>, &'static str);
@@ -189,43 +167,6 @@ fn parse_addresses<'a>(
     (ips, bad)
 }
 
-/// A pod's addresses from `status.podIPs` and `status.podIP` (the kubelet keeps the latter equal to
-/// the first of the former), deduplicated, with the entries that do not parse. Empty strings mean
-/// "not assigned yet" and are skipped.
-pub fn pod_ips(pod: &Pod) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
-    let Some(status) = pod.status.as_ref() else {
-        return (Vec::new(), Vec::new());
-    };
-    let listed = status.pod_ips.iter().flatten().enumerate();
-    let fields = listed
-        .map(|(i, p)| (("status.podIPs", Some(i), ".ip"), p.ip.as_str()))
-        .chain(
-            status
-                .pod_ip
-                .iter()
-                .map(|s| (("status.podIP", None, ""), s.as_str())),
-        );
-    parse_addresses(fields)
-}
-
-/// The addresses of the node a pod runs on, as the pod reports them (`status.hostIPs`,
-/// `status.hostIP`).
-pub fn pod_host_ips(pod: &Pod) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
-    let Some(status) = pod.status.as_ref() else {
-        return (Vec::new(), Vec::new());
-    };
-    let listed = status.host_ips.iter().flatten().enumerate();
-    let fields = listed
-        .map(|(i, p)| (("status.hostIPs", Some(i), ".ip"), p.ip.as_str()))
-        .chain(
-            status
-                .host_ip
-                .iter()
-                .map(|s| (("status.hostIP", None, ""), s.as_str())),
-        );
-    parse_addresses(fields)
-}
-
 /// A Node's `InternalIP` and `ExternalIP` addresses (other address types are names).
 pub fn node_addresses(node: &Node) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
     let listed = node
@@ -251,57 +192,15 @@ pub fn node_owned_addresses(cluster: &Cluster, name: &str) -> Vec<std::net::IpAd
         .map(|n| node_addresses(n).0)
         .unwrap_or_default();
     for pod in cluster.pods.values() {
-        if pod_node(pod) != Some(name) || is_terminated(pod) {
+        if pod.node_name.as_deref() != Some(name) || pod.terminated {
             continue;
         }
-        out.extend(pod_host_ips(pod).0);
-        if is_host_network(pod) {
-            out.extend(pod_ips(pod).0);
+        out.extend_from_slice(&pod.host_ips);
+        if pod.host_network {
+            out.extend_from_slice(&pod.ips);
         }
     }
     out.sort();
     out.dedup();
     out
-}
-
-/// The named ports of a pod's containers (`spec.containers[].ports[]` with a name; protocol
-/// defaulting to TCP), in declaration order, possibly repeated. Entries with an unknown protocol or
-/// a number outside 1..=65535 cannot exist in a valid Pod and are skipped.
-pub fn pod_named_port_fields(pod: &Pod) -> impl Iterator<Item = (&str, Protocol, u16)> {
-    pod.spec
-        .iter()
-        .flat_map(|s| s.containers.iter())
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter_map(|p| {
-            let name = p.name.as_deref().filter(|n| !n.is_empty())?;
-            let protocol = Protocol::parse_defaulted(p.protocol.as_deref())?;
-            let port = u16::try_from(p.container_port).ok().filter(|p| *p != 0)?;
-            Some((name, protocol, port))
-        })
-}
-
-/// [`pod_named_port_fields`], sorted and deduplicated.
-pub fn pod_named_ports(pod: &Pod) -> Vec<NamedPort> {
-    let mut out: Vec<NamedPort> = pod_named_port_fields(pod)
-        .map(|(name, protocol, port)| NamedPort {
-            name: name.to_owned(),
-            protocol,
-            port,
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Whether a pod's named ports are exactly `ports` (as [`pod_named_ports`] would return them),
-/// without allocating.
-pub fn pod_named_ports_equal(pod: &Pod, ports: &[NamedPort]) -> bool {
-    let same = |(name, protocol, port): (&str, Protocol, u16), p: &NamedPort| {
-        p.name == name && p.protocol == protocol && p.port == port
-    };
-    pod_named_port_fields(pod).all(|f| ports.iter().any(|p| same(f, p)))
-        && ports
-            .iter()
-            .all(|p| pod_named_port_fields(pod).any(|f| same(f, p)))
 }

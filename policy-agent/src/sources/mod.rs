@@ -194,7 +194,7 @@ impl ClusterStore {
                 c.nodes.insert(key.name, *o);
             }
             Object::Pod(o) => {
-                c.pods.insert(key, *o);
+                c.pods.insert(key, (*o).into());
             }
             Object::Service(o) => {
                 c.services.insert(key, *o);

@@ -12,7 +12,7 @@ use policy_agent::compiler::{
     Compiler, EndpointEntry, NodeContext, NodeMaps, PolicyEntryKey, RuleRef,
 };
 use policy_agent::evaluator::{self, Flow, Outcome, Peer, Protocol};
-use policy_agent::model::{self, Cluster, ObjectKey};
+use policy_agent::model::{self, Cluster, ObjectKey, PodInfo};
 use policy_common::{
     Direction, IdentityPair, POLICY_FIXED_PREFIX_BITS, POLICY_FULL_PREFIX_BITS, PolicyKey,
     PolicyValue, endpoint_flags, identity,
@@ -51,7 +51,12 @@ pub struct PodSpec<'a> {
     pub phase: Option<&'a str>,
 }
 
-pub fn pod(ns: &str, name: &str, spec: &PodSpec<'_>) -> Pod {
+/// The stored form of [`pod_object`].
+pub fn pod(ns: &str, name: &str, spec: &PodSpec<'_>) -> PodInfo {
+    pod_object(ns, name, spec).into()
+}
+
+pub fn pod_object(ns: &str, name: &str, spec: &PodSpec<'_>) -> Pod {
     let containers: Vec<serde_json::Value> = spec
         .ports
         .iter()
