@@ -1,11 +1,11 @@
-//! The Kubernetes source: one kube-rs watcher + reflector store per watched kind, with the
-//! default backoff and managed fields stripped, turned into store [`Update`]s.
+//! The Kubernetes source: one kube-rs watcher per watched kind, with the default backoff and
+//! managed fields stripped, turned into store [`Update`]s.
 //!
 //! - Nothing is sent until every kind has completed its initial list: the first update holds
 //!   the whole cluster, so the agent never compiles a partial view (pods without their policies
 //!   would be open).
-//! - A re-list (after 410 Gone, or any watch restart) is buffered by the reflector store and
-//!   replaces its kind atomically when complete (`InitDone`).
+//! - A re-list (after 410 Gone, or any watch restart) is buffered and replaces its kind
+//!   atomically when complete (`InitDone`).
 //! - While the API server is unreachable the watchers back off and retry; the store keeps the
 //!   last known state, so enforcement stays as it was.
 //! - The revision is the number of changes applied (each Apply, Delete and completed list).
@@ -24,7 +24,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt, reflector, watcher},
+    runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -96,16 +96,17 @@ enum KindEvent {
 
 type KindStream = Pin<Box<dyn Stream<Item = KindEvent> + Send>>;
 
-/// One reflector for kind `K`.
+/// One watcher for kind `K`. A (re-)list is buffered here, in the projection the store keeps,
+/// and replaces its kind when complete; no other copy of the objects is kept (a kube reflector
+/// store would hold every full object a second time).
 fn reflect<K>(api: Api<K>, kind: Kind, wrap: fn(K) -> Object) -> KindStream
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store::<K>();
+    let mut listing: Vec<Object> = Vec::new();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .modify(|o: &mut K| strip(o.meta_mut()))
-        .reflect(writer)
         .map(move |event| match event {
             Ok(watcher::Event::Apply(o)) => KindEvent::Change(Change::Apply(wrap(o))),
             Ok(watcher::Event::Delete(o)) => {
@@ -119,11 +120,17 @@ where
                 );
                 KindEvent::Change(Change::Delete(kind, key))
             }
-            Ok(watcher::Event::InitDone) => KindEvent::Listed(Change::Replace(
-                kind,
-                store.state().iter().map(|o| wrap((**o).clone())).collect(),
-            )),
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => KindEvent::Nothing,
+            Ok(watcher::Event::Init) => {
+                listing.clear();
+                KindEvent::Nothing
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                listing.push(wrap(o));
+                KindEvent::Nothing
+            }
+            Ok(watcher::Event::InitDone) => {
+                KindEvent::Listed(Change::Replace(kind, std::mem::take(&mut listing)))
+            }
             // The watched resourceVersion expired: routine; the watcher re-lists.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 debug!(kind = kind.as_str(), "watch expired (410 Gone); re-listing");
