@@ -316,7 +316,9 @@ pub struct CtKey {
     pub b_port: u16,
     pub endpoint: u32,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    /// Scalar padding (a byte array would be zeroed with a `memset` call in the programs).
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
 
@@ -386,7 +388,8 @@ pub struct FragKey {
     pub protocol: u8,
     /// [`Direction`] as u8.
     pub direction: u8,
-    pub _pad: [u8; 2],
+    /// Scalar padding (see [`CtKey`]).
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
 

@@ -67,7 +67,8 @@ fn key(endpoint: u32, pkt: &Packet) -> (CtKey, bool) {
         b_port,
         endpoint,
         protocol: pkt.protocol,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     (key, forward)
 }

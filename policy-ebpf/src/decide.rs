@@ -26,7 +26,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use policy_common::{
-    Addr, Config, Direction, EndpointInfo, Reason, ct_flags, endpoint_flags, identity,
+    Addr, Config, Direction, EndpointInfo, IdentityPair, Reason, ct_flags, endpoint_flags, identity,
 };
 
 use crate::conntrack::{self, CtHit};
@@ -128,6 +128,20 @@ fn judge_new(
     protocol: u8,
     dport: u16,
 ) -> Verdict {
+    judge_new_with(ep, direction, peer, None, protocol, dport)
+}
+
+/// [`judge_new`] for a caller that already looked `peer` up in IPCACHE_EXACT (`exact` =
+/// `Some(result)`), so that it is not looked up twice.
+#[inline(always)]
+fn judge_new_with(
+    ep: &EndpointInfo,
+    direction: Direction,
+    peer: &Addr,
+    exact: Option<Option<IdentityPair>>,
+    protocol: u8,
+    dport: u16,
+) -> Verdict {
     let mut v = Verdict::new(Reason::DroppedPolicy, ep.id, direction);
     v.new_flow = true;
     if ep.flags & endpoint_flags::NOT_PROGRAMMED != 0 {
@@ -136,7 +150,11 @@ fn judge_new(
     if !isolated(ep, direction) {
         return v.with(Reason::AllowedNotIsolated);
     }
-    let peer_ids = policy::identities(peer);
+    let peer_ids = match exact {
+        Some(Some(pair)) => pair,
+        Some(None) => policy::prefix_identities(peer),
+        None => policy::identities(peer),
+    };
     v.peer_identity = peer_ids.identity;
     if peer_ids.identity == identity::HOST {
         return v.with(Reason::AllowedHost);
@@ -285,7 +303,14 @@ fn pod_egress(
     if ep.flags & endpoint_flags::NOT_PROGRAMMED != 0 {
         return Verdict::new(Reason::DroppedEndpointNotProgrammed, ep.id, direction);
     }
-    if egress_isolated && maps::is_service(&pkt.dst) {
+    if !egress_isolated {
+        let v = judge_new(ep, direction, &pkt.dst, pkt.protocol, pkt.dport);
+        return admit(ep.id, direction, pkt, v, ep.generation, now);
+    }
+    // The destination's exact IPCACHE entry first: a pod or node address is no Service
+    // frontend, which spares the SERVICES lookup for most pod-to-pod flows.
+    let exact = policy::exact_identities(&pkt.dst);
+    if policy::may_be_service(&exact) && maps::is_service(&pkt.dst) {
         // Recorded so that the un-DNATed reply finds it at this pod's `to_pod`.
         if let Err(reason) = conntrack::create(
             ep.id,
@@ -300,7 +325,14 @@ fn pod_egress(
         }
         return defer(ctx, ep, config);
     }
-    let v = judge_new(ep, direction, &pkt.dst, pkt.protocol, pkt.dport);
+    let v = judge_new_with(
+        ep,
+        direction,
+        &pkt.dst,
+        Some(exact),
+        pkt.protocol,
+        pkt.dport,
+    );
     admit(ep.id, direction, pkt, v, ep.generation, now)
 }
 

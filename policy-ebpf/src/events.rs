@@ -1,8 +1,12 @@
 //! Verdict events on the EVENTS ring buffer, rate-limited per CPU (CONFIG.events_per_sec in
 //! one-second windows). A full ring buffer or an exhausted budget loses the event, never the
 //! verdict: the per-CPU counters still count every packet.
+//!
+//! The budget runs on the coarse clock (tick resolution is plenty for one-second windows, and it
+//! costs a fraction of `bpf_ktime_get_ns`, which only an event that is actually sent pays for
+//! its timestamp): under a flood of drops nearly every packet is over budget.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use policy_common::{Config, VerdictEvent, addr_octets};
 
 use crate::decide::Verdict;
@@ -35,10 +39,11 @@ fn within_budget(config: &Config, now: u64) -> bool {
 #[inline(always)]
 pub fn emit(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &Config) {
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !within_budget(config, now) {
+    if !within_budget(config, unsafe { bpf_ktime_get_coarse_ns() }) {
         return;
     }
+    // SAFETY: as above.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         return;
     };

@@ -19,7 +19,7 @@ fn key(endpoint: u32, direction: Direction, pkt: &Packet) -> FragKey {
         endpoint,
         protocol: pkt.protocol,
         direction: direction as u8,
-        _pad: [0; 2],
+        _pad: 0,
     }
 }
 

@@ -62,12 +62,10 @@ pub fn noop(_ctx: TcContext) -> i32 {
 /// `verdict`'s.
 #[inline(always)]
 fn finish(ctx: &TcContext, pkt: &Packet, first: Option<Verdict>, verdict: &Verdict) -> i32 {
-    let config = maps::config();
-    let ifindex = decide::ifindex(ctx);
     if let Some(first) = first {
-        report(ifindex, pkt, &first, &config);
+        report(ctx, pkt, &first);
     }
-    report(ifindex, pkt, verdict, &config);
+    report(ctx, pkt, verdict);
     if verdict.reason.is_drop() {
         TC_ACT_SHOT
     } else {
@@ -75,11 +73,17 @@ fn finish(ctx: &TcContext, pkt: &Packet, first: Option<Verdict>, verdict: &Verdi
     }
 }
 
+/// Counts a verdict and sends its event when warranted. CONFIG is only read for drops and new
+/// flows: the packets of established flows need nothing but the counter.
 #[inline(always)]
-fn report(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &policy_common::Config) {
+fn report(ctx: &TcContext, pkt: &Packet, verdict: &Verdict) {
     maps::count(verdict.reason);
-    if verdict.reason.is_drop() || (verdict.new_flow && config.events_allowed != 0) {
-        events::emit(ifindex, pkt, verdict, config);
+    if !verdict.reason.is_drop() && !verdict.new_flow {
+        return;
+    }
+    let config = maps::config();
+    if verdict.reason.is_drop() || config.events_allowed != 0 {
+        events::emit(decide::ifindex(ctx), pkt, verdict, &config);
     }
 }
 

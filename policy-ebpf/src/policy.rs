@@ -25,10 +25,22 @@ use crate::parse::is_mapped_v4;
 /// no CIDR identity.
 #[inline(always)]
 pub fn identities(addr: &Addr) -> IdentityPair {
-    // SAFETY: NO_PREALLOC map (RCU-freed elements); the value is copied out at once.
-    if let Some(pair) = unsafe { IPCACHE_EXACT.get(addr) } {
-        return *pair;
+    match exact_identities(addr) {
+        Some(pair) => pair,
+        None => prefix_identities(addr),
     }
+}
+
+/// The IPCACHE_EXACT half of [`identities`]: the entry of a full-length address, if any.
+#[inline(always)]
+pub fn exact_identities(addr: &Addr) -> Option<IdentityPair> {
+    // SAFETY: NO_PREALLOC map (RCU-freed elements); the value is copied out at once.
+    unsafe { IPCACHE_EXACT.get(addr) }.copied()
+}
+
+/// The LPM half of [`identities`], for an address with no IPCACHE_EXACT entry.
+#[inline(always)]
+pub fn prefix_identities(addr: &Addr) -> IdentityPair {
     let found = if is_mapped_v4(addr) {
         IPCACHE_V4
             .get(&Key::new(32, addr[3].to_ne_bytes()))
@@ -40,6 +52,18 @@ pub fn identities(addr: &Addr) -> IdentityPair {
         identity: identity::WORLD,
         cidr_identity: identity::ANY,
     })
+}
+
+/// Whether an address with these IPCACHE_EXACT identities can be a Service frontend. ClusterIPs
+/// come from the Service range, never from the pod or node addresses, so a pod, host or remote
+/// node entry settles it without a SERVICES lookup; an exact entry with the world identity (an
+/// ipBlock /32 or /128) might name a ClusterIP and does not.
+#[inline(always)]
+pub const fn may_be_service(exact: &Option<IdentityPair>) -> bool {
+    match exact {
+        Some(pair) => pair.identity == identity::WORLD,
+        None => true,
+    }
 }
 
 /// One POLICY probe: the rule of a range of `endpoint`'s group for `peer` that contains

@@ -49,6 +49,10 @@ struct Args {
     json: bool,
     repeat: u32,
     rounds: usize,
+    /// Only this many policies (one of `POLICY_COUNTS`), for profiling one setup.
+    policies: Option<usize>,
+    /// Only this scenario (besides the floor), for profiling one path.
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -56,6 +60,8 @@ fn parse_args() -> Result<Args> {
         json: false,
         repeat: 100_000,
         rounds: 7,
+        policies: None,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -63,8 +69,19 @@ fn parse_args() -> Result<Args> {
             "--json" => args.json = true,
             "--repeat" => args.repeat = it.next().context("--repeat N")?.parse()?,
             "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
+            "--policies" => {
+                let n = it.next().context("--policies N")?.parse()?;
+                if !POLICY_COUNTS.contains(&n) {
+                    bail!("--policies: one of {POLICY_COUNTS:?}");
+                }
+                args.policies = Some(n);
+            }
+            "--only" => args.only = Some(it.next().context("--only SCENARIO")?),
             "-h" | "--help" => {
-                println!("bench_datapath [--json] [--repeat N] [--rounds N]");
+                println!(
+                    "bench_datapath [--json] [--repeat N] [--rounds N] [--policies N] [--only SCENARIO]\n\
+                     (--policies and --only are for profiling; they print the text table only)"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
@@ -269,10 +286,15 @@ fn main() -> Result<()> {
     let cidrs = cidr_prefixes(&mut rng);
     let mut figures = Figures::default();
 
+    let filtered = args.policies.is_some() || args.only.is_some();
+    let wanted = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
     for &policies in &POLICY_COUNTS {
+        if args.policies.is_some_and(|n| n != policies) {
+            continue;
+        }
         eprintln!("loading {policies} policies and {CIDR_PREFIXES} CIDR prefixes...");
         let mut f = setup(policies, &cidrs)?;
-        if policies == POLICY_COUNTS[0] {
+        if policies == POLICY_COUNTS[0] || filtered {
             figures.floor = measure(
                 &f,
                 NOOP,
@@ -290,36 +312,62 @@ fn main() -> Result<()> {
             &[policy_common::Reason::AllowedByPolicy],
         )?;
         let est = flow.flags(TCP_ACK);
-        figures
-            .established
-            .insert(policies, measure(&f, FROM_POD, &est, TC_ACT_OK, &args)?);
+        if wanted("established") {
+            figures
+                .established
+                .insert(policies, measure(&f, FROM_POD, &est, TC_ACT_OK, &args)?);
+        }
 
         f.dp.set_config(new_flow_config())?;
         let cases = [
             (
+                "new_identity",
                 &mut figures.new_identity,
                 PacketSpec::tcp(ME, 40001, PEER_ADDR, 80),
                 TC_ACT_OK,
             ),
             (
+                "new_cidr",
                 &mut figures.new_cidr,
                 PacketSpec::tcp(ME, 40002, WORLD_ADDR, 443),
                 TC_ACT_OK,
             ),
             (
+                "new_port_range",
                 &mut figures.new_port_range,
                 PacketSpec::tcp(ME, 40003, PEER_ADDR, 8070),
                 TC_ACT_OK,
             ),
             (
+                "denied",
                 &mut figures.denied,
                 PacketSpec::tcp(ME, 40004, PEER_ADDR, 9),
                 TC_ACT_SHOT,
             ),
         ];
-        for (table, spec, want) in cases {
-            table.insert(policies, measure(&f, FROM_POD, &spec, want, &args)?);
+        for (name, table, spec, want) in cases {
+            if wanted(name) {
+                table.insert(policies, measure(&f, FROM_POD, &spec, want, &args)?);
+            }
         }
+    }
+
+    if filtered {
+        let cell = |s: &Sample| format!("{:.0} ({:.0})", s.median, s.min);
+        println!("ns per packet, median (min)");
+        println!("{:<16}{}", "floor (noop)", cell(&figures.floor));
+        for (name, table) in [
+            ("established", &figures.established),
+            ("new_identity", &figures.new_identity),
+            ("new_cidr", &figures.new_cidr),
+            ("new_port_range", &figures.new_port_range),
+            ("denied", &figures.denied),
+        ] {
+            for (policies, sample) in table {
+                println!("{name:<16}{policies:>6} policies  {}", cell(sample));
+            }
+        }
+        return Ok(());
     }
 
     if args.json {
