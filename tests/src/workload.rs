@@ -115,6 +115,16 @@ fn labels_json(labels: &[(&str, &str)]) -> Value {
 /// Multi-document YAML: the namespace, the pods (with the status a kubelet writes) and the
 /// policies.
 pub fn manifests(pods: &[PodSpec], rules: &[Rule], host_ip: impl Fn(u8) -> Ipv4Addr) -> String {
+    yaml_stream(&manifest_documents(pods, rules, host_ip))
+}
+
+/// The objects of [`manifests`], one JSON value each: the namespace, the pods, then policy `p-<i>`
+/// for rule `i`.
+pub fn manifest_documents(
+    pods: &[PodSpec],
+    rules: &[Rule],
+    host_ip: impl Fn(u8) -> Ipv4Addr,
+) -> Vec<serde_json::Value> {
     let mut docs = vec![json!({
         "apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": NAMESPACE, "labels": {"kubernetes.io/metadata.name": NAMESPACE}}
@@ -152,6 +162,11 @@ pub fn manifests(pods: &[PodSpec], rules: &[Rule], host_ip: impl Fn(u8) -> Ipv4A
             }
         }));
     }
+    docs
+}
+
+/// A multi-document YAML stream of `docs`.
+pub fn yaml_stream(docs: &[serde_json::Value]) -> String {
     docs.iter()
         .map(|d| serde_yaml::to_string(d).expect("JSON values serialise to YAML"))
         .collect::<Vec<_>>()

@@ -342,9 +342,13 @@ fn parse_value(
     }
 }
 
-/// Deserializes from text rather than from the `Value`: only then does serde_yaml name the field
-/// path in its error.
+/// Deserializes straight from the `Value`; when that fails, again from the re-serialized text,
+/// because only then does serde_yaml name the field path in its error (both use the same
+/// `Deserialize` impl, so they accept exactly the same objects).
 fn typed<T: DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, String> {
+    if let Ok(object) = serde::Deserialize::deserialize(value) {
+        return Ok(object);
+    }
     let text = serde_yaml::to_string(value).map_err(|e| e.to_string())?;
     serde_yaml::from_str(&text).map_err(|e| strip_location(&e.to_string()))
 }

@@ -2,6 +2,10 @@
 //! source), a base of policies, then a series of changes (a policy created, then deleted); for each
 //! change, the time from writing it until every agent reports the new revision enforced.
 //!
+//! Like `cargo xtask lab apply` / `lab delete`, a change writes or removes the one manifest file
+//! of the object it changes; the base stays in its own file (the agent re-parses only changed
+//! files, as it receives only changed objects from the Kubernetes API).
+//!
 //! Usage: bench_enforce [--policies N] [--changes K] [--json]
 
 use std::{time::Duration, time::Instant};
@@ -39,18 +43,28 @@ fn main() -> Result<()> {
     let file = dir.join("cluster.yaml");
     std::fs::write(&file, workload::manifests(PODS, &base, node_ip))?;
     write_revision(&dir, 1)?;
+    // Policy `p-<policies>`, the one the changes create and delete.
+    let extra_file = dir.join("networkpolicy.extra.yaml");
+    let extra = {
+        let docs = workload::manifest_documents(
+            PODS,
+            &workload::policies(policies + 1, (5201, 5202)),
+            node_ip,
+        );
+        workload::yaml_stream(&docs[docs.len() - 1..])
+    };
 
     let (mut agents, _) = agent::start_all(&cluster, &dir, 1)?;
 
     let mut latencies_ms = Vec::with_capacity(changes);
     for i in 0..changes {
-        // Odd changes add one more policy, even changes remove it again.
-        let n = if i % 2 == 0 { policies + 1 } else { policies };
+        // Even changes add one more policy, odd changes remove it again.
         let revision = i as u64 + 2;
-        std::fs::write(
-            &file,
-            workload::manifests(PODS, &workload::policies(n, (5201, 5202)), node_ip),
-        )?;
+        if i % 2 == 0 {
+            std::fs::write(&extra_file, &extra)?;
+        } else {
+            std::fs::remove_file(&extra_file)?;
+        }
         let start = Instant::now();
         write_revision(&dir, revision)?;
         for (agent, node) in agents.iter_mut().zip(&cluster.nodes) {
