@@ -74,7 +74,7 @@ pub fn run(as_json: bool) -> Result<()> {
             "--seconds",
             "2",
             "--rounds",
-            "3",
+            "5",
             "--json",
         ],
     )?;
