@@ -15,7 +15,7 @@ use k8s_openapi::{
         core::v1::{Pod, PodIP, PodStatus, Service},
         networking::v1::NetworkPolicy,
     },
-    apimachinery::pkg::util::intstr::IntOrString,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use super::{
@@ -160,6 +160,27 @@ fn default_service(mut svc: Service, cluster_ip: Option<Ipv4Addr>) -> Service {
         }
     }
     svc
+}
+
+/// What applying `new` over the stored `old` does: create, change, or nothing (see
+/// [`comparable`]).
+fn change_of<T: serde::Serialize>(old: Option<&T>, new: &T) -> Change {
+    match old {
+        None => Change::Created,
+        Some(o) if comparable(o) == comparable(new) => Change::Unchanged,
+        Some(_) => Change::Configured,
+    }
+}
+
+/// [`change_of`], after giving `new` the stored object's uid (a fresh one when there is none).
+fn replace_change<T>(old: Option<&T>, new: &mut T) -> Change
+where
+    T: serde::Serialize + k8s_openapi::Metadata<Ty = ObjectMeta>,
+{
+    new.metadata_mut().uid = old
+        .and_then(|o| o.metadata().uid.clone())
+        .or_else(|| Some(cluster::new_uid()));
+    change_of(old, new)
 }
 
 /// Strips what callers may not set, so that re-applying the same file reads as unchanged.
@@ -354,11 +375,10 @@ impl Lab {
                         let old = self.state.namespaces.get(&key).cloned();
                         let uid = old.as_ref().and_then(|o| o.metadata.uid.clone());
                         let new = cluster::normalize_namespace(*ns, uid);
-                        let change = match &old {
-                            _ if implicit.contains(&key) => Change::Created,
-                            None => Change::Created,
-                            Some(o) if comparable(o) == comparable(&new) => Change::Unchanged,
-                            Some(_) => Change::Configured,
+                        let change = if implicit.contains(&key) {
+                            Change::Created
+                        } else {
+                            change_of(old.as_ref(), &new)
                         };
                         if change != Change::Unchanged {
                             self.state.namespaces.insert(key.clone(), new);
@@ -449,15 +469,7 @@ impl Lab {
                             },
                         };
                         let mut new = default_service(*s, ip);
-                        new.metadata.uid = old
-                            .as_ref()
-                            .and_then(|o| o.metadata.uid.clone())
-                            .or_else(|| Some(cluster::new_uid()));
-                        let change = match &old {
-                            None => Change::Created,
-                            Some(o) if comparable(o) == comparable(&new) => Change::Unchanged,
-                            Some(_) => Change::Configured,
-                        };
+                        let change = replace_change(old.as_ref(), &mut new);
                         if change != Change::Unchanged {
                             self.state.services.insert(key.clone(), new);
                             dirty.insert(cluster::namespaced_file("service", &key));
@@ -470,15 +482,7 @@ impl Lab {
                     Object::NetworkPolicy(np) => {
                         let old = self.state.policies.get(&key).cloned();
                         let mut new = default_policy(*np);
-                        new.metadata.uid = old
-                            .as_ref()
-                            .and_then(|o| o.metadata.uid.clone())
-                            .or_else(|| Some(cluster::new_uid()));
-                        let change = match &old {
-                            None => Change::Created,
-                            Some(o) if comparable(o) == comparable(&new) => Change::Unchanged,
-                            Some(_) => Change::Configured,
-                        };
+                        let change = replace_change(old.as_ref(), &mut new);
                         if change != Change::Unchanged {
                             self.state.policies.insert(key.clone(), new);
                             dirty.insert(cluster::namespaced_file("networkpolicy", &key));
