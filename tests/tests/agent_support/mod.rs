@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use policy_tests::netns::NetNs;
+use policy_tests::netns::{self, NetNs};
 
 /// A pod attached the way kindnet's ptp plugin does: veth pair, the pod's /32 on its `eth0`, a
 /// host route `podIP/32 dev HOSTVETH` in the node namespace, the gateway on the host side.
@@ -27,23 +27,10 @@ pub fn ptp_pod(
     pod_ip: &str,
     gateway: &str,
 ) -> Result<()> {
-    node.ip(&[
-        "link",
-        "add",
-        host_veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ])?;
+    netns::veth(node, host_veth, pod, "eth0")?;
     node.ip(&["addr", "add", &format!("{gateway}/32"), "dev", host_veth])?;
-    node.ip(&["link", "set", host_veth, "up"])?;
     node.ip(&["route", "add", &format!("{pod_ip}/32"), "dev", host_veth])?;
     pod.ip(&["addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
-    pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["route", "add", gateway, "dev", "eth0"])?;
     pod.ip(&["route", "add", "default", "via", gateway, "dev", "eth0"])?;
     Ok(())
@@ -68,22 +55,9 @@ pub fn bridge_pod(
         node.ip(&["addr", "add", &format!("{gateway}/{prefix}"), "dev", bridge])?;
         node.ip(&["link", "set", bridge, "up"])?;
     }
-    node.ip(&[
-        "link",
-        "add",
-        host_veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        pod.name(),
-    ])?;
+    netns::veth(node, host_veth, pod, "eth0")?;
     node.ip(&["link", "set", host_veth, "master", bridge])?;
-    node.ip(&["link", "set", host_veth, "up"])?;
     pod.ip(&["addr", "add", pod_cidr, "dev", "eth0"])?;
-    pod.ip(&["link", "set", "eth0", "up"])?;
     pod.ip(&["route", "add", "default", "via", gateway, "dev", "eth0"])?;
     Ok(())
 }
