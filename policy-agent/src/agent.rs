@@ -322,6 +322,7 @@ impl Loop {
     fn sync(&mut self) -> bool {
         let started = Instant::now();
         let revision = self.store.revision;
+        let objects = self.store.digest();
         let view = match HostView::read(&mut self.netlink) {
             Ok(v) => v,
             Err(e) => {
@@ -372,6 +373,7 @@ impl Loop {
             status.errors = errors;
             if report.complete {
                 status.enforced_revision = revision;
+                status.enforced_objects = objects;
                 status.ready = true;
             }
         }

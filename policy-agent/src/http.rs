@@ -23,7 +23,7 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::{metrics::Metrics, telemetry::LogFilter};
+use crate::{metrics::Metrics, sources::ObjectsDigest, telemetry::LogFilter};
 
 /// What `/status` reports.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -35,6 +35,9 @@ pub struct Status {
     pub endpoints: usize,
     /// Current problems: invalid input, compile errors, endpoints not enforced, failed writes.
     pub errors: Vec<String>,
+    /// The objects behind `enforced_revision`: their count and digest
+    /// (`policy_common::digest`), comparable with the API server's lists.
+    pub enforced_objects: ObjectsDigest,
     /// A complete sync has been enforced at least once.
     #[serde(skip)]
     pub ready: bool,

@@ -50,7 +50,7 @@ fn rust_version() -> String {
         .expect("rust-version in Cargo.toml")
 }
 
-/// The Kubernetes minor version the agent is built against, from its k8s-openapi feature (`v1_33` -> `1.33`).
+/// The Kubernetes minor version the agent is built against, from its k8s-openapi feature (`v1_34` -> `1.34`).
 fn agent_kubernetes_minor() -> String {
     let manifest = read(&repo_path("policy-agent/Cargo.toml"));
     let line = manifest
@@ -384,7 +384,7 @@ fn workflow_is_consistent_with_the_repository() {
             "kind load docker-image \"${IMAGE}\" --name \"${KIND_CLUSTER_NAME}\"",
             "kubectl apply -k deploy/overlays/kind",
             &rollout,
-            "ginkgo --nodes=25 --focus=\"Netpol\" --skip=\"SCTP\" /usr/local/bin/e2e.test --",
+            "ginkgo --nodes=25 --focus=\"Netpol\" --skip=\"Feature:SCTPConnectivity\" /usr/local/bin/e2e.test --",
             "--provider=local",
         ],
         WORKFLOW,

@@ -1,5 +1,5 @@
 //! Offline validation of the Kubernetes manifests under deploy/ (base and overlays), as users install them:
-//! every object is a lossless Kubernetes 1.33 object, the DaemonSet passes the agent only flags it accepts and
+//! every object is a lossless Kubernetes 1.34 object, the DaemonSet passes the agent only flags it accepts and
 //! agrees with it on ports, probes and mounts, it runs with capabilities rather than privileged, and RBAC grants
 //! exactly the read access the agent's watchers need. With kubectl installed, kubectl renders the same objects and
 //! accepts them in a client-side dry run.

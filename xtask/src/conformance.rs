@@ -56,6 +56,13 @@ pub struct Args {
     /// Leave the lab up afterwards (inspect it with `cargo xtask lab --prefix PREFIX ...`).
     #[arg(long)]
     pub keep: bool,
+    /// Where the lab's cluster state lives (`kube`: a real API server, controller manager and
+    /// kube-proxy).
+    #[arg(long, value_enum, env = "LAB_API", default_value_t = crate::lab::kube::ApiMode::Manifests)]
+    pub api: crate::lab::kube::ApiMode,
+    /// kube-proxy's mode with `--api kube`.
+    #[arg(long, value_enum, env = "LAB_KUBE_PROXY", default_value_t = crate::lab::kube::ProxyMode::Iptables)]
+    pub kube_proxy: crate::lab::kube::ProxyMode,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +163,8 @@ pub fn main(args: Args) -> Result<()> {
         &UpOptions {
             nodes: args.nodes,
             agent,
+            api: args.api,
+            kube_proxy: args.kube_proxy,
         },
     )?;
     let mut cases_took = Duration::ZERO;
@@ -167,6 +176,14 @@ pub fn main(args: Args) -> Result<()> {
             args.nodes,
             started.elapsed().as_secs_f64()
         );
+        match &lab.state.kube {
+            Some(k) => println!(
+                "cluster state in a real kube-apiserver {}; Services through the real kube-proxy in {} mode",
+                k.server_version,
+                k.proxy_mode.as_str()
+            ),
+            None => println!("cluster state in the agents' manifest directory; Services through the lab's nftables DNAT"),
+        }
         let cases_started = Instant::now();
         let timeout = Duration::from_millis(args.timeout_ms);
         let mut results = Vec::new();

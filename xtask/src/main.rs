@@ -5,6 +5,7 @@
 
 mod bench;
 mod conformance;
+mod kube;
 mod lab;
 mod setup;
 

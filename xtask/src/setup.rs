@@ -1,6 +1,6 @@
-//! Machine setup for building and testing: apt packages, the rust-src component, bpf-linker and a
-//! mounted bpffs. Every step first checks whether it is already done, so a second run takes
-//! seconds.
+//! Machine setup for building and testing: apt packages, the rust-src component, bpf-linker, a
+//! mounted bpffs and the Kubernetes components built from Go modules ([`crate::kube`]). Every
+//! step first checks whether it is already done, so a second run takes seconds.
 
 use std::process::{Command, Stdio};
 
@@ -20,6 +20,12 @@ const APT_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     // The benchmark chart's font.
     "fonts-dejavu-core",
+    // The lab's real-API mode: kube-proxy's iptables mode and conntrack, the CNI plugins the lab
+    // invokes as a kubelet would, certificates for the API server.
+    "iptables",
+    "conntrack",
+    "containernetworking-plugins",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -31,6 +37,7 @@ pub fn run() -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     bpffs()?;
+    crate::kube::ensure()?;
     eprintln!("setup: ready in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

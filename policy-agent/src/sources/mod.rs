@@ -158,6 +158,28 @@ pub struct ClusterStore {
     pub revision: u64,
     /// Input errors reported with the latest update.
     pub errors: Vec<String>,
+    /// The digest term of every stored object, and their sum ([`policy_common::digest`]).
+    terms: HashMap<(Kind, ObjectKey), u64>,
+    digest: ObjectsDigest,
+}
+
+/// What `/status` reports of the objects behind a state: how many, and their digest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectsDigest {
+    pub count: u64,
+    /// [`policy_common::digest`] of the objects, 16 hex digits when serialized.
+    #[serde(with = "hex_u64")]
+    pub digest: u64,
+}
+
+mod hex_u64 {
+    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:016x}"))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text: String = serde::Deserialize::deserialize(d)?;
+        u64::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+    }
 }
 
 impl ClusterStore {
@@ -183,8 +205,31 @@ impl ClusterStore {
         }
     }
 
+    /// Count and digest of every stored object.
+    pub fn digest(&self) -> ObjectsDigest {
+        self.digest
+    }
+
+    fn forget(&mut self, kind: Kind, key: &ObjectKey) {
+        if let Some(term) = self.terms.remove(&(kind, key.clone())) {
+            self.digest.count -= 1;
+            self.digest.digest = self.digest.digest.wrapping_sub(term);
+        }
+    }
+
     fn insert(&mut self, object: Object) {
         let key = object.key();
+        let kind = object.kind();
+        self.forget(kind, &key);
+        let term = policy_common::digest::object_term(
+            kind.as_str(),
+            &key.namespace,
+            &key.name,
+            object.metadata().resource_version.as_deref().unwrap_or(""),
+        );
+        self.terms.insert((kind, key.clone()), term);
+        self.digest.count += 1;
+        self.digest.digest = self.digest.digest.wrapping_add(term);
         let c = &mut self.cluster;
         match object {
             Object::Namespace(o) => {
@@ -209,6 +254,7 @@ impl ClusterStore {
     }
 
     fn remove(&mut self, kind: Kind, key: &ObjectKey) {
+        self.forget(kind, key);
         let c = &mut self.cluster;
         match kind {
             Kind::Namespace => drop(c.namespaces.remove(&key.name)),
@@ -221,6 +267,15 @@ impl ClusterStore {
     }
 
     fn clear(&mut self, kind: Kind) {
+        let gone: Vec<ObjectKey> = self
+            .terms
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, key)| key.clone())
+            .collect();
+        for key in &gone {
+            self.forget(kind, key);
+        }
         let c = &mut self.cluster;
         match kind {
             Kind::Namespace => c.namespaces.clear(),
@@ -332,5 +387,69 @@ mod tests {
         ns.metadata.name = Some("x".into());
         ns.metadata.namespace = Some("ignored".into());
         assert_eq!(Object::from(ns).key(), ObjectKey::new("", "x"));
+    }
+
+    fn versioned(ns: &str, name: &str, rv: &str) -> Object {
+        let mut o = pod(ns, name);
+        if let Object::Pod(p) = &mut o {
+            p.metadata.resource_version = Some(rv.into());
+        }
+        o
+    }
+
+    /// The digest a client computes from a list of (namespace, name, resourceVersion) pods.
+    fn listed(pods: &[(&str, &str, &str)]) -> ObjectsDigest {
+        let mut d = ObjectsDigest::default();
+        for (ns, name, rv) in pods {
+            d.count += 1;
+            d.digest = d
+                .digest
+                .wrapping_add(policy_common::digest::object_term("Pod", ns, name, rv));
+        }
+        d
+    }
+
+    #[test]
+    fn digest_follows_every_change() {
+        let mut store = ClusterStore::default();
+        assert_eq!(store.digest(), listed(&[]));
+        store.apply(update(
+            vec![
+                Change::Apply(versioned("a", "p1", "10")),
+                Change::Apply(versioned("a", "p2", "11")),
+            ],
+            1,
+        ));
+        assert_eq!(store.digest(), listed(&[("a", "p1", "10"), ("a", "p2", "11")]));
+        // A new version replaces the old term; a relabel is a new resourceVersion.
+        store.apply(update(vec![Change::Apply(versioned("a", "p1", "12"))], 2));
+        assert_eq!(store.digest(), listed(&[("a", "p1", "12"), ("a", "p2", "11")]));
+        assert_ne!(store.digest(), listed(&[("a", "p1", "10"), ("a", "p2", "11")]));
+        store.apply(update(
+            vec![Change::Delete(Kind::Pod, ObjectKey::new("a", "p2"))],
+            3,
+        ));
+        assert_eq!(store.digest(), listed(&[("a", "p1", "12")]));
+        store.apply(update(
+            vec![Change::Replace(
+                Kind::Pod,
+                vec![versioned("b", "q", "20")],
+            )],
+            4,
+        ));
+        assert_eq!(store.digest(), listed(&[("b", "q", "20")]));
+        // Other kinds count too, and a re-list of pods leaves them alone.
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some("b".into());
+        ns.metadata.resource_version = Some("5".into());
+        store.apply(update(vec![Change::Apply(Object::from(ns))], 5));
+        store.apply(update(vec![Change::Replace(Kind::Pod, vec![])], 6));
+        assert_eq!(
+            store.digest(),
+            ObjectsDigest {
+                count: 1,
+                digest: policy_common::digest::object_term("Namespace", "", "b", "5"),
+            }
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! kubectl, when the machine has it. `kubectl apply --dry-run=client` still asks a server for API discovery (to map
 //! kinds to resources and learn which are namespaced), so it cannot run against nothing; [`DiscoveryStub`] is a
-//! local HTTP server that answers discovery for the kinds deploy/ ships, as a Kubernetes 1.33 API server lists
+//! local HTTP server that answers discovery for the kinds deploy/ ships, as a Kubernetes 1.34 API server lists
 //! them, and "404 Not Found" for every object, which is what a dry-run apply of new objects asks.
 
 use std::{

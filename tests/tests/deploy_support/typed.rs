@@ -1,4 +1,4 @@
-//! Every shipped object must parse into its k8s-openapi type (Kubernetes 1.33 API), and nothing may be lost on the
+//! Every shipped object must parse into its k8s-openapi type (Kubernetes 1.34 API), and nothing may be lost on the
 //! way: k8s-openapi ignores fields it does not know, so a misspelt field (`mountPropogation`) would parse and then
 //! be dropped by the API server too. Serializing the typed object back and comparing it with the source catches that.
 

@@ -28,6 +28,16 @@ pub struct Status {
     pub endpoints: u64,
     #[serde(default)]
     pub errors: Vec<serde_json::Value>,
+    /// Count and digest of the objects behind the enforced state.
+    #[serde(default)]
+    pub enforced_objects: Option<ObjectsDigest>,
+}
+
+/// `enforced_objects` of `/status`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ObjectsDigest {
+    pub count: u64,
+    pub digest: String,
 }
 
 /// Where to reach one agent.
@@ -200,6 +210,20 @@ pub fn wait_converged(
     revision: u64,
     timeout: Duration,
 ) -> Result<(Vec<Status>, Duration)> {
+    wait_until(agents, timeout, &format!("revision {revision}"), |st| {
+        st.enforced_revision >= revision
+    })
+}
+
+/// Waits until every agent's status satisfies `done` (`target` names it in errors); returns the
+/// statuses and the time it took.
+pub fn wait_until(
+    agents: &[AgentRef],
+    timeout: Duration,
+    target: &str,
+    done: impl Fn(&Status) -> bool + Sync,
+) -> Result<(Vec<Status>, Duration)> {
+    let done = &done;
     let start = Instant::now();
     let deadline = start + timeout;
     let results: Vec<Result<Status>> = thread::scope(|s| {
@@ -220,18 +244,18 @@ pub fn wait_converged(
                             );
                         }
                         match status(a.addr) {
-                            Ok(st) if st.enforced_revision >= revision => return Ok(st),
+                            Ok(st) if done(&st) => return Ok(st),
                             Ok(st) => {
                                 last = format!(
-                                    "enforced revision {} (read {}), errors {:?}",
-                                    st.enforced_revision, st.revision, st.errors
+                                    "enforced revision {} (read {}), objects {:?}, errors {:?}",
+                                    st.enforced_revision, st.revision, st.enforced_objects, st.errors
                                 )
                             }
                             Err(e) => last = format!("{e:#}"),
                         }
                         if Instant::now() >= deadline {
                             bail!(
-                                "the agent on {} did not enforce revision {revision} within {:?}: {last}; {}",
+                                "the agent on {} did not enforce {target} within {:?}: {last}; {}",
                                 a.node,
                                 timeout,
                                 log_tail(&a.log, 15)

@@ -96,7 +96,7 @@ pub fn pod_ports(pod: &Pod) -> Vec<(u16, String, Option<String>)> {
         .collect()
 }
 
-fn serve_args(key: &str, pod: &Pod) -> ServeArgs {
+pub(crate) fn serve_args(key: &str, pod: &Pod) -> ServeArgs {
     let mut a = ServeArgs {
         name: key.to_string(),
         tcp: vec![],
@@ -270,6 +270,13 @@ impl Lab {
 
     /// Creates or replaces objects; returns once every agent enforces the result.
     pub fn apply(&mut self, loaded: Vec<Loaded>) -> Result<Report> {
+        if self.is_kube() {
+            let docs = loaded
+                .into_iter()
+                .map(|l| Ok((l.source, l.object.as_value()?)))
+                .collect::<Result<Vec<_>>>()?;
+            return self.kube_apply(&docs);
+        }
         // Last occurrence of an object wins, in first-seen order.
         let mut order: Vec<ObjRef> = Vec::new();
         let mut by_ref: BTreeMap<ObjRef, Loaded> = BTreeMap::new();
@@ -523,6 +530,9 @@ impl Lab {
 
     /// Deletes objects (a Namespace with everything in it, as the API server does).
     pub fn delete(&mut self, refs: Vec<ObjRef>, ignore_not_found: bool) -> Result<Report> {
+        if self.is_kube() {
+            return self.kube_delete(refs, ignore_not_found);
+        }
         let mut missing = Vec::new();
         let mut targets: Vec<ObjRef> = Vec::new();
         for r in refs {

@@ -52,6 +52,9 @@ pub struct State {
     /// EndpointSlices written to the manifest directory, by file name.
     #[serde(default)]
     pub endpoint_slices: BTreeMap<String, serde_json::Value>,
+    /// The real control plane (`up --api kube`); None in the manifest mode.
+    #[serde(default)]
+    pub kube: Option<super::kube::KubeState>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -131,6 +134,39 @@ pub enum AgentChoice {
 pub struct UpOptions {
     pub nodes: u32,
     pub agent: AgentChoice,
+    pub api: super::kube::ApiMode,
+    /// kube-proxy's mode (real-API mode only).
+    pub kube_proxy: super::kube::ProxyMode,
+}
+
+impl UpOptions {
+    /// `nodes` nodes running `agent`, in the mode `LAB_API` / `LAB_KUBE_PROXY` name (default:
+    /// the manifest directory).
+    pub fn new(nodes: u32, agent: AgentChoice) -> Result<UpOptions> {
+        use clap::ValueEnum;
+        let pick = |var: &str| -> Result<Option<String>> {
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Some(v)),
+                _ => Ok(None),
+            }
+        };
+        let api = match pick("LAB_API")? {
+            Some(v) => super::kube::ApiMode::from_str(&v, true)
+                .map_err(|_| anyhow!("LAB_API={v:?}: expected manifests or kube"))?,
+            None => super::kube::ApiMode::default(),
+        };
+        let kube_proxy = match pick("LAB_KUBE_PROXY")? {
+            Some(v) => super::kube::ProxyMode::from_str(&v, true)
+                .map_err(|_| anyhow!("LAB_KUBE_PROXY={v:?}: expected iptables or nftables"))?,
+            None => super::kube::ProxyMode::default(),
+        };
+        Ok(UpOptions {
+            nodes,
+            agent,
+            api,
+            kube_proxy,
+        })
+    }
 }
 
 /// A lab that is up, locked for the duration of one command.
@@ -283,6 +319,7 @@ impl Lab {
             policies: BTreeMap::new(),
             nft: String::new(),
             endpoint_slices: BTreeMap::new(),
+            kube: None,
         };
         let mut lab = Lab {
             names,
@@ -291,14 +328,14 @@ impl Lab {
             converge_timeout: Duration::from_secs(30),
             _lock: lock,
         };
-        if let Err(e) = lab.build() {
+        if let Err(e) = lab.build(opts) {
             let _ = teardown(&lab.names, &lab.paths);
             return Err(e);
         }
         Ok(lab)
     }
 
-    fn build(&mut self) -> Result<()> {
+    fn build(&mut self, opts: &UpOptions) -> Result<()> {
         let n = &self.names;
         // Underlay router with the node bridge.
         let ul = n.underlay_ns();
@@ -415,6 +452,18 @@ impl Lab {
             &self.paths.logs(),
         )?;
         self.state.ext_pid = pid.first().copied();
+        if opts.api == super::kube::ApiMode::Kube {
+            // Saved first, so that `down` after a failed start finds the control plane.
+            self.save()?;
+            self.kube_up(opts.kube_proxy)?;
+            if let Some(bin) = self.state.agent_bin.clone() {
+                for i in 0..self.state.nodes.len() {
+                    let pid = self.start_agent(&bin, i)?;
+                    self.state.nodes[i].agent_pid = Some(pid);
+                }
+            }
+            return self.save();
+        }
         // The cluster's own objects, then the agents.
         for node in &self.state.nodes {
             write_object(
@@ -442,11 +491,14 @@ impl Lab {
     fn start_agent(&self, bin: &Path, i: usize) -> Result<u32> {
         let node = &self.state.nodes[i];
         let mut cmd = Command::new(bin);
-        cmd.arg("--node-name")
-            .arg(&node.name)
-            .arg("--manifest-dir")
-            .arg(self.paths.manifests())
-            .arg("--bpffs-dir")
+        cmd.arg("--node-name").arg(&node.name);
+        if self.is_kube() {
+            cmd.arg("--kubeconfig")
+                .arg(super::kube::agent_kubeconfig(self));
+        } else {
+            cmd.arg("--manifest-dir").arg(self.paths.manifests());
+        }
+        cmd.arg("--bpffs-dir")
             .arg(self.names.bpffs_dir(node.number))
             .arg("--http-addr")
             .arg(node.http_addr().to_string());
@@ -481,6 +533,9 @@ impl Lab {
 
     /// Publishes the current objects: bumps the revision and waits for every agent to enforce it.
     pub fn publish(&mut self) -> Result<Converged> {
+        if self.is_kube() {
+            return self.kube_converge();
+        }
         self.state.revision += 1;
         let rev = self.state.revision;
         let tmp = self.paths.manifests().join(".revision.tmp");
@@ -517,6 +572,10 @@ impl Lab {
     /// Recomputes Service endpoints: reloads the DNAT ruleset on every node if it changed and
     /// rewrites the EndpointSlices (as the endpoint-slice controller would).
     pub fn reload_services(&mut self, force: bool) -> Result<()> {
+        if self.is_kube() {
+            // kube-proxy programs the Services, the controller manager publishes the slices.
+            return Ok(());
+        }
         let views: Vec<services::PodView<'_>> = self
             .state
             .pods
@@ -737,8 +796,10 @@ fn teardown(names: &Names, paths: &Paths) -> Removed {
             0
         } else if ns.contains("-node-") {
             1
-        } else {
+        } else if ns.ends_with("-cp") {
             2
+        } else {
+            3
         }
     });
     for ns in &namespaces {
@@ -798,6 +859,17 @@ fn node_object(node: &NodeState) -> Node {
                                  {"type": "Hostname", "address": node.name}]}
     }))
     .expect("a valid Node")
+}
+
+/// Drops what the API server adds for its own bookkeeping from an object's metadata.
+pub fn strip_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
 }
 
 /// Namespace as the API server stores it: `kubernetes.io/metadata.name` always set, phase Active.

@@ -137,10 +137,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     down(&args.prefix)?;
     let mut lab = Lab::up(
         &args.prefix,
-        &UpOptions {
-            nodes: args.nodes,
-            agent,
-        },
+        &UpOptions::new(args.nodes, agent)?,
     )?;
     let result = (|| -> Result<bool> {
         let c = lab.publish()?;

@@ -5,6 +5,7 @@ mod agent;
 mod apply;
 mod cluster;
 pub mod demo;
+pub mod kube;
 
 mod net;
 mod objects;
@@ -64,6 +65,13 @@ pub enum LabCommand {
         /// No agents: nothing is enforced (a baseline).
         #[arg(long)]
         no_agent: bool,
+        /// Where the cluster state lives: the agents' manifest directory, or a real etcd,
+        /// kube-apiserver, kube-controller-manager and kube-proxy.
+        #[arg(long, value_enum, env = "LAB_API", default_value_t = kube::ApiMode::Manifests)]
+        api: kube::ApiMode,
+        /// kube-proxy's mode (with `--api kube`).
+        #[arg(long, value_enum, env = "LAB_KUBE_PROXY", default_value_t = kube::ProxyMode::Iptables)]
+        kube_proxy: kube::ProxyMode,
     },
     /// Create or replace the objects in YAML/JSON files or directories, like `kubectl apply`.
     Apply {
@@ -139,13 +147,21 @@ pub fn main(args: LabArgs) -> Result<()> {
             nodes,
             agent_bin,
             no_agent,
+            api,
+            kube_proxy,
         } => {
             let agent = match (agent_bin, no_agent) {
                 (_, true) => AgentChoice::None,
                 (Some(p), false) => AgentChoice::Binary(p),
                 (None, false) => AgentChoice::Build,
             };
-            let mut lab = Lab::up(prefix, &UpOptions { nodes, agent })?;
+            let opts = UpOptions {
+                nodes,
+                agent,
+                api,
+                kube_proxy,
+            };
+            let mut lab = Lab::up(prefix, &opts)?;
             lab.converge_timeout = timeout;
             let c = match lab.publish() {
                 Ok(c) => c,
@@ -159,16 +175,31 @@ pub fn main(args: LabArgs) -> Result<()> {
                 "lab {prefix:?} is up: {nodes} nodes, off-cluster host ext at {}",
                 EXT_IP
             );
+            if let Some(k) = &lab.state.kube {
+                println!(
+                    "control plane: kube-apiserver {} at https://{}:{} (etcd, kube-controller-manager, kube-proxy in {} mode)",
+                    k.server_version,
+                    kube::CONTROL_PLANE_IP,
+                    kube::API_PORT,
+                    k.proxy_mode.as_str()
+                );
+            }
             print!("{}", lab.get_text(Some(query::Resource::Nodes)));
             println!("{c}");
             Ok(())
         }
         LabCommand::Apply { files } => {
             let docs = read_docs(&files)?;
-            let loaded = load_all(&docs)?;
             let mut lab = Lab::open(prefix)?;
             lab.converge_timeout = timeout;
-            lab.apply(loaded)?.print();
+            if lab.is_kube() {
+                // The API server validates and defaults what the user wrote, as given.
+                let raw: Vec<(String, serde_json::Value)> =
+                    docs.into_iter().map(|d| (d.source, d.value)).collect();
+                lab.kube_apply(&raw)?.print();
+            } else {
+                lab.apply(load_all(&docs)?)?.print();
+            }
             Ok(())
         }
         LabCommand::Delete {

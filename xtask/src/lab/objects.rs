@@ -84,6 +84,16 @@ pub enum Object {
 }
 
 impl Object {
+    /// The object as JSON, `apiVersion` and `kind` included.
+    pub fn as_value(&self) -> serde_json::Result<Value> {
+        match self {
+            Object::Namespace(o) => serde_json::to_value(o),
+            Object::Pod(o) => serde_json::to_value(o),
+            Object::Service(o) => serde_json::to_value(o),
+            Object::NetworkPolicy(o) => serde_json::to_value(o),
+        }
+    }
+
     pub fn obj_ref(&self) -> ObjRef {
         let (kind, meta) = match self {
             Object::Namespace(o) => (Kind::Namespace, &o.metadata),

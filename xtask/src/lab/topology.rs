@@ -75,6 +75,14 @@ impl Names {
     pub fn ext_ns(&self) -> String {
         format!("{}-ext", self.prefix)
     }
+    /// The control plane of the real-API mode (etcd, kube-apiserver, kube-controller-manager).
+    pub fn control_plane_ns(&self) -> String {
+        format!("{}-cp", self.prefix)
+    }
+    /// Underlay side of the control plane's link.
+    pub fn control_plane_link(&self) -> String {
+        format!("{}c", self.prefix)
+    }
     pub fn node_ns(&self, n: u32) -> String {
         format!("{}-node-{n}", self.prefix)
     }
@@ -110,6 +118,7 @@ impl Names {
         };
         rest == "ul"
             || rest == "ext"
+            || rest == "cp"
             || numbered(rest, "node-").is_some()
             || numbered(rest, "pod-").is_some()
     }

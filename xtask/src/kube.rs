@@ -1,0 +1,144 @@
+//! The real Kubernetes components the lab's real-API mode runs — etcd, kube-apiserver,
+//! kube-controller-manager, kube-proxy and kubectl — built from the pinned Go module in
+//! `tests/kube/` into a cache outside the work tree.
+//!
+//! One Kubernetes minor for everything: v1.34. It is the newest release whose kubelet still runs
+//! on cgroup v1 without an opt-in (the machines this is built on have hybrid cgroup v1 and no
+//! systemd), it builds with the Go toolchain installed here, kind ships node images for it, and
+//! the agent's `k8s-openapi` feature (`v1_34`) matches it.
+//!
+//! The cache directory is keyed by a digest of `go.mod` and `go.sum`, so a changed pin builds
+//! anew and an unchanged one is found in milliseconds.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{exec, workspace_root};
+
+/// The Kubernetes release the binaries are built from (`k8s.io/kubernetes` in `tests/kube/go.mod`).
+pub const KUBERNETES_VERSION: &str = "v1.34.4";
+
+/// Binary name → the Go main package it is built from.
+const BINARIES: &[(&str, &str)] = &[
+    ("etcd", "go.etcd.io/etcd/server/v3"),
+    ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+    (
+        "kube-controller-manager",
+        "k8s.io/kubernetes/cmd/kube-controller-manager",
+    ),
+    ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+    ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+];
+
+/// Where the built binaries are.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub dir: PathBuf,
+}
+
+impl Binaries {
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The binaries of the current pin if they are built (no build).
+    pub fn find() -> Result<Binaries> {
+        let dir = cache_dir()?;
+        if BINARIES.iter().all(|(name, _)| dir.join(name).is_file()) {
+            Ok(Binaries { dir })
+        } else {
+            bail!(
+                "the Kubernetes {KUBERNETES_VERSION} binaries are not built in {}; run `cargo xtask setup`",
+                dir.display()
+            )
+        }
+    }
+}
+
+fn module_dir() -> PathBuf {
+    workspace_root().join("tests").join("kube")
+}
+
+/// `$POLICY_KUBE_CACHE` or `/var/cache/policy-agent/kube`, then a directory per pin.
+fn cache_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("POLICY_KUBE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/policy-agent/kube"));
+    let mut key = Vec::new();
+    for f in ["go.mod", "go.sum"] {
+        let p = module_dir().join(f);
+        key.extend(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
+    }
+    let digest = policy_common::digest::object_term("", "", "", &String::from_utf8_lossy(&key));
+    Ok(base.join(format!("{KUBERNETES_VERSION}-{digest:016x}")))
+}
+
+/// The `go` command: on `PATH`, or the toolchain's usual place.
+fn go() -> Result<PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("go");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    let fallback = Path::new("/usr/local/go/bin/go");
+    if fallback.is_file() {
+        return Ok(fallback.to_path_buf());
+    }
+    bail!("no Go toolchain found (PATH or /usr/local/go/bin/go); it builds the Kubernetes binaries")
+}
+
+/// Strips debug data and stamps the release into `k8s.io/component-base/version`, as the
+/// Kubernetes release build does, so `kubectl version` and `/version` name it.
+fn ldflags() -> String {
+    let v = KUBERNETES_VERSION.trim_start_matches('v');
+    let mut parts = v.split('.');
+    let (major, minor) = (parts.next().unwrap_or("1"), parts.next().unwrap_or("0"));
+    let pkg = "k8s.io/component-base/version";
+    format!(
+        "-ldflags=-s -w -X {pkg}.gitVersion={KUBERNETES_VERSION} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
+    )
+}
+
+/// Builds the binaries unless the cache has them; prints how long a build took.
+pub fn ensure() -> Result<Binaries> {
+    if let Ok(b) = Binaries::find() {
+        return Ok(b);
+    }
+    let dir = cache_dir()?;
+    let staging = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("creating {}", staging.display()))?;
+    let started = Instant::now();
+    eprintln!(
+        "setup: building Kubernetes {KUBERNETES_VERSION} (etcd, kube-apiserver, kube-controller-manager, kube-proxy, kubectl) from tests/kube into {}",
+        dir.display()
+    );
+    for (name, package) in BINARIES {
+        let mut cmd = Command::new(go()?);
+        cmd.current_dir(module_dir())
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=readonly -buildvcs=false")
+            .args(["build", "-trimpath", &ldflags(), "-o"])
+            .arg(staging.join(name))
+            .arg(package);
+        exec(&mut cmd).with_context(|| format!("building {name} from {package}"))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&staging, &dir)?;
+    eprintln!(
+        "setup: Kubernetes binaries built in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Binaries::find()
+}

@@ -1,0 +1,1328 @@
+//! The lab's real-API mode (`lab up --api kube`): the cluster state lives in a real etcd and
+//! kube-apiserver, EndpointSlices come from the real kube-controller-manager, the real kube-proxy
+//! programs Service DNAT on every node, objects are applied with the real kubectl, and the agents
+//! run the Kubernetes source under the RBAC of `deploy/base/`.
+//!
+//! ```text
+//!   <p>-cp  eth0 172.18.0.254/24 on the node bridge (like kind's control-plane node):
+//!           etcd on 127.0.0.1:2379, kube-apiserver on :6443, kube-controller-manager
+//!   <p>-node-N  kube-proxy (iptables or nftables mode), policy-agent (--kubeconfig)
+//! ```
+//!
+//! The lab plays the scheduler, the kubelet and the container runtime for its pods, as kwok does
+//! for nodes: it binds unscheduled pods to its nodes, sets up each pod's network by invoking the
+//! real CNI plugins with the CNI protocol (ptp + host-local, kindnet's chain), starts the
+//! responders, and writes the pod's status through the API; a deleted pod is torn down (CNI DEL)
+//! and then removed, as a kubelet confirms a graceful deletion. It does this at every lab command
+//! that changes objects, and waits until the results are visible everywhere: EndpointSlices match
+//! the pods, every kube-proxy has programmed them, and every agent reports the digest of exactly
+//! the objects the API server holds (`/status` `enforced_objects`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    agent::{self, workspace_root},
+    cluster::{self, Lab, PodState, start_responders},
+    net::{self, NetnsMode},
+    objects::{Kind, ObjRef},
+    services,
+    topology::{self as topo},
+};
+
+/// The control plane's address on the node network.
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
+pub const API_PORT: u16 = 6443;
+/// Where the real CNI plugins are (Debian's containernetworking-plugins).
+pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+
+/// Where the cluster state lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiMode {
+    /// The manifest directory the agents read (standalone mode).
+    #[default]
+    Manifests,
+    /// A real etcd, kube-apiserver, kube-controller-manager and kube-proxy.
+    Kube,
+}
+
+/// kube-proxy's mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    #[default]
+    Iptables,
+    Nftables,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Iptables => "iptables",
+            ProxyMode::Nftables => "nftables",
+        }
+    }
+}
+
+/// What the lab remembers of its control plane.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KubeState {
+    pub proxy_mode: ProxyMode,
+    pub bin_dir: PathBuf,
+    /// `gitVersion` of the API server's `/version`.
+    pub server_version: String,
+    /// etcd, kube-apiserver, kube-controller-manager.
+    pub control_plane_pids: Vec<u32>,
+    /// kube-proxy per node, in node order.
+    pub proxy_pids: Vec<u32>,
+}
+
+/// Files of the control plane, under the lab's state directory.
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn of(lab: &Lab) -> Files {
+        Files {
+            dir: lab.paths.dir.join("kube"),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    /// kubectl and the control-plane components reach the API server on the control plane's
+    /// loopback; the nodes through the node network.
+    fn admin_kubeconfig(&self) -> PathBuf {
+        self.path("admin.kubeconfig")
+    }
+    fn node_admin_kubeconfig(&self) -> PathBuf {
+        self.path("node-admin.kubeconfig")
+    }
+    pub fn agent_kubeconfig(&self) -> PathBuf {
+        self.path("agent.kubeconfig")
+    }
+    fn cni_state(&self, node: &str) -> PathBuf {
+        self.path("cni").join(node)
+    }
+}
+
+pub fn agent_kubeconfig(lab: &Lab) -> PathBuf {
+    Files::of(lab).agent_kubeconfig()
+}
+
+fn kubeconfig_text(server: &str, ca: &Path, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: lab\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\n",
+        ca.display()
+    )
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    net::run(Command::new("openssl").current_dir(dir).args(args))
+        .context("generating the lab's certificates with openssl")
+}
+
+/// A CA, the API server's serving certificate, the service-account signing key and an admin
+/// token, new for every lab.
+fn make_credentials(files: &Files) -> Result<String> {
+    let d = &files.dir;
+    std::fs::create_dir_all(d)?;
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=lab-ca",
+    ]);
+    openssl(d, &ca)?;
+    let mut csr = vec!["req", "-new"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "apiserver.key",
+        "-out",
+        "apiserver.csr",
+        "-subj",
+        "/CN=kube-apiserver",
+    ]);
+    openssl(d, &csr)?;
+    let service_ip = Ipv4Addr::from(u32::from(topo::SERVICE_CIDR.0) + 1);
+    std::fs::write(
+        d.join("apiserver.ext"),
+        format!(
+            "subjectAltName=IP:{CONTROL_PLANE_IP},IP:127.0.0.1,IP:{service_ip},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
+        ),
+    )?;
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "apiserver.ext",
+            "-out",
+            "apiserver.crt",
+        ],
+    )?;
+    openssl(
+        d,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "sa.key",
+        ],
+    )?;
+    openssl(d, &["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
+    let token: String = net::random_bytes::<16>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        d.join("tokens.csv"),
+        format!("{token},lab-admin,lab-admin,system:masters\n"),
+    )?;
+    let ca = d.join("ca.crt");
+    std::fs::write(
+        files.admin_kubeconfig(),
+        kubeconfig_text(&format!("https://127.0.0.1:{API_PORT}"), &ca, &token),
+    )?;
+    std::fs::write(
+        files.node_admin_kubeconfig(),
+        kubeconfig_text(
+            &format!("https://{CONTROL_PLANE_IP}:{API_PORT}"),
+            &ca,
+            &token,
+        ),
+    )?;
+    Ok(token)
+}
+
+fn wait_tcp(netns: &str, addr: SocketAddrV4, timeout: Duration, what: &str, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let up = net::in_netns(netns, || {
+            TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_millis(200)).is_ok()
+        })?;
+        if up {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} did not listen on {addr} within {timeout:?}; {}", agent::log_tail(log, 15));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Lab {
+    pub fn is_kube(&self) -> bool {
+        self.state.kube.is_some()
+    }
+
+    fn kube(&self) -> &KubeState {
+        self.state.kube.as_ref().expect("a lab in the real-API mode")
+    }
+
+    /// Runs the real kubectl (inside the control-plane namespace, as the lab's admin); fails with
+    /// kubectl's own message.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let files = Files::of(self);
+        let mut cmd = Command::new(Path::new(&self.kube().bin_dir).join("kubectl"));
+        cmd.arg("--kubeconfig").arg(files.admin_kubeconfig()).args(args);
+        net::set_netns(&mut cmd, &self.names.control_plane_ns(), NetnsMode::Net)?;
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("running kubectl")?;
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(input.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            bail!("{}", if err.is_empty() { format!("kubectl {} failed", args.join(" ")) } else { err });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let text = self.kubectl(&all, None)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing kubectl {}", args.join(" ")))
+    }
+
+    /// Starts the control plane, registers the nodes, installs the agent's RBAC and starts
+    /// kube-proxy on every node. Called by `up` after the node namespaces exist.
+    pub(crate) fn kube_up(&mut self, proxy_mode: ProxyMode) -> Result<()> {
+        let bins = crate::kube::Binaries::find()?;
+        let files = Files::of(self);
+        let names = self.names.clone();
+        let cp = names.control_plane_ns();
+        // The control-plane "node" on the node bridge.
+        net::add_netns(&cp)?;
+        for key in ["net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"] {
+            let _ = net::sysctl(&cp, key, "1");
+        }
+        net::ip_batch(
+            &names.underlay_ns(),
+            &[
+                format!("link add {} type veth peer name eth0 netns {cp}", names.control_plane_link()),
+                format!("link set {} master {}", names.control_plane_link(), names.bridge()),
+                format!("link set {} up", names.control_plane_link()),
+            ],
+        )?;
+        net::ip_batch(
+            &cp,
+            &[
+                "link set lo up".into(),
+                format!("addr add {CONTROL_PLANE_IP}/{} dev eth0", topo::NODE_CIDR.1),
+                "link set eth0 up".into(),
+                format!("route add default via {}", topo::NODE_GATEWAY),
+            ],
+        )?;
+        make_credentials(&files)?;
+        self.state.kube = Some(KubeState {
+            proxy_mode,
+            bin_dir: bins.dir.clone(),
+            server_version: String::new(),
+            control_plane_pids: Vec::new(),
+            proxy_pids: Vec::new(),
+        });
+        let logs = self.paths.logs();
+        let d = &files.dir;
+        // etcd
+        let mut etcd = Command::new(bins.path("etcd"));
+        etcd.args([
+            "--name=lab",
+            "--listen-client-urls=http://127.0.0.1:2379",
+            "--advertise-client-urls=http://127.0.0.1:2379",
+            "--listen-peer-urls=http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380",
+            "--initial-cluster=lab=http://127.0.0.1:2380",
+            "--listen-metrics-urls=http://127.0.0.1:2381",
+            // A lab cluster: losing the last writes on a host crash is fine.
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ])
+        .arg(format!("--data-dir={}", d.join("etcd").display()));
+        let etcd_log = logs.join("etcd.log");
+        let pid = net::spawn_daemon(etcd, &cp, NetnsMode::Daemon, &etcd_log)?.id();
+        self.kube_mut().control_plane_pids.push(pid);
+        wait_tcp(&cp, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379), Duration::from_secs(30), "etcd", &etcd_log)?;
+        // kube-apiserver
+        let p = |f: &str| d.join(f).display().to_string();
+        let mut api = Command::new(bins.path("kube-apiserver"));
+        api.args([
+            "--etcd-servers=http://127.0.0.1:2379".to_string(),
+            format!("--advertise-address={CONTROL_PLANE_IP}"),
+            format!("--secure-port={API_PORT}"),
+            format!("--service-cluster-ip-range={}", topo::cidr(topo::SERVICE_CIDR)),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=Node,RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--allow-privileged=true".into(),
+            "--profiling=false".into(),
+            format!("--cert-dir={}", p("apiserver-certs")),
+            "--v=1".into(),
+        ]);
+        let api_log = logs.join("kube-apiserver.log");
+        let pid = net::spawn_daemon(api, &cp, NetnsMode::Daemon, &api_log)?.id();
+        self.kube_mut().control_plane_pids.push(pid);
+        self.wait_api_ready(Duration::from_secs(90), &api_log)?;
+        let version = self.kubectl_json(&["get", "--raw=/version"]);
+        // `get --raw` with `-o json` is not accepted by every kubectl; fall back to the plain call.
+        let version = match version {
+            Ok(v) => v,
+            Err(_) => serde_json::from_str(&self.kubectl(&["get", "--raw=/version"], None)?)?,
+        };
+        self.kube_mut().server_version = version["gitVersion"].as_str().unwrap_or("unknown").to_string();
+        // kube-controller-manager: EndpointSlices, namespaces, service accounts, garbage collection.
+        // Without kubelets there are no node heartbeats: the node lifecycle controller would taint
+        // every node unreachable and evict the pods, so it is off.
+        let mut kcm = Command::new(bins.path("kube-controller-manager"));
+        kcm.args([
+            format!("--kubeconfig={}", files.admin_kubeconfig().display()),
+            "--controllers=*,-node-lifecycle-controller".into(),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=false".into(),
+            format!("--service-account-private-key-file={}", p("sa.key")),
+            format!("--root-ca-file={}", p("ca.crt")),
+            format!("--cluster-cidr={}", topo::cidr(topo::POD_CIDR)),
+            format!("--service-cluster-ip-range={}", topo::cidr(topo::SERVICE_CIDR)),
+            "--bind-address=127.0.0.1".into(),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ]);
+        let kcm_log = logs.join("kube-controller-manager.log");
+        let pid = net::spawn_daemon(kcm, &cp, NetnsMode::Daemon, &kcm_log)?.id();
+        self.kube_mut().control_plane_pids.push(pid);
+        self.register_nodes()?;
+        // The agent's identity and permissions, exactly as the DaemonSet installs them.
+        let base = workspace_root().join("deploy").join("base");
+        for f in ["namespace.yaml", "rbac.yaml"] {
+            self.kubectl(&["apply", "-f", &base.join(f).display().to_string()], None)
+                .with_context(|| format!("applying deploy/base/{f}"))?;
+        }
+        let token = self
+            .kubectl(
+                &["create", "token", "policy-agent", "--namespace", "policy-agent", "--duration=8760h"],
+                None,
+            )
+            .context("creating a token for the policy-agent ServiceAccount")?;
+        std::fs::write(
+            files.agent_kubeconfig(),
+            kubeconfig_text(
+                &format!("https://{CONTROL_PLANE_IP}:{API_PORT}"),
+                &d.join("ca.crt"),
+                token.trim(),
+            ),
+        )?;
+        for i in 0..self.state.nodes.len() {
+            let pid = self.start_kube_proxy(i, proxy_mode, &bins)?;
+            self.kube_mut().proxy_pids.push(pid);
+        }
+        self.wait_service_account("default")?;
+        Ok(())
+    }
+
+    fn kube_mut(&mut self) -> &mut KubeState {
+        self.state.kube.as_mut().expect("a lab in the real-API mode")
+    }
+
+    fn wait_api_ready(&self, timeout: Duration, log: &Path) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last;
+        loop {
+            for &pid in &self.kube().control_plane_pids {
+                if !net::process_alive(pid) {
+                    bail!("a control-plane process (pid {pid}) exited; {}", agent::log_tail(log, 20));
+                }
+            }
+            match self.kubectl(&["get", "--raw=/readyz"], None) {
+                Ok(t) if t.trim() == "ok" => return Ok(()),
+                Ok(t) => last = t,
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() >= deadline {
+                bail!("kube-apiserver was not ready within {timeout:?}: {last}; {}", agent::log_tail(log, 20));
+            }
+            thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Node objects with addresses, pod CIDR, capacity and a Ready condition, as kubelets
+    /// register them.
+    fn register_nodes(&self) -> Result<()> {
+        for node in &self.state.nodes {
+            let cidr = topo::cidr(topo::node_pod_cidr(node.number));
+            let obj = json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": node.name, "labels": {
+                    "kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64"}},
+                "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+            });
+            self.kubectl(&["apply", "-f", "-"], Some(&obj.to_string()))
+                .with_context(|| format!("registering Node {}", node.name))?;
+            let now = now_rfc3339();
+            let status = json!({"status": {
+                "addresses": [{"type": "InternalIP", "address": node.ip.to_string()},
+                              {"type": "Hostname", "address": node.name}],
+                "capacity": {"cpu": "8", "memory": "16Gi", "pods": "250"},
+                "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "250"},
+                "conditions": [{"type": "Ready", "status": "True", "reason": "LabKubelet",
+                                "message": "the lab runs this node's pods",
+                                "lastHeartbeatTime": now, "lastTransitionTime": now}],
+                "nodeInfo": {"kubeletVersion": crate::kube::KUBERNETES_VERSION,
+                             "kubeProxyVersion": crate::kube::KUBERNETES_VERSION,
+                             "operatingSystem": "linux", "architecture": "amd64",
+                             "containerRuntimeVersion": "lab://1", "kernelVersion": "", "osImage": "lab",
+                             "machineID": "", "systemUUID": "", "bootID": ""}}});
+            self.kubectl(
+                &["patch", "node", &node.name, "--subresource=status", "--type=merge", "-p", &status.to_string()],
+                None,
+            )
+            .with_context(|| format!("writing the status of Node {}", node.name))?;
+        }
+        Ok(())
+    }
+
+    fn start_kube_proxy(&self, i: usize, mode: ProxyMode, bins: &crate::kube::Binaries) -> Result<u32> {
+        let files = Files::of(self);
+        let node = &self.state.nodes[i];
+        // Zero conntrack settings leave the host's global conntrack table alone; kube-proxy
+        // listens on the node namespace's loopback only.
+        let config = json!({
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": files.node_admin_kubeconfig()},
+            "hostnameOverride": node.name,
+            "mode": mode.as_str(),
+            "clusterCIDR": topo::cidr(topo::POD_CIDR),
+            "healthzBindAddress": "127.0.0.1:10256",
+            "metricsBindAddress": "127.0.0.1:10249",
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+            "iptables": {"minSyncPeriod": "0s", "syncPeriod": "30s"},
+            "nftables": {"minSyncPeriod": "0s", "syncPeriod": "30s"},
+        });
+        let path = files.path(&format!("kube-proxy-{}.yaml", node.name));
+        std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
+        let mut cmd = Command::new(bins.path("kube-proxy"));
+        cmd.arg(format!("--config={}", path.display()));
+        let log = self.paths.logs().join(format!("kube-proxy-{}.log", node.name));
+        Ok(net::spawn_daemon(cmd, &node.netns, NetnsMode::DaemonWithSysfs, &log)?.id())
+    }
+
+    /// Waits for the ServiceAccount controller to create `default` in a namespace (pods are
+    /// admitted only then).
+    fn wait_service_account(&self, namespace: &str) -> Result<()> {
+        let deadline = Instant::now() + self.converge_timeout;
+        loop {
+            let out = self.kubectl(
+                &["get", "serviceaccount", "default", "--namespace", namespace, "--ignore-not-found", "-o", "name"],
+                None,
+            )?;
+            if !out.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the ServiceAccount controller did not create {namespace}/default within {:?}", self.converge_timeout);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    // ---- apply and delete through kubectl ---------------------------------------------------
+
+    /// `kubectl apply` of these documents: namespaces first (and the ones pods or policies refer
+    /// to), then everything else; then the lab's kubelet work and convergence. The API server
+    /// validates everything first (`--dry-run=server`), so an invalid document changes nothing.
+    pub fn kube_apply(&mut self, docs: &[(String, Value)]) -> Result<super::apply::Report> {
+        use super::apply::{Change, Report};
+        if docs.is_empty() {
+            bail!("no objects found");
+        }
+        let refs: Vec<ObjRef> = docs
+            .iter()
+            .map(|(source, v)| {
+                super::objects::doc_ref(&super::objects::Doc { source: source.clone(), value: v.clone() })
+            })
+            .collect::<Result<_>>()?;
+        // Namespaces the documents need, created as the manifest mode does.
+        let existing: BTreeSet<String> = self.list_names("namespaces")?;
+        let mut needed: BTreeSet<String> = refs
+            .iter()
+            .filter(|r| r.kind.namespaced())
+            .map(|r| r.namespace.clone())
+            .collect();
+        needed.retain(|n| !existing.contains(n));
+        let declared: BTreeSet<String> = refs
+            .iter()
+            .filter(|r| r.kind == Kind::Namespace)
+            .map(|r| r.name.clone())
+            .collect();
+        let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
+        let (ns_docs, rest): (Vec<&(String, Value)>, Vec<&(String, Value)>) =
+            docs.iter().partition(|(_, v)| v["kind"] == "Namespace");
+        let mut first: Vec<Value> = ns_docs.iter().map(|(_, v)| v.clone()).collect();
+        for n in needed.iter().filter(|n| !declared.contains(*n)) {
+            first.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}));
+        }
+        let all: Vec<Value> = first.iter().cloned().chain(rest.iter().map(|(_, v)| v.clone())).collect();
+        // Validation of everything by the API server (namespaces that do not exist yet make
+        // namespaced objects fail a server dry run, so those are checked against the schema only).
+        let (dry_ns, dry_rest): (Vec<Value>, Vec<Value>) = all.iter().cloned().partition(|v| {
+            v["kind"] == "Namespace" || !needed.contains(v["metadata"]["namespace"].as_str().unwrap_or("default"))
+        });
+        self.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&list(dry_ns)))
+            .map_err(|e| anyhow!("nothing was applied:\n{e}"))?;
+        if !dry_rest.is_empty() {
+            self.kubectl(&["apply", "--dry-run=client", "--validate=strict", "-f", "-"], Some(&list(dry_rest)))
+                .map_err(|e| anyhow!("nothing was applied:\n{e}"))?;
+        }
+        let mut out = String::new();
+        if !first.is_empty() {
+            out += &self.kubectl(&["apply", "-f", "-"], Some(&list(first.clone())))?;
+        }
+        let pod_namespaces: BTreeSet<String> = refs
+            .iter()
+            .filter(|r| r.kind == Kind::Pod)
+            .map(|r| r.namespace.clone())
+            .collect();
+        for ns in &pod_namespaces {
+            self.wait_service_account(ns)?;
+        }
+        if !rest.is_empty() {
+            let items = rest.iter().map(|(_, v)| v.clone()).collect();
+            out += &self.kubectl(&["apply", "-f", "-"], Some(&list(items)))?;
+        }
+        // kubectl prints one line per object, in input order: `kind/name created|configured|unchanged`.
+        let mut order: Vec<ObjRef> = needed
+            .iter()
+            .filter(|n| !declared.contains(*n))
+            .map(|n| ObjRef { kind: Kind::Namespace, namespace: String::new(), name: n.clone() })
+            .collect();
+        let ns_refs: Vec<ObjRef> = refs.iter().filter(|r| r.kind == Kind::Namespace).cloned().collect();
+        let other: Vec<ObjRef> = refs.iter().filter(|r| r.kind != Kind::Namespace).cloned().collect();
+        let mut in_order: Vec<ObjRef> = ns_refs;
+        in_order.append(&mut order);
+        in_order.extend(other);
+        let mut changes = Vec::new();
+        let mut any = false;
+        for (r, line) in in_order.iter().zip(out.lines()) {
+            let c = match line.rsplit(' ').next().unwrap_or("") {
+                "created" => Change::Created,
+                "configured" => Change::Configured,
+                _ => Change::Unchanged,
+            };
+            any |= c != Change::Unchanged;
+            let note = if needed.contains(&r.name) && r.kind == Kind::Namespace && !declared.contains(&r.name) {
+                "referenced".to_string()
+            } else {
+                String::new()
+            };
+            changes.push((r.clone(), c, note));
+        }
+        if !any {
+            self.kube_refresh()?;
+            return Ok(Report { changes, converged: None });
+        }
+        let converged = self.kube_converge()?;
+        for (r, _, note) in changes.iter_mut() {
+            if r.kind == Kind::Pod
+                && let Some(p) = self.state.pods.get(&r.key())
+                && note.is_empty()
+            {
+                *note = format!("{}, {}", topo::node_name(p.node), p.ip);
+            }
+        }
+        Ok(Report { changes, converged: Some(converged) })
+    }
+
+    /// `kubectl delete` of these objects; returns when they are gone and the rest is enforced.
+    pub fn kube_delete(&mut self, refs: Vec<ObjRef>, ignore_not_found: bool) -> Result<super::apply::Report> {
+        use super::apply::{Change, Report};
+        let mut changes = Vec::new();
+        let mut errors = Vec::new();
+        let mut present = Vec::new();
+        for r in refs {
+            if present.contains(&r) {
+                continue;
+            }
+            let mut args = vec!["get", resource(r.kind), r.name.as_str(), "--ignore-not-found", "-o", "name"];
+            if r.kind.namespaced() {
+                args.extend(["--namespace", r.namespace.as_str()]);
+            }
+            if self.kubectl(&args, None)?.trim().is_empty() {
+                if !ignore_not_found {
+                    errors.push(format!("{r}: not found"));
+                }
+            } else {
+                present.push(r);
+            }
+        }
+        if !errors.is_empty() {
+            bail!("nothing was deleted:\n  {}", errors.join("\n  "));
+        }
+        if present.is_empty() {
+            return Ok(Report { changes, converged: None });
+        }
+        for r in &present {
+            let mut args = vec!["delete", resource(r.kind), r.name.as_str(), "--wait=false", "--ignore-not-found"];
+            if r.kind.namespaced() {
+                args.extend(["--namespace", r.namespace.as_str()]);
+            }
+            self.kubectl(&args, None)?;
+            changes.push((r.clone(), Change::Deleted, String::new()));
+        }
+        // Terminating pods wait for their kubelet: tear them down until everything is gone.
+        let deadline = Instant::now() + self.converge_timeout;
+        loop {
+            self.kubelet_sync()?;
+            let mut left = Vec::new();
+            for r in &present {
+                let mut args = vec!["get", resource(r.kind), r.name.as_str(), "--ignore-not-found", "-o", "name"];
+                if r.kind.namespaced() {
+                    args.extend(["--namespace", r.namespace.as_str()]);
+                }
+                if !self.kubectl(&args, None)?.trim().is_empty() {
+                    left.push(r.to_string());
+                }
+            }
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("still not deleted after {:?}: {}", self.converge_timeout, left.join(", "));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let converged = self.kube_converge()?;
+        Ok(Report { changes, converged: Some(converged) })
+    }
+
+    fn list_names(&self, resource: &str) -> Result<BTreeSet<String>> {
+        let v = self.kubectl_json(&["get", resource])?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["metadata"]["name"].as_str().map(String::from))
+            .collect())
+    }
+
+    // ---- the kubelet's and the scheduler's share ------------------------------------------
+
+    /// One pass over the pods: binds unscheduled ones to a lab node, sets up new ones on lab
+    /// nodes (CNI ADD, responders, status), tears down deleted or terminating ones (CNI DEL) and
+    /// confirms their deletion. Returns whether anything changed.
+    pub(crate) fn kubelet_sync(&mut self) -> Result<bool> {
+        let mut pods = self.list_pods()?;
+        let mut changed = false;
+        // Scheduler: least-loaded node first, as the manifest mode spreads pods.
+        let unbound: Vec<Pod> = pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_none())
+            .cloned()
+            .collect();
+        if !unbound.is_empty() {
+            let mut load: BTreeMap<u32, usize> = self.state.nodes.iter().map(|n| (n.number, 0)).collect();
+            for p in &pods {
+                if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(topo::node_number) {
+                    *load.entry(n).or_default() += 1;
+                }
+            }
+            for p in &unbound {
+                let (&node, _) = load.iter().min_by_key(|(n, l)| (**l, **n)).expect("nodes");
+                *load.get_mut(&node).expect("exists") += 1;
+                let binding = json!({
+                    "apiVersion": "v1", "kind": "Binding",
+                    "metadata": {"name": p.metadata.name, "namespace": p.metadata.namespace},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": topo::node_name(node)},
+                });
+                self.kubectl(&["create", "-f", "-"], Some(&binding.to_string()))
+                    .with_context(|| format!("binding pod {}", pod_key(p)))?;
+            }
+            pods = self.list_pods()?;
+            changed = true;
+        }
+        let live: BTreeMap<String, &Pod> = pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (pod_key(p), p))
+            .collect();
+        // Tear down what is gone, terminating, or was replaced by a pod of the same name.
+        let gone: Vec<PodState> = self
+            .state
+            .pods
+            .iter()
+            .filter(|(k, s)| live.get(*k).is_none_or(|p| p.metadata.uid != s.pod.metadata.uid))
+            .map(|(_, s)| s.clone())
+            .collect();
+        if !gone.is_empty() {
+            for p in &gone {
+                self.cni_del(p);
+            }
+            self.remove_pod_networks(&gone);
+            for p in &gone {
+                self.state.pods.remove(&pod_key(&p.pod));
+            }
+            changed = true;
+        }
+        // Confirm the deletion of terminating pods (their network is gone now).
+        for p in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+            let key = pod_key(p);
+            let ns = p.metadata.namespace.clone().unwrap_or_default();
+            let name = p.metadata.name.clone().unwrap_or_default();
+            self.kubectl(
+                &["delete", "pod", &name, "--namespace", &ns, "--grace-period=0", "--force", "--ignore-not-found", "--wait=false"],
+                None,
+            )
+            .with_context(|| format!("confirming the deletion of pod {key}"))?;
+            changed = true;
+        }
+        // Set up new pods on lab nodes.
+        let new: Vec<Pod> = live
+            .values()
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .and_then(topo::node_number)
+                    .is_some_and(|n| self.state.nodes.iter().any(|node| node.number == n))
+            })
+            .filter(|p| !self.state.pods.contains_key(&pod_key(p)))
+            .map(|p| (*p).clone())
+            .collect();
+        if !new.is_empty() {
+            self.start_pods(new)?;
+            changed = true;
+        }
+        // Labels and annotations follow the API.
+        for p in live.values() {
+            if let Some(s) = self.state.pods.get_mut(&pod_key(p)) {
+                s.pod.metadata = p.metadata.clone();
+                super::cluster::strip_meta(&mut s.pod.metadata);
+            }
+        }
+        self.save()?;
+        Ok(changed)
+    }
+
+    fn list_pods(&self) -> Result<Vec<Pod>> {
+        let v = self.kubectl_json(&["get", "pods", "--all-namespaces"])?;
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| serde_json::from_value(i.clone()).context("decoding a Pod from the API server"))
+            .collect()
+    }
+
+    fn cni_config(&self, node: &cluster::NodeState) -> Value {
+        json!({
+            "cniVersion": "0.4.0",
+            "name": "kindnet",
+            "type": "ptp",
+            "ipMasq": false,
+            "mtu": 1500,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": Files::of(self).cni_state(&node.name),
+                "ranges": [[{"subnet": topo::cidr(topo::node_pod_cidr(node.number))}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        })
+    }
+
+    /// Runs one CNI plugin in the node's namespace with the CNI protocol; returns its result.
+    fn cni(&self, node: &cluster::NodeState, command: &str, config: &Value, pod: &PodState, ifname: &str) -> Result<Value> {
+        let plugin = config["type"].as_str().unwrap_or_default().to_string();
+        let mut cmd = Command::new(Path::new(CNI_BIN_DIR).join(&plugin));
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", pod.pod.metadata.uid.as_deref().unwrap_or_default())
+            .env("CNI_NETNS", net::netns_path(&pod.netns))
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_PATH", CNI_BIN_DIR)
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    pod.pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    pod.pod.metadata.name.as_deref().unwrap_or_default()
+                ),
+            );
+        net::set_netns(&mut cmd, &node.netns, NetnsMode::Net)?;
+        let out = net::output(&mut cmd, Some(&config.to_string()))
+            .with_context(|| format!("CNI {command} ({plugin}) for pod {}", pod_key(&pod.pod)))?;
+        if out.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&out).with_context(|| format!("CNI {plugin} result {out:?}"))
+    }
+
+    /// Pod networks through the CNI chain (loopback, then ptp with host-local IPAM), in
+    /// parallel; then the responders and the pod statuses.
+    fn start_pods(&mut self, pods: Vec<Pod>) -> Result<()> {
+        let mut staged = Vec::new();
+        for mut pod in pods {
+            let node = topo::node_number(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default())
+                .expect("filtered to lab nodes");
+            let id = self.state.next_pod_id;
+            self.state.next_pod_id += 1;
+            super::cluster::strip_meta(&mut pod.metadata);
+            staged.push(PodState {
+                pod,
+                id,
+                node,
+                ip: Ipv4Addr::UNSPECIFIED,
+                netns: self.names.pod_ns(id),
+                veth: String::new(),
+                responder_pid: None,
+            });
+        }
+        let results: Vec<Result<PodState>> = thread::scope(|s| {
+            let handles: Vec<_> = staged
+                .iter()
+                .map(|p| {
+                    let lab = &*self;
+                    s.spawn(move || lab.pod_network(p.clone()))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked"))))
+                .collect()
+        });
+        let mut ready = Vec::new();
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(p) => ready.push(p),
+                Err(e) => failure = failure.or(Some(e)),
+            }
+        }
+        for p in &ready {
+            self.state.pods.insert(pod_key(&p.pod), p.clone());
+        }
+        if let Some(e) = failure {
+            self.save()?;
+            return Err(e);
+        }
+        let jobs: Vec<(String, super::serve::ServeArgs)> = ready
+            .iter()
+            .map(|p| (p.netns.clone(), super::apply::serve_args(&pod_key(&p.pod), &p.pod)))
+            .collect();
+        let pids = start_responders(&self.names.prefix, &jobs, &self.paths.logs())?;
+        for (p, pid) in ready.iter().zip(pids) {
+            self.state.pods.get_mut(&pod_key(&p.pod)).expect("inserted").responder_pid = Some(pid);
+        }
+        // The kubelet's status write: addresses, phase, conditions.
+        let results: Vec<Result<()>> = thread::scope(|s| {
+            let handles: Vec<_> = ready
+                .iter()
+                .map(|p| {
+                    let lab = &*self;
+                    s.spawn(move || lab.write_pod_status(p))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("panicked"))))
+                .collect()
+        });
+        for p in &ready {
+            let host = topo::node_ip(p.node).to_string();
+            let st = self.state.pods.get_mut(&pod_key(&p.pod)).expect("inserted");
+            st.pod.status = Some(serde_json::from_value(pod_status(p.ip, &host))?);
+        }
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(())
+    }
+
+    fn pod_network(&self, mut p: PodState) -> Result<PodState> {
+        let node = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.number == p.node)
+            .expect("lab node")
+            .clone();
+        net::add_netns(&p.netns)?;
+        let _ = net::sysctl(&p.netns, "net/ipv6/conf/all/disable_ipv6", "1");
+        let _ = net::sysctl(&p.netns, "net/ipv6/conf/default/disable_ipv6", "1");
+        let lo = json!({"cniVersion": "0.4.0", "name": "lo", "type": "loopback"});
+        self.cni(&node, "ADD", &lo, &p, "lo")?;
+        let result = self.cni(&node, "ADD", &self.cni_config(&node), &p, "eth0")?;
+        let addr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            .ok_or_else(|| anyhow!("CNI ptp returned no IPv4 address for pod {}: {result}", pod_key(&p.pod)))?;
+        let host_if = result["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
+            .and_then(|i| i["name"].as_str())
+            .ok_or_else(|| anyhow!("CNI ptp returned no host interface for pod {}: {result}", pod_key(&p.pod)))?;
+        p.ip = addr;
+        p.veth = host_if.to_string();
+        Ok(p)
+    }
+
+    fn write_pod_status(&self, p: &PodState) -> Result<()> {
+        let host = topo::node_ip(p.node).to_string();
+        let patch = json!({"status": pod_status(p.ip, &host)});
+        self.kubectl(
+            &[
+                "patch",
+                "pod",
+                p.pod.metadata.name.as_deref().unwrap_or_default(),
+                "--namespace",
+                p.pod.metadata.namespace.as_deref().unwrap_or_default(),
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch.to_string(),
+            ],
+            None,
+        )
+        .with_context(|| format!("writing the status of pod {}", pod_key(&p.pod)))
+        .map(|_| ())
+    }
+
+    /// CNI DEL (best effort: the namespace goes anyway).
+    fn cni_del(&self, p: &PodState) {
+        let Some(node) = self.state.nodes.iter().find(|n| n.number == p.node) else {
+            return;
+        };
+        if let Err(e) = self.cni(node, "DEL", &self.cni_config(node), p, "eth0") {
+            eprintln!("warning: {e:#}");
+        }
+    }
+
+    // ---- convergence ------------------------------------------------------------------------
+
+    /// Mirrors the API server's objects into the lab state (for `get`, `probe` and the
+    /// conformance suite) and returns the snapshot.
+    fn kube_refresh(&mut self) -> Result<Snapshot> {
+        let v = self.kubectl_json(&[
+            "get",
+            "namespaces,pods,services,nodes,networkpolicies.networking.k8s.io,endpointslices.discovery.k8s.io",
+            "--all-namespaces",
+        ])?;
+        let snap = Snapshot::from_list(&v)?;
+        self.state.namespaces = snap
+            .of("Namespace")
+            .map(|o| {
+                let mut ns: Namespace = serde_json::from_value(o.clone())?;
+                super::cluster::strip_meta(&mut ns.metadata);
+                Ok((ns.metadata.name.clone().unwrap_or_default(), ns))
+            })
+            .collect::<Result<_>>()?;
+        self.state.services = snap
+            .of("Service")
+            .map(|o| {
+                let mut s: Service = serde_json::from_value(o.clone())?;
+                super::cluster::strip_meta(&mut s.metadata);
+                Ok((key_of(o), s))
+            })
+            .collect::<Result<_>>()?;
+        self.state.policies = snap
+            .of("NetworkPolicy")
+            .map(|o| {
+                let mut np: NetworkPolicy = serde_json::from_value(o.clone())?;
+                super::cluster::strip_meta(&mut np.metadata);
+                Ok((key_of(o), np))
+            })
+            .collect::<Result<_>>()?;
+        self.save()?;
+        Ok(snap)
+    }
+
+    /// Runs the kubelet until nothing changes, then waits until EndpointSlices match the pods,
+    /// every kube-proxy has programmed them and every agent enforces exactly the API server's
+    /// objects.
+    pub(crate) fn kube_converge(&mut self) -> Result<cluster::Converged> {
+        let started = Instant::now();
+        let deadline = started + self.converge_timeout;
+        while self.kubelet_sync()? {}
+        let mut last;
+        loop {
+            let snap = self.kube_refresh()?;
+            let waiting = match self.slices_settled(&snap) {
+                Err(e) => Some(format!("EndpointSlices: {e}")),
+                Ok(endpoints) => match self.proxies_programmed(&endpoints) {
+                    Err(e) => Some(format!("kube-proxy: {e:#}")),
+                    Ok(()) => {
+                        let agents = self.agents();
+                        if agents.is_empty() {
+                            return Ok(cluster::Converged {
+                                revision: self.state.revision,
+                                took: None,
+                                agents: 0,
+                                warnings: vec![],
+                            });
+                        }
+                        let want = snap.digest;
+                        let wait = Duration::from_secs(2).min(deadline.saturating_duration_since(Instant::now()));
+                        match agent::wait_until(&agents, wait, &format!("the objects of digest {}", want.1), |s| {
+                            s.enforced_objects.as_ref().is_some_and(|o| (o.count, o.digest.as_str()) == (want.0, want.1.as_str()))
+                        }) {
+                            Ok((statuses, _)) => {
+                                self.state.revision += 1;
+                                self.save()?;
+                                let warnings = statuses
+                                    .iter()
+                                    .zip(&agents)
+                                    .flat_map(|(s, a)| s.errors.iter().map(move |e| format!("agent on {}: {e}", a.node)))
+                                    .collect();
+                                return Ok(cluster::Converged {
+                                    revision: self.state.revision,
+                                    took: Some(started.elapsed()),
+                                    agents: agents.len(),
+                                    warnings,
+                                });
+                            }
+                            Err(e) => Some(format!("{e:#}")),
+                        }
+                    }
+                },
+            };
+            last = waiting.unwrap_or_default();
+            if Instant::now() >= deadline {
+                bail!("the lab did not converge within {:?}: {last}", self.converge_timeout);
+            }
+            self.kubelet_sync()?;
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Every Service with a selector has exactly the endpoints its pods imply (the lab's own
+    /// endpoint computation, which the manifest mode publishes); returns every ready endpoint of
+    /// every Service as kube-proxy should program it: (protocol, address, port).
+    fn slices_settled(&self, snap: &Snapshot) -> std::result::Result<BTreeSet<(String, Ipv4Addr, u16)>, String> {
+        let views: Vec<services::PodView<'_>> = self
+            .state
+            .pods
+            .iter()
+            .map(|(k, p)| services::PodView { key: k, pod: &p.pod, ip: p.ip })
+            .collect();
+        let selected: BTreeMap<&String, &Service> = self
+            .state
+            .services
+            .iter()
+            .filter(|(_, s)| s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|m| !m.is_empty()))
+            .collect();
+        let mut want: BTreeSet<(String, String, String, Ipv4Addr, u16)> = BTreeSet::new();
+        for sp in services::service_ports(selected.iter().map(|(k, s)| (*k, *s)), &views) {
+            for (_, ip, tp) in &sp.endpoints {
+                want.insert((sp.service.clone(), sp.port_name.clone(), sp.protocol.clone(), *ip, *tp));
+            }
+        }
+        let mut have = BTreeSet::new();
+        let mut all = BTreeSet::new();
+        for slice in snap.of("EndpointSlice") {
+            let ns = slice["metadata"]["namespace"].as_str().unwrap_or_default();
+            let Some(svc) = slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str() else {
+                continue;
+            };
+            let key = format!("{ns}/{svc}");
+            for ep in slice["endpoints"].as_array().into_iter().flatten() {
+                if ep["conditions"]["ready"] == false {
+                    continue;
+                }
+                for addr in ep["addresses"].as_array().into_iter().flatten() {
+                    let Some(ip) = addr.as_str().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+                        continue;
+                    };
+                    for port in slice["ports"].as_array().into_iter().flatten() {
+                        let (Some(p), proto) = (port["port"].as_u64(), port["protocol"].as_str().unwrap_or("TCP")) else {
+                            continue;
+                        };
+                        all.insert((proto.to_string(), ip, p as u16));
+                        if selected.contains_key(&key) {
+                            have.insert((key.clone(), port["name"].as_str().unwrap_or("").to_string(), proto.to_string(), ip, p as u16));
+                        }
+                    }
+                }
+            }
+        }
+        if want != have {
+            let missing = want.difference(&have).count();
+            let extra = have.difference(&want).count();
+            return Err(format!("{missing} endpoints missing, {extra} not expected"));
+        }
+        Ok(all)
+    }
+
+    /// Every node's kube-proxy DNATs to exactly these endpoints.
+    fn proxies_programmed(&self, endpoints: &BTreeSet<(String, Ipv4Addr, u16)>) -> Result<()> {
+        let mode = self.kube().proxy_mode;
+        for node in &self.state.nodes {
+            let text = match mode {
+                ProxyMode::Iptables => net::output(Command::new("ip").args(["netns", "exec", &node.netns, "iptables-save", "-t", "nat"]), None)?,
+                ProxyMode::Nftables => net::output(Command::new("ip").args(["netns", "exec", &node.netns, "nft", "list", "table", "ip", "kube-proxy"]), None)
+                    .unwrap_or_default(),
+            };
+            let have = dnat_targets(&text);
+            if &have != endpoints {
+                bail!(
+                    "{} has {} of {} endpoints programmed",
+                    node.name,
+                    have.intersection(endpoints).count(),
+                    endpoints.len()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (protocol, address, port) of every DNAT rule of kube-proxy's ruleset: iptables-save's
+/// `-p tcp … -j DNAT --to-destination IP:PORT`, nftables' `meta l4proto tcp dnat to IP:PORT`.
+pub fn dnat_targets(ruleset: &str) -> BTreeSet<(String, Ipv4Addr, u16)> {
+    let mut out = BTreeSet::new();
+    for line in ruleset.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let target = words
+            .windows(2)
+            .find(|w| w[0] == "--to-destination" || (w[0] == "to" && words.contains(&"dnat")))
+            .map(|w| w[1]);
+        let proto = words
+            .windows(2)
+            .find(|w| w[0] == "-p" || w[0] == "l4proto")
+            .map(|w| w[1].to_uppercase());
+        if let (Some(t), Some(p)) = (target, proto)
+            && let Some((ip, port)) = t.split_once(':')
+            && let (Ok(ip), Ok(port)) = (ip.parse(), port.parse())
+        {
+            out.insert((p, ip, port));
+        }
+    }
+    out
+}
+
+fn resource(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Namespace => "namespace",
+        Kind::Pod => "pod",
+        Kind::Service => "service",
+        Kind::NetworkPolicy => "networkpolicy.networking.k8s.io",
+    }
+}
+
+fn pod_key(p: &Pod) -> String {
+    format!(
+        "{}/{}",
+        p.metadata.namespace.as_deref().unwrap_or_default(),
+        p.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn key_of(o: &Value) -> String {
+    format!(
+        "{}/{}",
+        o["metadata"]["namespace"].as_str().unwrap_or_default(),
+        o["metadata"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+fn pod_status(ip: Ipv4Addr, host: &str) -> Value {
+    let now = now_rfc3339();
+    let cond = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
+    json!({
+        "phase": "Running",
+        "podIP": ip.to_string(),
+        "podIPs": [{"ip": ip.to_string()}],
+        "hostIP": host,
+        "hostIPs": [{"ip": host}],
+        "startTime": now,
+        "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"),
+                       cond("ContainersReady"), cond("PodScheduled")],
+    })
+}
+
+/// The current time as RFC 3339 (UTC, seconds).
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The API server's objects of the kinds the agents watch, and their digest.
+struct Snapshot {
+    items: Vec<Value>,
+    /// (count, digest as 16 hex digits), as the agents report it.
+    digest: (u64, String),
+}
+
+impl Snapshot {
+    fn from_list(list: &Value) -> Result<Snapshot> {
+        let items: Vec<Value> = list["items"].as_array().cloned().unwrap_or_default();
+        let mut sum = 0u64;
+        for i in &items {
+            let kind = i["kind"].as_str().ok_or_else(|| anyhow!("a listed object without kind"))?;
+            let namespaced = !matches!(kind, "Namespace" | "Node");
+            let m = &i["metadata"];
+            sum = sum.wrapping_add(policy_common::digest::object_term(
+                kind,
+                if namespaced { m["namespace"].as_str().unwrap_or_default() } else { "" },
+                m["name"].as_str().unwrap_or_default(),
+                m["resourceVersion"].as_str().unwrap_or_default(),
+            ));
+        }
+        let count = items.len() as u64;
+        Ok(Snapshot { items, digest: (count, format!("{sum:016x}")) })
+    }
+
+    fn of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.items.iter().filter(move |i| i["kind"] == kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dnat_targets_of_both_proxy_modes() {
+        let iptables = "-A KUBE-SEP-ABC -p tcp -m comment --comment \"x/s:http\" -m tcp -j DNAT --to-destination 10.244.1.2:80\n\
+                        -A KUBE-SEP-DEF -p udp -m comment --comment \"x/s:dns\" -m udp -j DNAT --to-destination 10.244.2.3:53\n\
+                        -A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -j KUBE-SVC-X\n";
+        let nft = "\tchain endpoint-ABC-x/s/tcp/http__10.244.1.2/80 {\n\
+                   \t\tip saddr 10.244.1.2 jump mark-for-masquerade\n\
+                   \t\tmeta l4proto tcp dnat to 10.244.1.2:80\n\t}\n\
+                   \t\tmeta l4proto sctp dnat to 10.244.2.3:9000\n";
+        let want = |v: &[(&str, [u8; 4], u16)]| -> BTreeSet<(String, Ipv4Addr, u16)> {
+            v.iter().map(|(p, a, port)| (p.to_string(), Ipv4Addr::from(*a), *port)).collect()
+        };
+        assert_eq!(dnat_targets(iptables), want(&[("TCP", [10, 244, 1, 2], 80), ("UDP", [10, 244, 2, 3], 53)]));
+        assert_eq!(dnat_targets(nft), want(&[("TCP", [10, 244, 1, 2], 80), ("SCTP", [10, 244, 2, 3], 9000)]));
+    }
+
+    #[test]
+    fn rfc3339_shape() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 20, "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+        assert!(t.starts_with("20"), "{t}");
+    }
+}
