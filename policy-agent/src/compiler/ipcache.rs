@@ -92,20 +92,8 @@ pub(super) fn build(
         }
     };
 
-    // CIDR identities of the prefixes (their entries are added last: addresses win).
-    let mut prefix_cidr = Vec::with_capacity(carving.prefixes.len());
-    for (_, members) in &carving.prefixes {
-        let id = intern(members, None);
-        note(members, id);
-        prefix_cidr.push(id);
-    }
-    let cidr_of = |ip: IpAddr| {
-        carving
-            .longest_match(ip)
-            .map_or(identity::ANY, |i| prefix_cidr[i])
-    };
-
-    // Pods targeted by egress ipBlock rules with named ports.
+    // Pods targeted by egress ipBlock rules with named ports (addresses first, identities
+    // after the prefixes').
     let mut exact = ExactTargets::default();
     let mut sorted_ips: Vec<(IpAddr, usize)> = Vec::new();
     for (rule, block) in policies
@@ -156,7 +144,32 @@ pub(super) fn build(
             exact.by_rule_port.insert(slot, targets);
         }
     }
-    let exact_ips: Vec<IpAddr> = exact.cidr_of.keys().copied().collect();
+    // CIDR identities of the prefixes (their entries are added last: addresses win). The host
+    // prefix of an address with a CIDR identity of its own gets none: the pod's entry replaces
+    // it, so no IPCACHE entry would carry it, yet every rule whose block contains the address
+    // would key POLICY entries on it.
+    let mut prefix_cidr = Vec::with_capacity(carving.prefixes.len());
+    for (prefix, members) in &carving.prefixes {
+        let shadowed = Prefix::host(first_ip(prefix)) == *prefix
+            && exact.cidr_of.contains_key(&first_ip(prefix));
+        if shadowed {
+            prefix_cidr.push(None);
+            continue;
+        }
+        let id = intern(members, None);
+        note(members, id);
+        prefix_cidr.push(Some(id));
+    }
+    let cidr_of = |ip: IpAddr| {
+        carving
+            .longest_match(ip)
+            .and_then(|i| prefix_cidr[i])
+            .unwrap_or(identity::ANY)
+    };
+
+    let mut exact_ips: Vec<IpAddr> = exact.cidr_of.keys().copied().collect();
+    // In address order, so the numbering does not depend on hash order.
+    exact_ips.sort_unstable();
     for ip in exact_ips {
         let members = carving.blocks_containing(ip);
         let id = intern(members, Some(ip));
@@ -193,7 +206,10 @@ pub(super) fn build(
             insert_ipcache(maps, Prefix::host(ip), pair, true);
         }
     }
-    for ((prefix, _), &id) in carving.prefixes.iter().zip(&prefix_cidr) {
+    for ((prefix, _), id) in carving.prefixes.iter().zip(&prefix_cidr) {
+        let Some(id) = *id else {
+            continue;
+        };
         let pair = IdentityPair {
             identity: identity::WORLD,
             cidr_identity: id,
