@@ -8,6 +8,11 @@
 //!   compiler's (up to identity, endpoint-id and rule numbering) — so deletes leave nothing stale.
 //! - `changes_touch_only_affected_entries`: one pod relabel, namespace relabel, policy
 //!   create/update/delete or pod address change yields a diff limited to the entries it affects.
+//!
+//! Every block runs from a fixed seed ([`FIXED_SEED`]), so a run is the same everywhere; the
+//! cases of `proptest-regressions/properties.txt` (failures found with other seeds, written there
+//! by proptest) run first. `POLICY_FUZZ_SEED` replaces the seed and `POLICY_FUZZ_SCALE`
+//! multiplies the number of cases: `cargo xtask fuzz` runs the tests with fresh seeds.
 
 mod common;
 
@@ -22,7 +27,41 @@ use policy_agent::model::{Cluster, NAMESPACE_NAME_LABEL, ObjectKey, PodInfo};
 use policy_common::{Direction, identity};
 use proptest::prelude::*;
 use proptest::sample::select;
+use proptest::test_runner::{FileFailurePersistence, RngAlgorithm, RngSeed};
 use serde_json::{Value, json};
+
+/// The seed of every run without `POLICY_FUZZ_SEED`.
+const FIXED_SEED: u64 = 0x706f_6c69_6379_0001;
+
+/// Failures found with other seeds, replayed before the seeded cases.
+const REGRESSIONS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/proptest-regressions/properties.txt"
+);
+
+/// `name` parsed from the environment, if set.
+fn env_number(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+/// `cases` cases (times `POLICY_FUZZ_SCALE`) from the fixed seed or `POLICY_FUZZ_SEED`, with
+/// the committed regressions replayed first.
+fn config(cases: u32) -> ProptestConfig {
+    let seed = env_number("POLICY_FUZZ_SEED").unwrap_or(FIXED_SEED);
+    let scale = env_number("POLICY_FUZZ_SCALE").unwrap_or(1).max(1);
+    ProptestConfig {
+        cases: u32::try_from(u64::from(cases) * scale).unwrap_or(u32::MAX),
+        rng_algorithm: RngAlgorithm::ChaCha,
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
+        ..ProptestConfig::default()
+    }
+}
 
 const NAMESPACES: [&str; 3] = ["x", "y", "z"];
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
@@ -817,7 +856,7 @@ fn collect_cidrs(v: &Value, out: &mut Vec<Prefix>) {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(4000))]
+    #![proptest_config(config(4000))]
 
     #[test]
     fn dataplane_agrees_with_evaluator(g in gen_cluster()) {
@@ -832,7 +871,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #![proptest_config(config(3000))]
 
     #[test]
     fn diffs_equal_recompilation(g in gen_cluster(), changes in prop::collection::vec(change(), 1..=5)) {
@@ -878,7 +917,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(3000))]
+    #![proptest_config(config(3000))]
 
     #[test]
     fn changes_touch_only_affected_entries(g in gen_cluster(), ch in change()) {
