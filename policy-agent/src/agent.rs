@@ -32,7 +32,7 @@ use crate::{
     http::{self, HttpState, Status},
     metrics::{self, Metrics, endpoint_state},
     node::NodeSettings,
-    sources::{ClusterStore, Update, kubernetes, manifest},
+    sources::{ClusterStore, SourceHealth, Update, kubernetes, manifest},
     sync::{Report, Syncer},
     telemetry::LogFilter,
 };
@@ -84,10 +84,12 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
             addr: args.http_addr,
             source,
         })?;
+    let source_health = SourceHealth::new(metrics.source_errors.clone());
     let http_state = HttpState {
         status: status.clone(),
         metrics: metrics.clone(),
         log,
+        source: source_health.clone(),
     };
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(http::serve(listener, http_state, async move {
@@ -130,7 +132,7 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
                 .await
                 .map_err(|source| AgentError::Kubernetes { source })?;
             info!("source: Kubernetes API");
-            tokio::spawn(kubernetes::run(client, updates_tx));
+            tokio::spawn(kubernetes::run(client, updates_tx, source_health));
         }
     }
     let interfaces = watch_interfaces().map_err(|source| AgentError::Netlink { source })?;

@@ -23,7 +23,11 @@ use axum::{
 };
 use serde::Serialize;
 
-use crate::{metrics::Metrics, sources::ObjectsDigest, telemetry::LogFilter};
+use crate::{
+    metrics::Metrics,
+    sources::{ObjectsDigest, SourceHealth},
+    telemetry::LogFilter,
+};
 
 /// What `/status` reports.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -38,6 +42,9 @@ pub struct Status {
     /// The objects behind `enforced_revision`: their count and digest
     /// (`policy_common::digest`), comparable with the API server's lists.
     pub enforced_objects: ObjectsDigest,
+    /// Why the source cannot currently read the cluster (per watched kind); the last state
+    /// stays enforced meanwhile.
+    pub source_errors: Vec<String>,
     /// A complete sync has been enforced at least once.
     #[serde(skip)]
     pub ready: bool,
@@ -48,6 +55,7 @@ pub struct HttpState {
     pub status: Arc<RwLock<Status>>,
     pub metrics: Arc<Metrics>,
     pub log: Option<LogFilter>,
+    pub source: SourceHealth,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -77,11 +85,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 }
 
 fn read(state: &HttpState) -> Status {
-    state
+    let mut status = state
         .status
         .read()
         .unwrap_or_else(|e| e.into_inner())
-        .clone()
+        .clone();
+    status.source_errors = state.source.errors();
+    status
 }
 
 async fn status(State(state): State<HttpState>) -> Json<Status> {
@@ -89,7 +99,16 @@ async fn status(State(state): State<HttpState>) -> Json<Status> {
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
-    if read(&state).ready {
+    let status = read(&state);
+    if !status.source_errors.is_empty() {
+        let why = status.source_errors.join("; ");
+        let text = if status.ready {
+            format!("source unavailable, the last state stays enforced: {why}")
+        } else {
+            format!("no complete sync enforced yet; source unavailable: {why}")
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+    } else if status.ready {
         (StatusCode::OK, "ready").into_response()
     } else {
         (

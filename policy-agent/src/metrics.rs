@@ -75,6 +75,7 @@ pub struct Metrics {
     pub packets: Family<ReasonLabels, Counter>,
     pub compile_errors: Gauge,
     pub input_errors: Gauge,
+    pub source_errors: Gauge,
     pub endpoints: Family<StateLabel, Gauge>,
     pub sync_errors: Family<StageLabel, Counter>,
     pub syncs: Counter,
@@ -102,6 +103,7 @@ impl Metrics {
             packets: Family::default(),
             compile_errors: Gauge::default(),
             input_errors: Gauge::default(),
+            source_errors: Gauge::default(),
             endpoints: Family::default(),
             sync_errors: Family::default(),
             syncs: Counter::default(),
@@ -145,6 +147,11 @@ impl Metrics {
             "input_errors",
             "Invalid objects or unreadable input reported by the source",
             m.input_errors.clone(),
+        );
+        registry.register(
+            "source_errors",
+            "Watched kinds the source cannot currently read (API server down, permission missing); the last state stays enforced",
+            m.source_errors.clone(),
         );
         registry.register("endpoints", "Local endpoints by state", m.endpoints.clone());
         registry.register(

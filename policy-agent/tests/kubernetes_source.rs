@@ -17,7 +17,7 @@ use futures::channel::mpsc as fmpsc;
 use http::{Request, Response, StatusCode};
 use http_body_util::{Full, StreamBody, combinators::BoxBody};
 use policy_agent::sources::{
-    Change, ClusterStore, Kind, Object, Update,
+    Change, ClusterStore, Kind, Object, SourceHealth, Update,
     kubernetes::{self, WATCHED},
 };
 use serde_json::{Value, json};
@@ -222,7 +222,8 @@ async fn list_watch_gone_relist_and_outage() {
     api.set_items("pods", vec![pod("a", "p1", "10.244.1.2", 1)]);
     api.set_items("networkpolicies", vec![policy("a", "deny", 1)]);
     let (tx, mut rx) = mpsc::channel(16);
-    let source = tokio::spawn(kubernetes::run(client(&api), tx));
+    let health = SourceHealth::default();
+    let source = tokio::spawn(kubernetes::run(client(&api), tx, health.clone()));
     let mut store = ClusterStore::default();
 
     // 1. The first update holds the complete initial list of every kind.
@@ -324,6 +325,11 @@ async fn list_watch_gone_relist_and_outage() {
     store.apply(update);
     assert_eq!(store.revision, revision);
     assert_eq!(pod_names(&store), ["a/p2", "a/p3"], "last known state kept");
+    assert!(
+        health.errors().iter().any(|e| e.contains("Pod")),
+        "the outage reaches /readyz and /status: {:?}",
+        health.errors()
+    );
 
     // 5. Recovery: the backoff retries; the next successful list replaces the kind and clears the
     //    error.
@@ -336,8 +342,48 @@ async fn list_watch_gone_relist_and_outage() {
         }
     };
     assert!(update.errors.is_empty(), "{:?}", update.errors);
+    assert!(health.errors().is_empty(), "{:?}", health.errors());
     store.apply(update);
     assert_eq!(pod_names(&store), ["a/p3"]);
+    source.abort();
+}
+
+/// A kind that cannot be listed from the start (a permission missing, say) holds back the first
+/// update — a partial view would leave pods open — but is reported at once.
+#[tokio::test]
+async fn failing_initial_list_is_reported_before_any_update() {
+    let api = MockApi::new();
+    api.set_items("namespaces", vec![namespace("a")]);
+    api.set_fail_lists("pods", true);
+    let (tx, mut rx) = mpsc::channel(16);
+    let health = SourceHealth::default();
+    let source = tokio::spawn(kubernetes::run(client(&api), tx, health.clone()));
+    let mut reported = false;
+    for _ in 0..500 {
+        if health.errors().iter().any(|e| e.contains("Pod")) {
+            reported = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        reported,
+        "the failing list is reported: {:?}",
+        health.errors()
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "no update before every kind has listed"
+    );
+    api.set_fail_lists("pods", false);
+    let first = next_update(&mut rx).await;
+    assert!(
+        first
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::Replace(Kind::Pod, _)))
+    );
+    assert!(health.errors().is_empty(), "{:?}", health.errors());
     source.abort();
 }
 

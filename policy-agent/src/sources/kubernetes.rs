@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::{Change, Kind, Object, Update, strip};
+use super::{Change, Kind, Object, SourceHealth, Update, strip};
 use crate::model::ObjectKey;
 
 /// Every (API group, resource) the agent lists and watches, cluster-wide. The deployment's RBAC
@@ -148,8 +148,9 @@ where
     Api::all(client.clone())
 }
 
-/// Watches every kind in [`WATCHED`] and sends updates to `tx` until it is dropped.
-pub async fn run(client: Client, tx: mpsc::Sender<Update>) {
+/// Watches every kind in [`WATCHED`] and sends updates to `tx` until it is dropped; reports
+/// failing watches to `health` as they happen.
+pub async fn run(client: Client, tx: mpsc::Sender<Update>, health: SourceHealth) {
     let streams: Vec<KindStream> = vec![
         reflect(namespaced::<Pod>(&client), Kind::Pod, Object::from),
         reflect(
@@ -170,12 +171,16 @@ pub async fn run(client: Client, tx: mpsc::Sender<Update>) {
             Object::from,
         ),
     ];
-    run_streams(select_all(streams), tx).await
+    run_streams(select_all(streams), tx, health).await
 }
 
 /// The batching state machine behind [`run`], separate from the watchers so it can be driven by
 /// any stream of kind events.
-async fn run_streams(mut events: impl Stream<Item = KindEvent> + Unpin, tx: mpsc::Sender<Update>) {
+async fn run_streams(
+    mut events: impl Stream<Item = KindEvent> + Unpin,
+    tx: mpsc::Sender<Update>,
+    health: SourceHealth,
+) {
     let mut listed = std::collections::BTreeSet::new();
     let mut pending: Vec<Change> = Vec::new();
     let mut errors: std::collections::BTreeMap<Kind, String> = Default::default();
@@ -209,6 +214,9 @@ async fn run_streams(mut events: impl Stream<Item = KindEvent> + Unpin, tx: mpsc
                 KindEvent::Nothing => {}
             }
             next = events.next().now_or_never().flatten();
+        }
+        if errors_dirty {
+            health.set(errors.values().cloned().collect());
         }
         if listed.len() < Kind::ALL.len() || (pending.is_empty() && !errors_dirty) {
             continue;

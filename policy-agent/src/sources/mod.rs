@@ -121,6 +121,38 @@ impl Object {
     }
 }
 
+/// The source's own health, shared with the HTTP server: why it cannot currently read the
+/// cluster (an API server that is down, a permission it lacks), per watched kind. Written as
+/// soon as a watch fails — also before the first complete list — and cleared when it recovers;
+/// the store keeps the last state meanwhile.
+#[derive(Clone, Default)]
+pub struct SourceHealth {
+    errors: std::sync::Arc<std::sync::RwLock<Vec<String>>>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl SourceHealth {
+    /// Health reported through `gauge` (the number of failing watches) as well.
+    pub fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            errors: Default::default(),
+            gauge,
+        }
+    }
+
+    pub fn set(&self, errors: Vec<String>) {
+        self.gauge.set(errors.len() as i64);
+        *self.errors.write().unwrap_or_else(|e| e.into_inner()) = errors;
+    }
+
+    pub fn errors(&self) -> Vec<String> {
+        self.errors
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// One change to the store.
 #[derive(Clone, Debug)]
 pub enum Change {
@@ -420,21 +452,27 @@ mod tests {
             ],
             1,
         ));
-        assert_eq!(store.digest(), listed(&[("a", "p1", "10"), ("a", "p2", "11")]));
+        assert_eq!(
+            store.digest(),
+            listed(&[("a", "p1", "10"), ("a", "p2", "11")])
+        );
         // A new version replaces the old term; a relabel is a new resourceVersion.
         store.apply(update(vec![Change::Apply(versioned("a", "p1", "12"))], 2));
-        assert_eq!(store.digest(), listed(&[("a", "p1", "12"), ("a", "p2", "11")]));
-        assert_ne!(store.digest(), listed(&[("a", "p1", "10"), ("a", "p2", "11")]));
+        assert_eq!(
+            store.digest(),
+            listed(&[("a", "p1", "12"), ("a", "p2", "11")])
+        );
+        assert_ne!(
+            store.digest(),
+            listed(&[("a", "p1", "10"), ("a", "p2", "11")])
+        );
         store.apply(update(
             vec![Change::Delete(Kind::Pod, ObjectKey::new("a", "p2"))],
             3,
         ));
         assert_eq!(store.digest(), listed(&[("a", "p1", "12")]));
         store.apply(update(
-            vec![Change::Replace(
-                Kind::Pod,
-                vec![versioned("b", "q", "20")],
-            )],
+            vec![Change::Replace(Kind::Pod, vec![versioned("b", "q", "20")])],
             4,
         ));
         assert_eq!(store.digest(), listed(&[("b", "q", "20")]));

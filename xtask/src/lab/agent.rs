@@ -150,12 +150,25 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 
 /// A minimal HTTP/1.1 GET (the agents speak plain HTTP); returns status code and body.
 pub fn http_get(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    http_request("GET", addr, path, None, timeout)
+}
+
+/// A minimal HTTP/1.1 request with an optional JSON body; returns status code and body.
+pub fn http_request(
+    method: &str,
+    addr: SocketAddrV4,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    let body = body.unwrap_or("");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;

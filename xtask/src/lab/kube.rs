@@ -84,10 +84,18 @@ pub struct KubeState {
     pub bin_dir: PathBuf,
     /// `gitVersion` of the API server's `/version`.
     pub server_version: String,
-    /// etcd, kube-apiserver, kube-controller-manager.
-    pub control_plane_pids: Vec<u32>,
-    /// kube-proxy per node, in node order.
-    pub proxy_pids: Vec<u32>,
+    /// etcd, kube-apiserver, kube-controller-manager and `kube-proxy-<node>`, by name.
+    pub components: BTreeMap<String, Component>,
+}
+
+/// One running control-plane process, with what it takes to start it again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Component {
+    pub netns: String,
+    pub argv: Vec<String>,
+    pub pid: Option<u32>,
+    /// Enters the node's view of `/sys` (kube-proxy), or only the network namespace.
+    pub sysfs: bool,
 }
 
 /// Files of the control plane, under the lab's state directory.
@@ -253,7 +261,11 @@ impl Lab {
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<String> {
         let files = Files::of(self);
         let mut cmd = Command::new(Path::new(&self.kube().bin_dir).join("kubectl"));
-        cmd.arg("--kubeconfig").arg(files.admin_kubeconfig()).args(args);
+        cmd.arg("--kubeconfig")
+            .arg(files.admin_kubeconfig())
+            .arg("--cache-dir")
+            .arg(files.path("kubectl-cache"))
+            .args(args);
         net::set_netns(&mut cmd, &self.names.control_plane_ns(), NetnsMode::Net)?;
         cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -267,12 +279,20 @@ impl Lab {
                 .expect("piped")
                 .write_all(input.as_bytes())?;
         }
+        let t = Instant::now();
         let out = child.wait_with_output()?;
+        self.trace(&format!("kubectl {}", args.iter().take(3).copied().collect::<Vec<_>>().join(" ")), t);
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             bail!("{}", if err.is_empty() { format!("kubectl {} failed", args.join(" ")) } else { err });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn trace(&self, what: &str, since: Instant) {
+        if std::env::var_os("LAB_TRACE").is_some() {
+            eprintln!("[lab] {what}: {} ms", since.elapsed().as_millis());
+        }
     }
 
     fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
@@ -316,10 +336,8 @@ impl Lab {
             proxy_mode,
             bin_dir: bins.dir.clone(),
             server_version: String::new(),
-            control_plane_pids: Vec::new(),
-            proxy_pids: Vec::new(),
+            components: BTreeMap::new(),
         });
-        let logs = self.paths.logs();
         let d = &files.dir;
         // etcd
         let mut etcd = Command::new(bins.path("etcd"));
@@ -336,10 +354,8 @@ impl Lab {
             "--log-level=warn",
         ])
         .arg(format!("--data-dir={}", d.join("etcd").display()));
-        let etcd_log = logs.join("etcd.log");
-        let pid = net::spawn_daemon(etcd, &cp, NetnsMode::Daemon, &etcd_log)?.id();
-        self.kube_mut().control_plane_pids.push(pid);
-        wait_tcp(&cp, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379), Duration::from_secs(30), "etcd", &etcd_log)?;
+        self.add_component("etcd", &cp, etcd, false)?;
+        wait_tcp(&cp, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379), Duration::from_secs(30), "etcd", &self.component_log("etcd"))?;
         // kube-apiserver
         let p = |f: &str| d.join(f).display().to_string();
         let mut api = Command::new(bins.path("kube-apiserver"));
@@ -361,10 +377,8 @@ impl Lab {
             format!("--cert-dir={}", p("apiserver-certs")),
             "--v=1".into(),
         ]);
-        let api_log = logs.join("kube-apiserver.log");
-        let pid = net::spawn_daemon(api, &cp, NetnsMode::Daemon, &api_log)?.id();
-        self.kube_mut().control_plane_pids.push(pid);
-        self.wait_api_ready(Duration::from_secs(90), &api_log)?;
+        self.add_component("kube-apiserver", &cp, api, false)?;
+        self.wait_api_ready(Duration::from_secs(90), &self.component_log("kube-apiserver"))?;
         let version = self.kubectl_json(&["get", "--raw=/version"]);
         // `get --raw` with `-o json` is not accepted by every kubectl; fall back to the plain call.
         let version = match version {
@@ -389,15 +403,18 @@ impl Lab {
             "--profiling=false".into(),
             "--v=1".into(),
         ]);
-        let kcm_log = logs.join("kube-controller-manager.log");
-        let pid = net::spawn_daemon(kcm, &cp, NetnsMode::Daemon, &kcm_log)?.id();
-        self.kube_mut().control_plane_pids.push(pid);
+        self.add_component("kube-controller-manager", &cp, kcm, false)?;
         self.register_nodes()?;
-        // The agent's identity and permissions, exactly as the DaemonSet installs them.
+        // The agent's identity and permissions, exactly as the DaemonSet installs them
+        // (`LAB_AGENT_RBAC` names another file instead of deploy/base/rbac.yaml, for tests of
+        // an agent that lacks a permission).
         let base = workspace_root().join("deploy").join("base");
-        for f in ["namespace.yaml", "rbac.yaml"] {
-            self.kubectl(&["apply", "-f", &base.join(f).display().to_string()], None)
-                .with_context(|| format!("applying deploy/base/{f}"))?;
+        let rbac = std::env::var_os("LAB_AGENT_RBAC")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| base.join("rbac.yaml"));
+        for f in [base.join("namespace.yaml"), rbac] {
+            self.kubectl(&["apply", "-f", &f.display().to_string()], None)
+                .with_context(|| format!("applying {}", f.display()))?;
         }
         let token = self
             .kubectl(
@@ -414,8 +431,7 @@ impl Lab {
             ),
         )?;
         for i in 0..self.state.nodes.len() {
-            let pid = self.start_kube_proxy(i, proxy_mode, &bins)?;
-            self.kube_mut().proxy_pids.push(pid);
+            self.start_kube_proxy(i, proxy_mode, &bins)?;
         }
         self.wait_service_account("default")?;
         Ok(())
@@ -429,9 +445,9 @@ impl Lab {
         let deadline = Instant::now() + timeout;
         let mut last;
         loop {
-            for &pid in &self.kube().control_plane_pids {
-                if !net::process_alive(pid) {
-                    bail!("a control-plane process (pid {pid}) exited; {}", agent::log_tail(log, 20));
+            for (name, c) in &self.kube().components {
+                if c.pid.is_some_and(|pid| !net::process_alive(pid)) {
+                    bail!("{name} exited; {}", agent::log_tail(&self.component_log(name), 20));
                 }
             }
             match self.kubectl(&["get", "--raw=/readyz"], None) {
@@ -483,7 +499,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_kube_proxy(&self, i: usize, mode: ProxyMode, bins: &crate::kube::Binaries) -> Result<u32> {
+    fn start_kube_proxy(&mut self, i: usize, mode: ProxyMode, bins: &crate::kube::Binaries) -> Result<()> {
         let files = Files::of(self);
         let node = &self.state.nodes[i];
         // Zero conntrack settings leave the host's global conntrack table alone; kube-proxy
@@ -505,8 +521,90 @@ impl Lab {
         std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;
         let mut cmd = Command::new(bins.path("kube-proxy"));
         cmd.arg(format!("--config={}", path.display()));
-        let log = self.paths.logs().join(format!("kube-proxy-{}.log", node.name));
-        Ok(net::spawn_daemon(cmd, &node.netns, NetnsMode::DaemonWithSysfs, &log)?.id())
+        let (name, netns) = (format!("kube-proxy-{}", node.name), node.netns.clone());
+        self.add_component(&name, &netns, cmd, true)
+    }
+
+    fn component_log(&self, name: &str) -> PathBuf {
+        self.paths.logs().join(format!("{name}.log"))
+    }
+
+    /// Starts a component and remembers how, so that it can be stopped and started again.
+    fn add_component(&mut self, name: &str, netns: &str, cmd: Command, sysfs: bool) -> Result<()> {
+        let argv: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let c = Component { netns: netns.to_string(), argv, pid: None, sysfs };
+        self.kube_mut().components.insert(name.to_string(), c);
+        self.start_component(name)
+    }
+
+    fn start_component(&mut self, name: &str) -> Result<()> {
+        let log = self.component_log(name);
+        let c = self.kube().components.get(name).ok_or_else(|| anyhow!("no component {name:?}"))?.clone();
+        if c.pid.is_some_and(net::process_alive) {
+            bail!("{name} is already running (pid {})", c.pid.unwrap_or_default());
+        }
+        let mut cmd = Command::new(&c.argv[0]);
+        cmd.args(&c.argv[1..]);
+        let mode = if c.sysfs { NetnsMode::DaemonWithSysfs } else { NetnsMode::Daemon };
+        let pid = net::spawn_daemon(cmd, &c.netns, mode, &log)?.id();
+        self.kube_mut().components.get_mut(name).expect("exists").pid = Some(pid);
+        self.save()
+    }
+
+    /// `lab control-plane stop|start NAME`: stops (SIGTERM, then SIGKILL) or starts one
+    /// component, for tests of what the agents do while it is away. Starting the API server
+    /// waits until it is ready.
+    pub fn control_plane(&mut self, start: bool, name: &str) -> Result<String> {
+        if !self.is_kube() {
+            bail!("this lab has no control plane (it was brought up with --api manifests)");
+        }
+        let Some(c) = self.kube().components.get(name).cloned() else {
+            let known: Vec<&String> = self.kube().components.keys().collect();
+            bail!("no component {name:?}; the lab runs {known:?}");
+        };
+        if start {
+            self.start_component(name)?;
+            if name == "kube-apiserver" {
+                self.wait_api_ready(Duration::from_secs(90), &self.component_log(name))?;
+            }
+            if name == "etcd" {
+                wait_tcp(&c.netns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379), Duration::from_secs(30), "etcd", &self.component_log(name))?;
+            }
+            Ok(format!("{name} started (pid {})", self.kube().components[name].pid.unwrap_or_default()))
+        } else {
+            let pids: Vec<u32> = c.pid.into_iter().filter(|&p| net::process_alive(p)).collect();
+            net::terminate(&pids, libc::SIGTERM, Duration::from_secs(5));
+            self.kube_mut().components.get_mut(name).expect("exists").pid = None;
+            self.save()?;
+            Ok(format!("{name} stopped"))
+        }
+    }
+
+    /// Compacts etcd's history up to its current revision (what the API server does every five
+    /// minutes), so that watches resuming from an older resourceVersion get 410 Gone.
+    pub fn compact_etcd(&self) -> Result<u64> {
+        let cp = self.names.control_plane_ns();
+        let post = |path: &str, body: &str| -> Result<Value> {
+            let etcd = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379);
+            let (code, text) = net::in_netns(&cp, || {
+                agent::http_request("POST", etcd, path, Some(body), Duration::from_secs(10))
+            })??;
+            if code != 200 {
+                bail!("etcd {path} answered {code}: {text}");
+            }
+            serde_json::from_str(&text).with_context(|| format!("etcd {path}: {text}"))
+        };
+        // The revision is in every response header; a range over an empty key reads it.
+        let head = post("/v3/kv/range", r#"{"key":"AA=="}"#)?;
+        let rev: u64 = head["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .ok_or_else(|| anyhow!("etcd returned no revision: {head}"))?;
+        post("/v3/kv/compaction", &format!(r#"{{"revision":"{rev}","physical":true}}"#))?;
+        Ok(rev)
     }
 
     /// Waits for the ServiceAccount controller to create `default` in a namespace (pods are
@@ -662,6 +760,14 @@ impl Lab {
         }
         if present.is_empty() {
             return Ok(Report { changes, converged: None });
+        }
+        // A namespace's pods first, so that the namespace controller finds them gone instead of
+        // waiting out its back-off while the kubelet tears them down.
+        for r in present.iter().filter(|r| r.kind == Kind::Namespace) {
+            self.kubectl(&["delete", "pods", "--all", "--namespace", &r.name, "--wait=false"], None)?;
+        }
+        if present.iter().any(|r| r.kind == Kind::Namespace) {
+            self.kubelet_sync()?;
         }
         for r in &present {
             let mut args = vec!["delete", resource(r.kind), r.name.as_str(), "--wait=false", "--ignore-not-found"];
@@ -1088,6 +1194,7 @@ impl Lab {
                 },
             };
             last = waiting.unwrap_or_default();
+            self.trace(&format!("converge: waiting for {last}"), started);
             if Instant::now() >= deadline {
                 bail!("the lab did not converge within {:?}: {last}", self.converge_timeout);
             }

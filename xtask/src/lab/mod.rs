@@ -125,6 +125,17 @@ pub enum LabCommand {
     },
     /// Show every agent's status (revision enforced, endpoints, errors).
     Status,
+    /// (real-API mode) Stop or start one control-plane component: etcd, kube-apiserver,
+    /// kube-controller-manager, kube-proxy-NODE.
+    #[command(name = "control-plane")]
+    ControlPlane {
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+        component: String,
+    },
+    /// (real-API mode) Compact etcd's history to its current revision.
+    #[command(name = "compact-etcd")]
+    CompactEtcd,
     /// Remove every namespace, link, pin and process the lab made (also after a crash).
     Down,
     /// (internal) The responder run inside a pod's network namespace.
@@ -310,6 +321,17 @@ pub fn main(args: LabArgs) -> Result<()> {
                     Err(e) => println!("{}: {e:#}", a.node),
                 }
             }
+            Ok(())
+        }
+        LabCommand::ControlPlane { action, component } => {
+            let mut lab = Lab::open(prefix)?;
+            lab.converge_timeout = timeout;
+            println!("{}", lab.control_plane(action == "start", &component)?);
+            Ok(())
+        }
+        LabCommand::CompactEtcd => {
+            let lab = Lab::open(prefix)?;
+            println!("etcd compacted at revision {}", lab.compact_etcd()?);
             Ok(())
         }
         LabCommand::Down => {
