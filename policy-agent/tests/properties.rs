@@ -54,12 +54,17 @@ fn env_number(name: &str) -> Option<u64> {
 fn config(cases: u32) -> ProptestConfig {
     let seed = env_number("POLICY_FUZZ_SEED").unwrap_or(FIXED_SEED);
     let scale = env_number("POLICY_FUZZ_SCALE").unwrap_or(1).max(1);
+    let times = |n: u32| u32::try_from(u64::from(n) * scale).unwrap_or(u32::MAX);
+    let default = ProptestConfig::default();
     ProptestConfig {
-        cases: u32::try_from(u64::from(cases) * scale).unwrap_or(u32::MAX),
+        cases: times(cases),
+        // Cases whose change does not apply to the drawn cluster are rejected: a budget in
+        // proportion to the cases.
+        max_global_rejects: times(default.max_global_rejects),
         rng_algorithm: RngAlgorithm::ChaCha,
         rng_seed: RngSeed::Fixed(seed),
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS))),
-        ..ProptestConfig::default()
+        ..default
     }
 }
 
