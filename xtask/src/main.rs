@@ -5,6 +5,7 @@
 
 mod bench;
 mod conformance;
+mod fuzz;
 mod kube;
 mod lab;
 mod setup;
@@ -37,6 +38,8 @@ enum Cmd {
     Lab(lab::LabArgs),
     /// The 48 upstream Kubernetes Netpol e2e cases on the lab, via Services and via pod IPs.
     Conformance(conformance::Args),
+    /// The property tests over and over with fresh seeds and more cases (default 10 minutes).
+    Fuzz(fuzz::Args),
     /// Benchmarks: datapath, throughput against an nftables baseline, control plane.
     Bench {
         /// Only the per-packet datapath benchmark.
@@ -67,6 +70,7 @@ fn main() -> Result<()> {
         Cmd::Lint => lint(),
         Cmd::Lab(args) => lab::main(args),
         Cmd::Conformance(args) => conformance::main(args),
+        Cmd::Fuzz(args) => fuzz::main(args),
         Cmd::Bench { only, json } => {
             setup::run()?;
             match only.as_deref() {
