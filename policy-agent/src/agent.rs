@@ -84,7 +84,8 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
             addr: args.http_addr,
             source,
         })?;
-    let source_health = SourceHealth::new(metrics.source_errors.clone());
+    let source_health =
+        SourceHealth::new(metrics.source_errors.clone(), metrics.source_lists.clone());
     let http_state = HttpState {
         status: status.clone(),
         metrics: metrics.clone(),

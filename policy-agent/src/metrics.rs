@@ -76,6 +76,7 @@ pub struct Metrics {
     pub compile_errors: Gauge,
     pub input_errors: Gauge,
     pub source_errors: Gauge,
+    pub source_lists: Counter,
     pub endpoints: Family<StateLabel, Gauge>,
     pub sync_errors: Family<StageLabel, Counter>,
     pub syncs: Counter,
@@ -104,6 +105,7 @@ impl Metrics {
             compile_errors: Gauge::default(),
             input_errors: Gauge::default(),
             source_errors: Gauge::default(),
+            source_lists: Counter::default(),
             endpoints: Family::default(),
             sync_errors: Family::default(),
             syncs: Counter::default(),
@@ -152,6 +154,11 @@ impl Metrics {
             "source_errors",
             "Watched kinds the source cannot currently read (API server down, permission missing); the last state stays enforced",
             m.source_errors.clone(),
+        );
+        registry.register(
+            "source_lists",
+            "Complete lists of a watched kind (the initial one, and re-lists after 410 Gone or a broken watch)",
+            m.source_lists.clone(),
         );
         registry.register("endpoints", "Local endpoints by state", m.endpoints.clone());
         registry.register(

@@ -182,7 +182,9 @@ pub fn main(args: Args) -> Result<()> {
                 k.server_version,
                 k.proxy_mode.as_str()
             ),
-            None => println!("cluster state in the agents' manifest directory; Services through the lab's nftables DNAT"),
+            None => println!(
+                "cluster state in the agents' manifest directory; Services through the lab's nftables DNAT"
+            ),
         }
         let cases_started = Instant::now();
         let timeout = Duration::from_millis(args.timeout_ms);

@@ -115,8 +115,7 @@ pub fn ensure() -> Result<Binaries> {
     let dir = cache_dir()?;
     let staging = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)
-        .with_context(|| format!("creating {}", staging.display()))?;
+    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     let started = Instant::now();
     eprintln!(
         "setup: building Kubernetes {KUBERNETES_VERSION} (etcd, kube-apiserver, kube-controller-manager, kube-proxy, kubectl) from tests/kube into {}",

@@ -2,159 +2,19 @@
 //! delete/down`. Needs root (network namespaces, bpffs); fails without it. Each test uses its own
 //! lab prefix and tears its lab down even when it fails.
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::{Command, Output},
-};
+use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Where the lab keeps its state (as xtask computes it).
-fn state_dir(prefix: &str) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-        .join("lab")
-        .join(prefix)
-}
-
-fn require_root() {
-    // SAFETY: plain syscall.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the lab tests need root (network namespaces, bpffs, nftables)"
-    );
-}
-
-/// A lab prefix unique to this process and test.
-fn prefix(tag: char) -> String {
-    let mut n = std::process::id() % 36u32.pow(6);
-    let mut s = String::new();
-    for _ in 0..6 {
-        s.push(std::char::from_digit(n % 36, 36).unwrap());
-        n /= 36;
-    }
-    format!("t{s}{tag}")
-}
-
-struct LabGuard {
-    prefix: String,
-}
-
-impl LabGuard {
-    fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(XTASK)
-            .current_dir(root())
-            .env("RUST_BACKTRACE", "0")
-            .arg("lab")
-            .arg("--prefix")
-            .arg(&self.prefix)
-            .args(args)
-            .output()
-            .expect("xtask runs");
-        eprintln!(
-            "$ xtask lab --prefix {} {}\n{}{}",
-            self.prefix,
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "xtask lab {} failed", args.join(" "));
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).expect("JSON output")
-    }
-
-    /// `connected` of the single probe this asks for.
-    fn connected(&self, args: &[&str]) -> bool {
-        let mut a = vec!["probe", "--json"];
-        a.extend_from_slice(args);
-        let v = self.json(&a);
-        let probes = v["probes"].as_array().unwrap();
-        assert_eq!(probes.len(), 1, "{v}");
-        probes[0]["connected"].as_bool().unwrap()
-    }
-}
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
-    }
-}
+use common::*;
 
 fn root_links() -> BTreeSet<String> {
     std::fs::read_dir("/sys/class/net")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect()
-}
-
-/// Everything of this lab that could survive `down`.
-fn remains(prefix: &str) -> Vec<String> {
-    let mut left = Vec::new();
-    for e in std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let n = e.file_name().into_string().unwrap();
-        if n.starts_with(&format!("{prefix}-")) {
-            left.push(format!("network namespace {n}"));
-        }
-    }
-    for e in std::fs::read_dir("/sys/fs/bpf")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let n = e.file_name().into_string().unwrap();
-        if n.starts_with(&format!("{prefix}-")) {
-            left.push(format!("bpffs pin {n}"));
-        }
-    }
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().into_string().unwrap().parse::<u32>() else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = raw
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let ours = args
-            .windows(2)
-            .any(|w| w[0] == "--prefix" && w[1] == prefix && args.iter().any(|a| a == "serve"))
-            || args
-                .iter()
-                .any(|a| a.starts_with(&format!("/sys/fs/bpf/{prefix}-")));
-        if ours {
-            left.push(format!("process {pid}: {}", args.join(" ")));
-        }
-    }
-    if state_dir(prefix).exists() {
-        left.push("state directory".into());
-    }
-    left
 }
 
 fn examples() -> (String, String) {

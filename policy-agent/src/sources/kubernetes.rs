@@ -171,7 +171,31 @@ pub async fn run(client: Client, tx: mpsc::Sender<Update>, health: SourceHealth)
             Object::from,
         ),
     ];
-    run_streams(select_all(streams), tx, health).await
+    let probe = move |kind: Kind| readable(client.clone(), kind);
+    run_streams(select_all(streams), tx, health, probe).await
+}
+
+/// How often a kind whose watch failed is checked for being readable again.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether one object of `kind` can be listed now: a failed watch that the watcher later
+/// resumes emits nothing until the next change, so recovery is confirmed this way.
+fn readable(client: Client, kind: Kind) -> futures::future::BoxFuture<'static, bool> {
+    async fn list<K>(client: Client) -> bool
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        let params = kube::api::ListParams::default().limit(1);
+        Api::<K>::all(client).list_metadata(&params).await.is_ok()
+    }
+    match kind {
+        Kind::Pod => list::<Pod>(client).boxed(),
+        Kind::Namespace => list::<Namespace>(client).boxed(),
+        Kind::Service => list::<Service>(client).boxed(),
+        Kind::Node => list::<Node>(client).boxed(),
+        Kind::NetworkPolicy => list::<NetworkPolicy>(client).boxed(),
+        Kind::EndpointSlice => list::<EndpointSlice>(client).boxed(),
+    }
 }
 
 /// The batching state machine behind [`run`], separate from the watchers so it can be driven by
@@ -180,13 +204,36 @@ async fn run_streams(
     mut events: impl Stream<Item = KindEvent> + Unpin,
     tx: mpsc::Sender<Update>,
     health: SourceHealth,
+    probe: impl Fn(Kind) -> futures::future::BoxFuture<'static, bool>,
 ) {
     let mut listed = std::collections::BTreeSet::new();
     let mut pending: Vec<Change> = Vec::new();
     let mut errors: std::collections::BTreeMap<Kind, String> = Default::default();
     let mut revision: u64 = 0;
     let mut errors_dirty = false;
-    while let Some(first) = events.next().await {
+    let mut recheck = tokio::time::interval(RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let first = tokio::select! {
+            event = events.next() => match event {
+                Some(e) => e,
+                None => return,
+            },
+            _ = recheck.tick(), if !errors.is_empty() => {
+                let failing: Vec<Kind> = errors.keys().copied().collect();
+                for kind in failing {
+                    if tokio::time::timeout(RECHECK * 2, probe(kind)).await.unwrap_or(false) {
+                        info!(kind = kind.as_str(), "readable again");
+                        errors.remove(&kind);
+                        errors_dirty = true;
+                    }
+                }
+                if !errors_dirty {
+                    continue;
+                }
+                KindEvent::Nothing
+            }
+        };
         let changed_at = SystemTime::now();
         let mut next = Some(first);
         // Take everything already available as one batch.
@@ -199,6 +246,7 @@ async fn run_streams(
                 }
                 KindEvent::Listed(change) => {
                     let kind = change_kind(&change);
+                    health.listed();
                     errors_dirty |= errors.remove(&kind).is_some();
                     if listed.insert(kind) {
                         info!(kind = kind.as_str(), "initial list complete");

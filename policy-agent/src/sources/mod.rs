@@ -129,15 +129,26 @@ impl Object {
 pub struct SourceHealth {
     errors: std::sync::Arc<std::sync::RwLock<Vec<String>>>,
     gauge: prometheus_client::metrics::gauge::Gauge,
+    lists: prometheus_client::metrics::counter::Counter,
 }
 
 impl SourceHealth {
-    /// Health reported through `gauge` (the number of failing watches) as well.
-    pub fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+    /// Health reported through `gauge` (the number of failing watches) and `lists` (complete
+    /// lists, initial and after 410 Gone or a broken watch) as well.
+    pub fn new(
+        gauge: prometheus_client::metrics::gauge::Gauge,
+        lists: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Self {
             errors: Default::default(),
             gauge,
+            lists,
         }
+    }
+
+    /// One kind completed a list.
+    pub fn listed(&self) {
+        self.lists.inc();
     }
 
     pub fn set(&self, errors: Vec<String>) {

@@ -31,6 +31,9 @@ pub struct Status {
     /// Count and digest of the objects behind the enforced state.
     #[serde(default)]
     pub enforced_objects: Option<ObjectsDigest>,
+    /// Why the agent's source cannot read the cluster right now.
+    #[serde(default)]
+    pub source_errors: Vec<String>,
 }
 
 /// `enforced_objects` of `/status`.
@@ -260,8 +263,12 @@ pub fn wait_until(
                             Ok(st) if done(&st) => return Ok(st),
                             Ok(st) => {
                                 last = format!(
-                                    "enforced revision {} (read {}), objects {:?}, errors {:?}",
-                                    st.enforced_revision, st.revision, st.enforced_objects, st.errors
+                                    "enforced revision {} (read {}), objects {:?}, errors {:?}, source errors {:?}",
+                                    st.enforced_revision,
+                                    st.revision,
+                                    st.enforced_objects,
+                                    st.errors,
+                                    st.source_errors
                                 )
                             }
                             Err(e) => last = format!("{e:#}"),

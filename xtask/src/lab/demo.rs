@@ -135,10 +135,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let app = load_all(&read_docs(std::slice::from_ref(&dir))?)?;
     // The demo's lab is its own: whatever an interrupted earlier run left goes first.
     down(&args.prefix)?;
-    let mut lab = Lab::up(
-        &args.prefix,
-        &UpOptions::new(args.nodes, agent)?,
-    )?;
+    let mut lab = Lab::up(&args.prefix, &UpOptions::new(args.nodes, agent)?)?;
     let result = (|| -> Result<bool> {
         let c = lab.publish()?;
         println!("lab {:?} up with {} nodes; {c}", args.prefix, args.nodes);

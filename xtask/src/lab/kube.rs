@@ -149,11 +149,24 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 fn make_credentials(files: &Files) -> Result<String> {
     let d = &files.dir;
     std::fs::create_dir_all(d)?;
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     let mut ca = vec!["req", "-x509"];
     ca.extend(ec);
     ca.extend([
-        "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-subj", "/CN=lab-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "3650",
+        "-subj",
+        "/CN=lab-ca",
     ]);
     openssl(d, &ca)?;
     let mut csr = vec!["req", "-new"];
@@ -231,7 +244,13 @@ fn make_credentials(files: &Files) -> Result<String> {
     Ok(token)
 }
 
-fn wait_tcp(netns: &str, addr: SocketAddrV4, timeout: Duration, what: &str, log: &Path) -> Result<()> {
+fn wait_tcp(
+    netns: &str,
+    addr: SocketAddrV4,
+    timeout: Duration,
+    what: &str,
+    log: &Path,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let up = net::in_netns(netns, || {
@@ -241,7 +260,10 @@ fn wait_tcp(netns: &str, addr: SocketAddrV4, timeout: Duration, what: &str, log:
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("{what} did not listen on {addr} within {timeout:?}; {}", agent::log_tail(log, 15));
+            bail!(
+                "{what} did not listen on {addr} within {timeout:?}; {}",
+                agent::log_tail(log, 15)
+            );
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -253,7 +275,10 @@ impl Lab {
     }
 
     fn kube(&self) -> &KubeState {
-        self.state.kube.as_ref().expect("a lab in the real-API mode")
+        self.state
+            .kube
+            .as_ref()
+            .expect("a lab in the real-API mode")
     }
 
     /// Runs the real kubectl (inside the control-plane namespace, as the lab's admin); fails with
@@ -267,9 +292,13 @@ impl Lab {
             .arg(files.path("kubectl-cache"))
             .args(args);
         net::set_netns(&mut cmd, &self.names.control_plane_ns(), NetnsMode::Net)?;
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("running kubectl")?;
         if let Some(input) = stdin {
             use std::io::Write;
@@ -281,10 +310,23 @@ impl Lab {
         }
         let t = Instant::now();
         let out = child.wait_with_output()?;
-        self.trace(&format!("kubectl {}", args.iter().take(3).copied().collect::<Vec<_>>().join(" ")), t);
+        self.trace(
+            &format!(
+                "kubectl {}",
+                args.iter().take(3).copied().collect::<Vec<_>>().join(" ")
+            ),
+            t,
+        );
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            bail!("{}", if err.is_empty() { format!("kubectl {} failed", args.join(" ")) } else { err });
+            bail!(
+                "{}",
+                if err.is_empty() {
+                    format!("kubectl {} failed", args.join(" "))
+                } else {
+                    err
+                }
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -311,14 +353,24 @@ impl Lab {
         let cp = names.control_plane_ns();
         // The control-plane "node" on the node bridge.
         net::add_netns(&cp)?;
-        for key in ["net/ipv6/conf/all/disable_ipv6", "net/ipv6/conf/default/disable_ipv6"] {
+        for key in [
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+        ] {
             let _ = net::sysctl(&cp, key, "1");
         }
         net::ip_batch(
             &names.underlay_ns(),
             &[
-                format!("link add {} type veth peer name eth0 netns {cp}", names.control_plane_link()),
-                format!("link set {} master {}", names.control_plane_link(), names.bridge()),
+                format!(
+                    "link add {} type veth peer name eth0 netns {cp}",
+                    names.control_plane_link()
+                ),
+                format!(
+                    "link set {} master {}",
+                    names.control_plane_link(),
+                    names.bridge()
+                ),
                 format!("link set {} up", names.control_plane_link()),
             ],
         )?;
@@ -355,7 +407,13 @@ impl Lab {
         ])
         .arg(format!("--data-dir={}", d.join("etcd").display()));
         self.add_component("etcd", &cp, etcd, false)?;
-        wait_tcp(&cp, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379), Duration::from_secs(30), "etcd", &self.component_log("etcd"))?;
+        wait_tcp(
+            &cp,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379),
+            Duration::from_secs(30),
+            "etcd",
+            &self.component_log("etcd"),
+        )?;
         // kube-apiserver
         let p = |f: &str| d.join(f).display().to_string();
         let mut api = Command::new(bins.path("kube-apiserver"));
@@ -363,7 +421,10 @@ impl Lab {
             "--etcd-servers=http://127.0.0.1:2379".to_string(),
             format!("--advertise-address={CONTROL_PLANE_IP}"),
             format!("--secure-port={API_PORT}"),
-            format!("--service-cluster-ip-range={}", topo::cidr(topo::SERVICE_CIDR)),
+            format!(
+                "--service-cluster-ip-range={}",
+                topo::cidr(topo::SERVICE_CIDR)
+            ),
             format!("--tls-cert-file={}", p("apiserver.crt")),
             format!("--tls-private-key-file={}", p("apiserver.key")),
             format!("--client-ca-file={}", p("ca.crt")),
@@ -378,14 +439,20 @@ impl Lab {
             "--v=1".into(),
         ]);
         self.add_component("kube-apiserver", &cp, api, false)?;
-        self.wait_api_ready(Duration::from_secs(90), &self.component_log("kube-apiserver"))?;
+        self.wait_api_ready(
+            Duration::from_secs(90),
+            &self.component_log("kube-apiserver"),
+        )?;
         let version = self.kubectl_json(&["get", "--raw=/version"]);
         // `get --raw` with `-o json` is not accepted by every kubectl; fall back to the plain call.
         let version = match version {
             Ok(v) => v,
             Err(_) => serde_json::from_str(&self.kubectl(&["get", "--raw=/version"], None)?)?,
         };
-        self.kube_mut().server_version = version["gitVersion"].as_str().unwrap_or("unknown").to_string();
+        self.kube_mut().server_version = version["gitVersion"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string();
         // kube-controller-manager: EndpointSlices, namespaces, service accounts, garbage collection.
         // Without kubelets there are no node heartbeats: the node lifecycle controller would taint
         // every node unreachable and evict the pods, so it is off.
@@ -398,7 +465,10 @@ impl Lab {
             format!("--service-account-private-key-file={}", p("sa.key")),
             format!("--root-ca-file={}", p("ca.crt")),
             format!("--cluster-cidr={}", topo::cidr(topo::POD_CIDR)),
-            format!("--service-cluster-ip-range={}", topo::cidr(topo::SERVICE_CIDR)),
+            format!(
+                "--service-cluster-ip-range={}",
+                topo::cidr(topo::SERVICE_CIDR)
+            ),
             "--bind-address=127.0.0.1".into(),
             "--profiling=false".into(),
             "--v=1".into(),
@@ -418,7 +488,14 @@ impl Lab {
         }
         let token = self
             .kubectl(
-                &["create", "token", "policy-agent", "--namespace", "policy-agent", "--duration=8760h"],
+                &[
+                    "create",
+                    "token",
+                    "policy-agent",
+                    "--namespace",
+                    "policy-agent",
+                    "--duration=8760h",
+                ],
                 None,
             )
             .context("creating a token for the policy-agent ServiceAccount")?;
@@ -438,7 +515,10 @@ impl Lab {
     }
 
     fn kube_mut(&mut self) -> &mut KubeState {
-        self.state.kube.as_mut().expect("a lab in the real-API mode")
+        self.state
+            .kube
+            .as_mut()
+            .expect("a lab in the real-API mode")
     }
 
     fn wait_api_ready(&self, timeout: Duration, log: &Path) -> Result<()> {
@@ -447,7 +527,10 @@ impl Lab {
         loop {
             for (name, c) in &self.kube().components {
                 if c.pid.is_some_and(|pid| !net::process_alive(pid)) {
-                    bail!("{name} exited; {}", agent::log_tail(&self.component_log(name), 20));
+                    bail!(
+                        "{name} exited; {}",
+                        agent::log_tail(&self.component_log(name), 20)
+                    );
                 }
             }
             match self.kubectl(&["get", "--raw=/readyz"], None) {
@@ -456,7 +539,10 @@ impl Lab {
                 Err(e) => last = format!("{e:#}"),
             }
             if Instant::now() >= deadline {
-                bail!("kube-apiserver was not ready within {timeout:?}: {last}; {}", agent::log_tail(log, 20));
+                bail!(
+                    "kube-apiserver was not ready within {timeout:?}: {last}; {}",
+                    agent::log_tail(log, 20)
+                );
             }
             thread::sleep(Duration::from_millis(250));
         }
@@ -491,7 +577,15 @@ impl Lab {
                              "containerRuntimeVersion": "lab://1", "kernelVersion": "", "osImage": "lab",
                              "machineID": "", "systemUUID": "", "bootID": ""}}});
             self.kubectl(
-                &["patch", "node", &node.name, "--subresource=status", "--type=merge", "-p", &status.to_string()],
+                &[
+                    "patch",
+                    "node",
+                    &node.name,
+                    "--subresource=status",
+                    "--type=merge",
+                    "-p",
+                    &status.to_string(),
+                ],
                 None,
             )
             .with_context(|| format!("writing the status of Node {}", node.name))?;
@@ -499,7 +593,12 @@ impl Lab {
         Ok(())
     }
 
-    fn start_kube_proxy(&mut self, i: usize, mode: ProxyMode, bins: &crate::kube::Binaries) -> Result<()> {
+    fn start_kube_proxy(
+        &mut self,
+        i: usize,
+        mode: ProxyMode,
+        bins: &crate::kube::Binaries,
+    ) -> Result<()> {
         let files = Files::of(self);
         let node = &self.state.nodes[i];
         // Zero conntrack settings leave the host's global conntrack table alone; kube-proxy
@@ -535,22 +634,43 @@ impl Lab {
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let c = Component { netns: netns.to_string(), argv, pid: None, sysfs };
+        let c = Component {
+            netns: netns.to_string(),
+            argv,
+            pid: None,
+            sysfs,
+        };
         self.kube_mut().components.insert(name.to_string(), c);
         self.start_component(name)
     }
 
     fn start_component(&mut self, name: &str) -> Result<()> {
         let log = self.component_log(name);
-        let c = self.kube().components.get(name).ok_or_else(|| anyhow!("no component {name:?}"))?.clone();
+        let c = self
+            .kube()
+            .components
+            .get(name)
+            .ok_or_else(|| anyhow!("no component {name:?}"))?
+            .clone();
         if c.pid.is_some_and(net::process_alive) {
-            bail!("{name} is already running (pid {})", c.pid.unwrap_or_default());
+            bail!(
+                "{name} is already running (pid {})",
+                c.pid.unwrap_or_default()
+            );
         }
         let mut cmd = Command::new(&c.argv[0]);
         cmd.args(&c.argv[1..]);
-        let mode = if c.sysfs { NetnsMode::DaemonWithSysfs } else { NetnsMode::Daemon };
+        let mode = if c.sysfs {
+            NetnsMode::DaemonWithSysfs
+        } else {
+            NetnsMode::Daemon
+        };
         let pid = net::spawn_daemon(cmd, &c.netns, mode, &log)?.id();
-        self.kube_mut().components.get_mut(name).expect("exists").pid = Some(pid);
+        self.kube_mut()
+            .components
+            .get_mut(name)
+            .expect("exists")
+            .pid = Some(pid);
         self.save()
     }
 
@@ -571,13 +691,30 @@ impl Lab {
                 self.wait_api_ready(Duration::from_secs(90), &self.component_log(name))?;
             }
             if name == "etcd" {
-                wait_tcp(&c.netns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379), Duration::from_secs(30), "etcd", &self.component_log(name))?;
+                wait_tcp(
+                    &c.netns,
+                    SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379),
+                    Duration::from_secs(30),
+                    "etcd",
+                    &self.component_log(name),
+                )?;
             }
-            Ok(format!("{name} started (pid {})", self.kube().components[name].pid.unwrap_or_default()))
+            Ok(format!(
+                "{name} started (pid {})",
+                self.kube().components[name].pid.unwrap_or_default()
+            ))
         } else {
-            let pids: Vec<u32> = c.pid.into_iter().filter(|&p| net::process_alive(p)).collect();
+            let pids: Vec<u32> = c
+                .pid
+                .into_iter()
+                .filter(|&p| net::process_alive(p))
+                .collect();
             net::terminate(&pids, libc::SIGTERM, Duration::from_secs(5));
-            self.kube_mut().components.get_mut(name).expect("exists").pid = None;
+            self.kube_mut()
+                .components
+                .get_mut(name)
+                .expect("exists")
+                .pid = None;
             self.save()?;
             Ok(format!("{name} stopped"))
         }
@@ -603,7 +740,10 @@ impl Lab {
             .as_str()
             .and_then(|r| r.parse().ok())
             .ok_or_else(|| anyhow!("etcd returned no revision: {head}"))?;
-        post("/v3/kv/compaction", &format!(r#"{{"revision":"{rev}","physical":true}}"#))?;
+        post(
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision":"{rev}","physical":true}}"#),
+        )?;
         Ok(rev)
     }
 
@@ -613,14 +753,26 @@ impl Lab {
         let deadline = Instant::now() + self.converge_timeout;
         loop {
             let out = self.kubectl(
-                &["get", "serviceaccount", "default", "--namespace", namespace, "--ignore-not-found", "-o", "name"],
+                &[
+                    "get",
+                    "serviceaccount",
+                    "default",
+                    "--namespace",
+                    namespace,
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ],
                 None,
             )?;
             if !out.trim().is_empty() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("the ServiceAccount controller did not create {namespace}/default within {:?}", self.converge_timeout);
+                bail!(
+                    "the ServiceAccount controller did not create {namespace}/default within {:?}",
+                    self.converge_timeout
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -639,7 +791,10 @@ impl Lab {
         let refs: Vec<ObjRef> = docs
             .iter()
             .map(|(source, v)| {
-                super::objects::doc_ref(&super::objects::Doc { source: source.clone(), value: v.clone() })
+                super::objects::doc_ref(&super::objects::Doc {
+                    source: source.clone(),
+                    value: v.clone(),
+                })
             })
             .collect::<Result<_>>()?;
         // Namespaces the documents need, created as the manifest mode does.
@@ -655,24 +810,37 @@ impl Lab {
             .filter(|r| r.kind == Kind::Namespace)
             .map(|r| r.name.clone())
             .collect();
-        let list = |items: Vec<Value>| json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
+        let list = |items: Vec<Value>| {
+            json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
+        };
         let (ns_docs, rest): (Vec<&(String, Value)>, Vec<&(String, Value)>) =
             docs.iter().partition(|(_, v)| v["kind"] == "Namespace");
         let mut first: Vec<Value> = ns_docs.iter().map(|(_, v)| v.clone()).collect();
         for n in needed.iter().filter(|n| !declared.contains(*n)) {
             first.push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}));
         }
-        let all: Vec<Value> = first.iter().cloned().chain(rest.iter().map(|(_, v)| v.clone())).collect();
+        let all: Vec<Value> = first
+            .iter()
+            .cloned()
+            .chain(rest.iter().map(|(_, v)| v.clone()))
+            .collect();
         // Validation of everything by the API server (namespaces that do not exist yet make
         // namespaced objects fail a server dry run, so those are checked against the schema only).
         let (dry_ns, dry_rest): (Vec<Value>, Vec<Value>) = all.iter().cloned().partition(|v| {
-            v["kind"] == "Namespace" || !needed.contains(v["metadata"]["namespace"].as_str().unwrap_or("default"))
+            v["kind"] == "Namespace"
+                || !needed.contains(v["metadata"]["namespace"].as_str().unwrap_or("default"))
         });
-        self.kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(&list(dry_ns)))
-            .map_err(|e| anyhow!("nothing was applied:\n{e}"))?;
+        self.kubectl(
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&list(dry_ns)),
+        )
+        .map_err(|e| anyhow!("nothing was applied:\n{e}"))?;
         if !dry_rest.is_empty() {
-            self.kubectl(&["apply", "--dry-run=client", "--validate=strict", "-f", "-"], Some(&list(dry_rest)))
-                .map_err(|e| anyhow!("nothing was applied:\n{e}"))?;
+            self.kubectl(
+                &["apply", "--dry-run=client", "--validate=strict", "-f", "-"],
+                Some(&list(dry_rest)),
+            )
+            .map_err(|e| anyhow!("nothing was applied:\n{e}"))?;
         }
         let mut out = String::new();
         if !first.is_empty() {
@@ -694,10 +862,22 @@ impl Lab {
         let mut order: Vec<ObjRef> = needed
             .iter()
             .filter(|n| !declared.contains(*n))
-            .map(|n| ObjRef { kind: Kind::Namespace, namespace: String::new(), name: n.clone() })
+            .map(|n| ObjRef {
+                kind: Kind::Namespace,
+                namespace: String::new(),
+                name: n.clone(),
+            })
             .collect();
-        let ns_refs: Vec<ObjRef> = refs.iter().filter(|r| r.kind == Kind::Namespace).cloned().collect();
-        let other: Vec<ObjRef> = refs.iter().filter(|r| r.kind != Kind::Namespace).cloned().collect();
+        let ns_refs: Vec<ObjRef> = refs
+            .iter()
+            .filter(|r| r.kind == Kind::Namespace)
+            .cloned()
+            .collect();
+        let other: Vec<ObjRef> = refs
+            .iter()
+            .filter(|r| r.kind != Kind::Namespace)
+            .cloned()
+            .collect();
         let mut in_order: Vec<ObjRef> = ns_refs;
         in_order.append(&mut order);
         in_order.extend(other);
@@ -710,7 +890,10 @@ impl Lab {
                 _ => Change::Unchanged,
             };
             any |= c != Change::Unchanged;
-            let note = if needed.contains(&r.name) && r.kind == Kind::Namespace && !declared.contains(&r.name) {
+            let note = if needed.contains(&r.name)
+                && r.kind == Kind::Namespace
+                && !declared.contains(&r.name)
+            {
                 "referenced".to_string()
             } else {
                 String::new()
@@ -719,7 +902,10 @@ impl Lab {
         }
         if !any {
             self.kube_refresh()?;
-            return Ok(Report { changes, converged: None });
+            return Ok(Report {
+                changes,
+                converged: None,
+            });
         }
         let converged = self.kube_converge()?;
         for (r, _, note) in changes.iter_mut() {
@@ -730,11 +916,18 @@ impl Lab {
                 *note = format!("{}, {}", topo::node_name(p.node), p.ip);
             }
         }
-        Ok(Report { changes, converged: Some(converged) })
+        Ok(Report {
+            changes,
+            converged: Some(converged),
+        })
     }
 
     /// `kubectl delete` of these objects; returns when they are gone and the rest is enforced.
-    pub fn kube_delete(&mut self, refs: Vec<ObjRef>, ignore_not_found: bool) -> Result<super::apply::Report> {
+    pub fn kube_delete(
+        &mut self,
+        refs: Vec<ObjRef>,
+        ignore_not_found: bool,
+    ) -> Result<super::apply::Report> {
         use super::apply::{Change, Report};
         let mut changes = Vec::new();
         let mut errors = Vec::new();
@@ -743,7 +936,14 @@ impl Lab {
             if present.contains(&r) {
                 continue;
             }
-            let mut args = vec!["get", resource(r.kind), r.name.as_str(), "--ignore-not-found", "-o", "name"];
+            let mut args = vec![
+                "get",
+                resource(r.kind),
+                r.name.as_str(),
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ];
             if r.kind.namespaced() {
                 args.extend(["--namespace", r.namespace.as_str()]);
             }
@@ -759,18 +959,37 @@ impl Lab {
             bail!("nothing was deleted:\n  {}", errors.join("\n  "));
         }
         if present.is_empty() {
-            return Ok(Report { changes, converged: None });
+            return Ok(Report {
+                changes,
+                converged: None,
+            });
         }
         // A namespace's pods first, so that the namespace controller finds them gone instead of
         // waiting out its back-off while the kubelet tears them down.
         for r in present.iter().filter(|r| r.kind == Kind::Namespace) {
-            self.kubectl(&["delete", "pods", "--all", "--namespace", &r.name, "--wait=false"], None)?;
+            self.kubectl(
+                &[
+                    "delete",
+                    "pods",
+                    "--all",
+                    "--namespace",
+                    &r.name,
+                    "--wait=false",
+                ],
+                None,
+            )?;
         }
         if present.iter().any(|r| r.kind == Kind::Namespace) {
             self.kubelet_sync()?;
         }
         for r in &present {
-            let mut args = vec!["delete", resource(r.kind), r.name.as_str(), "--wait=false", "--ignore-not-found"];
+            let mut args = vec![
+                "delete",
+                resource(r.kind),
+                r.name.as_str(),
+                "--wait=false",
+                "--ignore-not-found",
+            ];
             if r.kind.namespaced() {
                 args.extend(["--namespace", r.namespace.as_str()]);
             }
@@ -783,7 +1002,14 @@ impl Lab {
             self.kubelet_sync()?;
             let mut left = Vec::new();
             for r in &present {
-                let mut args = vec!["get", resource(r.kind), r.name.as_str(), "--ignore-not-found", "-o", "name"];
+                let mut args = vec![
+                    "get",
+                    resource(r.kind),
+                    r.name.as_str(),
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ];
                 if r.kind.namespaced() {
                     args.extend(["--namespace", r.namespace.as_str()]);
                 }
@@ -795,12 +1021,19 @@ impl Lab {
                 break;
             }
             if Instant::now() >= deadline {
-                bail!("still not deleted after {:?}: {}", self.converge_timeout, left.join(", "));
+                bail!(
+                    "still not deleted after {:?}: {}",
+                    self.converge_timeout,
+                    left.join(", ")
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
         let converged = self.kube_converge()?;
-        Ok(Report { changes, converged: Some(converged) })
+        Ok(Report {
+            changes,
+            converged: Some(converged),
+        })
     }
 
     fn list_names(&self, resource: &str) -> Result<BTreeSet<String>> {
@@ -829,9 +1062,15 @@ impl Lab {
             .cloned()
             .collect();
         if !unbound.is_empty() {
-            let mut load: BTreeMap<u32, usize> = self.state.nodes.iter().map(|n| (n.number, 0)).collect();
+            let mut load: BTreeMap<u32, usize> =
+                self.state.nodes.iter().map(|n| (n.number, 0)).collect();
             for p in &pods {
-                if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.as_deref()).and_then(topo::node_number) {
+                if let Some(n) = p
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .and_then(topo::node_number)
+                {
                     *load.entry(n).or_default() += 1;
                 }
             }
@@ -859,7 +1098,10 @@ impl Lab {
             .state
             .pods
             .iter()
-            .filter(|(k, s)| live.get(*k).is_none_or(|p| p.metadata.uid != s.pod.metadata.uid))
+            .filter(|(k, s)| {
+                live.get(*k)
+                    .is_none_or(|p| p.metadata.uid != s.pod.metadata.uid)
+            })
             .map(|(_, s)| s.clone())
             .collect();
         if !gone.is_empty() {
@@ -873,12 +1115,25 @@ impl Lab {
             changed = true;
         }
         // Confirm the deletion of terminating pods (their network is gone now).
-        for p in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+        for p in pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+        {
             let key = pod_key(p);
             let ns = p.metadata.namespace.clone().unwrap_or_default();
             let name = p.metadata.name.clone().unwrap_or_default();
             self.kubectl(
-                &["delete", "pod", &name, "--namespace", &ns, "--grace-period=0", "--force", "--ignore-not-found", "--wait=false"],
+                &[
+                    "delete",
+                    "pod",
+                    &name,
+                    "--namespace",
+                    &ns,
+                    "--grace-period=0",
+                    "--force",
+                    "--ignore-not-found",
+                    "--wait=false",
+                ],
                 None,
             )
             .with_context(|| format!("confirming the deletion of pod {key}"))?;
@@ -918,7 +1173,9 @@ impl Lab {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|i| serde_json::from_value(i.clone()).context("decoding a Pod from the API server"))
+            .map(|i| {
+                serde_json::from_value(i.clone()).context("decoding a Pod from the API server")
+            })
             .collect()
     }
 
@@ -939,11 +1196,21 @@ impl Lab {
     }
 
     /// Runs one CNI plugin in the node's namespace with the CNI protocol; returns its result.
-    fn cni(&self, node: &cluster::NodeState, command: &str, config: &Value, pod: &PodState, ifname: &str) -> Result<Value> {
+    fn cni(
+        &self,
+        node: &cluster::NodeState,
+        command: &str,
+        config: &Value,
+        pod: &PodState,
+        ifname: &str,
+    ) -> Result<Value> {
         let plugin = config["type"].as_str().unwrap_or_default().to_string();
         let mut cmd = Command::new(Path::new(CNI_BIN_DIR).join(&plugin));
         cmd.env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", pod.pod.metadata.uid.as_deref().unwrap_or_default())
+            .env(
+                "CNI_CONTAINERID",
+                pod.pod.metadata.uid.as_deref().unwrap_or_default(),
+            )
             .env("CNI_NETNS", net::netns_path(&pod.netns))
             .env("CNI_IFNAME", ifname)
             .env("CNI_PATH", CNI_BIN_DIR)
@@ -969,8 +1236,13 @@ impl Lab {
     fn start_pods(&mut self, pods: Vec<Pod>) -> Result<()> {
         let mut staged = Vec::new();
         for mut pod in pods {
-            let node = topo::node_number(pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default())
-                .expect("filtered to lab nodes");
+            let node = topo::node_number(
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    .unwrap_or_default(),
+            )
+            .expect("filtered to lab nodes");
             let id = self.state.next_pod_id;
             self.state.next_pod_id += 1;
             super::cluster::strip_meta(&mut pod.metadata);
@@ -1014,11 +1286,20 @@ impl Lab {
         }
         let jobs: Vec<(String, super::serve::ServeArgs)> = ready
             .iter()
-            .map(|p| (p.netns.clone(), super::apply::serve_args(&pod_key(&p.pod), &p.pod)))
+            .map(|p| {
+                (
+                    p.netns.clone(),
+                    super::apply::serve_args(&pod_key(&p.pod), &p.pod),
+                )
+            })
             .collect();
         let pids = start_responders(&self.names.prefix, &jobs, &self.paths.logs())?;
         for (p, pid) in ready.iter().zip(pids) {
-            self.state.pods.get_mut(&pod_key(&p.pod)).expect("inserted").responder_pid = Some(pid);
+            self.state
+                .pods
+                .get_mut(&pod_key(&p.pod))
+                .expect("inserted")
+                .responder_pid = Some(pid);
         }
         // The kubelet's status write: addresses, phase, conditions.
         let results: Vec<Result<()>> = thread::scope(|s| {
@@ -1061,14 +1342,24 @@ impl Lab {
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| anyhow!("CNI ptp returned no IPv4 address for pod {}: {result}", pod_key(&p.pod)))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "CNI ptp returned no IPv4 address for pod {}: {result}",
+                    pod_key(&p.pod)
+                )
+            })?;
         let host_if = result["interfaces"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
             .and_then(|i| i["name"].as_str())
-            .ok_or_else(|| anyhow!("CNI ptp returned no host interface for pod {}: {result}", pod_key(&p.pod)))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "CNI ptp returned no host interface for pod {}: {result}",
+                    pod_key(&p.pod)
+                )
+            })?;
         p.ip = addr;
         p.veth = host_if.to_string();
         Ok(p)
@@ -1169,17 +1460,29 @@ impl Lab {
                             });
                         }
                         let want = snap.digest;
-                        let wait = Duration::from_secs(2).min(deadline.saturating_duration_since(Instant::now()));
-                        match agent::wait_until(&agents, wait, &format!("the objects of digest {}", want.1), |s| {
-                            s.enforced_objects.as_ref().is_some_and(|o| (o.count, o.digest.as_str()) == (want.0, want.1.as_str()))
-                        }) {
+                        let wait = Duration::from_secs(2)
+                            .min(deadline.saturating_duration_since(Instant::now()));
+                        match agent::wait_until(
+                            &agents,
+                            wait,
+                            &format!("the objects of digest {}", want.1),
+                            |s| {
+                                s.enforced_objects.as_ref().is_some_and(|o| {
+                                    (o.count, o.digest.as_str()) == (want.0, want.1.as_str())
+                                })
+                            },
+                        ) {
                             Ok((statuses, _)) => {
                                 self.state.revision += 1;
                                 self.save()?;
                                 let warnings = statuses
                                     .iter()
                                     .zip(&agents)
-                                    .flat_map(|(s, a)| s.errors.iter().map(move |e| format!("agent on {}: {e}", a.node)))
+                                    .flat_map(|(s, a)| {
+                                        s.errors
+                                            .iter()
+                                            .map(move |e| format!("agent on {}: {e}", a.node))
+                                    })
                                     .collect();
                                 return Ok(cluster::Converged {
                                     revision: self.state.revision,
@@ -1196,7 +1499,10 @@ impl Lab {
             last = waiting.unwrap_or_default();
             self.trace(&format!("converge: waiting for {last}"), started);
             if Instant::now() >= deadline {
-                bail!("the lab did not converge within {:?}: {last}", self.converge_timeout);
+                bail!(
+                    "the lab did not converge within {:?}: {last}",
+                    self.converge_timeout
+                );
             }
             self.kubelet_sync()?;
             thread::sleep(Duration::from_millis(20));
@@ -1206,30 +1512,49 @@ impl Lab {
     /// Every Service with a selector has exactly the endpoints its pods imply (the lab's own
     /// endpoint computation, which the manifest mode publishes); returns every ready endpoint of
     /// every Service as kube-proxy should program it: (protocol, address, port).
-    fn slices_settled(&self, snap: &Snapshot) -> std::result::Result<BTreeSet<(String, Ipv4Addr, u16)>, String> {
+    fn slices_settled(
+        &self,
+        snap: &Snapshot,
+    ) -> std::result::Result<BTreeSet<(String, Ipv4Addr, u16)>, String> {
         let views: Vec<services::PodView<'_>> = self
             .state
             .pods
             .iter()
-            .map(|(k, p)| services::PodView { key: k, pod: &p.pod, ip: p.ip })
+            .map(|(k, p)| services::PodView {
+                key: k,
+                pod: &p.pod,
+                ip: p.ip,
+            })
             .collect();
         let selected: BTreeMap<&String, &Service> = self
             .state
             .services
             .iter()
-            .filter(|(_, s)| s.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|m| !m.is_empty()))
+            .filter(|(_, s)| {
+                s.spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .is_some_and(|m| !m.is_empty())
+            })
             .collect();
         let mut want: BTreeSet<(String, String, String, Ipv4Addr, u16)> = BTreeSet::new();
         for sp in services::service_ports(selected.iter().map(|(k, s)| (*k, *s)), &views) {
             for (_, ip, tp) in &sp.endpoints {
-                want.insert((sp.service.clone(), sp.port_name.clone(), sp.protocol.clone(), *ip, *tp));
+                want.insert((
+                    sp.service.clone(),
+                    sp.port_name.clone(),
+                    sp.protocol.clone(),
+                    *ip,
+                    *tp,
+                ));
             }
         }
         let mut have = BTreeSet::new();
         let mut all = BTreeSet::new();
         for slice in snap.of("EndpointSlice") {
             let ns = slice["metadata"]["namespace"].as_str().unwrap_or_default();
-            let Some(svc) = slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str() else {
+            let Some(svc) = slice["metadata"]["labels"]["kubernetes.io/service-name"].as_str()
+            else {
                 continue;
             };
             let key = format!("{ns}/{svc}");
@@ -1242,12 +1567,21 @@ impl Lab {
                         continue;
                     };
                     for port in slice["ports"].as_array().into_iter().flatten() {
-                        let (Some(p), proto) = (port["port"].as_u64(), port["protocol"].as_str().unwrap_or("TCP")) else {
+                        let (Some(p), proto) = (
+                            port["port"].as_u64(),
+                            port["protocol"].as_str().unwrap_or("TCP"),
+                        ) else {
                             continue;
                         };
                         all.insert((proto.to_string(), ip, p as u16));
                         if selected.contains_key(&key) {
-                            have.insert((key.clone(), port["name"].as_str().unwrap_or("").to_string(), proto.to_string(), ip, p as u16));
+                            have.insert((
+                                key.clone(),
+                                port["name"].as_str().unwrap_or("").to_string(),
+                                proto.to_string(),
+                                ip,
+                                p as u16,
+                            ));
                         }
                     }
                 }
@@ -1266,9 +1600,31 @@ impl Lab {
         let mode = self.kube().proxy_mode;
         for node in &self.state.nodes {
             let text = match mode {
-                ProxyMode::Iptables => net::output(Command::new("ip").args(["netns", "exec", &node.netns, "iptables-save", "-t", "nat"]), None)?,
-                ProxyMode::Nftables => net::output(Command::new("ip").args(["netns", "exec", &node.netns, "nft", "list", "table", "ip", "kube-proxy"]), None)
-                    .unwrap_or_default(),
+                ProxyMode::Iptables => net::output(
+                    Command::new("ip").args([
+                        "netns",
+                        "exec",
+                        &node.netns,
+                        "iptables-save",
+                        "-t",
+                        "nat",
+                    ]),
+                    None,
+                )?,
+                ProxyMode::Nftables => net::output(
+                    Command::new("ip").args([
+                        "netns",
+                        "exec",
+                        &node.netns,
+                        "nft",
+                        "list",
+                        "table",
+                        "ip",
+                        "kube-proxy",
+                    ]),
+                    None,
+                )
+                .unwrap_or_default(),
             };
             let have = dnat_targets(&text);
             if &have != endpoints {
@@ -1386,18 +1742,27 @@ impl Snapshot {
         let items: Vec<Value> = list["items"].as_array().cloned().unwrap_or_default();
         let mut sum = 0u64;
         for i in &items {
-            let kind = i["kind"].as_str().ok_or_else(|| anyhow!("a listed object without kind"))?;
+            let kind = i["kind"]
+                .as_str()
+                .ok_or_else(|| anyhow!("a listed object without kind"))?;
             let namespaced = !matches!(kind, "Namespace" | "Node");
             let m = &i["metadata"];
             sum = sum.wrapping_add(policy_common::digest::object_term(
                 kind,
-                if namespaced { m["namespace"].as_str().unwrap_or_default() } else { "" },
+                if namespaced {
+                    m["namespace"].as_str().unwrap_or_default()
+                } else {
+                    ""
+                },
                 m["name"].as_str().unwrap_or_default(),
                 m["resourceVersion"].as_str().unwrap_or_default(),
             ));
         }
         let count = items.len() as u64;
-        Ok(Snapshot { items, digest: (count, format!("{sum:016x}")) })
+        Ok(Snapshot {
+            items,
+            digest: (count, format!("{sum:016x}")),
+        })
     }
 
     fn of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
@@ -1419,10 +1784,21 @@ mod tests {
                    \t\tmeta l4proto tcp dnat to 10.244.1.2:80\n\t}\n\
                    \t\tmeta l4proto sctp dnat to 10.244.2.3:9000\n";
         let want = |v: &[(&str, [u8; 4], u16)]| -> BTreeSet<(String, Ipv4Addr, u16)> {
-            v.iter().map(|(p, a, port)| (p.to_string(), Ipv4Addr::from(*a), *port)).collect()
+            v.iter()
+                .map(|(p, a, port)| (p.to_string(), Ipv4Addr::from(*a), *port))
+                .collect()
         };
-        assert_eq!(dnat_targets(iptables), want(&[("TCP", [10, 244, 1, 2], 80), ("UDP", [10, 244, 2, 3], 53)]));
-        assert_eq!(dnat_targets(nft), want(&[("TCP", [10, 244, 1, 2], 80), ("SCTP", [10, 244, 2, 3], 9000)]));
+        assert_eq!(
+            dnat_targets(iptables),
+            want(&[("TCP", [10, 244, 1, 2], 80), ("UDP", [10, 244, 2, 3], 53)])
+        );
+        assert_eq!(
+            dnat_targets(nft),
+            want(&[
+                ("TCP", [10, 244, 1, 2], 80),
+                ("SCTP", [10, 244, 2, 3], 9000)
+            ])
+        );
     }
 
     #[test]

@@ -133,6 +133,13 @@ pub enum LabCommand {
         action: String,
         component: String,
     },
+    /// Wait until every agent enforces the lab's current state.
+    Wait,
+    /// (real-API mode) The real kubectl, as the lab's cluster admin.
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// (real-API mode) Compact etcd's history to its current revision.
     #[command(name = "compact-etcd")]
     CompactEtcd,
@@ -305,22 +312,52 @@ pub fn main(args: LabArgs) -> Result<()> {
             for a in lab.agents() {
                 let st = net::in_netns(&a.netns, || agent::status(a.addr))?;
                 match st {
-                    Ok(s) => println!(
-                        "{} ({}): enforced revision {} (read {}), {} endpoints, errors: {}",
-                        a.node,
-                        s.node,
-                        s.enforced_revision,
-                        s.revision,
-                        s.endpoints,
-                        if s.errors.is_empty() {
-                            "none".into()
-                        } else {
-                            serde_json::to_string(&s.errors)?
+                    Ok(s) => {
+                        println!(
+                            "{} ({}): enforced revision {} (read {}), {} endpoints, errors: {}",
+                            a.node,
+                            s.node,
+                            s.enforced_revision,
+                            s.revision,
+                            s.endpoints,
+                            if s.errors.is_empty() {
+                                "none".into()
+                            } else {
+                                serde_json::to_string(&s.errors)?
+                            }
+                        );
+                        let (code, ready) = net::in_netns(&a.netns, || {
+                            agent::http_get(a.addr, "/readyz", Duration::from_millis(500))
+                        })??;
+                        println!("  readyz: {code} {}", ready.trim());
+                        let (_, metrics) = net::in_netns(&a.netns, || {
+                            agent::http_get(a.addr, "/metrics", Duration::from_millis(500))
+                        })??;
+                        for line in metrics.lines().filter(|l| {
+                            l.starts_with("policy_agent_source_")
+                                || l.starts_with("policy_agent_enforced_revision")
+                        }) {
+                            println!("  {line}");
                         }
-                    ),
+                    }
                     Err(e) => println!("{}: {e:#}", a.node),
                 }
             }
+            Ok(())
+        }
+        LabCommand::Wait => {
+            let mut lab = Lab::open(prefix)?;
+            lab.converge_timeout = timeout;
+            println!("{}", lab.publish()?);
+            Ok(())
+        }
+        LabCommand::Kubectl { args } => {
+            let lab = Lab::open(prefix)?;
+            if !lab.is_kube() {
+                bail!("this lab has no API server (it was brought up with --api manifests)");
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            print!("{}", lab.kubectl(&args, None)?);
             Ok(())
         }
         LabCommand::ControlPlane { action, component } => {

@@ -1,0 +1,232 @@
+//! The agent's Kubernetes source against a real API server: the lab in its real-API mode
+//! (`lab up --api kube`: etcd, kube-apiserver, kube-controller-manager and kube-proxy built from
+//! the pinned Go modules by `cargo xtask setup`). Needs root and the built binaries; fails
+//! without them. Each test uses its own lab prefix and tears its lab down even when it fails.
+
+mod common;
+
+use common::*;
+
+const APP: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: x}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {pod: b}}
+spec: {nodeName: node-2, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: x}
+spec: {selector: {pod: b}, ports: [{name: web, port: 8080, targetPort: http}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+";
+
+const ALLOW: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: b}}
+  ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}], ports: [{port: http}]}]
+";
+
+fn write(lab: &LabGuard, name: &str, text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}-{name}.yaml", lab.prefix));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Both ways a to b: (pod IP, ClusterIP through the real kube-proxy).
+fn a_to_b(lab: &LabGuard) -> (bool, bool) {
+    let pod = lab.connected(&["--from", "x/a", "--to", "x/b", "--port", "80"]);
+    let svc = lab.connected(&[
+        "--from", "x/a", "--to", "x/b", "--port", "80", "--via", "service",
+    ]);
+    (pod, svc)
+}
+
+/// Every agent's value of a metric, from `lab status`.
+fn metric(status: &str, name: &str) -> Vec<f64> {
+    status
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix(name)?
+                .trim()
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn agent_pids(lab: &LabGuard) -> Vec<i32> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir(&lab.prefix).join("state.json")).unwrap())
+            .unwrap();
+    state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["agent_pid"].as_i64().unwrap() as i32)
+        .collect()
+}
+
+fn signal(pids: &[i32], sig: i32) {
+    for &p in pids {
+        // SAFETY: plain syscall on processes this lab started.
+        assert_eq!(unsafe { libc::kill(p, sig) }, 0, "signal {sig} to {p}");
+    }
+}
+
+/// Kubernetes source end to end: converges through kubectl, keeps enforcing while the API server
+/// is down and says so, converges after it returns, and re-lists after a restart with a
+/// compacted history (410 Gone) without losing a change it missed.
+#[test]
+fn agents_follow_the_real_api_server_through_restart_outage_and_compaction() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('k'),
+    };
+    let up = lab.ok(&["up", "--api", "kube"]);
+    assert!(up.contains("kube-apiserver v1.34"), "{up}");
+    lab.ok(&["apply", "-f", &write(&lab, "app", APP)]);
+    assert_eq!(a_to_b(&lab), (false, false), "default deny");
+    let allow = write(&lab, "allow", ALLOW);
+    lab.ok(&["apply", "-f", &allow]);
+    assert_eq!(a_to_b(&lab), (true, true), "allowed by the named port");
+    // The EndpointSlice is the real controller's.
+    let slices = lab.ok(&["kubectl", "get", "endpointslices", "-n", "x", "-o", "json"]);
+    assert!(
+        slices.contains("endpointslice-controller.k8s.io"),
+        "{slices}"
+    );
+
+    // API server down: enforcement unchanged; readyz, status and metrics say why.
+    lab.ok(&["control-plane", "stop", "kube-apiserver"]);
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = lab.ok(&["status"]);
+        if metric(&status, "policy_agent_source_errors")
+            .iter()
+            .all(|v| *v > 0.0)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        metric(&status, "policy_agent_source_errors")
+            .iter()
+            .all(|v| *v > 0.0)
+            && !metric(&status, "policy_agent_source_errors").is_empty(),
+        "{status}"
+    );
+    assert!(
+        status.contains("readyz: 503 source unavailable, the last state stays enforced"),
+        "{status}"
+    );
+    assert_eq!(a_to_b(&lab), (true, true), "the last state stays enforced");
+    let other = lab.connected(&["--from", "x/b", "--to", "x/a", "--port", "80"]);
+    assert!(!other, "and so does the deny");
+
+    // Back: converges again, and a new change is enforced.
+    lab.ok(&["control-plane", "start", "kube-apiserver"]);
+    lab.ok(&["delete", "-f", &allow]);
+    assert_eq!(a_to_b(&lab), (false, false));
+    let status = lab.ok(&["status"]);
+    assert!(
+        metric(&status, "policy_agent_source_errors")
+            .iter()
+            .all(|v| *v == 0.0),
+        "{status}"
+    );
+    assert_eq!(status.matches("readyz: 200 ready").count(), 2, "{status}");
+
+    // A change the agents miss: frozen, they lose their watches to an API server restart; the
+    // change is made on the next API server, the history compacted, and the API server
+    // restarted once more (an empty watch cache). Their watches resume from a resourceVersion
+    // that is gone (410 Gone) and they re-list.
+    let lists_before = metric(&status, "policy_agent_source_lists_total");
+    let pids = agent_pids(&lab);
+    signal(&pids, libc::SIGSTOP);
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["control-plane", "stop", "kube-apiserver"],
+        vec!["control-plane", "start", "kube-apiserver"],
+        vec!["kubectl", "apply", "-f", &allow],
+        vec!["compact-etcd"],
+        vec!["control-plane", "stop", "kube-apiserver"],
+        vec!["control-plane", "start", "kube-apiserver"],
+    ];
+    let outs: Vec<_> = steps.iter().map(|a| lab.run(a)).collect();
+    signal(&pids, libc::SIGCONT);
+    for out in outs {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    lab.ok(&["wait"]);
+    assert_eq!(
+        a_to_b(&lab),
+        (true, true),
+        "the missed change is enforced after the re-list"
+    );
+    let lists_after = metric(&lab.ok(&["status"]), "policy_agent_source_lists_total");
+    assert_eq!(lists_before.len(), lists_after.len());
+    for (b, a) in lists_before.iter().zip(&lists_after) {
+        assert!(
+            a > b,
+            "every agent re-listed: {lists_before:?} -> {lists_after:?}"
+        );
+    }
+}
+
+/// An agent whose ClusterRole lacks a verb never enforces a partial view and says which
+/// resource and verb it was refused.
+#[test]
+fn missing_permission_fails_loudly() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('r'),
+    };
+    let rbac = std::fs::read_to_string(root().join("deploy/base/rbac.yaml")).unwrap();
+    let narrowed = rbac.replace(
+        "    resources: [endpointslices]\n    verbs: [get, list, watch]",
+        "    resources: [endpointslices]\n    verbs: [get]",
+    );
+    assert_ne!(
+        rbac, narrowed,
+        "the shipped role grants list on endpointslices"
+    );
+    let file = write(&lab, "rbac", &narrowed);
+    let out = std::process::Command::new(XTASK)
+        .current_dir(root())
+        .env("LAB_AGENT_RBAC", &file)
+        .env("LAB_CONVERGE_TIMEOUT_S", "20")
+        .args(["lab", "--prefix", &lab.prefix, "up", "--api", "kube"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{text}");
+    assert!(!out.status.success(), "the lab must not come up");
+    assert!(
+        text.contains("endpointslices") && text.contains("cannot list"),
+        "names resource and verb: {text}"
+    );
+    assert!(text.contains("forbidden"), "{text}");
+}
