@@ -5,7 +5,8 @@
 //! - throughput: `bench_throughput` (pods in network namespaces; none / policy-agent / nftables),
 //!   plus a new-connection sweep over 10, 1,000 and 10,000 policies for the chart;
 //! - control plane: the compiler benchmark at 10k pods × 1k policies and 50k × 5k, and
-//!   `bench_enforce` (policy change → every agent enforcing).
+//!   `bench_enforce` (policy change → every agent enforcing), and the same through the real API
+//!   server (`kubectl apply` → every agent enforcing, [`enforce_kube`]).
 //!
 //! Writes `target/bench/results.json`, `results.md` and `new-flow-cost.png`.
 
@@ -107,6 +108,8 @@ pub fn run(as_json: bool) -> Result<()> {
         &["--policies", "1000", "--changes", "60", "--json"],
     )?;
 
+    let kube = enforce_kube(100, 40)?;
+
     let pick = |v: &Value, k: &str| v.get(k).cloned().unwrap_or(Value::Null);
     let mut result = json!({
         "datapath_ns": datapath,
@@ -117,6 +120,8 @@ pub fn run(as_json: bool) -> Result<()> {
             "incremental_ms": {"10k_1k": pick(&small, "incremental_ms"), "50k_5k": pick(&large, "incremental_ms")},
             "enforce_ms_p50": pick(&enforce, "enforce_ms_p50"),
             "enforce_ms_p99": pick(&enforce, "enforce_ms_p99"),
+            "enforce_ms_p50_kube": pick(&kube, "enforce_ms_p50"),
+            "enforce_ms_p99_kube": pick(&kube, "enforce_ms_p99"),
         },
         "new_flow_sweep": sweep,
         "machine": machine(),
@@ -257,6 +262,11 @@ fn markdown(r: &Value) -> String {
         num(&c["enforce_ms_p50"]),
         num(&c["enforce_ms_p99"])
     );
+    s += &format!(
+        "Through the real API server (`kubectl apply` or `delete` until every agent enforces): p50 {} ms, p99 {} ms.\n",
+        num(&c["enforce_ms_p50_kube"]),
+        num(&c["enforce_ms_p99_kube"])
+    );
     s += "\n| new-connection cost over no enforcement (µs per connection) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
     for (k, label) in [("ours", "policy-agent"), ("nft", "nftables")] {
         let cells: Vec<String> = (0..SWEEP.len())
@@ -394,6 +404,73 @@ fn goals(r: &Value) -> Vec<Goal> {
             c["enforce_ms_p99"].as_f64(),
         ),
     ]
+}
+
+/// `cargo xtask bench kube`: only [`enforce_kube`], printed as JSON.
+pub fn kube_only() -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "-q",
+        "-p",
+        "policy-agent",
+        "--bin",
+        "policy-agent",
+    ])?;
+    println!("{}", enforce_kube(100, 40)?);
+    Ok(())
+}
+
+/// Enforcement latency through a real control plane: a two-node lab in the real-API mode with
+/// `base` policies, then `changes` policy creations and deletions, each timed from just before
+/// `kubectl` until every agent enforces the API server's objects.
+fn enforce_kube(base: usize, changes: usize) -> Result<Value> {
+    use crate::lab::{self, AgentChoice, Lab, UpOptions, kube};
+    eprintln!(
+        "bench: policy changes through the real API server ({base} policies, {changes} changes)"
+    );
+    let prefix = "palbench";
+    lab::down(prefix)?;
+    let agent = AgentChoice::Binary(workspace_root().join("target/release/policy-agent"));
+    let opts = UpOptions {
+        nodes: 2,
+        agent,
+        api: kube::ApiMode::Kube,
+        kube_proxy: kube::ProxyMode::Iptables,
+    };
+    let mut lab = Lab::up(prefix, &opts)?;
+    let result = (|| -> Result<Value> {
+        lab.publish()?;
+        let policy = |i: usize| {
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("p{i}"), "namespace": "bench"},
+                "spec": {"podSelector": {"matchLabels": {"app": format!("a{}", i % 10)}},
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("a{}", (i + 1) % 10)}}}],
+                                      "ports": [{"port": 8000 + (i % 100) as u16}]}]}})
+        };
+        let mut docs =
+            vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bench"}})];
+        for i in 0..10 {
+            docs.push(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("a{i}"), "namespace": "bench", "labels": {"app": format!("a{i}")}},
+                "spec": {"containers": [{"name": "c", "image": "agnhost", "ports": [{"containerPort": 8000}]}]}}));
+        }
+        docs.extend((0..base).map(policy));
+        let docs: Vec<(String, Value)> =
+            docs.into_iter().map(|d| ("bench".to_string(), d)).collect();
+        lab.kube_apply(&docs)?;
+        let mut ms = Vec::new();
+        for k in 0..changes {
+            let p = policy(base + k / 2);
+            ms.push(lab.timed_change(&p, k % 2 == 1)?.as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| ms[(((ms.len() - 1) as f64) * p).round() as usize];
+        Ok(json!({"enforce_ms_p50": pct(0.5), "enforce_ms_p99": pct(0.99), "changes": ms.len()}))
+    })();
+    drop(lab);
+    lab::down(prefix)?;
+    result
 }
 
 /// Extra microseconds per new connection of enforcer `k` over no enforcement, sweep point `i`.

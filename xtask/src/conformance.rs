@@ -199,6 +199,14 @@ pub fn main(args: Args) -> Result<()> {
         cases_took = cases_started.elapsed();
         Ok(results)
     })();
+    let control_plane = match &lab.state.kube {
+        Some(k) => format!(
+            "real kube-apiserver {}, kube-proxy in {} mode",
+            k.server_version,
+            k.proxy_mode.as_str()
+        ),
+        None => "manifest directory, lab DNAT".to_string(),
+    };
     drop(lab);
     if !args.keep {
         lab::down(&args.prefix)?;
@@ -242,7 +250,7 @@ pub fn main(args: Args) -> Result<()> {
         println!("failed cases: {}", failed.join(", "));
     }
     println!(
-        "via Service ClusterIP: {via_service}/{n}, via pod IP: {via_pod}/{n}",
+        "via Service ClusterIP: {via_service}/{n}, via pod IP: {via_pod}/{n} ({control_plane})",
         n = results.len()
     );
     println!(

@@ -42,8 +42,8 @@ enum Cmd {
     Fuzz(fuzz::Args),
     /// Benchmarks: datapath, throughput against an nftables baseline, control plane.
     Bench {
-        /// Only the per-packet datapath benchmark.
-        #[arg(value_parser = ["datapath"])]
+        /// `datapath` (per-packet) or `kube` (enforcement latency through the real API server).
+        #[arg(value_parser = ["datapath", "kube"])]
         only: Option<String>,
         /// Print one JSON object instead of tables.
         #[arg(long)]
@@ -65,7 +65,16 @@ fn main() -> Result<()> {
             unsafe { std::env::set_var("LAB_AGENT_PROFILE", "dev") };
             cargo(&["test", "--no-fail-fast"])?;
             // Through cargo, not this executable: `cargo test` may have rebuilt (replaced) it.
-            cargo(&["run", "--quiet", "--package", "xtask", "--", "conformance"])
+            // The suite on the manifest directory, then on the real control plane with
+            // kube-proxy in both of its Linux modes.
+            let suite = ["run", "--quiet", "--package", "xtask", "--", "conformance"];
+            cargo(&suite)?;
+            for proxy in ["iptables", "nftables"] {
+                let mut args = suite.to_vec();
+                args.extend(["--api", "kube", "--kube-proxy", proxy]);
+                cargo(&args)?;
+            }
+            Ok(())
         }
         Cmd::Lint => lint(),
         Cmd::Lab(args) => lab::main(args),
@@ -89,6 +98,7 @@ fn main() -> Result<()> {
                     args.extend_from_slice(json_flag);
                     cargo(&args)
                 }
+                Some("kube") => bench::kube_only(),
                 _ => bench::run(json),
             }
         }

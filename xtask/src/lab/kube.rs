@@ -1509,6 +1509,31 @@ impl Lab {
         }
     }
 
+    /// One change through the real API, timed from just before `kubectl apply` (or `delete`)
+    /// until every agent enforces the API server's objects (the benchmark of enforcement
+    /// latency through a real API server; the object must not change pods or Services).
+    pub fn timed_change(&mut self, object: &Value, delete: bool) -> Result<Duration> {
+        let started = Instant::now();
+        let text = object.to_string();
+        if delete {
+            self.kubectl(&["delete", "-f", "-", "--wait=false"], Some(&text))?;
+        } else {
+            self.kubectl(&["apply", "-f", "-"], Some(&text))?;
+        }
+        let want = self.kube_refresh()?.digest;
+        agent::wait_until(
+            &self.agents(),
+            self.converge_timeout,
+            &format!("digest {}", want.1),
+            |s| {
+                s.enforced_objects
+                    .as_ref()
+                    .is_some_and(|o| (o.count, o.digest.as_str()) == (want.0, want.1.as_str()))
+            },
+        )?;
+        Ok(started.elapsed())
+    }
+
     /// Every Service with a selector has exactly the endpoints its pods imply (the lab's own
     /// endpoint computation, which the manifest mode publishes); returns every ready endpoint of
     /// every Service as kube-proxy should program it: (protocol, address, port).
