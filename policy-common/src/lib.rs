@@ -622,7 +622,12 @@ pub mod digest {
     }
 
     /// The term of one object.
-    pub const fn object_term(kind: &str, namespace: &str, name: &str, resource_version: &str) -> u64 {
+    pub const fn object_term(
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+    ) -> u64 {
         let mut h = feed(OFFSET, kind.as_bytes());
         h = feed(h, b"/");
         h = feed(h, namespace.as_bytes());
@@ -644,7 +649,10 @@ pub mod digest {
             assert_ne!(base, object_term("Pod", "x", "b", "7"));
             assert_ne!(base, object_term("Service", "x", "a", "7"));
             // The separators keep parts from sliding into each other.
-            assert_ne!(object_term("Pod", "xa", "", "7"), object_term("Pod", "x", "a", "7"));
+            assert_ne!(
+                object_term("Pod", "xa", "", "7"),
+                object_term("Pod", "x", "a", "7")
+            );
         }
     }
 }

@@ -174,7 +174,11 @@ fn agents_follow_the_real_api_server_through_restart_outage_and_compaction() {
     let outs: Vec<_> = steps.iter().map(|a| lab.run(a)).collect();
     signal(&pids, libc::SIGCONT);
     for out in outs {
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     lab.ok(&["wait"]);
     assert_eq!(
