@@ -64,7 +64,6 @@ fn metric(status: &str, name: &str) -> Vec<f64> {
         .filter_map(|l| {
             l.trim()
                 .strip_prefix(name)?
-                .trim()
                 .split_whitespace()
                 .next()?
                 .parse()

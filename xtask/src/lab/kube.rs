@@ -813,7 +813,8 @@ impl Lab {
         let list = |items: Vec<Value>| {
             json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string()
         };
-        let (ns_docs, rest): (Vec<&(String, Value)>, Vec<&(String, Value)>) =
+        type Docs<'a> = Vec<&'a (String, Value)>;
+        let (ns_docs, rest): (Docs, Docs) =
             docs.iter().partition(|(_, v)| v["kind"] == "Namespace");
         let mut first: Vec<Value> = ns_docs.iter().map(|(_, v)| v.clone()).collect();
         for n in needed.iter().filter(|n| !declared.contains(*n)) {
