@@ -63,6 +63,9 @@ pub struct Args {
     /// kube-proxy's mode with `--api kube`.
     #[arg(long, value_enum, env = "LAB_KUBE_PROXY", default_value_t = crate::lab::kube::ProxyMode::Iptables)]
     pub kube_proxy: crate::lab::kube::ProxyMode,
+    /// What enforces (with `--api kube`): policy-agent, or the reference implementation.
+    #[arg(long, value_enum, default_value_t = crate::lab::kube::Enforcer::PolicyAgent)]
+    pub enforcer: crate::lab::kube::Enforcer,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,9 +154,10 @@ pub fn main(args: Args) -> Result<()> {
     if selected.is_empty() {
         bail!("no case matches --case {:?}", args.cases);
     }
-    let agent = match &args.agent_bin {
-        Some(p) => AgentChoice::Binary(p.clone()),
-        None => AgentChoice::Build,
+    let agent = match (&args.agent_bin, args.enforcer) {
+        (_, crate::lab::kube::Enforcer::KubeNetworkPolicies) => AgentChoice::KubeNetworkPolicies,
+        (Some(p), _) => AgentChoice::Binary(p.clone()),
+        (None, _) => AgentChoice::Build,
     };
     let started = Instant::now();
     // The suite's lab is its own: whatever an interrupted earlier run left goes first.
@@ -201,9 +205,14 @@ pub fn main(args: Args) -> Result<()> {
     })();
     let control_plane = match &lab.state.kube {
         Some(k) => format!(
-            "real kube-apiserver {}, kube-proxy in {} mode",
+            "real kube-apiserver {}, kube-proxy in {} mode, enforced by {}",
             k.server_version,
-            k.proxy_mode.as_str()
+            k.proxy_mode.as_str(),
+            if k.peer_enforcer {
+                "kube-network-policies"
+            } else {
+                "policy-agent"
+            }
         ),
         None => "manifest directory, lab DNAT".to_string(),
     };

@@ -1,6 +1,8 @@
 //! The real Kubernetes components the lab's real-API mode runs — etcd, kube-apiserver,
 //! kube-controller-manager, kube-proxy and kubectl — built from the pinned Go module in
-//! `tests/kube/` into a cache outside the work tree.
+//! `tests/kube/` into a cache outside the work tree, and the peer enforcer
+//! `sigs.k8s.io/kube-network-policies` from its own pinned module in `tests/kube/knp/` (its
+//! dependencies are older Kubernetes libraries than v1.34's, so it cannot share the module).
 //!
 //! One Kubernetes minor for everything: v1.34. It is the newest release whose kubelet still runs
 //! on cgroup v1 without an opt-in (the machines this is built on have hybrid cgroup v1 and no
@@ -23,17 +25,47 @@ use crate::{exec, workspace_root};
 /// The Kubernetes release the binaries are built from (`k8s.io/kubernetes` in `tests/kube/go.mod`).
 pub const KUBERNETES_VERSION: &str = "v1.34.4";
 
-/// Binary name → the Go main package it is built from.
-const BINARIES: &[(&str, &str)] = &[
-    ("etcd", "go.etcd.io/etcd/server/v3"),
-    ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
-    (
-        "kube-controller-manager",
-        "k8s.io/kubernetes/cmd/kube-controller-manager",
-    ),
-    ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
-    ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
-];
+/// One pinned Go module under `tests/kube` and the binaries built from it.
+#[derive(Clone, Copy, Debug)]
+pub struct Set {
+    /// The module's directory under `tests/kube`.
+    module: &'static str,
+    /// What the cache directory is called (before the digest of `go.mod` and `go.sum`).
+    name: &'static str,
+    /// Binary name → the Go main package it is built from.
+    binaries: &'static [(&'static str, &'static str)],
+    /// Stamp the Kubernetes release into `k8s.io/component-base/version`.
+    stamp: bool,
+}
+
+/// The control plane and kube-proxy, built by `cargo xtask setup`.
+pub const KUBERNETES: Set = Set {
+    module: ".",
+    name: KUBERNETES_VERSION,
+    binaries: &[
+        ("etcd", "go.etcd.io/etcd/server/v3"),
+        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+        (
+            "kube-controller-manager",
+            "k8s.io/kubernetes/cmd/kube-controller-manager",
+        ),
+        ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
+        ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+    ],
+    stamp: true,
+};
+
+/// The reference NetworkPolicy implementation (kindnet embeds it), unmodified, as a peer; built
+/// when a lab first asks for it (`--enforcer kube-network-policies`).
+pub const PEER: Set = Set {
+    module: "knp",
+    name: "kube-network-policies-v0.8.0",
+    binaries: &[(
+        "kube-network-policies",
+        "sigs.k8s.io/kube-network-policies/cmd",
+    )],
+    stamp: false,
+};
 
 /// Where the built binaries are.
 #[derive(Clone, Debug)]
@@ -46,36 +78,98 @@ impl Binaries {
         self.dir.join(name)
     }
 
-    /// The binaries of the current pin if they are built (no build).
+    /// The Kubernetes binaries of the current pin if they are built (no build).
     pub fn find() -> Result<Binaries> {
-        let dir = cache_dir()?;
-        if BINARIES.iter().all(|(name, _)| dir.join(name).is_file()) {
+        KUBERNETES.find()
+    }
+}
+
+impl Set {
+    /// The binaries of the current pin if they are built (no build).
+    pub fn find(&self) -> Result<Binaries> {
+        let dir = self.cache_dir()?;
+        if self
+            .binaries
+            .iter()
+            .all(|(name, _)| dir.join(name).is_file())
+        {
             Ok(Binaries { dir })
         } else {
             bail!(
-                "the Kubernetes {KUBERNETES_VERSION} binaries are not built in {}; run `cargo xtask setup`",
+                "{} is not built in {}; run `cargo xtask setup`",
+                self.name,
                 dir.display()
             )
         }
     }
-}
 
-fn module_dir() -> PathBuf {
-    workspace_root().join("tests").join("kube")
-}
-
-/// `$POLICY_KUBE_CACHE` or `/var/cache/policy-agent/kube`, then a directory per pin.
-fn cache_dir() -> Result<PathBuf> {
-    let base = std::env::var_os("POLICY_KUBE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/policy-agent/kube"));
-    let mut key = Vec::new();
-    for f in ["go.mod", "go.sum"] {
-        let p = module_dir().join(f);
-        key.extend(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
+    fn module_dir(&self) -> PathBuf {
+        workspace_root()
+            .join("tests")
+            .join("kube")
+            .join(self.module)
     }
-    let digest = policy_common::digest::object_term("", "", "", &String::from_utf8_lossy(&key));
-    Ok(base.join(format!("{KUBERNETES_VERSION}-{digest:016x}")))
+
+    /// `$POLICY_KUBE_CACHE` or `/var/cache/policy-agent/kube`, then a directory per pin.
+    fn cache_dir(&self) -> Result<PathBuf> {
+        let base = std::env::var_os("POLICY_KUBE_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/policy-agent/kube"));
+        let mut key = Vec::new();
+        for f in ["go.mod", "go.sum"] {
+            let p = self.module_dir().join(f);
+            key.extend(std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?);
+        }
+        let digest = policy_common::digest::object_term("", "", "", &String::from_utf8_lossy(&key));
+        Ok(base.join(format!("{}-{digest:016x}", self.name)))
+    }
+
+    /// Builds the binaries unless the cache has them; prints how long a build took.
+    pub fn ensure(&self) -> Result<Binaries> {
+        if let Ok(b) = self.find() {
+            return Ok(b);
+        }
+        let dir = self.cache_dir()?;
+        let staging = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("creating {}", staging.display()))?;
+        let started = Instant::now();
+        let names: Vec<&str> = self.binaries.iter().map(|(n, _)| *n).collect();
+        eprintln!(
+            "setup: building {} ({}) from tests/kube/{} into {}",
+            self.name,
+            names.join(", "),
+            self.module,
+            dir.display()
+        );
+        for (name, package) in self.binaries {
+            let mut cmd = Command::new(go()?);
+            cmd.current_dir(self.module_dir())
+                .env("GOTOOLCHAIN", "local")
+                .env("GOFLAGS", "-mod=readonly -buildvcs=false")
+                .args(["build", "-trimpath"])
+                .arg(if self.stamp {
+                    ldflags()
+                } else {
+                    "-ldflags=-s -w".into()
+                })
+                .arg("-o")
+                .arg(staging.join(name))
+                .arg(package);
+            exec(&mut cmd).with_context(|| format!("building {name} from {package}"))?;
+        }
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::rename(&staging, &dir)?;
+        eprintln!(
+            "setup: {} built in {:.0} s",
+            self.name,
+            started.elapsed().as_secs_f64()
+        );
+        self.find()
+    }
 }
 
 /// The `go` command: on `PATH`, or the toolchain's usual place.
@@ -107,37 +201,7 @@ fn ldflags() -> String {
     )
 }
 
-/// Builds the binaries unless the cache has them; prints how long a build took.
+/// Builds the Kubernetes binaries unless the cache has them.
 pub fn ensure() -> Result<Binaries> {
-    if let Ok(b) = Binaries::find() {
-        return Ok(b);
-    }
-    let dir = cache_dir()?;
-    let staging = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    let started = Instant::now();
-    eprintln!(
-        "setup: building Kubernetes {KUBERNETES_VERSION} (etcd, kube-apiserver, kube-controller-manager, kube-proxy, kubectl) from tests/kube into {}",
-        dir.display()
-    );
-    for (name, package) in BINARIES {
-        let mut cmd = Command::new(go()?);
-        cmd.current_dir(module_dir())
-            .env("GOTOOLCHAIN", "local")
-            .env("GOFLAGS", "-mod=readonly -buildvcs=false")
-            .args(["build", "-trimpath", &ldflags(), "-o"])
-            .arg(staging.join(name))
-            .arg(package);
-        exec(&mut cmd).with_context(|| format!("building {name} from {package}"))?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
-    }
-    std::fs::rename(&staging, &dir)?;
-    eprintln!(
-        "setup: Kubernetes binaries built in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    Binaries::find()
+    KUBERNETES.ensure()
 }

@@ -128,6 +128,9 @@ pub enum AgentChoice {
     Binary(PathBuf),
     /// No enforcement (every probe connects): a baseline, or development without an agent.
     None,
+    /// The reference implementation `sigs.k8s.io/kube-network-policies` on every node instead of
+    /// policy-agent (real-API mode only).
+    KubeNetworkPolicies,
 }
 
 #[derive(Clone, Debug)]
@@ -288,6 +291,14 @@ impl Lab {
                 Some(std::fs::canonicalize(p)?)
             }
             AgentChoice::None => None,
+            AgentChoice::KubeNetworkPolicies => {
+                if opts.api != super::kube::ApiMode::Kube {
+                    bail!(
+                        "--enforcer kube-network-policies needs --api kube (it reads the API server)"
+                    );
+                }
+                None
+            }
         };
         if agent_bin.is_some() && !net::is_mountpoint(Path::new("/sys/fs/bpf")) {
             net::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
@@ -455,7 +466,10 @@ impl Lab {
         if opts.api == super::kube::ApiMode::Kube {
             // Saved first, so that `down` after a failed start finds the control plane.
             self.save()?;
-            self.kube_up(opts.kube_proxy)?;
+            self.kube_up(
+                opts.kube_proxy,
+                matches!(opts.agent, AgentChoice::KubeNetworkPolicies),
+            )?;
             if let Some(bin) = self.state.agent_bin.clone() {
                 for i in 0..self.state.nodes.len() {
                     let pid = self.start_agent(&bin, i)?;

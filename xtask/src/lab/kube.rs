@@ -45,6 +45,9 @@ use super::{
 /// The control plane's address on the node network.
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
 pub const API_PORT: u16 = 6443;
+/// How long the lab waits for kube-network-policies, which reports no enforced state, after the
+/// rest of the cluster has settled.
+pub const PEER_SETTLE: Duration = Duration::from_millis(1000);
 /// Where the real CNI plugins are (Debian's containernetworking-plugins).
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 
@@ -57,6 +60,15 @@ pub enum ApiMode {
     Manifests,
     /// A real etcd, kube-apiserver, kube-controller-manager and kube-proxy.
     Kube,
+}
+
+/// What enforces NetworkPolicy on the nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Enforcer {
+    #[default]
+    PolicyAgent,
+    /// The reference implementation kindnet embeds (real-API mode only).
+    KubeNetworkPolicies,
 }
 
 /// kube-proxy's mode.
@@ -84,8 +96,12 @@ pub struct KubeState {
     pub bin_dir: PathBuf,
     /// `gitVersion` of the API server's `/version`.
     pub server_version: String,
-    /// etcd, kube-apiserver, kube-controller-manager and `kube-proxy-<node>`, by name.
+    /// etcd, kube-apiserver, kube-controller-manager, `kube-proxy-<node>` (and
+    /// `kube-network-policies-<node>`), by name.
     pub components: BTreeMap<String, Component>,
+    /// kube-network-policies enforces instead of policy-agent.
+    #[serde(default)]
+    pub peer_enforcer: bool,
 }
 
 /// One running control-plane process, with what it takes to start it again.
@@ -96,6 +112,8 @@ pub struct Component {
     pub pid: Option<u32>,
     /// Enters the node's view of `/sys` (kube-proxy), or only the network namespace.
     pub sysfs: bool,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
 }
 
 /// Files of the control plane, under the lab's state directory.
@@ -346,7 +364,10 @@ impl Lab {
 
     /// Starts the control plane, registers the nodes, installs the agent's RBAC and starts
     /// kube-proxy on every node. Called by `up` after the node namespaces exist.
-    pub(crate) fn kube_up(&mut self, proxy_mode: ProxyMode) -> Result<()> {
+    pub(crate) fn kube_up(&mut self, proxy_mode: ProxyMode, peer: bool) -> Result<()> {
+        if peer {
+            nft_queue_supported(&self.state.nodes[0].netns)?;
+        }
         let bins = crate::kube::Binaries::find()?;
         let files = Files::of(self);
         let names = self.names.clone();
@@ -389,6 +410,7 @@ impl Lab {
             bin_dir: bins.dir.clone(),
             server_version: String::new(),
             components: BTreeMap::new(),
+            peer_enforcer: peer,
         });
         let d = &files.dir;
         // etcd
@@ -509,6 +531,39 @@ impl Lab {
         )?;
         for i in 0..self.state.nodes.len() {
             self.start_kube_proxy(i, proxy_mode, &bins)?;
+        }
+        if peer {
+            let peer_bins = crate::kube::PEER.ensure()?;
+            // As a kubelet projects a ServiceAccount token into a pod: the token and the CA at
+            // the in-cluster path, in a private mount namespace of the process, and the API
+            // server's address in the environment.
+            let sa = files.path("serviceaccount");
+            std::fs::create_dir_all(&sa)?;
+            std::fs::write(sa.join("token"), token.trim())?;
+            std::fs::copy(d.join("ca.crt"), sa.join("ca.crt"))?;
+            std::fs::write(sa.join("namespace"), "policy-agent")?;
+            for i in 0..self.state.nodes.len() {
+                let node = self.state.nodes[i].clone();
+                let mut cmd = Command::new("/bin/sh");
+                cmd.arg("-c")
+                    .arg(concat!(
+                        "mount -t tmpfs lab-run /run && ",
+                        "mkdir -p /run/secrets/kubernetes.io/serviceaccount && ",
+                        "mount --bind \"$0\" /run/secrets/kubernetes.io/serviceaccount && ",
+                        "exec \"$@\""
+                    ))
+                    .arg(&sa)
+                    .arg(peer_bins.path(super::knp::BINARY))
+                    .args(super::knp::args(&node.name))
+                    .env("KUBERNETES_SERVICE_HOST", CONTROL_PLANE_IP.to_string())
+                    .env("KUBERNETES_SERVICE_PORT", API_PORT.to_string());
+                self.add_component(
+                    &format!("kube-network-policies-{}", node.name),
+                    &node.netns,
+                    cmd,
+                    true,
+                )?;
+            }
         }
         self.wait_service_account("default")?;
         Ok(())
@@ -634,11 +689,21 @@ impl Lab {
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
+        let env = cmd
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
         let c = Component {
             netns: netns.to_string(),
             argv,
             pid: None,
             sysfs,
+            env,
         };
         self.kube_mut().components.insert(name.to_string(), c);
         self.start_component(name)
@@ -659,7 +724,8 @@ impl Lab {
             );
         }
         let mut cmd = Command::new(&c.argv[0]);
-        cmd.args(&c.argv[1..]);
+        cmd.args(&c.argv[1..])
+            .envs(c.env.iter().map(|(k, v)| (k, v)));
         let mode = if c.sysfs {
             NetnsMode::DaemonWithSysfs
         } else {
@@ -1452,6 +1518,22 @@ impl Lab {
                     Err(e) => Some(format!("kube-proxy: {e:#}")),
                     Ok(()) => {
                         let agents = self.agents();
+                        if agents.is_empty() && self.kube().peer_enforcer {
+                            // kube-network-policies reports no enforced state: give its
+                            // informers a fixed time to catch up.
+                            thread::sleep(PEER_SETTLE);
+                            self.state.revision += 1;
+                            self.save()?;
+                            return Ok(cluster::Converged {
+                                revision: self.state.revision,
+                                took: Some(started.elapsed()),
+                                agents: self.state.nodes.len(),
+                                warnings: vec![format!(
+                                    "kube-network-policies reports no enforced state; the lab waited {} ms after the API server, EndpointSlices and kube-proxy settled",
+                                    PEER_SETTLE.as_millis()
+                                )],
+                            });
+                        }
                         if agents.is_empty() {
                             return Ok(cluster::Converged {
                                 revision: self.state.revision,
@@ -1664,6 +1746,18 @@ impl Lab {
         }
         Ok(())
     }
+}
+
+/// kube-network-policies hands packets to userspace with the nftables `queue` expression; a
+/// kernel without it (`CONFIG_NFT_QUEUE`) rejects every ruleset of the controller, which then
+/// enforces nothing. Checked in a throwaway table of a lab node before it is started.
+fn nft_queue_supported(netns: &str) -> Result<()> {
+    let probe = "table inet lab-queue-probe {\n\tchain c {\n\t\tqueue num 100 bypass\n\t}\n}\ndelete table inet lab-queue-probe\n";
+    net::nft(netns, probe).map_err(|e| {
+        anyhow!(
+            "kube-network-policies cannot enforce on this kernel: the nftables queue expression (CONFIG_NFT_QUEUE) is missing, so every ruleset it writes is rejected and all traffic would pass ({e:#})"
+        )
+    })
 }
 
 /// (protocol, address, port) of every DNAT rule of kube-proxy's ruleset: iptables-save's

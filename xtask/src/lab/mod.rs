@@ -1,10 +1,11 @@
 //! `cargo xtask lab …`: a Kubernetes-shaped cluster of network namespaces running the real agent
-//! (see `shared/design/LAB.md` for the interface; it only ever grows).
+//! (the interface is stable: scripts and the conformance suite drive it, so it only ever grows).
 
 mod agent;
 mod apply;
 mod cluster;
 pub mod demo;
+mod knp;
 pub mod kube;
 
 mod net;
@@ -72,6 +73,9 @@ pub enum LabCommand {
         /// kube-proxy's mode (with `--api kube`).
         #[arg(long, value_enum, env = "LAB_KUBE_PROXY", default_value_t = kube::ProxyMode::Iptables)]
         kube_proxy: kube::ProxyMode,
+        /// What enforces NetworkPolicy (with `--api kube`, kube-network-policies may instead).
+        #[arg(long, value_enum, default_value_t = kube::Enforcer::PolicyAgent, conflicts_with_all = ["agent_bin", "no_agent"])]
+        enforcer: kube::Enforcer,
     },
     /// Create or replace the objects in YAML/JSON files or directories, like `kubectl apply`.
     Apply {
@@ -167,8 +171,12 @@ pub fn main(args: LabArgs) -> Result<()> {
             no_agent,
             api,
             kube_proxy,
+            enforcer,
         } => {
             let agent = match (agent_bin, no_agent) {
+                _ if enforcer == kube::Enforcer::KubeNetworkPolicies => {
+                    AgentChoice::KubeNetworkPolicies
+                }
                 (_, true) => AgentChoice::None,
                 (Some(p), false) => AgentChoice::Binary(p),
                 (None, false) => AgentChoice::Build,
