@@ -437,6 +437,7 @@ fn enforce_kube(base: usize, changes: usize) -> Result<Value> {
         agent,
         api: kube::ApiMode::Kube,
         kube_proxy: kube::ProxyMode::Iptables,
+        cni: kube::CniShape::Ptp,
     };
     let mut lab = Lab::up(prefix, &opts)?;
     let result = (|| -> Result<Value> {

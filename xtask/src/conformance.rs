@@ -63,6 +63,9 @@ pub struct Args {
     /// kube-proxy's mode with `--api kube`.
     #[arg(long, value_enum, env = "LAB_KUBE_PROXY", default_value_t = crate::lab::kube::ProxyMode::Iptables)]
     pub kube_proxy: crate::lab::kube::ProxyMode,
+    /// The CNI chain with `--api kube`: kindnet's ptp, or flannel's bridge on cni0.
+    #[arg(long, value_enum, env = "LAB_CNI", default_value_t = crate::lab::kube::CniShape::Ptp)]
+    pub cni: crate::lab::kube::CniShape,
     /// What enforces (with `--api kube`): policy-agent, or the reference implementation.
     #[arg(long, value_enum, default_value_t = crate::lab::kube::Enforcer::PolicyAgent)]
     pub enforcer: crate::lab::kube::Enforcer,
@@ -169,6 +172,7 @@ pub fn main(args: Args) -> Result<()> {
             agent,
             api: args.api,
             kube_proxy: args.kube_proxy,
+            cni: args.cni,
         },
     )?;
     let mut cases_took = Duration::ZERO;

@@ -233,3 +233,46 @@ fn missing_permission_fails_loudly() {
     );
     assert!(text.contains("forbidden"), "{text}");
 }
+
+/// The k3s shape: pods on flannel's `cni0` bridge (the real bridge plugin), found by the agent
+/// through the pods' network namespaces, Services through the real kube-proxy in nftables mode.
+#[test]
+fn bridge_cni_and_nftables_kube_proxy() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('b'),
+    };
+    lab.ok(&[
+        "up",
+        "--api",
+        "kube",
+        "--cni",
+        "bridge",
+        "--kube-proxy",
+        "nftables",
+    ]);
+    lab.ok(&["apply", "-f", &write(&lab, "app", APP)]);
+    assert_eq!(a_to_b(&lab), (false, false), "default deny");
+    lab.ok(&["apply", "-f", &write(&lab, "allow", ALLOW)]);
+    assert_eq!(a_to_b(&lab), (true, true), "allowed by the named port");
+    assert!(!lab.connected(&["--from", "x/b", "--to", "x/a", "--port", "80"]));
+    // The pods really hang off cni0.
+    let links = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &format!("{}-node-1", lab.prefix),
+            "-o",
+            "link",
+            "show",
+            "master",
+            "cni0",
+        ])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(
+        links.lines().count(),
+        1,
+        "one pod port on node-1's cni0: {links}"
+    );
+}

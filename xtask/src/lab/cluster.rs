@@ -140,6 +140,8 @@ pub struct UpOptions {
     pub api: super::kube::ApiMode,
     /// kube-proxy's mode (real-API mode only).
     pub kube_proxy: super::kube::ProxyMode,
+    /// The CNI chain of the real-API mode's pods.
+    pub cni: super::kube::CniShape,
 }
 
 impl UpOptions {
@@ -163,11 +165,17 @@ impl UpOptions {
                 .map_err(|_| anyhow!("LAB_KUBE_PROXY={v:?}: expected iptables or nftables"))?,
             None => super::kube::ProxyMode::default(),
         };
+        let cni = match pick("LAB_CNI")? {
+            Some(v) => super::kube::CniShape::from_str(&v, true)
+                .map_err(|_| anyhow!("LAB_CNI={v:?}: expected ptp or bridge"))?,
+            None => super::kube::CniShape::default(),
+        };
         Ok(UpOptions {
             nodes,
             agent,
             api,
             kube_proxy,
+            cni,
         })
     }
 }
@@ -281,6 +289,9 @@ impl Lab {
                 "cleaned up leftovers of an earlier lab {prefix:?}: {}",
                 leftovers.summary()
             );
+        }
+        if opts.cni != super::kube::CniShape::Ptp && opts.api != super::kube::ApiMode::Kube {
+            bail!("--cni bridge needs --api kube (the manifest mode wires pods itself)");
         }
         let agent_bin = match &opts.agent {
             AgentChoice::Build => Some(agent::build()?),
@@ -469,6 +480,7 @@ impl Lab {
             self.kube_up(
                 opts.kube_proxy,
                 matches!(opts.agent, AgentChoice::KubeNetworkPolicies),
+                opts.cni,
             )?;
             if let Some(bin) = self.state.agent_bin.clone() {
                 for i in 0..self.state.nodes.len() {

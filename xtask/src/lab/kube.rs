@@ -71,6 +71,20 @@ pub enum Enforcer {
     KubeNetworkPolicies,
 }
 
+/// The CNI chain the lab's kubelet invokes for a pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CniShape {
+    /// kind's kindnet: `ptp` (a /32 per pod, host route `podIP/32 dev vethX`) with host-local.
+    #[default]
+    Ptp,
+    /// k3s's flannel: `bridge` on `cni0` (the node is the pods' gateway) with host-local.
+    Bridge,
+}
+
+/// The bridge of [`CniShape::Bridge`], as flannel names it.
+pub const CNI_BRIDGE: &str = "cni0";
+
 /// kube-proxy's mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +116,8 @@ pub struct KubeState {
     /// kube-network-policies enforces instead of policy-agent.
     #[serde(default)]
     pub peer_enforcer: bool,
+    #[serde(default)]
+    pub cni: CniShape,
 }
 
 /// One running control-plane process, with what it takes to start it again.
@@ -364,9 +380,30 @@ impl Lab {
 
     /// Starts the control plane, registers the nodes, installs the agent's RBAC and starts
     /// kube-proxy on every node. Called by `up` after the node namespaces exist.
-    pub(crate) fn kube_up(&mut self, proxy_mode: ProxyMode, peer: bool) -> Result<()> {
+    pub(crate) fn kube_up(
+        &mut self,
+        proxy_mode: ProxyMode,
+        peer: bool,
+        cni: CniShape,
+    ) -> Result<()> {
         if peer {
             nft_queue_supported(&self.state.nodes[0].netns)?;
+        }
+        if cni == CniShape::Bridge {
+            // The bridge plugin makes the node the gateway of its pod range on cni0: that
+            // connected route replaces the "unreachable" one, and bridged pod traffic passes
+            // iptables, as kube-proxy requires (br_netfilter, per namespace).
+            for node in &self.state.nodes {
+                net::ip_batch(
+                    &node.netns,
+                    &[format!(
+                        "route del unreachable {}",
+                        topo::cidr(topo::node_pod_cidr(node.number))
+                    )],
+                )?;
+                net::sysctl(&node.netns, "net/bridge/bridge-nf-call-iptables", "1")
+                    .context("bridged pod traffic must pass iptables (br_netfilter)")?;
+            }
         }
         let bins = crate::kube::Binaries::find()?;
         let files = Files::of(self);
@@ -411,6 +448,7 @@ impl Lab {
             server_version: String::new(),
             components: BTreeMap::new(),
             peer_enforcer: peer,
+            cni,
         });
         let d = &files.dir;
         // etcd
@@ -1247,6 +1285,29 @@ impl Lab {
     }
 
     fn cni_config(&self, node: &cluster::NodeState) -> Value {
+        let ipam = json!({
+            "type": "host-local",
+            "dataDir": Files::of(self).cni_state(&node.name),
+            "ranges": [[{"subnet": topo::cidr(topo::node_pod_cidr(node.number))}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+        });
+        if self.kube().cni == CniShape::Bridge {
+            // isDefaultGateway installs the pod's default route itself.
+            let mut ipam = ipam;
+            ipam.as_object_mut().expect("object").remove("routes");
+            return json!({
+                "cniVersion": "0.4.0",
+                "name": "cbr0",
+                "type": "bridge",
+                "bridge": CNI_BRIDGE,
+                "isGateway": true,
+                "isDefaultGateway": true,
+                "hairpinMode": true,
+                "ipMasq": false,
+                "mtu": 1500,
+                "ipam": ipam,
+            });
+        }
         json!({
             "cniVersion": "0.4.0",
             "name": "kindnet",
@@ -1290,8 +1351,32 @@ impl Lab {
                 ),
             );
         net::set_netns(&mut cmd, &node.netns, NetnsMode::Net)?;
-        let out = net::output(&mut cmd, Some(&config.to_string()))
-            .with_context(|| format!("CNI {command} ({plugin}) for pod {}", pod_key(&pod.pod)))?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("running the CNI plugin {plugin}"))?;
+        {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(config.to_string().as_bytes())?;
+        }
+        let done = child.wait_with_output()?;
+        let out = String::from_utf8_lossy(&done.stdout).into_owned();
+        if !done.status.success() {
+            // A plugin reports its error as a JSON object on stdout (CNI spec).
+            bail!(
+                "CNI {command} ({plugin}) for pod {} failed ({}): {} {}",
+                pod_key(&pod.pod),
+                done.status,
+                out.trim(),
+                String::from_utf8_lossy(&done.stderr).trim()
+            );
+        }
         if out.trim().is_empty() {
             return Ok(Value::Null);
         }
@@ -1419,7 +1504,7 @@ impl Lab {
             .as_array()
             .into_iter()
             .flatten()
-            .find(|i| i["sandbox"].as_str().is_none_or(str::is_empty))
+            .find(|i| i["sandbox"].as_str().is_none_or(str::is_empty) && i["name"] != CNI_BRIDGE)
             .and_then(|i| i["name"].as_str())
             .ok_or_else(|| {
                 anyhow!(

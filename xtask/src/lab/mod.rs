@@ -73,6 +73,9 @@ pub enum LabCommand {
         /// kube-proxy's mode (with `--api kube`).
         #[arg(long, value_enum, env = "LAB_KUBE_PROXY", default_value_t = kube::ProxyMode::Iptables)]
         kube_proxy: kube::ProxyMode,
+        /// The CNI chain for pods (with `--api kube`): kindnet's ptp, or flannel's bridge on cni0.
+        #[arg(long, value_enum, env = "LAB_CNI", default_value_t = kube::CniShape::Ptp)]
+        cni: kube::CniShape,
         /// What enforces NetworkPolicy (with `--api kube`, kube-network-policies may instead).
         #[arg(long, value_enum, default_value_t = kube::Enforcer::PolicyAgent, conflicts_with_all = ["agent_bin", "no_agent"])]
         enforcer: kube::Enforcer,
@@ -171,6 +174,7 @@ pub fn main(args: LabArgs) -> Result<()> {
             no_agent,
             api,
             kube_proxy,
+            cni,
             enforcer,
         } => {
             let agent = match (agent_bin, no_agent) {
@@ -186,6 +190,7 @@ pub fn main(args: LabArgs) -> Result<()> {
                 agent,
                 api,
                 kube_proxy,
+                cni,
             };
             let mut lab = Lab::up(prefix, &opts)?;
             lab.converge_timeout = timeout;
