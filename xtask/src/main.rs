@@ -34,7 +34,7 @@ enum Cmd {
     Test,
     /// rustfmt and clippy -D warnings on the userspace crates.
     Lint,
-    /// A Kubernetes-shaped cluster of network namespaces running the real agent (see LAB.md).
+    /// A Kubernetes-shaped cluster of network namespaces running the real agent.
     Lab(lab::LabArgs),
     /// The 48 upstream Kubernetes Netpol e2e cases on the lab, via Services and via pod IPs.
     Conformance(conformance::Args),

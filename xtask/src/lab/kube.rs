@@ -1041,18 +1041,7 @@ impl Lab {
             if present.contains(&r) {
                 continue;
             }
-            let mut args = vec![
-                "get",
-                resource(r.kind),
-                r.name.as_str(),
-                "--ignore-not-found",
-                "-o",
-                "name",
-            ];
-            if r.kind.namespaced() {
-                args.extend(["--namespace", r.namespace.as_str()]);
-            }
-            if self.kubectl(&args, None)?.trim().is_empty() {
+            if !self.exists(&r)? {
                 if !ignore_not_found {
                     errors.push(format!("{r}: not found"));
                 }
@@ -1107,18 +1096,7 @@ impl Lab {
             self.kubelet_sync()?;
             let mut left = Vec::new();
             for r in &present {
-                let mut args = vec![
-                    "get",
-                    resource(r.kind),
-                    r.name.as_str(),
-                    "--ignore-not-found",
-                    "-o",
-                    "name",
-                ];
-                if r.kind.namespaced() {
-                    args.extend(["--namespace", r.namespace.as_str()]);
-                }
-                if !self.kubectl(&args, None)?.trim().is_empty() {
+                if self.exists(r)? {
                     left.push(r.to_string());
                 }
             }
@@ -1139,6 +1117,22 @@ impl Lab {
             changes,
             converged: Some(converged),
         })
+    }
+
+    /// Whether the API server has this object.
+    fn exists(&self, r: &ObjRef) -> Result<bool> {
+        let mut args = vec![
+            "get",
+            resource(r.kind),
+            r.name.as_str(),
+            "--ignore-not-found",
+            "-o",
+            "name",
+        ];
+        if r.kind.namespaced() {
+            args.extend(["--namespace", r.namespace.as_str()]);
+        }
+        Ok(!self.kubectl(&args, None)?.trim().is_empty())
     }
 
     fn list_names(&self, resource: &str) -> Result<BTreeSet<String>> {

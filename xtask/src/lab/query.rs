@@ -303,7 +303,7 @@ impl Lab {
         services::service_ports(&self.state.services, &views)
     }
 
-    /// Plans probes: SRC and DST as in LAB.md, ports resolved on the destination.
+    /// Plans probes: SRC and DST as the probe command takes them, ports resolved on the destination.
     pub fn plan_probes(&self, spec: &ProbeSpec) -> Result<Vec<Job>> {
         let all_pods: Vec<String> = self.state.pods.keys().cloned().collect();
         let sources: Vec<(String, String)> = match spec.from.as_deref() {
