@@ -12,7 +12,7 @@
 //! - `to_network` (tc egress of uplink / tunnel devices): the deferred egress decision of
 //!   Service traffic whose backend lives on another node. Everything unmarked passes untouched.
 //!
-//! Semantics (BRIEF §2):
+//! Semantics:
 //! - A direction that is not isolated passes without a policy lookup, but still records the
 //!   flow, because replies may have to cross an isolated reverse direction.
 //! - Replies of allowed flows pass whatever the reverse direction says (`conntrack.rs`).

@@ -602,16 +602,7 @@ impl Lab {
             // kube-proxy programs the Services, the controller manager publishes the slices.
             return Ok(());
         }
-        let views: Vec<services::PodView<'_>> = self
-            .state
-            .pods
-            .iter()
-            .map(|(k, p)| services::PodView {
-                key: k,
-                pod: &p.pod,
-                ip: p.ip,
-            })
-            .collect();
+        let views = self.pod_views();
         let ports = services::service_ports(&self.state.services, &views);
         let node_of: BTreeMap<&str, String> = self
             .state

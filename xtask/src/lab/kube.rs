@@ -22,7 +22,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -326,24 +326,8 @@ impl Lab {
             .arg(files.path("kubectl-cache"))
             .args(args);
         net::set_netns(&mut cmd, &self.names.control_plane_ns(), NetnsMode::Net)?;
-        cmd.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().context("running kubectl")?;
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(input.as_bytes())?;
-        }
         let t = Instant::now();
-        let out = child.wait_with_output()?;
+        let out = net::output_of(&mut cmd, stdin)?;
         self.trace(
             &format!(
                 "kubectl {}",
@@ -1345,21 +1329,7 @@ impl Lab {
                 ),
             );
         net::set_netns(&mut cmd, &node.netns, NetnsMode::Net)?;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("running the CNI plugin {plugin}"))?;
-        {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(config.to_string().as_bytes())?;
-        }
-        let done = child.wait_with_output()?;
+        let done = net::output_of(&mut cmd, Some(&config.to_string()))?;
         let out = String::from_utf8_lossy(&done.stdout).into_owned();
         if !done.status.success() {
             // A plugin reports its error as a JSON object on stdout (CNI spec).
@@ -1703,16 +1673,7 @@ impl Lab {
         &self,
         snap: &Snapshot,
     ) -> std::result::Result<BTreeSet<(String, Ipv4Addr, u16)>, String> {
-        let views: Vec<services::PodView<'_>> = self
-            .state
-            .pods
-            .iter()
-            .map(|(k, p)| services::PodView {
-                key: k,
-                pod: &p.pod,
-                ip: p.ip,
-            })
-            .collect();
+        let views = self.pod_views();
         let selected: BTreeMap<&String, &Service> = self
             .state
             .services

@@ -101,6 +101,21 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs a command with optional stdin, returning stdout; fails with stderr on a non-zero exit.
 pub fn output(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
     let desc = describe(cmd);
+    let out = output_of(cmd, stdin)?;
+    if !out.status.success() {
+        bail!(
+            "{desc} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command with optional stdin and returns its exit status and output, whatever the
+/// status (for callers that report failures their own way).
+pub fn output_of(cmd: &mut Command, stdin: Option<&str>) -> Result<std::process::Output> {
+    let desc = describe(cmd);
     cmd.stdin(if stdin.is_some() {
         Stdio::piped()
     } else {
@@ -114,17 +129,9 @@ pub fn output(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
         pipe.write_all(input.as_bytes())
             .with_context(|| format!("writing stdin of {desc}"))?;
     }
-    let out = child
+    child
         .wait_with_output()
-        .with_context(|| format!("waiting for {desc}"))?;
-    if !out.status.success() {
-        bail!(
-            "{desc} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        .with_context(|| format!("waiting for {desc}"))
 }
 
 fn describe(cmd: &Command) -> String {

@@ -290,8 +290,12 @@ impl Lab {
     }
 
     pub fn service_ports(&self) -> Vec<services::ServicePort> {
-        let views: Vec<services::PodView<'_>> = self
-            .state
+        services::service_ports(&self.state.services, &self.pod_views())
+    }
+
+    /// The lab's pods as the endpoints controller sees them.
+    pub fn pod_views(&self) -> Vec<services::PodView<'_>> {
+        self.state
             .pods
             .iter()
             .map(|(k, p)| services::PodView {
@@ -299,8 +303,7 @@ impl Lab {
                 pod: &p.pod,
                 ip: p.ip,
             })
-            .collect();
-        services::service_ports(&self.state.services, &views)
+            .collect()
     }
 
     /// Plans probes: SRC and DST as the probe command takes them, ports resolved on the destination.
