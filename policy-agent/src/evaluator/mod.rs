@@ -39,14 +39,18 @@ use crate::model::{self, Cluster, Labels, ObjectKey, PodInfo};
 pub enum Peer {
     /// A pod, using one of its addresses.
     Pod { pod: ObjectKey, ip: IpAddr },
+    /// A pod the state gives no address yet (not scheduled, or a workload's pod template): it
+    /// matches pod selectors like any pod, and no ipBlock.
+    PodWithoutAddress(ObjectKey),
     /// Any address that is not a pod's: a node, a hostNetwork pod, the world.
     Address(IpAddr),
 }
 
 impl Peer {
-    pub fn ip(&self) -> IpAddr {
+    pub fn ip(&self) -> Option<IpAddr> {
         match self {
-            Peer::Pod { ip, .. } | Peer::Address(ip) => *ip,
+            Peer::Pod { ip, .. } | Peer::Address(ip) => Some(*ip),
+            Peer::PodWithoutAddress(_) => None,
         }
     }
 }
@@ -121,13 +125,15 @@ enum Party<'c> {
     Pod {
         key: &'c ObjectKey,
         pod: &'c PodInfo,
-        ip: IpAddr,
+        ip: Option<IpAddr>,
     },
-    Address(IpAddr),
+    /// Not a policed pod; `None` only for a pod without address that is not one (hostNetwork,
+    /// terminated or unknown): it matches nothing.
+    Address(Option<IpAddr>),
 }
 
 impl Party<'_> {
-    fn ip(&self) -> IpAddr {
+    fn ip(&self) -> Option<IpAddr> {
         match self {
             Party::Pod { ip, .. } | Party::Address(ip) => *ip,
         }
@@ -142,17 +148,15 @@ impl Party<'_> {
 }
 
 fn party<'c>(cluster: &'c Cluster, peer: &Peer) -> Party<'c> {
-    match peer {
-        Peer::Pod { pod, ip } => match cluster.pods.get_key_value(pod) {
-            // hostNetwork pods are node traffic; terminated pods have no traffic of their own.
-            Some((key, p)) if !p.host_network && !p.terminated => Party::Pod {
-                key,
-                pod: p,
-                ip: *ip,
-            },
-            _ => Party::Address(*ip),
-        },
-        Peer::Address(ip) => Party::Address(*ip),
+    let (pod, ip) = match peer {
+        Peer::Pod { pod, ip } => (pod, Some(*ip)),
+        Peer::PodWithoutAddress(pod) => (pod, None),
+        Peer::Address(ip) => return Party::Address(Some(*ip)),
+    };
+    match cluster.pods.get_key_value(pod) {
+        // hostNetwork pods are node traffic; terminated pods have no traffic of their own.
+        Some((key, p)) if !p.host_network && !p.terminated => Party::Pod { key, pod: p, ip },
+        _ => Party::Address(ip),
     }
 }
 
@@ -189,7 +193,7 @@ fn judge(
     {
         return DirectionVerdict::plain(Outcome::SelfTraffic);
     }
-    if let Party::Address(ip) = peer
+    if let Party::Address(Some(ip)) = peer
         && let Some(node) = subject_pod.node_name.as_deref()
         && model::node_owned_addresses(cluster, node).contains(ip)
     {
@@ -200,52 +204,26 @@ fn judge(
         Direction::Ingress => Some(subject_pod),
         Direction::Egress => peer.pod(),
     };
-    let subject_labels = &subject_pod.labels;
     let mut verdict = DirectionVerdict::plain(Outcome::NotIsolated);
-    let in_namespace = cluster
-        .policies
-        .iter()
-        .filter(|(k, _)| k.namespace == subject_key.namespace);
-    for (key, np) in in_namespace {
-        let default_spec = NetworkPolicySpec::default();
-        let spec = np.spec.as_ref().unwrap_or(&default_spec);
-        let selects = match &spec.pod_selector {
-            None => true,
-            Some(sel) if selector_is_valid(sel) => selector_matches(sel, subject_labels),
-            Some(_) => true,
-        };
-        if !selects || !declared_types(spec).contains(&direction) {
-            continue;
-        }
+    let namespace = subject_key.namespace.as_str();
+    for (key, rules) in selecting(cluster, namespace, &subject_pod.labels, direction) {
         verdict.isolating.push(key.clone());
-        if !policy_is_valid(np) {
-            continue;
-        }
-        let rules: Vec<RuleParts<'_>> = match direction {
-            Direction::Ingress => spec
-                .ingress
-                .iter()
-                .flatten()
-                .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                .collect(),
-            Direction::Egress => spec
-                .egress
-                .iter()
-                .flatten()
-                .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                .collect(),
-        };
+        let Some(rules) = rules else { continue };
         for (index, (peers, ports)) in rules.into_iter().enumerate() {
             let ports_ok = ports.is_none_or(|ports| {
-                ports.is_empty() || ports.iter().any(|p| port_matches(p, flow, destination))
-            });
-            let peers_ok = peers.is_none_or(|peers| {
-                peers.is_empty()
-                    || peers
+                ports.is_empty()
+                    || ports
                         .iter()
-                        .any(|p| peer_matches(cluster, &key.namespace, p, peer))
+                        .any(|p| port_miss(p, flow, destination).is_none())
             });
-            if ports_ok && peers_ok {
+            let peers_ok = ports_ok
+                && peers.is_none_or(|peers| {
+                    peers.is_empty()
+                        || peers
+                            .iter()
+                            .any(|p| peer_misses(cluster, &key.namespace, p, peer).is_empty())
+                });
+            if peers_ok {
                 verdict.allowing.push(RuleRef {
                     policy: key.clone(),
                     direction,
@@ -264,9 +242,152 @@ fn judge(
     verdict
 }
 
+/// The policies of the subject's namespace that select it with `direction` in their
+/// (defaulted) `policyTypes`, in key order, each with its rules for that direction — `None` for a
+/// policy the API server would reject (it isolates and allows nothing).
+fn selecting<'c>(
+    cluster: &'c Cluster,
+    namespace: &'c str,
+    labels: &'c Labels,
+    direction: Direction,
+) -> impl Iterator<Item = (&'c ObjectKey, Option<Vec<RuleParts<'c>>>)> {
+    let start = ObjectKey::new(namespace, String::new());
+    cluster
+        .policies
+        .range(start..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+        .filter_map(move |(key, np)| {
+            static DEFAULT_SPEC: std::sync::LazyLock<NetworkPolicySpec> =
+                std::sync::LazyLock::new(NetworkPolicySpec::default);
+            let spec = np.spec.as_ref().unwrap_or(&DEFAULT_SPEC);
+            let selects = match &spec.pod_selector {
+                None => true,
+                Some(sel) if selector_is_valid(sel) => selector_matches(sel, labels),
+                Some(_) => true,
+            };
+            if !selects || !declared_types(spec).contains(&direction) {
+                return None;
+            }
+            if !policy_is_valid(np) {
+                return Some((key, None));
+            }
+            let rules = match direction {
+                Direction::Ingress => spec
+                    .ingress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+                    .collect(),
+                Direction::Egress => spec
+                    .egress
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+                    .collect(),
+            };
+            Some((key, Some(rules)))
+        })
+}
+
+/// One rule of a valid policy isolating a flow's subject, matched against the flow: what
+/// `explain` shows, computed by the same functions as [`evaluate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleTrace {
+    pub rule: RuleRef,
+    /// Per `from` / `to` peer, why it does not match (empty: it matches). `None`: the rule has no
+    /// peers, so every peer matches.
+    pub peers: Option<Vec<Vec<PeerMiss>>>,
+    /// Per `ports[]` entry, why it does not match (`None`: it matches). `None` for the whole: the
+    /// rule has no ports, so every port matches.
+    pub ports: Option<Vec<Option<PortMiss>>>,
+}
+
+impl RuleTrace {
+    pub fn peers_match(&self) -> bool {
+        self.peers
+            .as_ref()
+            .is_none_or(|p| p.is_empty() || p.iter().any(Vec::is_empty))
+    }
+
+    pub fn ports_match(&self) -> bool {
+        self.ports
+            .as_ref()
+            .is_none_or(|p| p.is_empty() || p.iter().any(Option::is_none))
+    }
+
+    /// The rule allows the flow.
+    pub fn matches(&self) -> bool {
+        self.peers_match() && self.ports_match()
+    }
+
+    /// How far the rule is from allowing the flow: the misses of its closest peer, plus one if no
+    /// port entry matches.
+    pub fn distance(&self) -> usize {
+        let peers = self
+            .peers
+            .as_ref()
+            .filter(|p| !p.is_empty())
+            .map_or(0, |p| p.iter().map(Vec::len).min().unwrap_or(0));
+        peers + usize::from(!self.ports_match())
+    }
+}
+
+/// Every rule of every valid policy isolating the subject of `direction` (the source for egress,
+/// the destination for ingress), traced against the flow, in policy and rule order. Empty when
+/// the subject is not isolated in that direction or the flow is not judged by policy (self, host
+/// and non-pod traffic).
+pub fn trace(cluster: &Cluster, flow: &Flow, direction: Direction) -> Vec<RuleTrace> {
+    let (subject, peer) = match direction {
+        Direction::Egress => (party(cluster, &flow.src), party(cluster, &flow.dst)),
+        Direction::Ingress => (party(cluster, &flow.dst), party(cluster, &flow.src)),
+    };
+    let Party::Pod {
+        key: subject_key,
+        pod: subject_pod,
+        ..
+    } = subject
+    else {
+        return Vec::new();
+    };
+    let outcome = judge(cluster, &subject, &peer, direction, flow).outcome;
+    if !matches!(outcome, Outcome::Denied | Outcome::AllowedByPolicy) {
+        return Vec::new();
+    }
+    let destination = match direction {
+        Direction::Ingress => Some(subject_pod),
+        Direction::Egress => peer.pod(),
+    };
+    let mut out = Vec::new();
+    for (key, rules) in selecting(cluster, &subject_key.namespace, &subject_pod.labels, direction)
+    {
+        for (index, (peers, ports)) in rules.into_iter().flatten().enumerate() {
+            out.push(RuleTrace {
+                rule: RuleRef {
+                    policy: key.clone(),
+                    direction,
+                    rule_index: index as u32,
+                },
+                peers: peers.map(|peers| {
+                    peers
+                        .iter()
+                        .map(|p| peer_misses(cluster, &key.namespace, p, &peer))
+                        .collect()
+                }),
+                ports: ports.map(|ports| {
+                    ports
+                        .iter()
+                        .map(|p| port_miss(p, flow, destination))
+                        .collect()
+                }),
+            });
+        }
+    }
+    out
+}
+
 /// `policyTypes`, defaulted: absent or empty ⇒ Ingress, plus Egress iff `spec.egress` is
 /// non-empty. An unknown type makes the declaration unusable: both directions (fail closed).
-fn declared_types(spec: &NetworkPolicySpec) -> Vec<Direction> {
+pub fn declared_types(spec: &NetworkPolicySpec) -> Vec<Direction> {
     match spec.policy_types.as_deref() {
         Some(types) if !types.is_empty() => {
             if types.iter().all(|t| t == "Ingress" || t == "Egress") {
@@ -292,70 +413,167 @@ fn declared_types(spec: &NetworkPolicySpec) -> Vec<Direction> {
     }
 }
 
-fn port_matches(p: &NetworkPolicyPort, flow: &Flow, destination: Option<&PodInfo>) -> bool {
-    if p.protocol.as_deref().unwrap_or("TCP") != flow.protocol.as_str() {
-        return false;
+/// Why one `ports[]` entry of a rule does not match a flow ([`port_miss`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum PortMiss {
+    /// The entry is for another protocol.
+    Protocol { rule: String, flow: Protocol },
+    /// The flow's port is outside `port ..= endPort`.
+    Number { port: i32, end_port: Option<i32>, flow: u16 },
+    /// The destination does not declare this port name with the flow's number and protocol.
+    NamedPort { name: String, destination_declares: Option<u16> },
+}
+
+/// Why one `from` / `to` peer of a rule does not match a flow's other end ([`peer_misses`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum PeerMiss {
+    /// An ipBlock whose `cidr` does not contain the address (or the peer has no address).
+    NotInCidr { cidr: String },
+    /// An ipBlock whose `except` entry contains the address.
+    InExcept { cidr: String, except: String },
+    /// A pod or namespace selector, and the other end is not a pod.
+    NotAPod,
+    /// A peer without `namespaceSelector` selects pods of the policy's own namespace only.
+    OtherNamespace { policy_namespace: String, peer_namespace: String },
+    /// A `namespaceSelector` requirement the peer's namespace fails.
+    NamespaceLabel(LabelMiss),
+    /// A `podSelector` requirement the peer pod fails.
+    PodLabel(LabelMiss),
+}
+
+/// One selector requirement that labels fail: `key` `operator` `values`, and the label's value.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LabelMiss {
+    pub key: String,
+    /// `In`, `NotIn`, `Exists`, `DoesNotExist` (a `matchLabels` entry is `In` one value).
+    pub operator: String,
+    pub values: Vec<String>,
+    /// The label's value on the object (`None`: the label is absent).
+    pub actual: Option<String>,
+}
+
+/// `None` when the port entry matches the flow, else why not.
+fn port_miss(p: &NetworkPolicyPort, flow: &Flow, destination: Option<&PodInfo>) -> Option<PortMiss> {
+    let rule_protocol = p.protocol.as_deref().unwrap_or("TCP");
+    if rule_protocol != flow.protocol.as_str() {
+        return Some(PortMiss::Protocol {
+            rule: rule_protocol.to_owned(),
+            flow: flow.protocol,
+        });
     }
     let port = i32::from(flow.port);
+    let number = |n: i32, end: Option<i32>| {
+        let ok = match end {
+            None => port == n,
+            Some(end) => n <= port && port <= end,
+        };
+        (!ok).then_some(PortMiss::Number {
+            port: n,
+            end_port: end,
+            flow: flow.port,
+        })
+    };
     match (&p.port, p.end_port) {
-        (None, _) => true,
-        (Some(IntOrString::Int(n)), None) => port == *n,
-        (Some(IntOrString::Int(n)), Some(end)) => *n <= port && port <= end,
+        (None, _) => None,
+        (Some(IntOrString::Int(n)), end) => number(*n, end),
         // A named port: the destination pod must declare that name, with this number and this
         // protocol. Never matches a destination that is not a pod.
-        (Some(IntOrString::String(name)), _) => destination.is_some_and(|pod| {
-            pod.ports.iter().any(|cp| {
-                &*cp.name == name.as_str() && cp.port == flow.port && cp.protocol == flow.protocol
+        (Some(IntOrString::String(name)), _) => {
+            let declared = destination.and_then(|pod| {
+                pod.ports
+                    .iter()
+                    .find(|cp| &*cp.name == name.as_str() && cp.protocol == flow.protocol)
+                    .map(|cp| cp.port)
+            });
+            let matches = destination.is_some_and(|pod| {
+                pod.ports.iter().any(|cp| {
+                    &*cp.name == name.as_str()
+                        && cp.port == flow.port
+                        && cp.protocol == flow.protocol
+                })
+            });
+            (!matches).then(|| PortMiss::NamedPort {
+                name: name.clone(),
+                destination_declares: declared,
             })
-        }),
+        }
     }
 }
 
-fn peer_matches(
+/// Empty when the rule peer matches the other end of the flow, else every reason it does not.
+fn peer_misses(
     cluster: &Cluster,
     policy_namespace: &str,
     rule_peer: &NetworkPolicyPeer,
     peer: &Party<'_>,
-) -> bool {
+) -> Vec<PeerMiss> {
     if let Some(block) = &rule_peer.ip_block {
-        return block_contains(block, peer.ip());
+        return block_miss(block, peer.ip()).into_iter().collect();
     }
     // Pod peers only ever match pods.
     let Party::Pod { key, pod, .. } = peer else {
-        return false;
+        return vec![PeerMiss::NotAPod];
     };
-    let namespace_ok = match &rule_peer.namespace_selector {
-        None => key.namespace == policy_namespace,
-        Some(sel) => selector_matches(sel, &model::namespace_labels(cluster, &key.namespace)),
-    };
-    let pod_ok = rule_peer
-        .pod_selector
-        .as_ref()
-        .is_none_or(|sel| selector_matches(sel, &pod.labels));
-    namespace_ok && pod_ok
+    let mut misses = Vec::new();
+    match &rule_peer.namespace_selector {
+        None if key.namespace != policy_namespace => misses.push(PeerMiss::OtherNamespace {
+            policy_namespace: policy_namespace.to_owned(),
+            peer_namespace: key.namespace.clone(),
+        }),
+        None => {}
+        Some(sel) => misses.extend(
+            selector_misses(sel, &model::namespace_labels(cluster, &key.namespace))
+                .map(PeerMiss::NamespaceLabel),
+        ),
+    }
+    if let Some(sel) = &rule_peer.pod_selector {
+        misses.extend(selector_misses(sel, &pod.labels).map(PeerMiss::PodLabel));
+    }
+    misses
 }
 
-fn selector_matches(sel: &LabelSelector, labels: &Labels) -> bool {
-    let labels_ok = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    labels_ok
-        && sel.match_expressions.iter().flatten().all(|e| {
-            let values = e.values.as_deref().unwrap_or_default();
-            let value = labels.get(&e.key);
-            match e.operator.as_str() {
-                "In" => value.is_some_and(|v| values.contains(v)),
-                "NotIn" => !value.is_some_and(|v| values.contains(v)),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => false,
-            }
+/// The requirements of `sel` (matchLabels entries first, as `In` one value) that `labels` fail.
+fn selector_misses<'a>(
+    sel: &'a LabelSelector,
+    labels: &'a Labels,
+) -> impl Iterator<Item = LabelMiss> + 'a {
+    let from_labels = sel.match_labels.iter().flatten().filter_map(|(k, v)| {
+        let actual = labels.get(k);
+        (actual != Some(v)).then(|| LabelMiss {
+            key: k.clone(),
+            operator: "In".into(),
+            values: vec![v.clone()],
+            actual: actual.cloned(),
         })
+    });
+    let from_expressions = sel.match_expressions.iter().flatten().filter_map(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        let ok = match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => !value.is_some_and(|v| values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        };
+        (!ok).then(|| LabelMiss {
+            key: e.key.clone(),
+            operator: e.operator.clone(),
+            values: values.to_vec(),
+            actual: value.cloned(),
+        })
+    });
+    from_labels.chain(from_expressions)
 }
 
-fn selector_is_valid(sel: &LabelSelector) -> bool {
+/// Whether `labels` satisfy every requirement of `sel`.
+pub fn selector_matches(sel: &LabelSelector, labels: &Labels) -> bool {
+    selector_misses(sel, labels).next().is_none()
+}
+
+pub fn selector_is_valid(sel: &LabelSelector) -> bool {
     sel.match_expressions.iter().flatten().all(|e| {
         let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
         !e.key.is_empty()
@@ -427,13 +645,31 @@ fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
         })
 }
 
-fn block_contains(block: &IPBlock, ip: IpAddr) -> bool {
-    parse_cidr(&block.cidr).is_some_and(|c| cidr_contains(&c, ip))
-        && !block
-            .except
-            .iter()
-            .flatten()
-            .any(|e| parse_cidr(e).is_some_and(|e| cidr_contains(&e, ip)))
+/// `None` when the block contains the address, else why not.
+fn block_miss(block: &IPBlock, ip: Option<IpAddr>) -> Option<PeerMiss> {
+    let not_in = || {
+        Some(PeerMiss::NotInCidr {
+            cidr: block.cidr.clone(),
+        })
+    };
+    let Some(ip) = ip else { return not_in() };
+    if !parse_cidr(&block.cidr).is_some_and(|c| cidr_contains(&c, ip)) {
+        return not_in();
+    }
+    let except = block
+        .except
+        .iter()
+        .flatten()
+        .find(|e| parse_cidr(e).is_some_and(|e| cidr_contains(&e, ip)))?;
+    Some(PeerMiss::InExcept {
+        cidr: block.cidr.clone(),
+        except: except.clone(),
+    })
+}
+
+/// Whether the ipBlock (`cidr` minus `except`) contains the address.
+pub fn block_contains(block: &IPBlock, ip: IpAddr) -> bool {
+    block_miss(block, Some(ip)).is_none()
 }
 
 fn port_name_is_valid(name: &str) -> bool {

@@ -340,7 +340,7 @@ impl Compiled {
             maps,
             ep,
             direction,
-            peer.ip(),
+            peer.ip().expect("simulated flows are between addresses"),
             flow.protocol,
             flow.port,
         ))
@@ -396,7 +396,7 @@ pub fn check_flow(cluster: &Cluster, compiled: &Compiled, flow: &Flow) -> Result
     let rules_of = |subject: &Peer| {
         let maps = match subject {
             Peer::Pod { pod, .. } => compiled.endpoint(pod).map(|(m, _)| m),
-            Peer::Address(_) => None,
+            Peer::Address(_) | Peer::PodWithoutAddress(_) => None,
         };
         move |id: u32| maps.and_then(|m| m.rules.get(&id).cloned())
     };
