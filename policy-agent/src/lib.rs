@@ -10,6 +10,7 @@ pub mod flowlog;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod netpol;
 pub mod node;
 pub mod numbering;
 pub mod sources;

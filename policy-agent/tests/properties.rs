@@ -465,7 +465,10 @@ fn flows(c: &Cluster) -> Vec<Flow> {
     for src in &parties {
         for dst in &parties {
             let pod_side = matches!(src, Peer::Pod { .. }) || matches!(dst, Peer::Pod { .. });
-            if src == dst || !pod_side || src.ip().map(|a| a.is_ipv4()) != dst.ip().map(|a| a.is_ipv4()) {
+            if src == dst
+                || !pod_side
+                || src.ip().map(|a| a.is_ipv4()) != dst.ip().map(|a| a.is_ipv4())
+            {
                 continue;
             }
             for (protocol, ports) in FLOW_PORTS {

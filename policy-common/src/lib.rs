@@ -6,6 +6,12 @@
 //! byte order. The `user` feature adds `aya::Pod` impls for the agent.
 #![no_std]
 
+#[cfg(any(feature = "std", test))]
+extern crate std;
+
+#[cfg(any(feature = "std", test))]
+pub mod truth_table;
+
 /// Names of the maps, as declared in `policy-ebpf` and pinned under the agent's bpffs directory.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";

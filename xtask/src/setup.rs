@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "conntrack",
     "containernetworking-plugins",
     "openssl",
+    // `kubectl netpol graph -o svg|png` renders through Graphviz.
+    "graphviz",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

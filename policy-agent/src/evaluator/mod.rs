@@ -358,8 +358,12 @@ pub fn trace(cluster: &Cluster, flow: &Flow, direction: Direction) -> Vec<RuleTr
         Direction::Egress => peer.pod(),
     };
     let mut out = Vec::new();
-    for (key, rules) in selecting(cluster, &subject_key.namespace, &subject_pod.labels, direction)
-    {
+    for (key, rules) in selecting(
+        cluster,
+        &subject_key.namespace,
+        &subject_pod.labels,
+        direction,
+    ) {
         for (index, (peers, ports)) in rules.into_iter().flatten().enumerate() {
             out.push(RuleTrace {
                 rule: RuleRef {
@@ -420,9 +424,16 @@ pub enum PortMiss {
     /// The entry is for another protocol.
     Protocol { rule: String, flow: Protocol },
     /// The flow's port is outside `port ..= endPort`.
-    Number { port: i32, end_port: Option<i32>, flow: u16 },
+    Number {
+        port: i32,
+        end_port: Option<i32>,
+        flow: u16,
+    },
     /// The destination does not declare this port name with the flow's number and protocol.
-    NamedPort { name: String, destination_declares: Option<u16> },
+    NamedPort {
+        name: String,
+        destination_declares: Option<u16>,
+    },
 }
 
 /// Why one `from` / `to` peer of a rule does not match a flow's other end ([`peer_misses`]).
@@ -436,7 +447,10 @@ pub enum PeerMiss {
     /// A pod or namespace selector, and the other end is not a pod.
     NotAPod,
     /// A peer without `namespaceSelector` selects pods of the policy's own namespace only.
-    OtherNamespace { policy_namespace: String, peer_namespace: String },
+    OtherNamespace {
+        policy_namespace: String,
+        peer_namespace: String,
+    },
     /// A `namespaceSelector` requirement the peer's namespace fails.
     NamespaceLabel(LabelMiss),
     /// A `podSelector` requirement the peer pod fails.
@@ -455,7 +469,11 @@ pub struct LabelMiss {
 }
 
 /// `None` when the port entry matches the flow, else why not.
-fn port_miss(p: &NetworkPolicyPort, flow: &Flow, destination: Option<&PodInfo>) -> Option<PortMiss> {
+fn port_miss(
+    p: &NetworkPolicyPort,
+    flow: &Flow,
+    destination: Option<&PodInfo>,
+) -> Option<PortMiss> {
     let rule_protocol = p.protocol.as_deref().unwrap_or("TCP");
     if rule_protocol != flow.protocol.as_str() {
         return Some(PortMiss::Protocol {
@@ -535,7 +553,7 @@ fn peer_misses(
 }
 
 /// The requirements of `sel` (matchLabels entries first, as `In` one value) that `labels` fail.
-fn selector_misses<'a>(
+pub fn selector_misses<'a>(
     sel: &'a LabelSelector,
     labels: &'a Labels,
 ) -> impl Iterator<Item = LabelMiss> + 'a {

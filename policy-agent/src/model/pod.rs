@@ -36,7 +36,7 @@ pub struct PodInfo {
     /// The entries of the address fields above that do not parse, with their field paths (e.g.
     /// `status.podIPs[1].ip`): those of the host addresses first, then those of the pod's own.
     pub bad_addresses: Box<[BadAddress]>,
-    /// `spec.containers[].ports[]` entries that have a `name`, in declaration order, possibly
+    /// `spec.containers[].ports[]` entries, named or not, in declaration order, possibly
     /// repeated (init and ephemeral containers are not read). Entries whose `protocol` is not one
     /// NetworkPolicy knows or whose `containerPort` does not fit in 16 bits are left out: they can
     /// match no flow. See [`Self::named_port_fields`] for the ones that count as named ports.
@@ -67,7 +67,7 @@ impl From<&Pod> for PodInfo {
             .flat_map(|c| c.ports.iter().flatten())
             .filter_map(|p| {
                 Some(PodPort {
-                    name: p.name.as_deref()?.into(),
+                    name: p.name.as_deref().unwrap_or_default().into(),
                     protocol: Protocol::parse_defaulted(p.protocol.as_deref())?,
                     port: u16::try_from(p.container_port).ok()?,
                 })

@@ -214,7 +214,7 @@ fn parse_revision(text: Option<&str>, errors: &mut Vec<String>) -> RevisionFile 
     }
 }
 
-fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub fn manifest_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     let mut entries: Vec<_> = fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
@@ -269,7 +269,7 @@ pub fn parse_documents(path: &Path, text: &str, errors: &mut Vec<String>) -> Vec
     out
 }
 
-fn parse_value(
+pub fn parse_value(
     at: &str,
     value: serde_yaml::Value,
     errors: &mut Vec<String>,

@@ -1,0 +1,319 @@
+//! `explain`: whether one flow is allowed, and why, per direction — computed by the reference
+//! evaluator ([`evaluator::evaluate`] for the verdict, [`evaluator::trace`] for the rules).
+
+use policy_common::Direction;
+use serde::Serialize;
+
+use super::flows::{self, Target};
+use crate::evaluator::{self, Flow, LabelMiss, Outcome, PeerMiss, PortMiss, Protocol, RuleTrace};
+use crate::model::{Cluster, NAMESPACE_NAME_LABEL};
+
+/// The JSON of `explain -o json` (one per port when the port is not given).
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub allowed: bool,
+    pub egress: Side,
+    pub ingress: Side,
+    /// How the dataplane treats this flow beyond its first packet and what is not policy.
+    pub notes: Vec<String>,
+}
+
+/// One direction: the source's egress or the destination's ingress.
+#[derive(Clone, Debug, Serialize)]
+pub struct Side {
+    /// The subject is a pod isolated in this direction.
+    pub isolated: bool,
+    pub allowed: bool,
+    /// `not-policed` (not a pod), `self`, `host` (the pod's own node), `not-isolated`,
+    /// `allowed-by-policy`, `denied`.
+    pub outcome: &'static str,
+    /// The policies isolating the subject in this direction.
+    pub policies: Vec<String>,
+    pub allowed_by: Vec<RuleName>,
+    /// When denied: the rule closest to allowing the flow, and what it lacks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nearest_miss: Option<NearestMiss>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct RuleName {
+    pub policy: String,
+    /// `ingress[N]` or `egress[N]`.
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NearestMiss {
+    pub policy: String,
+    pub rule: String,
+    /// What differs, one sentence each.
+    pub reasons: Vec<String>,
+}
+
+pub fn rule_name(r: &crate::compiler::RuleRef) -> RuleName {
+    let dir = match r.direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    };
+    RuleName {
+        policy: r.policy.to_string(),
+        rule: format!("{dir}[{}]", r.rule_index),
+    }
+}
+
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::NotPolicied => "not-policed",
+        Outcome::SelfTraffic => "self",
+        Outcome::Host => "host",
+        Outcome::NotIsolated => "not-isolated",
+        Outcome::AllowedByPolicy => "allowed-by-policy",
+        Outcome::Denied => "denied",
+    }
+}
+
+/// Explains a flow on one port.
+pub fn explain(
+    cluster: &Cluster,
+    from: &Target,
+    to: &Target,
+    port: u16,
+    protocol: Protocol,
+) -> Result<Explanation, String> {
+    let family = flows::family(cluster, from, to);
+    let flow = Flow {
+        src: flows::peer(cluster, from, family)?,
+        dst: flows::peer(cluster, to, family)?,
+        protocol,
+        port,
+    };
+    let verdict = evaluator::evaluate(cluster, &flow);
+    let side = |d: Direction| {
+        let v = match d {
+            Direction::Egress => &verdict.egress,
+            Direction::Ingress => &verdict.ingress,
+        };
+        let traces = evaluator::trace(cluster, &flow, d);
+        Side {
+            isolated: !v.isolating.is_empty(),
+            allowed: v.outcome.allowed(),
+            outcome: outcome_name(v.outcome),
+            policies: v.isolating.iter().map(ToString::to_string).collect(),
+            allowed_by: v.allowing.iter().map(rule_name).collect(),
+            nearest_miss: (v.outcome == Outcome::Denied)
+                .then(|| nearest_miss(cluster, &traces, &flow))
+                .flatten(),
+        }
+    };
+    let egress = side(Direction::Egress);
+    let ingress = side(Direction::Ingress);
+    let mut notes = Vec::new();
+    if verdict.allowed {
+        notes.push(
+            "replies of this connection pass in both directions while it lasts (conntrack); \
+             they are not judged by policy"
+                .into(),
+        );
+    }
+    for (who, s) in [(from, &egress), (to, &ingress)] {
+        match s.outcome {
+            "not-policed" => notes.push(format!(
+                "{who} is not a policed pod (a node, a hostNetwork pod or an address outside the \
+                 pod network): NetworkPolicy does not apply to its side"
+            )),
+            "host" => notes.push(format!(
+                "the other end is the node {who} runs on: traffic between a pod and its own node \
+                 (kubelet probes) is always allowed"
+            )),
+            "self" => notes.push("a pod always reaches itself".into()),
+            _ => {}
+        }
+    }
+    let unaddressed = |t: &Target| matches!(t, Target::Pod(k) if cluster.pods[k].ips.is_empty());
+    if unaddressed(from) || unaddressed(to) {
+        notes.push(
+            "a pod without an address (a workload's template, or not scheduled yet) matches pod \
+             selectors but no ipBlock"
+                .into(),
+        );
+    }
+    Ok(Explanation {
+        from: from.to_string(),
+        to: to.to_string(),
+        port,
+        protocol,
+        allowed: verdict.allowed,
+        egress,
+        ingress,
+        notes,
+    })
+}
+
+/// The rule closest to allowing the flow, with its misses in words.
+fn nearest_miss(cluster: &Cluster, traces: &[RuleTrace], flow: &Flow) -> Option<NearestMiss> {
+    let best = traces.iter().min_by_key(|t| t.distance())?;
+    let mut reasons = Vec::new();
+    if let Some(peers) = best.peers.as_ref().filter(|p| !p.is_empty()) {
+        let (index, misses) = peers.iter().enumerate().min_by_key(|(_, m)| m.len())?;
+        let side = match best.rule.direction {
+            Direction::Egress => "to",
+            Direction::Ingress => "from",
+        };
+        for m in misses {
+            reasons.push(format!(
+                "{side}[{index}]: {}",
+                peer_miss_text(cluster, m, flow, best.rule.direction)
+            ));
+        }
+    }
+    if !best.ports_match()
+        && let Some(ports) = &best.ports
+    {
+        let texts: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                m.as_ref()
+                    .map(|m| format!("ports[{i}]: {}", port_miss_text(m)))
+            })
+            .collect();
+        reasons.extend(texts);
+    }
+    let name = rule_name(&best.rule);
+    Some(NearestMiss {
+        policy: name.policy,
+        rule: name.rule,
+        reasons,
+    })
+}
+
+fn label_text(m: &LabelMiss, whose: &str) -> String {
+    let have = match &m.actual {
+        Some(v) => format!("{whose} has {}={v}", m.key),
+        None => format!("{whose} has no label {}", m.key),
+    };
+    let want = match m.operator.as_str() {
+        "In" if m.values.len() == 1 => format!("{}={}", m.key, m.values[0]),
+        "In" => format!("{} in ({})", m.key, m.values.join(", ")),
+        "NotIn" => format!("{} not in ({})", m.key, m.values.join(", ")),
+        "Exists" => format!("label {} present", m.key),
+        "DoesNotExist" => format!("label {} absent", m.key),
+        other => format!("{} {other} {:?}", m.key, m.values),
+    };
+    format!("wants {want}, {have}")
+}
+
+fn peer_miss_text(cluster: &Cluster, m: &PeerMiss, flow: &Flow, direction: Direction) -> String {
+    let other = match direction {
+        Direction::Egress => "the destination",
+        Direction::Ingress => "the source",
+    };
+    let other_peer = match direction {
+        Direction::Egress => &flow.dst,
+        Direction::Ingress => &flow.src,
+    };
+    match m {
+        PeerMiss::NotInCidr { cidr } => match other_peer.ip() {
+            Some(ip) => format!("ipBlock {cidr} does not contain {ip}"),
+            None => format!("ipBlock {cidr}: {other} has no address"),
+        },
+        PeerMiss::InExcept { cidr, except } => {
+            format!("ipBlock {cidr} excepts {except}, which contains {other}")
+        }
+        PeerMiss::NotAPod => format!("selects pods, and {other} is not a pod"),
+        PeerMiss::OtherNamespace {
+            policy_namespace,
+            peer_namespace,
+        } => format!(
+            "without namespaceSelector it selects pods of {policy_namespace} only; {other} is in \
+             {peer_namespace}"
+        ),
+        PeerMiss::NamespaceLabel(l) => {
+            let mut text = format!("namespaceSelector {}", label_text(l, "its namespace"));
+            if l.key == "name"
+                && l.actual.is_none()
+                && let evaluator::Peer::Pod { pod, .. } | evaluator::Peer::PodWithoutAddress(pod) =
+                    other_peer
+            {
+                let _ = cluster;
+                text.push_str(&format!(
+                    " (namespaces carry {NAMESPACE_NAME_LABEL}={} automatically; a `name` label \
+                     only if someone set it)",
+                    pod.namespace
+                ));
+            }
+            text
+        }
+        PeerMiss::PodLabel(l) => format!("podSelector {}", label_text(l, other)),
+    }
+}
+
+fn port_miss_text(m: &PortMiss) -> String {
+    match m {
+        PortMiss::Protocol { rule, flow } => format!("protocol {rule}, the flow is {flow}"),
+        PortMiss::Number {
+            port,
+            end_port: None,
+            flow,
+        } => format!("port {port}, the flow is to {flow}"),
+        PortMiss::Number {
+            port,
+            end_port: Some(end),
+            flow,
+        } => format!("ports {port}-{end}, the flow is to {flow}"),
+        PortMiss::NamedPort {
+            name,
+            destination_declares: Some(n),
+        } => format!("named port {name} is {n} on the destination"),
+        PortMiss::NamedPort {
+            name,
+            destination_declares: None,
+        } => format!("named port {name}: the destination declares no such port"),
+    }
+}
+
+/// The text form of an explanation.
+pub fn render(e: &Explanation) -> String {
+    let mut out = format!(
+        "{} -> {} {}/{}: {}\n",
+        e.from,
+        e.to,
+        e.protocol,
+        e.port,
+        if e.allowed { "ALLOWED" } else { "DENIED" }
+    );
+    for (title, s) in [
+        ("egress of the source", &e.egress),
+        ("ingress of the destination", &e.ingress),
+    ] {
+        out.push_str(&format!("  {title}: {}", s.outcome));
+        if s.isolated {
+            out.push_str(&format!(" (isolated by {})", s.policies.join(", ")));
+        }
+        out.push('\n');
+        for r in &s.allowed_by {
+            out.push_str(&format!("    allowed by {} {}\n", r.policy, r.rule));
+        }
+        if let Some(m) = &s.nearest_miss {
+            out.push_str(&format!(
+                "    no rule allows it; nearest: {} {}\n",
+                m.policy, m.rule
+            ));
+            for r in &m.reasons {
+                out.push_str(&format!("      - {r}\n"));
+            }
+        } else if s.outcome == "denied" {
+            out.push_str(
+                "    no rule allows it: the isolating policies have no rule for this direction\n",
+            );
+        }
+    }
+    for n in &e.notes {
+        out.push_str(&format!("  note: {n}\n"));
+    }
+    out
+}
