@@ -32,7 +32,8 @@ pub struct Change {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub changes: Vec<Change>,
-    /// Flows judged in each state.
+    /// Flows judged in each state: one per pair of classes of equivalent pods (see
+    /// [`flows::Classes`]) and port.
     pub flows_judged: usize,
     /// Truth tables per (protocol, port) before and after, when the state is small enough to
     /// print them (at most [`TABLE_PODS`] pods).
@@ -101,81 +102,99 @@ fn egress_ports(clusters: &[&Cluster]) -> Vec<(u16, Protocol)> {
     out.into_iter().collect()
 }
 
-/// Every cell of the connectivity between the pods both states know and the ipBlock addresses,
-/// restricted to flows touching `scope` (`None`: every flow). Keyed by (from, to, port, protocol).
-pub fn cells(
+/// One end of a judged flow: a class of equivalent pods (by index) or an ipBlock address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum End {
+    Class(usize),
+    Address(usize),
+}
+
+type Verdicts = BTreeMap<(End, End, u16, Protocol), bool>;
+
+/// Verdicts between class representatives (and the ipBlock addresses), for flows touching
+/// `scope` (`None`: every flow).
+fn class_cells(
     cluster: &Cluster,
     joint: &[Vec<&ObjectKey>],
     addresses: &[IpAddr],
     address_ports: &[(u16, Protocol)],
     scope: Option<&dyn Fn(&ObjectKey) -> bool>,
-) -> BTreeMap<(String, String, u16, Protocol), bool> {
+) -> Verdicts {
     let touches = |k: &ObjectKey| scope.is_none_or(|f| f(k));
-    let mut out = BTreeMap::new();
-    let judge =
-        |out: &mut BTreeMap<_, _>, from: &Target, to: &Target, ports: &[(u16, Protocol)]| {
-            for &(port, protocol) in ports {
-                let allowed =
-                    flows::verdict(cluster, from, to, port, protocol).is_ok_and(|v| v.allowed);
-                out.insert((from.to_string(), to.to_string(), port, protocol), allowed);
-            }
-        };
+    let mut out = Verdicts::new();
+    let mut judge = |from: (End, Target), to: (End, Target), ports: &[(u16, Protocol)]| {
+        for &(port, protocol) in ports {
+            let allowed =
+                flows::verdict(cluster, &from.1, &to.1, port, protocol).is_ok_and(|v| v.allowed);
+            out.insert((from.0, to.0, port, protocol), allowed);
+        }
+    };
     for (s, src) in joint.iter().enumerate() {
         for (d, dst) in joint.iter().enumerate() {
             if !(touches(src[0]) || touches(dst[0])) {
                 continue;
             }
-            let (from, to) = (
-                src[0],
-                if s == d {
-                    match dst.get(1) {
-                        Some(t) => *t,
-                        None => continue,
-                    }
-                } else {
-                    dst[0]
-                },
-            );
-            let ports = flows::declared_ports(&cluster.pods[to]);
-            let mut reps = BTreeMap::new();
+            // Within one class, a pod reaches another of the class (never itself).
+            let Some(to) = (if s == d { dst.get(1) } else { dst.first() }) else {
+                continue;
+            };
+            let ports = flows::declared_ports(&cluster.pods[*to]);
             judge(
-                &mut reps,
-                &Target::Pod(from.clone()),
-                &Target::Pod(to.clone()),
+                (End::Class(s), Target::Pod(src[0].clone())),
+                (End::Class(d), Target::Pod((*to).clone())),
                 &ports,
             );
-            // Expand the representatives' verdicts to every pair of the two classes.
-            for a in src {
-                for b in dst {
-                    if a == b {
-                        continue;
-                    }
-                    for &(port, protocol) in &ports {
-                        let v = reps[&(from.to_string(), to.to_string(), port, protocol)];
-                        out.insert((a.to_string(), b.to_string(), port, protocol), v);
-                    }
-                }
-            }
         }
         if !touches(src[0]) {
             continue;
         }
-        for ip in addresses {
-            for a in src {
-                judge(
-                    &mut out,
-                    &Target::Pod((*a).clone()),
-                    &Target::Address(*ip),
-                    address_ports,
-                );
-                let ports = flows::declared_ports(&cluster.pods[*a]);
-                judge(
-                    &mut out,
-                    &Target::Address(*ip),
-                    &Target::Pod((*a).clone()),
-                    &ports,
-                );
+        let ports = flows::declared_ports(&cluster.pods[src[0]]);
+        for (a, ip) in addresses.iter().enumerate() {
+            let pod = (End::Class(s), Target::Pod(src[0].clone()));
+            let addr = (End::Address(a), Target::Address(*ip));
+            judge(pod.clone(), addr.clone(), address_ports);
+            judge(addr, pod, &ports);
+        }
+    }
+    out
+}
+
+/// The flows one class-level cell stands for, by name: every pod pair of the two classes (never
+/// a pod with itself), or every pod of the class with the address.
+fn expand(
+    joint: &[Vec<&ObjectKey>],
+    addresses: &[IpAddr],
+    from: End,
+    to: End,
+) -> Vec<(String, String)> {
+    let names = |e: End| -> Vec<String> {
+        match e {
+            End::Class(i) => joint[i].iter().map(ToString::to_string).collect(),
+            End::Address(a) => vec![addresses[a].to_string()],
+        }
+    };
+    let (f, t) = (names(from), names(to));
+    let mut out = Vec::with_capacity(f.len() * t.len());
+    for a in &f {
+        for b in &t {
+            if a != b {
+                out.push((a.clone(), b.clone()));
             }
+        }
+    }
+    out
+}
+
+/// Every pod-level cell of a class-level table.
+fn expand_all(
+    joint: &[Vec<&ObjectKey>],
+    addresses: &[IpAddr],
+    cells: &Verdicts,
+) -> BTreeMap<(String, String, u16, Protocol), bool> {
+    let mut out = BTreeMap::new();
+    for ((from, to, port, protocol), allowed) in cells {
+        for (a, b) in expand(joint, addresses, *from, *to) {
+            out.insert((a, b, *port, *protocol), *allowed);
         }
     }
     out
@@ -224,26 +243,32 @@ pub fn what_if(before: &Cluster, after: &Cluster) -> Report {
         all_namespaces || namespaces.contains(k.namespace.as_str()) || changed_pods.contains(k)
     };
     let scope: Option<&dyn Fn(&ObjectKey) -> bool> = if small { None } else { Some(&scope) };
-    let was = cells(before, &joint, &addresses, &address_ports, scope);
-    let now = cells(after, &joint, &addresses, &address_ports, scope);
+    let was = class_cells(before, &joint, &addresses, &address_ports, scope);
+    let now = class_cells(after, &joint, &addresses, &address_ports, scope);
     let mut changes = Vec::new();
     for (key, b) in &was {
         if let Some(a) = now.get(key)
             && a != b
         {
-            changes.push(Change {
-                from: key.0.clone(),
-                to: key.1.clone(),
-                port: key.2,
-                protocol: key.3,
-                before: *b,
-                after: *a,
-            });
+            for (from, to) in expand(&joint, &addresses, key.0, key.1) {
+                changes.push(Change {
+                    from,
+                    to,
+                    port: key.2,
+                    protocol: key.3,
+                    before: *b,
+                    after: *a,
+                });
+            }
         }
     }
     changes.sort();
     let tables = if small {
-        tables(&common, &was, &now)
+        tables(
+            &common,
+            &expand_all(&joint, &addresses, &was),
+            &expand_all(&joint, &addresses, &now),
+        )
     } else {
         Vec::new()
     };
