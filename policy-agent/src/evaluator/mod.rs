@@ -115,7 +115,7 @@ pub struct Verdict {
 }
 
 /// A rule's peers (`from` / `to`) and ports.
-type RuleParts<'a> = (
+pub type RuleParts<'a> = (
     Option<&'a Vec<NetworkPolicyPeer>>,
     Option<&'a Vec<NetworkPolicyPort>>,
 );
@@ -271,22 +271,26 @@ fn selecting<'c>(
             if !policy_is_valid(np) {
                 return Some((key, None));
             }
-            let rules = match direction {
-                Direction::Ingress => spec
-                    .ingress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.from.as_ref(), r.ports.as_ref()))
-                    .collect(),
-                Direction::Egress => spec
-                    .egress
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.to.as_ref(), r.ports.as_ref()))
-                    .collect(),
-            };
-            Some((key, Some(rules)))
+            Some((key, Some(rule_parts(spec, direction))))
         })
+}
+
+/// The rules of one direction: each rule's peers (`from` / `to`) and ports, in order.
+pub fn rule_parts(spec: &NetworkPolicySpec, direction: Direction) -> Vec<RuleParts<'_>> {
+    match direction {
+        Direction::Ingress => spec
+            .ingress
+            .iter()
+            .flatten()
+            .map(|r| (r.from.as_ref(), r.ports.as_ref()))
+            .collect(),
+        Direction::Egress => spec
+            .egress
+            .iter()
+            .flatten()
+            .map(|r| (r.to.as_ref(), r.ports.as_ref()))
+            .collect(),
+    }
 }
 
 /// One rule of a valid policy isolating a flow's subject, matched against the flow: what

@@ -105,7 +105,7 @@ pub fn explain(
             policies: v.isolating.iter().map(ToString::to_string).collect(),
             allowed_by: v.allowing.iter().map(rule_name).collect(),
             nearest_miss: (v.outcome == Outcome::Denied)
-                .then(|| nearest_miss(cluster, &traces, &flow))
+                .then(|| nearest_miss(&traces, &flow))
                 .flatten(),
         }
     };
@@ -154,7 +154,7 @@ pub fn explain(
 }
 
 /// The rule closest to allowing the flow, with its misses in words.
-fn nearest_miss(cluster: &Cluster, traces: &[RuleTrace], flow: &Flow) -> Option<NearestMiss> {
+fn nearest_miss(traces: &[RuleTrace], flow: &Flow) -> Option<NearestMiss> {
     let best = traces.iter().min_by_key(|t| t.distance())?;
     let mut reasons = Vec::new();
     if let Some(peers) = best.peers.as_ref().filter(|p| !p.is_empty()) {
@@ -166,7 +166,7 @@ fn nearest_miss(cluster: &Cluster, traces: &[RuleTrace], flow: &Flow) -> Option<
         for m in misses {
             reasons.push(format!(
                 "{side}[{index}]: {}",
-                peer_miss_text(cluster, m, flow, best.rule.direction)
+                peer_miss_text(m, flow, best.rule.direction)
             ));
         }
     }
@@ -207,7 +207,7 @@ fn label_text(m: &LabelMiss, whose: &str) -> String {
     format!("wants {want}, {have}")
 }
 
-fn peer_miss_text(cluster: &Cluster, m: &PeerMiss, flow: &Flow, direction: Direction) -> String {
+fn peer_miss_text(m: &PeerMiss, flow: &Flow, direction: Direction) -> String {
     let other = match direction {
         Direction::Egress => "the destination",
         Direction::Ingress => "the source",
@@ -239,7 +239,6 @@ fn peer_miss_text(cluster: &Cluster, m: &PeerMiss, flow: &Flow, direction: Direc
                 && let evaluator::Peer::Pod { pod, .. } | evaluator::Peer::PodWithoutAddress(pod) =
                     other_peer
             {
-                let _ = cluster;
                 text.push_str(&format!(
                     " (namespaces carry {NAMESPACE_NAME_LABEL}={} automatically; a `name` label \
                      only if someone set it)",

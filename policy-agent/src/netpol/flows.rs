@@ -256,14 +256,10 @@ pub fn class_verdicts(
             if !wanted(s, d) {
                 continue;
             }
-            let from = src[0];
-            let Some(to) = (if s == d { dst.get(1) } else { Some(&dst[0]) }) else {
+            let Some(&dst_key) = (if s == d { dst.get(1) } else { dst.first() }) else {
                 continue;
             };
-            let (from, to) = (Target::Pod(from.clone()), Target::Pod((*to).clone()));
-            let Target::Pod(dst_key) = &to else {
-                unreachable!()
-            };
+            let (from, to) = (Target::Pod(src[0].clone()), Target::Pod(dst_key.clone()));
             for (port, protocol) in declared_ports(&cluster.pods[dst_key]) {
                 let allowed = verdict(cluster, &from, &to, port, protocol)
                     .map(|v| v.allowed)

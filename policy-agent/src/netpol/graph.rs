@@ -120,28 +120,10 @@ pub fn build(cluster: &Cluster, namespace: Option<&str>) -> Graph {
             e.0.insert((port, protocol));
         }
     }
-    let address_ports: Vec<(u16, Protocol)> = {
-        let mut p: BTreeSet<(u16, Protocol)> = BTreeSet::new();
-        for np in cluster.policies.values() {
-            for r in np.spec.iter().flat_map(|s| s.egress.iter().flatten()) {
-                for port in r.ports.iter().flatten() {
-                    if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) =
-                        port.port
-                        && let (Ok(n), Some(pr)) = (
-                            u16::try_from(n),
-                            Protocol::parse_defaulted(port.protocol.as_deref()),
-                        )
-                    {
-                        p.insert((n, pr));
-                    }
-                }
-            }
-        }
-        if p.is_empty() {
-            p.insert((80, Protocol::Tcp));
-        }
-        p.into_iter().collect()
-    };
+    let mut address_ports = super::whatif::egress_ports(&[cluster]);
+    if address_ports.is_empty() {
+        address_ports.push((80, Protocol::Tcp));
+    }
     for (i, members) in classes.members.iter().enumerate() {
         if !in_scope(i) {
             continue;

@@ -165,13 +165,11 @@ fn unmet<'a>(
     candidates: impl Iterator<Item = &'a Labels> + Clone,
 ) -> Vec<String> {
     let mut met: BTreeMap<String, bool> = BTreeMap::new();
-    let mut texts: BTreeMap<String, String> = BTreeMap::new();
     for labels in candidates {
         let misses: Vec<_> = evaluator::selector_misses(sel, labels).collect();
         for m in sel_requirements(sel) {
             let missed = misses.iter().any(|x| x.key == m.0 && x.operator == m.1);
             *met.entry(m.2.clone()).or_insert(false) |= !missed;
-            texts.insert(m.2.clone(), m.2);
         }
     }
     if met.is_empty() {
@@ -238,36 +236,15 @@ type Rule<'a> = (
 );
 
 fn rules(spec: &NetworkPolicySpec, d: Direction) -> Vec<Rule<'_>> {
-    match d {
-        Direction::Ingress => spec
-            .ingress
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, r)| {
-                (
-                    format!("spec.ingress[{i}]"),
-                    "from",
-                    r.from.as_ref(),
-                    r.ports.as_ref(),
-                )
-            })
-            .collect(),
-        Direction::Egress => spec
-            .egress
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, r)| {
-                (
-                    format!("spec.egress[{i}]"),
-                    "to",
-                    r.to.as_ref(),
-                    r.ports.as_ref(),
-                )
-            })
-            .collect(),
-    }
+    let (list, side) = match d {
+        Direction::Ingress => ("ingress", "from"),
+        Direction::Egress => ("egress", "to"),
+    };
+    evaluator::rule_parts(spec, d)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (peers, ports))| (format!("spec.{list}[{i}]"), side, peers, ports))
+        .collect()
 }
 
 fn lint_policy(index: &Index<'_>, key: &ObjectKey, np: &NetworkPolicy, out: &mut Vec<Finding>) {
@@ -314,7 +291,7 @@ fn lint_policy(index: &Index<'_>, key: &ObjectKey, np: &NetworkPolicy, out: &mut
             "use the labels the pods carry (`kubectl get pods --show-labels`; `kubectl run` sets run=NAME, not app=NAME)".into(),
         ));
     }
-    ignored_rules(key, np, spec, out);
+    ignored_rules(key, spec, out);
     for d in [Direction::Ingress, Direction::Egress] {
         let rs = rules(spec, d);
         for (field, side, peers, ports) in &rs {
@@ -338,16 +315,10 @@ fn lint_policy(index: &Index<'_>, key: &ObjectKey, np: &NetworkPolicy, out: &mut
     }
 }
 
-fn ignored_rules(
-    key: &ObjectKey,
-    np: &NetworkPolicy,
-    spec: &NetworkPolicySpec,
-    out: &mut Vec<Finding>,
-) {
+fn ignored_rules(key: &ObjectKey, spec: &NetworkPolicySpec, out: &mut Vec<Finding>) {
     let Some(types) = spec.policy_types.as_ref().filter(|t| !t.is_empty()) else {
         return;
     };
-    let _ = np;
     for (name, field, present) in [
         (
             "Ingress",

@@ -76,28 +76,26 @@ impl State {
 
     /// Deletes the objects of these kinds and names.
     pub fn delete(&mut self, objects: &[Object]) {
-        let changes = objects
-            .iter()
-            .map(|o| Change::Delete(o.kind(), o.key()))
-            .collect();
+        self.change(
+            objects
+                .iter()
+                .map(|o| Change::Delete(o.kind(), o.key()))
+                .collect(),
+        );
+    }
+
+    /// Adds or replaces objects (create-or-replace, like `kubectl apply`).
+    pub fn apply(&mut self, objects: Vec<Object>) {
+        self.change(objects.into_iter().map(Change::Apply).collect());
+    }
+
+    fn change(&mut self, changes: Vec<Change>) {
         self.store.apply(crate::sources::Update {
             changes,
             revision: 0,
             changed_at: std::time::SystemTime::UNIX_EPOCH,
             errors: Vec::new(),
         });
-    }
-
-    /// Adds or replaces objects (create-or-replace, like `kubectl apply`).
-    pub fn apply(&mut self, objects: Vec<Object>) {
-        for o in objects {
-            self.store.apply(crate::sources::Update {
-                changes: vec![Change::Apply(o)],
-                revision: 0,
-                changed_at: std::time::SystemTime::UNIX_EPOCH,
-                errors: Vec::new(),
-            });
-        }
     }
 }
 
@@ -197,36 +195,32 @@ fn read_text(
     }
 }
 
+/// Field `key` of `value` as a `T` (absent: `T::default()`); errors name `field`.
+fn field<T: serde::de::DeserializeOwned + Default>(
+    value: &serde_yaml::Value,
+    key: &str,
+    field: &str,
+) -> Result<T, String> {
+    value
+        .get(key)
+        .cloned()
+        .map(serde_yaml::from_value)
+        .transpose()
+        .map_err(|e| format!("{field}: {e}"))
+        .map(Option::unwrap_or_default)
+}
+
 /// The pod a workload's template describes, named after the workload.
 fn template_pod(value: &serde_yaml::Value, path: &[&str]) -> Result<Pod, String> {
-    let meta: ObjectMeta = value
-        .get("metadata")
-        .cloned()
-        .map(serde_yaml::from_value)
-        .transpose()
-        .map_err(|e| format!("metadata: {e}"))?
-        .unwrap_or_default();
+    let meta: ObjectMeta = field(value, "metadata", "metadata")?;
     let name = meta.name.clone().ok_or("metadata.name: missing")?;
+    let at = path.join(".");
     let mut template = value;
     for step in path {
-        template = template
-            .get(step)
-            .ok_or_else(|| format!("{}: missing", path.join(".")))?;
+        template = template.get(step).ok_or_else(|| format!("{at}: missing"))?;
     }
-    let template_meta: ObjectMeta = template
-        .get("metadata")
-        .cloned()
-        .map(serde_yaml::from_value)
-        .transpose()
-        .map_err(|e| format!("{}.metadata: {e}", path.join(".")))?
-        .unwrap_or_default();
-    let spec: PodSpec = template
-        .get("spec")
-        .cloned()
-        .map(serde_yaml::from_value)
-        .transpose()
-        .map_err(|e| format!("{}.spec: {e}", path.join(".")))?
-        .unwrap_or_default();
+    let template_meta: ObjectMeta = field(template, "metadata", &format!("{at}.metadata"))?;
+    let spec: PodSpec = field(template, "spec", &format!("{at}.spec"))?;
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(name),

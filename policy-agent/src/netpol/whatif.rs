@@ -80,7 +80,7 @@ fn first_host(p: &crate::compiler::cidr::Prefix) -> Option<IpAddr> {
 }
 
 /// Numeric ports egress rules name (what off-cluster destinations are probed on).
-fn egress_ports(clusters: &[&Cluster]) -> Vec<(u16, Protocol)> {
+pub fn egress_ports(clusters: &[&Cluster]) -> Vec<(u16, Protocol)> {
     let mut out = BTreeSet::new();
     for c in clusters {
         for np in c.policies.values() {
