@@ -274,6 +274,52 @@ fn lab_commands_enforce_policy_and_down_leaves_nothing() {
         "8080"
     ]));
 
+    // `kubectl netpol --lab` reads this lab and agrees, cell for cell, with what the real
+    // dataplane did: the probe's truth tables are the expectation file.
+    let observed = lab.ok(&["probe", "--timeout-ms", "500"]);
+    let expect = std::env::temp_dir().join(format!("{}-observed.txt", lab.prefix));
+    std::fs::write(&expect, &observed).unwrap();
+    let out = netpol(&[
+        "--lab",
+        &lab.prefix,
+        "test",
+        "--expect",
+        &expect.display().to_string(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cells: usize = text
+        .split('/')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a cell count: {text}"));
+    assert!(cells >= 20, "every pair judged: {text}");
+    let explain = netpol(&[
+        "--lab",
+        &lab.prefix,
+        "explain",
+        "--from",
+        "shop/frontend",
+        "--to",
+        "shop/database",
+        "--port",
+        "5432",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(explain.status.code(), Some(1), "a denied flow exits 1");
+    let v: Value = serde_json::from_slice(&explain.stdout).unwrap();
+    assert_eq!(v["allowed"], false, "{v}");
+    assert_eq!(
+        v["ingress"]["policies"],
+        serde_json::json!(["shop/database", "shop/default-deny-all"]),
+        "{v}"
+    );
+
     // Relabel in place: the database becomes a frontend and may call the backend, keeping its IP.
     let db_ip = |v: &Value| {
         v["items"]

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::flows::{self, Target};
 use crate::evaluator::{self, Flow, LabelMiss, Outcome, PeerMiss, PortMiss, Protocol, RuleTrace};
-use crate::model::{Cluster, NAMESPACE_NAME_LABEL};
+use crate::model::{Cluster, NAMESPACE_NAME_LABEL, ObjectKey};
 
 /// The JSON of `explain -o json` (one per port when the port is not given).
 #[derive(Clone, Debug, Serialize)]
@@ -133,8 +133,22 @@ pub fn explain(
             _ => {}
         }
     }
+    // Said only where it can matter: the other side's isolating policies name an ipBlock.
     let unaddressed = |t: &Target| matches!(t, Target::Pod(k) if cluster.pods[k].ips.is_empty());
-    if unaddressed(from) || unaddressed(to) {
+    let names_block = |policies: &[ObjectKey], d: Direction| {
+        policies.iter().any(|k| {
+            cluster.policies.get(k).is_some_and(|np| {
+                np.spec.as_ref().is_some_and(|spec| {
+                    evaluator::rule_parts(spec, d).iter().any(|(peers, _)| {
+                        peers.is_some_and(|v| v.iter().any(|p| p.ip_block.is_some()))
+                    })
+                })
+            })
+        })
+    };
+    if (unaddressed(to) && names_block(&verdict.egress.isolating, Direction::Egress))
+        || (unaddressed(from) && names_block(&verdict.ingress.isolating, Direction::Ingress))
+    {
         notes.push(
             "a pod without an address (a workload's template, or not scheduled yet) matches pod \
              selectors but no ipBlock"

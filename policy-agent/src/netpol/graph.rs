@@ -191,7 +191,7 @@ fn quote(s: &str) -> String {
 /// The graph as DOT.
 pub fn dot(g: &Graph) -> String {
     let mut out = String::from(
-        "digraph netpol {\n  rankdir=LR;\n  node [shape=box, style=\"rounded,filled\", fillcolor=white, fontname=\"DejaVu Sans\"];\n  edge [fontname=\"DejaVu Sans\", fontsize=10];\n",
+        "digraph netpol {\n  rankdir=LR;\n  graph [fontname=\"DejaVu Sans\"];\n  node [shape=box, style=\"rounded,filled\", fillcolor=white, fontname=\"DejaVu Sans\"];\n  edge [fontname=\"DejaVu Sans\", fontsize=10];\n",
     );
     let mut by_ns: BTreeMap<Option<&str>, Vec<&GraphNode>> = BTreeMap::new();
     for n in &g.nodes {

@@ -65,6 +65,7 @@ pub enum Command {
         /// NS/POD, node/NAME or an address.
         #[arg(long)]
         from: String,
+        /// NS/POD, node/NAME or an address.
         #[arg(long)]
         to: String,
         /// A number or a port name of the destination pod (default: every port it declares).

@@ -46,6 +46,25 @@ pub fn prefix(tag: char) -> String {
     format!("t{s}{tag}")
 }
 
+/// `kubectl-netpol ARGS`, built from this workspace.
+pub fn netpol(args: &[&str]) -> std::process::Output {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    std::process::Command::new(cargo)
+        .current_dir(root())
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "policy-agent",
+            "--bin",
+            "kubectl-netpol",
+            "--",
+        ])
+        .args(args)
+        .output()
+        .expect("cargo runs")
+}
+
 pub struct LabGuard {
     pub prefix: String,
 }
