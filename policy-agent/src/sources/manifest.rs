@@ -24,11 +24,17 @@
 //!
 //! # Invalid input
 //!
-//! An object that does not parse is reported (file, document, object, field) and skipped; the
-//! rest of the directory is applied. A NetworkPolicy that does not parse fails closed: it is
-//! replaced by a policy that isolates the pods it selects (all pods of its namespace if even its
-//! `podSelector` is unreadable) in both directions and allows nothing, so a typo never opens
-//! traffic the author meant to restrict.
+//! An object that does not parse, lacks a name, has the wrong `apiVersion`, or carries labels or
+//! annotations the API server would reject ([`meta`]) is reported (file, document, object,
+//! field) and skipped; the rest of the directory is applied.
+//!
+//! A NetworkPolicy that cannot be enforced as written fails closed instead, so a mistake never
+//! opens traffic the author meant to restrict: it is replaced by a policy that isolates the pods
+//! it selects and allows nothing. When its spec parses (only its metadata is wrong), the stand-in
+//! keeps its `podSelector` and the directions it declares; when even the spec does not parse, it
+//! isolates both directions, and every pod of its namespace if the `podSelector` is unreadable.
+//! A policy without `metadata.name` is keyed `<unnamed: FILE: document N>` (unique and
+//! readable).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -52,7 +58,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::{Change, Kind, Object, Update, strip};
-use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey};
+use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey, meta};
+use policy_common::Direction;
 
 /// Name of the revision file inside the manifest directory.
 pub const REVISION_FILE: &str = ".revision";
@@ -269,6 +276,7 @@ pub fn parse_documents(path: &Path, text: &str, errors: &mut Vec<String>) -> Vec
     out
 }
 
+/// Parses one document (`at` names its file and index) into `out`, problems into `errors`.
 pub fn parse_value(
     at: &str,
     value: serde_yaml::Value,
@@ -284,7 +292,11 @@ pub fn parse_value(
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_owned();
-    let label = format!("{kind} {name:?}");
+    let label = if name.is_empty() {
+        kind.clone()
+    } else {
+        format!("{kind} {name:?}")
+    };
     if kind == "List" {
         match value.get("items").and_then(|i| i.as_sequence()) {
             Some(items) => {
@@ -312,34 +324,94 @@ pub fn parse_value(
             return;
         }
     };
+    let is_policy = kind == "NetworkPolicy";
+    // Problems that make the object unusable as written, each `field: reason`.
+    let mut problems = Vec::new();
     if api_version != expected {
-        errors.push(format!(
-            "{at}: {label}: apiVersion: {api_version:?}, expected {expected:?}"
+        problems.push(format!(
+            "apiVersion: {api_version:?}, expected {expected:?}"
         ));
-        return;
     }
     if name.is_empty() {
-        errors.push(format!("{at}: {kind}: metadata.name: missing"));
+        problems.push("metadata.name: missing".to_owned());
+    }
+    if !problems.is_empty() && !is_policy {
+        for p in problems {
+            errors.push(format!("{at}: {label}: {p}"));
+        }
         return;
     }
-    let parsed = match kind.as_str() {
-        "Namespace" => typed::<Namespace>(&value).map(Object::from),
-        "Pod" => typed::<Pod>(&value).map(Object::from),
-        "Service" => typed::<Service>(&value).map(Object::from),
-        "Node" => typed::<Node>(&value).map(Object::from),
-        "EndpointSlice" => typed::<EndpointSlice>(&value).map(Object::from),
-        _ => typed::<NetworkPolicy>(&value).map(Object::from),
-    };
-    match parsed {
-        Ok(object) => out.push(normalize(object)),
-        Err(e) if kind == "NetworkPolicy" => {
-            errors.push(format!(
-                "{at}: {label}: {e}; enforcing it as deny-all for the pods it selects"
-            ));
-            out.push(normalize(Object::from(fail_closed_policy(&value, &e))));
+    // A policy of the wrong apiVersion is still read as a v1 policy, to fail closed on what it
+    // selects (k8s-openapi checks apiVersion).
+    let corrected;
+    let value = if api_version != expected {
+        let mut v = value.clone();
+        if let Some(m) = v.as_mapping_mut() {
+            m.insert("apiVersion".into(), expected.into());
         }
-        Err(e) => errors.push(format!("{at}: {label}: {e}; skipped")),
+        corrected = v;
+        &corrected
+    } else {
+        &value
+    };
+    let parsed = match kind.as_str() {
+        "Namespace" => typed::<Namespace>(value).map(Object::from),
+        "Pod" => typed::<Pod>(value).map(Object::from),
+        "Service" => typed::<Service>(value).map(Object::from),
+        "Node" => typed::<Node>(value).map(Object::from),
+        "EndpointSlice" => typed::<EndpointSlice>(value).map(Object::from),
+        _ => typed::<NetworkPolicy>(value).map(Object::from),
+    };
+    let spec = match parsed {
+        Ok(object) => {
+            problems.extend(
+                meta::object_meta(object.metadata())
+                    .iter()
+                    .map(ToString::to_string),
+            );
+            if problems.is_empty() {
+                out.push(normalize(object));
+                return;
+            }
+            match object {
+                Object::NetworkPolicy(np) => Some(np.spec.unwrap_or_default()),
+                _ => {
+                    for p in problems {
+                        errors.push(format!("{at}: {label}: {p}; skipped"));
+                    }
+                    return;
+                }
+            }
+        }
+        Err(e) if is_policy => {
+            problems.push(e);
+            None
+        }
+        Err(e) => {
+            errors.push(format!("{at}: {label}: {e}; skipped"));
+            return;
+        }
+    };
+    // A NetworkPolicy that cannot be enforced as written fails closed.
+    let name = if name.is_empty() {
+        format!("<unnamed: {at}>")
+    } else {
+        name
+    };
+    let stand_in = normalize(Object::from(fail_closed_policy(
+        value,
+        name,
+        spec.as_ref(),
+        &problems.join("; "),
+    )));
+    let key = stand_in.key();
+    for p in problems {
+        errors.push(format!(
+            "{at}: {label}: {p}; enforcing it as deny-all for the pods it selects \
+             (NetworkPolicy {key})"
+        ));
     }
+    out.push(stand_in);
 }
 
 /// Deserializes straight from the `Value`; when that fails, again from the re-serialized text,
@@ -361,29 +433,58 @@ fn strip_location(message: &str) -> String {
     }
 }
 
-/// A policy isolating, in both directions and with no allow rules, the pods that the unparseable
-/// `value` selects — or every pod of its namespace when its podSelector is unreadable too.
-fn fail_closed_policy(value: &serde_yaml::Value, reason: &str) -> NetworkPolicy {
+/// The deny-all stand-in, named `name`, for a NetworkPolicy that cannot be enforced as written:
+/// it isolates the pods the policy selects and allows nothing.
+///
+/// - When the policy's `spec` parses (`spec` is `Some`: only its metadata is wrong, or its name
+///   missing), the stand-in keeps its `podSelector` and isolates in the directions it declares
+///   (`policyTypes`, defaulted as the evaluator defaults it; both directions when `policyTypes`
+///   holds an unknown type) — what the compiler and the evaluator do with a policy the API server
+///   would reject.
+/// - When even the spec does not parse, its declarations cannot be trusted: the stand-in isolates
+///   both directions, and every pod of the namespace when `podSelector` is unreadable too.
+fn fail_closed_policy(
+    value: &serde_yaml::Value,
+    name: String,
+    spec: Option<&NetworkPolicySpec>,
+    reason: &str,
+) -> NetworkPolicy {
     let mut policy = NetworkPolicy::default();
-    if let Some(meta) = value.get("metadata") {
-        policy.metadata.name = meta.get("name").and_then(|v| v.as_str()).map(Into::into);
-        policy.metadata.namespace = meta
-            .get("namespace")
-            .and_then(|v| v.as_str())
-            .map(Into::into);
-    }
+    policy.metadata.name = Some(name);
+    policy.metadata.namespace = value
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+        .map(Into::into);
     policy.metadata.annotations = Some(BTreeMap::from([(
         INVALID_ANNOTATION.to_owned(),
         reason.to_owned(),
     )]));
-    let selector = value
-        .get("spec")
-        .and_then(|s| s.get("podSelector"))
-        .and_then(|s| serde_yaml::from_value::<LabelSelector>(s.clone()).ok())
-        .unwrap_or_default();
+    let (selector, directions) = match spec {
+        Some(spec) => (
+            spec.pod_selector.clone().unwrap_or_default(),
+            crate::evaluator::declared_types(spec),
+        ),
+        None => (
+            value
+                .get("spec")
+                .and_then(|s| s.get("podSelector"))
+                .and_then(|s| serde_yaml::from_value::<LabelSelector>(s.clone()).ok())
+                .unwrap_or_default(),
+            vec![Direction::Ingress, Direction::Egress],
+        ),
+    };
     policy.spec = Some(NetworkPolicySpec {
         pod_selector: Some(selector),
-        policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+        policy_types: Some(
+            directions
+                .into_iter()
+                .map(|d| match d {
+                    Direction::Ingress => "Ingress".to_owned(),
+                    Direction::Egress => "Egress".to_owned(),
+                })
+                .collect(),
+        ),
         ..Default::default()
     });
     policy
