@@ -554,3 +554,29 @@ fn selectors_with_invalid_labels_reject_the_policy_in_compiler_and_evaluator() {
     );
     assert!(from_b.allowed);
 }
+
+#[test]
+fn a_document_nested_too_deep_is_rejected_unparsed_and_the_rest_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    // 120 KB of brackets nested 60,000 deep, after a valid document of the same file.
+    let deep = format!("{}{}", "[".repeat(60_000), "]".repeat(60_000));
+    fs::write(
+        dir.path().join("a-deep.yaml"),
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: before}}\n---\n{deep}\n"),
+    )
+    .unwrap();
+    fs::write(dir.path().join("b-good.yaml"), GOOD).unwrap();
+    let scan = manifest::scan(dir.path());
+    assert_eq!(scan.errors.len(), 1, "{:?}", scan.errors);
+    assert!(
+        scan.errors[0].contains(
+            "a-deep.yaml: document 2: nesting depth exceeds the limit of 100 (scan stopped \
+             after 100 bytes)"
+        ),
+        "rejected by the pre-scan after reading 100 of its 120,000 bytes: {:?}",
+        scan.errors
+    );
+    let store = store_of(scan.into_update(1));
+    assert!(store.cluster.namespaces.contains_key("before"));
+    assert_eq!(store.cluster.pods.len(), 3, "the other file applies");
+}

@@ -909,3 +909,28 @@ fn expectations_pass_and_fail_per_cell() {
             .contains("line 3")
     );
 }
+
+#[test]
+fn costly_documents_are_rejected_before_parsing_and_the_rest_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep.yaml");
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n---\nkind: [unclosed\n---\n{namespace}",
+            "[".repeat(60_000)
+        ),
+    )
+    .unwrap();
+    let Err(state::LoadError::Invalid { errors, .. }) = state::load(&Source::Files(vec![path]))
+    else {
+        panic!("the file is invalid");
+    };
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("deep.yaml: document 1: nesting depth exceeds the limit of 100"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("deep.yaml: document 2"), "{errors:?}");
+}

@@ -6,6 +6,7 @@
 //! compiler, diff, map writes — is the same code for both, so what the lab proves with manifests is
 //! what a cluster runs.
 
+pub mod documents;
 pub mod kubernetes;
 pub mod manifest;
 
