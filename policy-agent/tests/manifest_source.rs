@@ -580,3 +580,53 @@ fn a_document_nested_too_deep_is_rejected_unparsed_and_the_rest_applies() {
     assert!(store.cluster.namespaces.contains_key("before"));
     assert_eq!(store.cluster.pods.len(), 3, "the other file applies");
 }
+
+#[test]
+fn errors_found_after_parsing_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pods.yaml"), TWO_PODS).unwrap();
+    fs::write(
+        dir.path().join("more.yaml"),
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: odd}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.244.1.999}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {namespace: x, name: cidr}
+  spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}
+"#,
+    )
+    .unwrap();
+    let store = store_of(manifest::scan(dir.path()).into_update(1));
+    let compiled = Compiler::new().compile(
+        &store.cluster,
+        &common::node_context(&store.cluster, "node-1"),
+    );
+    let described: Vec<String> = compiled.errors.iter().map(|e| store.describe(e)).collect();
+    let file = dir.path().join("more.yaml").display().to_string();
+    for expected in [
+        format!("{file}: document 1: Pod x/odd: status.podIP"),
+        format!("{file}: document 2: NetworkPolicy x/cidr: spec.ingress[0].from[0].ipBlock.cidr"),
+    ] {
+        assert!(
+            described.iter().any(|d| d.starts_with(&expected)),
+            "{expected:?} in {described:?}"
+        );
+    }
+    // Objects whose origin is unknown (another source) are reported as before.
+    let mut other = store.clone();
+    other.origins.clear();
+    assert!(
+        compiled
+            .errors
+            .iter()
+            .all(|e| other.describe(e) == e.to_string())
+    );
+}

@@ -95,6 +95,7 @@ impl State {
             revision: 0,
             changed_at: std::time::SystemTime::UNIX_EPOCH,
             errors: Vec::new(),
+            origins: Default::default(),
         });
     }
 }

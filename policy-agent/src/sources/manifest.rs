@@ -63,7 +63,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{Change, Kind, Object, Update, documents, strip};
+use super::{Change, Kind, Object, Origins, Update, documents, strip};
 use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey, meta};
 use policy_common::Direction;
 
@@ -83,6 +83,8 @@ pub struct Scan {
     pub errors: Vec<String>,
     /// Newest mtime among `.revision` and the manifests.
     pub newest: Option<SystemTime>,
+    /// Where each object was read (`FILE: document N`); implicit namespaces have none.
+    pub origins: Origins,
 }
 
 impl Scan {
@@ -98,6 +100,7 @@ impl Scan {
             revision,
             changed_at: self.newest.unwrap_or_else(SystemTime::now),
             errors: self.errors,
+            origins: self.origins,
         }
     }
 }
@@ -135,11 +138,14 @@ pub fn scan(dir: &Path) -> Scan {
     Scanner::default().scan(dir)
 }
 
+/// One file as last parsed: content hash, objects with where in the file, errors.
+type ParsedFile = (u64, Vec<(String, Object)>, Vec<String>);
+
 /// Scans a directory repeatedly, parsing only files whose content changed since the last scan.
 #[derive(Default)]
 pub struct Scanner {
-    /// Path → (content hash, objects and errors parsed from it).
-    parsed: HashMap<PathBuf, (u64, Vec<Object>, Vec<String>)>,
+    /// Path → what was parsed from it.
+    parsed: HashMap<PathBuf, ParsedFile>,
 }
 
 impl Scanner {
@@ -154,7 +160,7 @@ impl Scanner {
             scan.errors.push(format!("{}: {e}", dir.display()));
         }
         self.parsed.retain(|p, _| files.contains(p));
-        let mut by_key: BTreeMap<(Kind, ObjectKey), (PathBuf, Object)> = BTreeMap::new();
+        let mut by_key: BTreeMap<(Kind, ObjectKey), (PathBuf, String, Object)> = BTreeMap::new();
         for path in files {
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
@@ -175,15 +181,15 @@ impl Scanner {
                 Some(entry) if entry.0 == hash => entry,
                 _ => {
                     let mut errors = Vec::new();
-                    let objects = parse_documents(&path, &text, &mut errors);
+                    let objects = parse_file(&path, &text, &mut errors);
                     self.parsed.insert(path.clone(), (hash, objects, errors));
                     &self.parsed[&path]
                 }
             };
             scan.errors.extend(errors.iter().cloned());
-            for object in objects {
+            for (at, object) in objects {
                 let key = (object.kind(), object.key());
-                if let Some((previous, _)) = by_key.get(&key) {
+                if let Some((previous, ..)) = by_key.get(&key) {
                     scan.errors.push(format!(
                         "{}: {} {} is also defined in {}; the later file wins",
                         path.display(),
@@ -192,11 +198,12 @@ impl Scanner {
                         previous.display()
                     ));
                 }
-                by_key.insert(key, (path.clone(), object.clone()));
+                by_key.insert(key, (path.clone(), at.clone(), object.clone()));
             }
         }
-        for ((kind, _), (_, object)) in by_key {
+        for ((kind, key), (_, at, object)) in by_key {
             scan.objects.entry(kind).or_default().push(object);
+            scan.origins.insert((kind, key), at);
         }
         add_implicit_namespaces(&mut scan.objects);
         scan
@@ -267,12 +274,25 @@ fn fingerprint(dir: &Path) -> Fingerprint {
 /// Problems go to `errors`; a document that is too costly or broken is reported and skipped, and
 /// the documents after it are still read.
 pub fn parse_documents(path: &Path, text: &str, errors: &mut Vec<String>) -> Vec<Object> {
+    parse_file(path, text, errors)
+        .into_iter()
+        .map(|(_, object)| object)
+        .collect()
+}
+
+/// [`parse_documents`], each object with where it was read (`FILE: document N`).
+fn parse_file(path: &Path, text: &str, errors: &mut Vec<String>) -> Vec<(String, Object)> {
     let mut out = Vec::new();
+    let mut objects = Vec::new();
     for (index, document) in documents::documents(text) {
         let at = format!("{}: document {index}", path.display());
         match document {
             Ok(serde_yaml::Value::Null) => {}
-            Ok(value) => parse_value(&at, value, errors, &mut out),
+            Ok(value) => {
+                parse_value(&at, value, errors, &mut objects);
+                // A List's items are all of this document.
+                out.extend(objects.drain(..).map(|o| (at.clone(), o)));
+            }
             Err(e) => errors.push(format!("{at}: {e}")),
         }
     }
