@@ -221,6 +221,13 @@ fn template_pod(value: &serde_yaml::Value, path: &[&str]) -> Result<Pod, String>
         template = template.get(step).ok_or_else(|| format!("{at}: missing"))?;
     }
     let template_meta: ObjectMeta = field(template, "metadata", &format!("{at}.metadata"))?;
+    if let Some(e) = template_meta.labels.as_ref().and_then(|l| {
+        crate::model::meta::labels(&format!("{at}.metadata.labels"), l)
+            .into_iter()
+            .next()
+    }) {
+        return Err(e.to_string());
+    }
     let spec: PodSpec = field(template, "spec", &format!("{at}.spec"))?;
     Ok(Pod {
         metadata: ObjectMeta {
