@@ -366,7 +366,7 @@ impl Loop {
         self.record_maps();
 
         let mut errors: Vec<String> = self.store.errors.clone();
-        errors.extend(compilation.errors.iter().map(ToString::to_string));
+        errors.extend(compilation.errors.iter().map(|e| self.store.describe(e)));
         errors.extend(report.problems.iter().cloned());
         self.log_problems(&errors);
         {

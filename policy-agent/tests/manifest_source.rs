@@ -2,9 +2,13 @@
 //! defaults, invalid input reported with file / document / object / field and skipped (a
 //! NetworkPolicy failing closed), and the watcher with the `.revision` protocol.
 
+mod common;
+
 use std::{fs, path::Path, time::Duration};
 
 use policy_agent::{
+    compiler::Compiler,
+    evaluator::{self, Flow, Outcome, Peer, Protocol, Verdict},
     model::ObjectKey,
     sources::{
         Change, ClusterStore, Kind, Update,
@@ -312,4 +316,317 @@ async fn watcher_follows_changes_and_the_revision_file() {
     store.apply(update);
     assert!(!store.cluster.namespaces.contains_key("z"));
     task.abort();
+}
+
+/// Two pods of namespace `x` on `node-1`, `a` (10.244.1.2) and `b` (10.244.1.3), and the node.
+const TWO_PODS: &str = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+status: {addresses: [{type: InternalIP, address: 172.18.0.2}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: a, labels: {pod: a}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}], hostIP: 172.18.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: b, labels: {pod: b}}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.244.1.3, podIPs: [{ip: 10.244.1.3}], hostIP: 172.18.0.2}
+"#;
+
+fn tcp(from: &str, to: &str) -> Flow {
+    let peer = |name: &str, ip: &str| Peer::Pod {
+        pod: ObjectKey::new("x", name),
+        ip: ip.parse().unwrap(),
+    };
+    let ip = |name: &str| {
+        if name == "a" {
+            "10.244.1.2"
+        } else {
+            "10.244.1.3"
+        }
+    };
+    Flow {
+        src: peer(from, ip(from)),
+        dst: peer(to, ip(to)),
+        protocol: Protocol::Tcp,
+        port: 80,
+    }
+}
+
+/// The compiled dataplane and the reference evaluator agree on every flow between `a` and `b`;
+/// returns the evaluator's verdicts for a→b and b→a.
+fn verdicts(store: &ClusterStore) -> (Verdict, Verdict) {
+    let compiled = common::Compiled::new(&store.cluster, &["node-1"]);
+    for (from, to) in [("a", "b"), ("b", "a")] {
+        common::check_flow(&store.cluster, &compiled, &tcp(from, to)).unwrap();
+    }
+    (
+        evaluator::evaluate(&store.cluster, &tcp("a", "b")),
+        evaluator::evaluate(&store.cluster, &tcp("b", "a")),
+    )
+}
+
+#[test]
+fn a_policy_without_a_name_still_isolates_what_it_selects() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pods.yaml"), TWO_PODS).unwrap();
+    let open = store_of(manifest::scan(dir.path()).into_update(1));
+    assert!(verdicts(&open).0.allowed, "nothing isolates b yet");
+
+    let nameless = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: x}\n\
+                    spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}\n";
+    fs::write(
+        dir.path().join("p.yaml"),
+        format!("{nameless}---\n{nameless}"),
+    )
+    .unwrap();
+    let scan = manifest::scan(dir.path());
+    for document in [1, 2] {
+        assert!(
+            scan.errors.iter().any(|e| e.contains(&format!(
+                "p.yaml: document {document}: NetworkPolicy: metadata.name: missing"
+            )) && e.contains("deny-all")),
+            "{:?}",
+            scan.errors
+        );
+    }
+    let store = store_of(scan.into_update(2));
+    let keys: Vec<&ObjectKey> = store.cluster.policies.keys().collect();
+    assert_eq!(
+        keys.len(),
+        2,
+        "each nameless policy keyed on its own: {keys:?}"
+    );
+    for (key, document) in keys.iter().zip([1, 2]) {
+        assert_eq!(key.namespace, "x");
+        assert!(
+            key.name.starts_with("<unnamed: ")
+                && key.name.ends_with(&format!("p.yaml: document {document}>")),
+            "{key}"
+        );
+    }
+    let (to_b, from_b) = verdicts(&store);
+    assert!(!to_b.allowed, "b is isolated for ingress: {to_b:?}");
+    assert_eq!(to_b.ingress.outcome, Outcome::Denied);
+    assert_eq!(to_b.ingress.isolating.len(), 2);
+    assert!(
+        from_b.allowed,
+        "only the declared direction is isolated: {from_b:?}"
+    );
+}
+
+#[test]
+fn a_policy_with_a_wrong_api_version_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pods.yaml"), TWO_PODS).unwrap();
+    fs::write(
+        dir.path().join("p.yaml"),
+        "apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\n\
+         metadata: {namespace: x, name: old}\n\
+         spec: {podSelector: {matchLabels: {pod: b}}, ingress: [{}]}\n",
+    )
+    .unwrap();
+    let scan = manifest::scan(dir.path());
+    assert!(
+        scan.errors
+            .iter()
+            .any(|e| e.contains("NetworkPolicy \"old\": apiVersion") && e.contains("deny-all")),
+        "{:?}",
+        scan.errors
+    );
+    let store = store_of(scan.into_update(1));
+    let (to_b, from_b) = verdicts(&store);
+    assert!(!to_b.allowed, "its allow-all rule is not used: {to_b:?}");
+    assert!(
+        from_b.allowed,
+        "it declares ingress only (by default): {from_b:?}"
+    );
+}
+
+#[test]
+fn labels_and_annotations_are_checked_as_the_api_server_does() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pods.yaml"), TWO_PODS).unwrap();
+    let long = "v".repeat(100);
+    fs::write(
+        dir.path().join("bad.yaml"),
+        format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: x, labels: {{x: {long}}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{namespace: x, name: c, labels: {{"a/b/c": v}}}}
+spec: {{containers: [{{name: c}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{namespace: x, name: s, annotations: {{"-bad": v}}}}
+spec: {{clusterIP: 10.96.0.10}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{namespace: x, name: s-1, labels: {{kubernetes.io/service-name: "-s"}}}}
+addressType: IPv4
+endpoints: []
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{namespace: x, name: labelled, labels: {{team: "a b"}}}}
+spec: {{podSelector: {{matchLabels: {{pod: b}}}}, policyTypes: [Ingress], ingress: [{{}}]}}
+"#
+        ),
+    )
+    .unwrap();
+    let scan = manifest::scan(dir.path());
+    let errors = scan.errors.join("\n");
+    for expected in [
+        "bad.yaml: document 1: Namespace \"x\": metadata.labels[\"x\"]: value longer than 63 \
+         characters; skipped",
+        "bad.yaml: document 2: Pod \"c\": metadata.labels[\"a/b/c\"]: key has more than one '/'",
+        "bad.yaml: document 3: Service \"s\": metadata.annotations[\"-bad\"]: key name",
+        "bad.yaml: document 4: EndpointSlice \"s-1\": \
+         metadata.labels[\"kubernetes.io/service-name\"]: value \"-s\"",
+        "bad.yaml: document 5: NetworkPolicy \"labelled\": metadata.labels[\"team\"]: value \"a b\"",
+    ] {
+        assert!(errors.contains(expected), "{expected:?} in\n{errors}");
+    }
+    let store = store_of(scan.into_update(1));
+    let c = &store.cluster;
+    // The invalid objects are left out; everything else is enforced.
+    assert!(!c.pods.contains_key(&ObjectKey::new("x", "c")));
+    assert!(c.services.is_empty() && store.endpoint_slices.is_empty());
+    assert_eq!(
+        c.namespaces["x"].metadata.labels.as_ref().unwrap().len(),
+        1,
+        "the namespace exists implicitly, with its name label only"
+    );
+    // The policy with invalid labels fails closed: b isolated for ingress, its allow-all rule
+    // not used.
+    let (to_b, from_b) = verdicts(&store);
+    assert_eq!(to_b.ingress.outcome, Outcome::Denied, "{to_b:?}");
+    assert_eq!(
+        to_b.ingress.isolating,
+        vec![ObjectKey::new("x", "labelled")]
+    );
+    assert!(from_b.allowed);
+}
+
+#[test]
+fn selectors_with_invalid_labels_reject_the_policy_in_compiler_and_evaluator() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pods.yaml"), TWO_PODS).unwrap();
+    let long = "b".repeat(64);
+    fs::write(
+        dir.path().join("p.yaml"),
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+             metadata: {{namespace: x, name: p}}\n\
+             spec:\n  podSelector: {{matchLabels: {{pod: b}}}}\n  policyTypes: [Ingress]\n  \
+             ingress: [{{from: [{{podSelector: {{matchLabels: {{pod: {long}}}}}}}]}}, {{}}]\n"
+        ),
+    )
+    .unwrap();
+    let store = store_of(manifest::scan(dir.path()).into_update(1));
+    let compiled = Compiler::new().compile(
+        &store.cluster,
+        &common::node_context(&store.cluster, "node-1"),
+    );
+    assert!(
+        compiled.errors.iter().any(|e| e.field()
+            == "spec.ingress[0].from[0].podSelector.matchLabels[\"pod\"]"
+            && e.to_string().contains("longer than 63")),
+        "{:?}",
+        compiled.errors
+    );
+    let (to_b, from_b) = verdicts(&store);
+    assert_eq!(
+        to_b.ingress.outcome,
+        Outcome::Denied,
+        "rejected: its allow-all rule is not used: {to_b:?}"
+    );
+    assert!(from_b.allowed);
+}
+
+#[test]
+fn a_document_nested_too_deep_is_rejected_unparsed_and_the_rest_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    // 120 KB of brackets nested 60,000 deep, after a valid document of the same file.
+    let deep = format!("{}{}", "[".repeat(60_000), "]".repeat(60_000));
+    fs::write(
+        dir.path().join("a-deep.yaml"),
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: before}}\n---\n{deep}\n"),
+    )
+    .unwrap();
+    fs::write(dir.path().join("b-good.yaml"), GOOD).unwrap();
+    let scan = manifest::scan(dir.path());
+    assert_eq!(scan.errors.len(), 1, "{:?}", scan.errors);
+    assert!(
+        scan.errors[0].contains(
+            "a-deep.yaml: document 2: nesting depth exceeds the limit of 100 (scan stopped \
+             after 100 bytes)"
+        ),
+        "rejected by the pre-scan after reading 100 of its 120,000 bytes: {:?}",
+        scan.errors
+    );
+    let store = store_of(scan.into_update(1));
+    assert!(store.cluster.namespaces.contains_key("before"));
+    assert_eq!(store.cluster.pods.len(), 3, "the other file applies");
+}
+
+#[test]
+fn errors_found_after_parsing_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("pods.yaml"), TWO_PODS).unwrap();
+    fs::write(
+        dir.path().join("more.yaml"),
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {namespace: x, name: odd}
+spec: {nodeName: node-1, containers: [{name: c}]}
+status: {podIP: 10.244.1.999}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {namespace: x, name: cidr}
+  spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]}
+"#,
+    )
+    .unwrap();
+    let store = store_of(manifest::scan(dir.path()).into_update(1));
+    let compiled = Compiler::new().compile(
+        &store.cluster,
+        &common::node_context(&store.cluster, "node-1"),
+    );
+    let described: Vec<String> = compiled.errors.iter().map(|e| store.describe(e)).collect();
+    let file = dir.path().join("more.yaml").display().to_string();
+    for expected in [
+        format!("{file}: document 1: Pod x/odd: status.podIP"),
+        format!("{file}: document 2: NetworkPolicy x/cidr: spec.ingress[0].from[0].ipBlock.cidr"),
+    ] {
+        assert!(
+            described.iter().any(|d| d.starts_with(&expected)),
+            "{expected:?} in {described:?}"
+        );
+    }
+    // Objects whose origin is unknown (another source) are reported as before.
+    let mut other = store.clone();
+    other.origins.clear();
+    assert!(
+        compiled
+            .errors
+            .iter()
+            .all(|e| other.describe(e) == e.to_string())
+    );
 }

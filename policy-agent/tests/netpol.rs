@@ -909,3 +909,61 @@ fn expectations_pass_and_fail_per_cell() {
             .contains("line 3")
     );
 }
+
+#[test]
+fn costly_documents_are_rejected_before_parsing_and_the_rest_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep.yaml");
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n";
+    std::fs::write(
+        &path,
+        format!(
+            "{}\n---\nkind: [unclosed\n---\n{namespace}",
+            "[".repeat(60_000)
+        ),
+    )
+    .unwrap();
+    let Err(state::LoadError::Invalid { errors, .. }) = state::load(&Source::Files(vec![path]))
+    else {
+        panic!("the file is invalid");
+    };
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains("deep.yaml: document 1: nesting depth exceeds the limit of 100"),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("deep.yaml: document 2"), "{errors:?}");
+}
+
+#[test]
+fn labels_are_checked_on_objects_and_workload_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: prod}}\n\
+             spec:\n  template:\n    metadata: {{labels: {{app: {}}}}}\n    \
+             spec: {{containers: [{{name: c}}]}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {{name: x, labels: {{\"a/b/c\": v}}}}\n",
+            "w".repeat(64)
+        ),
+    )
+    .unwrap();
+    let Err(state::LoadError::Invalid { errors, .. }) = state::load(&Source::Files(vec![path]))
+    else {
+        panic!("the labels are invalid");
+    };
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors[0].contains(
+            "bad.yaml: document 1: Deployment: spec.template.metadata.labels[\"app\"]: value \
+             longer than 63 characters"
+        ),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("document 2: Namespace \"x\": metadata.labels[\"a/b/c\"]"),
+        "{errors:?}"
+    );
+}

@@ -199,15 +199,35 @@ fn agent_follows_pods_and_reports() -> Result<()> {
 
     // Invalid input: reported with file and field; the broken policy fails closed; the rest
     // (and the agent) keeps going.
+    let intruder_addr = addr("10.253.1.3");
+    let _intruder_server = echo_server(&intruder, intruder_addr, stop.clone());
+    assert!(
+        client.run(move || connect_echo(intruder_addr, Duration::from_secs(1))),
+        "nothing isolates the intruder yet"
+    );
     apply_manifests(
         &dir,
-        &[(
-            "broken.yaml",
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+        &[
+            (
+                "broken.yaml",
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
              metadata: {namespace: t, name: broken}\n\
              spec:\n  podSelector: {matchLabels: {app: client}}\n  ingress: [{ports: [{port: 80, endPort: lots}]}]\n\
              ---\napiVersion: v1\nkind: Gadget\nmetadata: {name: g}\n",
-        )],
+            ),
+            (
+                "nameless.yaml",
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {namespace: t}\n\
+                 spec: {podSelector: {matchLabels: {app: intruder}}, policyTypes: [Ingress]}\n",
+            ),
+            (
+                "cidr.yaml",
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {namespace: t, name: bad-cidr}\n\
+                 spec:\n  podSelector: {matchLabels: {app: nobody}}\n  \
+                 ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]\n",
+            ),
+        ],
         5,
     )?;
     agent.wait_enforced(&node, 5, Duration::from_secs(5))?;
@@ -219,6 +239,29 @@ fn agent_follows_pods_and_reports() -> Result<()> {
         "{s:?}"
     );
     assert!(s.errors.iter().any(|e| e.contains("Gadget")), "{s:?}");
+    // Errors found after parsing (by the compiler) name the file too, in /status and the log.
+    let cidr_error = "cidr.yaml: document 1: NetworkPolicy t/bad-cidr: \
+                      spec.ingress[0].from[0].ipBlock.cidr";
+    assert!(
+        s.errors.iter().any(|e| e.contains(cidr_error)),
+        "{cidr_error:?} in {s:?}"
+    );
+    wait_until(
+        "the file-named error in the log",
+        Duration::from_secs(5),
+        || Ok(agent.log_text().contains(cidr_error)),
+    )?;
+    // A policy without a name still isolates what it selects, in the direction it declares.
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("nameless.yaml: document 1: NetworkPolicy: metadata.name: missing")),
+        "{s:?}"
+    );
+    assert!(
+        !client.run(move || connect_echo(intruder_addr, Duration::from_millis(300))),
+        "the nameless policy isolates the intruder"
+    );
     let client_addr: SocketAddr = "10.253.1.2:9".parse()?;
     // The client is now isolated in both directions by the fail-closed stand-in: its egress to
     // web is denied. Everything else still enforced.
@@ -230,9 +273,12 @@ fn agent_follows_pods_and_reports() -> Result<()> {
     let _ = client_addr;
     assert!(!intruder.run(move || connect_echo(web_addr, Duration::from_millis(300))));
     std::fs::remove_file(dir.join("broken.yaml"))?;
+    std::fs::remove_file(dir.join("cidr.yaml"))?;
+    std::fs::remove_file(dir.join("nameless.yaml"))?;
     apply_manifests(&dir, &[], 6)?;
     agent.wait_enforced(&node, 6, Duration::from_secs(5))?;
     assert_protected(&client, &intruder, "10.253.1.4");
+    assert!(client.run(move || connect_echo(intruder_addr, Duration::from_secs(1))));
 
     // HTTP endpoints.
     assert_eq!(agent.get(&node, "/healthz")?.0, 200);

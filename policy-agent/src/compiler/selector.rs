@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::model::Labels;
+use crate::model::{Labels, meta};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Operator {
@@ -55,10 +55,14 @@ impl Selector {
         Self::default()
     }
 
-    /// Validates and normalises a selector the way the API server's validation does: known
-    /// operators only, values required for `In`/`NotIn` and forbidden for `Exists`/`DoesNotExist`.
-    /// Label key and value syntax is not checked (an ill-formed value simply never matches).
+    /// Validates and normalises a selector the way the API server's validation does: label key
+    /// and value syntax ([`meta::label_selector`]), known operators only, values required for
+    /// `In`/`NotIn` and forbidden for `Exists`/`DoesNotExist`.
     pub fn parse(selector: &LabelSelector) -> Result<Self, SelectorError> {
+        meta::label_selector(selector).map_err(|e| SelectorError {
+            field: e.field,
+            reason: e.problem.to_string(),
+        })?;
         let mut requirements = Vec::new();
         for (key, value) in selector.match_labels.iter().flatten() {
             requirements.push(Requirement {
@@ -219,5 +223,12 @@ mod tests {
         assert_eq!(e.field, "matchExpressions[0].values");
         let e = sel(json!({"matchExpressions": [{"key": "", "operator": "Exists"}]})).unwrap_err();
         assert_eq!(e.field, "matchExpressions[0].key");
+        let e = sel(json!({"matchLabels": {"pod": "b".repeat(64)}})).unwrap_err();
+        assert_eq!(e.field, "matchLabels[\"pod\"]");
+        assert!(e.reason.contains("longer than 63"), "{}", e.reason);
+        let e =
+            sel(json!({"matchExpressions": [{"key": "k", "operator": "NotIn", "values": ["-x"]}]}))
+                .unwrap_err();
+        assert_eq!(e.field, "matchExpressions[0].values[0]");
     }
 }

@@ -595,16 +595,19 @@ pub fn selector_matches(sel: &LabelSelector, labels: &Labels) -> bool {
     selector_misses(sel, labels).next().is_none()
 }
 
+/// Whether the API server would accept the selector: label syntax ([`model::meta`]), known
+/// operators, values exactly for `In` and `NotIn`.
 pub fn selector_is_valid(sel: &LabelSelector) -> bool {
-    sel.match_expressions.iter().flatten().all(|e| {
-        let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
-        !e.key.is_empty()
-            && match e.operator.as_str() {
-                "In" | "NotIn" => has_values,
-                "Exists" | "DoesNotExist" => !has_values,
-                _ => false,
-            }
-    })
+    model::meta::label_selector(sel).is_ok()
+        && sel.match_expressions.iter().flatten().all(|e| {
+            let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
+            !e.key.is_empty()
+                && match e.operator.as_str() {
+                    "In" | "NotIn" => has_values,
+                    "Exists" | "DoesNotExist" => !has_values,
+                    _ => false,
+                }
+        })
 }
 
 /// A parsed CIDR as Go's `net.IPNet`: network bytes (4 or 16) and prefix length, IPv4-mapped

@@ -5,6 +5,7 @@
 //! Both sources (the Kubernetes API and a manifest directory) fill the same [`Cluster`], so what the
 //! lab proves is what a cluster runs.
 
+pub mod meta;
 mod pod;
 
 use std::collections::BTreeMap;

@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{Cluster, ObjectKey};
-use crate::sources::{Change, ClusterStore, Object, manifest};
+use crate::sources::{Change, ClusterStore, Object, documents, manifest};
 
 /// Where the state comes from.
 #[derive(Clone, Debug)]
@@ -95,6 +95,7 @@ impl State {
             revision: 0,
             changed_at: std::time::SystemTime::UNIX_EPOCH,
             errors: Vec::new(),
+            origins: Default::default(),
         });
     }
 }
@@ -170,14 +171,14 @@ fn read_text(
     objects: &mut Vec<Object>,
     templates: &mut BTreeMap<ObjectKey, String>,
 ) {
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let at = format!("{}: document {}", file.display(), index + 1);
-        let value: serde_yaml::Value = match serde::Deserialize::deserialize(document) {
+    for (index, document) in documents::documents(text) {
+        let at = format!("{}: document {index}", file.display());
+        let value = match document {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
                 errors.push(format!("{at}: {e}"));
-                break;
+                continue;
             }
         };
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
@@ -220,6 +221,13 @@ fn template_pod(value: &serde_yaml::Value, path: &[&str]) -> Result<Pod, String>
         template = template.get(step).ok_or_else(|| format!("{at}: missing"))?;
     }
     let template_meta: ObjectMeta = field(template, "metadata", &format!("{at}.metadata"))?;
+    if let Some(e) = template_meta.labels.as_ref().and_then(|l| {
+        crate::model::meta::labels(&format!("{at}.metadata.labels"), l)
+            .into_iter()
+            .next()
+    }) {
+        return Err(e.to_string());
+    }
     let spec: PodSpec = field(template, "spec", &format!("{at}.spec"))?;
     Ok(Pod {
         metadata: ObjectMeta {

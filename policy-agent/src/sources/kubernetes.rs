@@ -275,6 +275,7 @@ async fn run_streams(
             revision,
             changed_at,
             errors: errors.values().cloned().collect(),
+            origins: Default::default(),
         };
         if tx.send(update).await.is_err() {
             return;

@@ -24,11 +24,23 @@
 //!
 //! # Invalid input
 //!
-//! An object that does not parse is reported (file, document, object, field) and skipped; the
-//! rest of the directory is applied. A NetworkPolicy that does not parse fails closed: it is
-//! replaced by a policy that isolates the pods it selects (all pods of its namespace if even its
-//! `podSelector` is unreadable) in both directions and allows nothing, so a typo never opens
-//! traffic the author meant to restrict.
+//! Every document is split off and pre-scanned before serde_yaml parses it ([`documents`]): one
+//! over 1 MiB, nested over 100 deep, of over 50,000 nodes or with many anchors and aliases is
+//! reported (file, document, limit) and skipped unparsed, so one bad file costs the scan
+//! microseconds, not seconds. A document that does not parse is reported and skipped; the
+//! documents after it are still read.
+//!
+//! An object that does not parse, lacks a name, has the wrong `apiVersion`, or carries labels or
+//! annotations the API server would reject ([`meta`]) is reported (file, document, object,
+//! field) and skipped; the rest of the directory is applied.
+//!
+//! A NetworkPolicy that cannot be enforced as written fails closed instead, so a mistake never
+//! opens traffic the author meant to restrict: it is replaced by a policy that isolates the pods
+//! it selects and allows nothing. When its spec parses (only its metadata is wrong), the stand-in
+//! keeps its `podSelector` and the directions it declares; when even the spec does not parse, it
+//! isolates both directions, and every pod of its namespace if the `podSelector` is unreadable.
+//! A policy without `metadata.name` is keyed `<unnamed: FILE: document N>` (unique and
+//! readable).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -51,8 +63,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{Change, Kind, Object, Update, strip};
-use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey};
+use super::{Change, Kind, Object, Origins, Update, documents, strip};
+use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey, meta};
+use policy_common::Direction;
 
 /// Name of the revision file inside the manifest directory.
 pub const REVISION_FILE: &str = ".revision";
@@ -70,6 +83,8 @@ pub struct Scan {
     pub errors: Vec<String>,
     /// Newest mtime among `.revision` and the manifests.
     pub newest: Option<SystemTime>,
+    /// Where each object was read (`FILE: document N`); implicit namespaces have none.
+    pub origins: Origins,
 }
 
 impl Scan {
@@ -85,6 +100,7 @@ impl Scan {
             revision,
             changed_at: self.newest.unwrap_or_else(SystemTime::now),
             errors: self.errors,
+            origins: self.origins,
         }
     }
 }
@@ -122,11 +138,14 @@ pub fn scan(dir: &Path) -> Scan {
     Scanner::default().scan(dir)
 }
 
+/// One file as last parsed: content hash, objects with where in the file, errors.
+type ParsedFile = (u64, Vec<(String, Object)>, Vec<String>);
+
 /// Scans a directory repeatedly, parsing only files whose content changed since the last scan.
 #[derive(Default)]
 pub struct Scanner {
-    /// Path → (content hash, objects and errors parsed from it).
-    parsed: HashMap<PathBuf, (u64, Vec<Object>, Vec<String>)>,
+    /// Path → what was parsed from it.
+    parsed: HashMap<PathBuf, ParsedFile>,
 }
 
 impl Scanner {
@@ -141,7 +160,7 @@ impl Scanner {
             scan.errors.push(format!("{}: {e}", dir.display()));
         }
         self.parsed.retain(|p, _| files.contains(p));
-        let mut by_key: BTreeMap<(Kind, ObjectKey), (PathBuf, Object)> = BTreeMap::new();
+        let mut by_key: BTreeMap<(Kind, ObjectKey), (PathBuf, String, Object)> = BTreeMap::new();
         for path in files {
             let text = match fs::read_to_string(&path) {
                 Ok(t) => t,
@@ -162,15 +181,15 @@ impl Scanner {
                 Some(entry) if entry.0 == hash => entry,
                 _ => {
                     let mut errors = Vec::new();
-                    let objects = parse_documents(&path, &text, &mut errors);
+                    let objects = parse_file(&path, &text, &mut errors);
                     self.parsed.insert(path.clone(), (hash, objects, errors));
                     &self.parsed[&path]
                 }
             };
             scan.errors.extend(errors.iter().cloned());
-            for object in objects {
+            for (at, object) in objects {
                 let key = (object.kind(), object.key());
-                if let Some((previous, _)) = by_key.get(&key) {
+                if let Some((previous, ..)) = by_key.get(&key) {
                     scan.errors.push(format!(
                         "{}: {} {} is also defined in {}; the later file wins",
                         path.display(),
@@ -179,11 +198,12 @@ impl Scanner {
                         previous.display()
                     ));
                 }
-                by_key.insert(key, (path.clone(), object.clone()));
+                by_key.insert(key, (path.clone(), at.clone(), object.clone()));
             }
         }
-        for ((kind, _), (_, object)) in by_key {
+        for ((kind, key), (_, at, object)) in by_key {
             scan.objects.entry(kind).or_default().push(object);
+            scan.origins.insert((kind, key), at);
         }
         add_implicit_namespaces(&mut scan.objects);
         scan
@@ -250,25 +270,36 @@ fn fingerprint(dir: &Path) -> Fingerprint {
     Fingerprint { revision, files }
 }
 
-/// Parses every document of one file. Problems go to `errors`.
+/// Parses every document of one file, each bounded by [`documents::LIMITS`] before it is parsed.
+/// Problems go to `errors`; a document that is too costly or broken is reported and skipped, and
+/// the documents after it are still read.
 pub fn parse_documents(path: &Path, text: &str, errors: &mut Vec<String>) -> Vec<Object> {
+    parse_file(path, text, errors)
+        .into_iter()
+        .map(|(_, object)| object)
+        .collect()
+}
+
+/// [`parse_documents`], each object with where it was read (`FILE: document N`).
+fn parse_file(path: &Path, text: &str, errors: &mut Vec<String>) -> Vec<(String, Object)> {
     let mut out = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let at = format!("{}: document {}", path.display(), index + 1);
-        let value = match serde::Deserialize::deserialize(document) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(format!("{at}: {e}"));
-                // The YAML stream itself is broken: nothing after this point can be trusted.
-                break;
+    let mut objects = Vec::new();
+    for (index, document) in documents::documents(text) {
+        let at = format!("{}: document {index}", path.display());
+        match document {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(value) => {
+                parse_value(&at, value, errors, &mut objects);
+                // A List's items are all of this document.
+                out.extend(objects.drain(..).map(|o| (at.clone(), o)));
             }
-        };
-        parse_value(&at, value, errors, &mut out);
+            Err(e) => errors.push(format!("{at}: {e}")),
+        }
     }
     out
 }
 
+/// Parses one document (`at` names its file and index) into `out`, problems into `errors`.
 pub fn parse_value(
     at: &str,
     value: serde_yaml::Value,
@@ -284,7 +315,11 @@ pub fn parse_value(
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_owned();
-    let label = format!("{kind} {name:?}");
+    let label = if name.is_empty() {
+        kind.clone()
+    } else {
+        format!("{kind} {name:?}")
+    };
     if kind == "List" {
         match value.get("items").and_then(|i| i.as_sequence()) {
             Some(items) => {
@@ -312,34 +347,94 @@ pub fn parse_value(
             return;
         }
     };
+    let is_policy = kind == "NetworkPolicy";
+    // Problems that make the object unusable as written, each `field: reason`.
+    let mut problems = Vec::new();
     if api_version != expected {
-        errors.push(format!(
-            "{at}: {label}: apiVersion: {api_version:?}, expected {expected:?}"
+        problems.push(format!(
+            "apiVersion: {api_version:?}, expected {expected:?}"
         ));
-        return;
     }
     if name.is_empty() {
-        errors.push(format!("{at}: {kind}: metadata.name: missing"));
+        problems.push("metadata.name: missing".to_owned());
+    }
+    if !problems.is_empty() && !is_policy {
+        for p in problems {
+            errors.push(format!("{at}: {label}: {p}"));
+        }
         return;
     }
-    let parsed = match kind.as_str() {
-        "Namespace" => typed::<Namespace>(&value).map(Object::from),
-        "Pod" => typed::<Pod>(&value).map(Object::from),
-        "Service" => typed::<Service>(&value).map(Object::from),
-        "Node" => typed::<Node>(&value).map(Object::from),
-        "EndpointSlice" => typed::<EndpointSlice>(&value).map(Object::from),
-        _ => typed::<NetworkPolicy>(&value).map(Object::from),
-    };
-    match parsed {
-        Ok(object) => out.push(normalize(object)),
-        Err(e) if kind == "NetworkPolicy" => {
-            errors.push(format!(
-                "{at}: {label}: {e}; enforcing it as deny-all for the pods it selects"
-            ));
-            out.push(normalize(Object::from(fail_closed_policy(&value, &e))));
+    // A policy of the wrong apiVersion is still read as a v1 policy, to fail closed on what it
+    // selects (k8s-openapi checks apiVersion).
+    let corrected;
+    let value = if api_version != expected {
+        let mut v = value.clone();
+        if let Some(m) = v.as_mapping_mut() {
+            m.insert("apiVersion".into(), expected.into());
         }
-        Err(e) => errors.push(format!("{at}: {label}: {e}; skipped")),
+        corrected = v;
+        &corrected
+    } else {
+        &value
+    };
+    let parsed = match kind.as_str() {
+        "Namespace" => typed::<Namespace>(value).map(Object::from),
+        "Pod" => typed::<Pod>(value).map(Object::from),
+        "Service" => typed::<Service>(value).map(Object::from),
+        "Node" => typed::<Node>(value).map(Object::from),
+        "EndpointSlice" => typed::<EndpointSlice>(value).map(Object::from),
+        _ => typed::<NetworkPolicy>(value).map(Object::from),
+    };
+    let spec = match parsed {
+        Ok(object) => {
+            problems.extend(
+                meta::object_meta(object.metadata())
+                    .iter()
+                    .map(ToString::to_string),
+            );
+            if problems.is_empty() {
+                out.push(normalize(object));
+                return;
+            }
+            match object {
+                Object::NetworkPolicy(np) => Some(np.spec.unwrap_or_default()),
+                _ => {
+                    for p in problems {
+                        errors.push(format!("{at}: {label}: {p}; skipped"));
+                    }
+                    return;
+                }
+            }
+        }
+        Err(e) if is_policy => {
+            problems.push(e);
+            None
+        }
+        Err(e) => {
+            errors.push(format!("{at}: {label}: {e}; skipped"));
+            return;
+        }
+    };
+    // A NetworkPolicy that cannot be enforced as written fails closed.
+    let name = if name.is_empty() {
+        format!("<unnamed: {at}>")
+    } else {
+        name
+    };
+    let stand_in = normalize(Object::from(fail_closed_policy(
+        value,
+        name,
+        spec.as_ref(),
+        &problems.join("; "),
+    )));
+    let key = stand_in.key();
+    for p in problems {
+        errors.push(format!(
+            "{at}: {label}: {p}; enforcing it as deny-all for the pods it selects \
+             (NetworkPolicy {key})"
+        ));
     }
+    out.push(stand_in);
 }
 
 /// Deserializes straight from the `Value`; when that fails, again from the re-serialized text,
@@ -350,40 +445,61 @@ fn typed<T: DeserializeOwned>(value: &serde_yaml::Value) -> Result<T, String> {
         return Ok(object);
     }
     let text = serde_yaml::to_string(value).map_err(|e| e.to_string())?;
-    serde_yaml::from_str(&text).map_err(|e| strip_location(&e.to_string()))
+    serde_yaml::from_str(&text).map_err(|e| documents::strip_location(&e.to_string()))
 }
 
-/// serde_yaml's messages end with " at line L column C" of the re-serialized document: drop it.
-fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_owned(),
-        None => message.to_owned(),
-    }
-}
-
-/// A policy isolating, in both directions and with no allow rules, the pods that the unparseable
-/// `value` selects — or every pod of its namespace when its podSelector is unreadable too.
-fn fail_closed_policy(value: &serde_yaml::Value, reason: &str) -> NetworkPolicy {
+/// The deny-all stand-in, named `name`, for a NetworkPolicy that cannot be enforced as written:
+/// it isolates the pods the policy selects and allows nothing.
+///
+/// - When the policy's `spec` parses (`spec` is `Some`: only its metadata is wrong, or its name
+///   missing), the stand-in keeps its `podSelector` and isolates in the directions it declares
+///   (`policyTypes`, defaulted as the evaluator defaults it; both directions when `policyTypes`
+///   holds an unknown type) — what the compiler and the evaluator do with a policy the API server
+///   would reject.
+/// - When even the spec does not parse, its declarations cannot be trusted: the stand-in isolates
+///   both directions, and every pod of the namespace when `podSelector` is unreadable too.
+fn fail_closed_policy(
+    value: &serde_yaml::Value,
+    name: String,
+    spec: Option<&NetworkPolicySpec>,
+    reason: &str,
+) -> NetworkPolicy {
     let mut policy = NetworkPolicy::default();
-    if let Some(meta) = value.get("metadata") {
-        policy.metadata.name = meta.get("name").and_then(|v| v.as_str()).map(Into::into);
-        policy.metadata.namespace = meta
-            .get("namespace")
-            .and_then(|v| v.as_str())
-            .map(Into::into);
-    }
+    policy.metadata.name = Some(name);
+    policy.metadata.namespace = value
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+        .map(Into::into);
     policy.metadata.annotations = Some(BTreeMap::from([(
         INVALID_ANNOTATION.to_owned(),
         reason.to_owned(),
     )]));
-    let selector = value
-        .get("spec")
-        .and_then(|s| s.get("podSelector"))
-        .and_then(|s| serde_yaml::from_value::<LabelSelector>(s.clone()).ok())
-        .unwrap_or_default();
+    let (selector, directions) = match spec {
+        Some(spec) => (
+            spec.pod_selector.clone().unwrap_or_default(),
+            crate::evaluator::declared_types(spec),
+        ),
+        None => (
+            value
+                .get("spec")
+                .and_then(|s| s.get("podSelector"))
+                .and_then(|s| serde_yaml::from_value::<LabelSelector>(s.clone()).ok())
+                .unwrap_or_default(),
+            vec![Direction::Ingress, Direction::Egress],
+        ),
+    };
     policy.spec = Some(NetworkPolicySpec {
         pod_selector: Some(selector),
-        policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+        policy_types: Some(
+            directions
+                .into_iter()
+                .map(|d| match d {
+                    Direction::Ingress => "Ingress".to_owned(),
+                    Direction::Egress => "Egress".to_owned(),
+                })
+                .collect(),
+        ),
         ..Default::default()
     });
     policy
@@ -515,7 +631,7 @@ mod tests {
     #[test]
     fn location_stripped() {
         assert_eq!(
-            strip_location("spec.x: invalid type at line 3 column 4"),
+            documents::strip_location("spec.x: invalid type at line 3 column 4"),
             "spec.x: invalid type"
         );
     }

@@ -6,6 +6,7 @@
 //! compiler, diff, map writes — is the same code for both, so what the lab proves with manifests is
 //! what a cluster runs.
 
+pub mod documents;
 pub mod kubernetes;
 pub mod manifest;
 
@@ -24,6 +25,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use crate::compiler::CompileError;
 use crate::model::{Cluster, ObjectKey};
 
 /// The kinds both sources deliver.
@@ -189,7 +191,13 @@ pub struct Update {
     /// Problems with the source's input (invalid objects, unreadable files), replacing those of
     /// the previous update. Each names the file or object and the field.
     pub errors: Vec<String>,
+    /// Where the objects were read, replacing those of the previous update (manifest source:
+    /// `FILE: document N` of every object; empty for the Kubernetes source).
+    pub origins: Origins,
 }
+
+/// Where each object was read: `FILE: document N` (the items of a List: the List's document).
+pub type Origins = BTreeMap<(Kind, ObjectKey), String>;
 
 /// The store both sources feed: the compiler's [`Cluster`] plus the EndpointSlices (used to name
 /// the Service a flow went to).
@@ -201,6 +209,8 @@ pub struct ClusterStore {
     pub revision: u64,
     /// Input errors reported with the latest update.
     pub errors: Vec<String>,
+    /// Where the objects were read, as of the latest update.
+    pub origins: Origins,
     /// The digest term of every stored object, and their sum ([`policy_common::digest`]).
     terms: HashMap<(Kind, ObjectKey), u64>,
     digest: ObjectsDigest,
@@ -232,6 +242,23 @@ impl ClusterStore {
         }
         self.revision = update.revision;
         self.errors = update.errors;
+        self.origins = update.origins;
+    }
+
+    /// A compile error as reported (`/status`, log): prefixed with where its object was read,
+    /// when the source knows (`FILE: document N: Pod x/a: status.podIP: …`).
+    pub fn describe(&self, error: &CompileError) -> String {
+        let kind = match error {
+            CompileError::Policy { .. } => Kind::NetworkPolicy,
+            CompileError::Pod { .. } => Kind::Pod,
+            CompileError::Service { .. } => Kind::Service,
+            CompileError::Node { .. } => Kind::Node,
+        };
+        let key = ObjectKey::new(error.namespace(), error.name());
+        match self.origins.get(&(kind, key)) {
+            Some(origin) => format!("{origin}: {error}"),
+            None => error.to_string(),
+        }
     }
 
     fn apply_change(&mut self, change: Change) {
@@ -394,6 +421,7 @@ mod tests {
             revision,
             changed_at: SystemTime::now(),
             errors: vec![],
+            origins: Origins::new(),
         }
     }
 
