@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use policy_common::{Reason, capacity, map_names};
+use policy_common::Reason;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -56,15 +56,6 @@ pub mod stage {
     pub const UPLINKS: &str = "uplinks";
     pub const ALL: [&str; 4] = [MAPS, ENDPOINTS, DISCOVERY, UPLINKS];
 }
-
-/// Maps whose fill level is reported, with their capacities.
-pub const MAPS: [(&str, u32); 5] = [
-    (map_names::ENDPOINTS, capacity::ENDPOINTS),
-    (map_names::IPCACHE_V4, capacity::IPCACHE_V4),
-    (map_names::IPCACHE_V6, capacity::IPCACHE_V6),
-    (map_names::POLICY, capacity::POLICY),
-    (map_names::SERVICES, capacity::SERVICES),
-];
 
 pub struct Metrics {
     registry: Registry,
@@ -127,12 +118,12 @@ impl Metrics {
         );
         registry.register(
             "map_entries",
-            "Entries the agent keeps in each eBPF map",
+            "Entries in each eBPF map, counted in the kernel",
             m.map_entries.clone(),
         );
         registry.register(
             "map_pressure_ratio",
-            "Entries over capacity of each eBPF map (1 = full)",
+            "Entries over max_entries of each eBPF map (1 = full)",
             m.map_pressure.clone(),
         );
         registry.register(
@@ -191,8 +182,8 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Records how many entries each map holds.
-    pub fn set_map_entries(&self, map: &'static str, entries: usize, capacity: u32) {
+    /// Records how many entries a map holds in the kernel, against its `max_entries`.
+    pub fn set_map_entries(&self, map: &'static str, entries: u64, capacity: u32) {
         self.map_entries
             .get_or_create(&MapLabel { map })
             .set(entries as i64);
@@ -236,7 +227,7 @@ mod tests {
     #[test]
     fn encodes_bounded_labels() {
         let m = Metrics::new();
-        m.set_map_entries(map_names::POLICY, 512, 1024);
+        m.set_map_entries(policy_common::map_names::POLICY, 512, 1024);
         m.set_packet_counts(&[(Reason::DroppedPolicy, 5)]);
         m.set_packet_counts(&[(Reason::DroppedPolicy, 7)]);
         let text = m.encode();

@@ -45,6 +45,22 @@ pub mod map_names {
         EVENTS,
         EVENT_RATE,
     ];
+
+    /// The maps that fill up (hashes, LRU hashes and LPM tries), whose entries the agent counts
+    /// in the kernel for `policy_agent_map_entries` / `policy_agent_map_pressure_ratio`. The
+    /// others have no entry count: CONFIG, COUNTERS and EVENT_RATE are arrays (always full),
+    /// EVENTS is a ring buffer.
+    pub const COUNTED: [&str; 9] = [
+        ENDPOINTS,
+        ENDPOINTS_BY_ID,
+        IPCACHE_EXACT,
+        IPCACHE_V4,
+        IPCACHE_V6,
+        POLICY,
+        SERVICES,
+        CONNTRACK,
+        FRAGMENTS,
+    ];
 }
 
 /// Names of the tc programs in the eBPF object.

@@ -71,7 +71,7 @@ pub struct ApplyReport {
     pub endpoints_bumped: usize,
 }
 
-/// Entries in one map, for pressure metrics.
+/// Entries in one map as counted in the kernel, and the map's `max_entries` (pressure metrics).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapUsage {
     pub map: &'static str,
