@@ -413,7 +413,14 @@ impl Loop {
 
     fn record_endpoints(&self, report: &Report) {
         for (state, n) in [
-            (endpoint_state::ENFORCED, report.endpoints_enforced),
+            (
+                endpoint_state::ENFORCED,
+                report.endpoints_enforced - report.endpoints_not_programmed,
+            ),
+            (
+                endpoint_state::NOT_PROGRAMMED,
+                report.endpoints_not_programmed,
+            ),
             (endpoint_state::NO_INTERFACE, report.endpoints_no_interface),
             (endpoint_state::FAILED, report.endpoints_failed),
         ] {

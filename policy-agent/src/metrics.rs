@@ -39,13 +39,16 @@ pub struct StageLabel {
 
 /// Endpoint states reported by `policy_agent_endpoints`.
 pub mod endpoint_state {
-    /// Interface found, programs attached, entry written.
+    /// Interface found, programs attached, entry written with its allow entries.
     pub const ENFORCED: &str = "enforced";
+    /// Attached and written, but flagged `NOT_PROGRAMMED`: its allow entries could not be
+    /// written (or do not fit POLICY), so its new flows are dropped (fail closed).
+    pub const NOT_PROGRAMMED: &str = "not_programmed";
     /// A local pod whose host interface cannot be found (yet).
     pub const NO_INTERFACE: &str = "no_interface";
     /// Interface found but attaching or writing its entry failed.
     pub const FAILED: &str = "failed";
-    pub const ALL: [&str; 3] = [ENFORCED, NO_INTERFACE, FAILED];
+    pub const ALL: [&str; 4] = [ENFORCED, NOT_PROGRAMMED, NO_INTERFACE, FAILED];
 }
 
 /// Sync stages reported by `policy_agent_sync_errors_total`.

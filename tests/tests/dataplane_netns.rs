@@ -373,7 +373,7 @@ fn a_removed_endpoint_takes_its_flows_and_a_reused_id_inherits_none() -> Result<
             pod_identity(0),
             protocol,
             port,
-            96,
+            port,
         ))?;
     }
     f.attach_pod(&node, server, server_id, pod_identity(1), INGRESS)?;

@@ -29,9 +29,9 @@ use aya::{
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use policy_common::{
-    Addr, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, POLICY_MAX_CHUNKS,
-    PORT_RANGES_PER_CHUNK, PolicyGroupKey, PolicyValue, PortRange, PortRanges, ServiceKey,
-    addr_from_octets, addr_octets, capacity, map_names,
+    Addr, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, POLICY_MAX_RANGES,
+    PolicyGroupKey, PolicyValue, PortRange, PortRanges, ServiceKey, addr_from_octets, addr_octets,
+    capacity, map_names,
 };
 
 use super::error::DataplaneError;
@@ -459,7 +459,7 @@ impl Dataplane {
         for key in &diff.policy_remove {
             if self.shadow.remove_policy(key) {
                 touched.insert(group_of(key));
-                bump.insert(u32::from_be_bytes(key.key.endpoint));
+                bump.insert(key.endpoint);
                 report.removed += 1;
             }
         }
@@ -665,7 +665,7 @@ impl Dataplane {
                 "{} ({} port ranges, at most {})",
                 describe_group(group),
                 ranges.len(),
-                PORT_RANGES_PER_CHUNK * usize::from(POLICY_MAX_CHUNKS)
+                POLICY_MAX_RANGES
             ),
             capacity: capacity::POLICY,
         })?;
