@@ -1,7 +1,9 @@
 //! The real agent's map metrics against the kernel: `policy_agent_map_entries` and
 //! `policy_agent_map_pressure_ratio` of every map that fills up must equal what a walk of the
 //! pinned map with raw bpf(2) calls finds (and its `max_entries`), CONNTRACK included, and follow
-//! conntrack growth without any sync. Needs root.
+//! conntrack growth without any sync; and the POLICY capacity edge: a group of exactly
+//! `POLICY_MAX_RANGES` ranges is enforced, one more fails only its endpoint closed, named with the
+//! map in `/status` and counted as `not_programmed`. Needs root.
 
 mod agent_support;
 
@@ -164,6 +166,124 @@ fn map_metrics_are_counted_in_the_kernel_maps() -> Result<()> {
         later[map_names::CONNTRACK].0 > flows,
         "conntrack grew from {flows}: {later:?}"
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// `role: protected` pods admit `app: client` on 8080 and `extra` more ports that no merge can
+/// join (every other port from 10000): one POLICY group of `extra + 1` ranges.
+fn wide_policy(name: &str, app: &str, extra: u16) -> String {
+    let mut ports = vec!["{port: 8080}".to_owned()];
+    ports.extend((0..extra).map(|i| format!("{{port: {}}}", 10000 + 2 * i)));
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+         metadata: {{namespace: t, name: {name}}}\nspec:\n  podSelector: {{matchLabels: {{app: {app}}}}}\n  \
+         policyTypes: [Ingress]\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    \
+         ports: [{}]\n",
+        ports.join(", ")
+    )
+}
+
+fn metric_line(agent: &Agent, node: &NetNs, line: &str) -> Result<bool> {
+    Ok(agent.get(node, "/metrics")?.1.lines().any(|l| l == line))
+}
+
+#[test]
+fn a_policy_group_at_capacity_works_and_one_range_more_fails_only_its_endpoint_closed() -> Result<()>
+{
+    require_root();
+    let limit = policy_common::POLICY_MAX_RANGES as u16;
+    let node = NetNs::new("cnode")?;
+    let client = NetNs::new("cclient")?;
+    let wide = NetNs::new("cwide")?;
+    let other = NetNs::new("cother")?;
+    node.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+    let gw = "10.253.6.1";
+    ptp_pod(&node, &client, "vclient", "10.253.6.2", gw)?;
+    ptp_pod(&node, &wide, "vwide", "10.253.6.3", gw)?;
+    ptp_pod(&node, &other, "vother", "10.253.6.4", gw)?;
+    let pins = PinDir::new("capacity")?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir)?;
+    let pods = [
+        (
+            "client.yaml",
+            pod_yaml("t", "client", "client", NODE, "10.253.6.2", PORT),
+        ),
+        (
+            "wide.yaml",
+            pod_yaml("t", "wide", "wide", NODE, "10.253.6.3", PORT),
+        ),
+        (
+            "other.yaml",
+            pod_yaml("t", "other", "other", NODE, "10.253.6.4", PORT),
+        ),
+        ("p-other.yaml", wide_policy("p-other", "other", 0)),
+        ("p-wide.yaml", wide_policy("p-wide", "wide", limit - 1)),
+    ];
+    let files: Vec<(&str, &str)> = pods.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    apply_manifests(&dir, &files, 1)?;
+    let mut agent = Agent::start(
+        &node,
+        NODE,
+        &dir,
+        pins.path(),
+        "127.0.0.1:9994".parse()?,
+        &tmp.path().join("log"),
+        &[],
+    )?;
+    agent.wait_enforced(&node, 1, Duration::from_secs(30))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let wide_addr: SocketAddr = "10.253.6.3:8080".parse()?;
+    let other_addr: SocketAddr = "10.253.6.4:8080".parse()?;
+    let _servers = [
+        echo_server(&wide, wide_addr, stop.clone()),
+        echo_server(&other, other_addr, stop.clone()),
+    ];
+    let reaches = |addr: SocketAddr, timeout| client.run(move || connect_echo(addr, timeout));
+
+    // Exactly at capacity: 120 ranges in one group, enforced like any other.
+    let s = agent.status(&node)?;
+    assert!(s.errors.is_empty(), "{s:?}");
+    assert!(reaches(wide_addr, Duration::from_secs(1)), "at capacity");
+    assert!(reaches(other_addr, Duration::from_secs(1)));
+    assert!(metric_line(
+        &agent,
+        &node,
+        "policy_agent_endpoints{state=\"not_programmed\"} 0"
+    )?);
+
+    // One range more: that endpoint fails closed, named with the map; the others are enforced.
+    let over = wide_policy("p-wide", "wide", limit);
+    apply_manifests(&dir, &[("p-wide.yaml", &over)], 2)?;
+    agent.wait_enforced(&node, 2, Duration::from_secs(10))?;
+    let s = agent.status(&node)?;
+    assert!(
+        s.errors
+            .iter()
+            .any(|e| e.contains("Pod t/wide") && e.contains("map POLICY") && e.contains("121")),
+        "{s:?}"
+    );
+    assert_eq!(s.errors.len(), 1, "only the over-capacity endpoint: {s:?}");
+    assert!(
+        !reaches(wide_addr, Duration::from_millis(300)),
+        "over capacity: fail closed"
+    );
+    assert!(
+        reaches(other_addr, Duration::from_secs(1)),
+        "others enforced"
+    );
+    assert!(metric_line(
+        &agent,
+        &node,
+        "policy_agent_endpoints{state=\"not_programmed\"} 1"
+    )?);
+    assert!(metric_line(
+        &agent,
+        &node,
+        "policy_agent_endpoints{state=\"enforced\"} 2"
+    )?);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
