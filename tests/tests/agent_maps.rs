@@ -54,6 +54,16 @@ fn reported(agent: &Agent, node: &NetNs) -> Result<BTreeMap<String, (u64, f64)>>
     Ok(out)
 }
 
+fn syncs_total(agent: &Agent, node: &NetNs) -> Result<u64> {
+    let (_, text) = agent.get(node, "/metrics")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("policy_agent_syncs_total "))
+        .context("policy_agent_syncs_total in /metrics")?
+        .trim()
+        .parse()
+        .context("policy_agent_syncs_total value")
+}
+
 /// Entries and `max_entries` per map, walked in the pinned maps.
 fn in_kernel(pins: &PinDir) -> Result<BTreeMap<String, (u64, u32)>> {
     map_names::COUNTED
@@ -104,7 +114,11 @@ fn map_metrics_are_counted_in_the_kernel_maps() -> Result<()> {
     let node = NetNs::new("mnode")?;
     let client = NetNs::new("mclient")?;
     let web = NetNs::new("mweb")?;
-    node.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+    // No IPv6 on the node's links: no address events, so no sync but the ones the test makes.
+    node.sh(
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.disable_ipv6=1 \
+         net.ipv6.conf.default.disable_ipv6=1",
+    )?;
     ptp_pod(&node, &client, "vclient", "10.253.5.2", GW)?;
     ptp_pod(&node, &web, "vweb", "10.253.5.4", GW)?;
     let pins = PinDir::new("maps")?;
@@ -157,6 +171,7 @@ fn map_metrics_are_counted_in_the_kernel_maps() -> Result<()> {
     assert!(flows >= 3, "three connections tracked: {kernel:?}");
 
     // More flows, no change to the cluster (so no sync): the periodic count follows them.
+    let syncs = syncs_total(&agent, &node)?;
     for _ in 0..3 {
         assert!(client.run(move || connect_echo(web_addr, Duration::from_secs(1))));
     }
@@ -166,6 +181,7 @@ fn map_metrics_are_counted_in_the_kernel_maps() -> Result<()> {
         later[map_names::CONNTRACK].0 > flows,
         "conntrack grew from {flows}: {later:?}"
     );
+    assert_eq!(syncs_total(&agent, &node)?, syncs, "counted without a sync");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
