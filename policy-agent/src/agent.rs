@@ -220,6 +220,7 @@ enum Wake {
     Interfaces,
     Retry,
     Tick,
+    MapTick,
     Stop,
 }
 
@@ -242,6 +243,8 @@ struct Loop {
 
 const RETRY: Duration = Duration::from_secs(1);
 const METRICS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often map entries are counted between syncs (a walk of every map, CONNTRACK included).
+const MAP_USAGE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Loop {
     async fn run(
@@ -252,6 +255,7 @@ impl Loop {
     ) {
         let mut retry_at: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(METRICS_INTERVAL);
+        let mut maps_tick = tokio::time::interval(MAP_USAGE_INTERVAL);
         let mut source_open = true;
         loop {
             let wake = tokio::select! {
@@ -262,12 +266,17 @@ impl Loop {
                 Some(()) = interfaces.recv() => Wake::Interfaces,
                 _ = sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
                 _ = tick.tick() => Wake::Tick,
+                _ = maps_tick.tick() => Wake::MapTick,
                 _ = stop.wait_for(|s| *s) => Wake::Stop,
             };
             match wake {
                 Wake::Stop => return,
                 Wake::Tick => {
                     self.collect_counters();
+                    continue;
+                }
+                Wake::MapTick => {
+                    tokio::task::block_in_place(|| self.record_maps());
                     continue;
                 }
                 Wake::Update(u) => self.take(u),
@@ -404,7 +413,14 @@ impl Loop {
 
     fn record_endpoints(&self, report: &Report) {
         for (state, n) in [
-            (endpoint_state::ENFORCED, report.endpoints_enforced),
+            (
+                endpoint_state::ENFORCED,
+                report.endpoints_enforced - report.endpoints_not_programmed,
+            ),
+            (
+                endpoint_state::NOT_PROGRAMMED,
+                report.endpoints_not_programmed,
+            ),
             (endpoint_state::NO_INTERFACE, report.endpoints_no_interface),
             (endpoint_state::FAILED, report.endpoints_failed),
         ] {
@@ -434,20 +450,16 @@ impl Loop {
         }
     }
 
+    /// Map entries and pressure, counted in the kernel maps themselves (after every sync and
+    /// every [`MAP_USAGE_INTERVAL`], so that CONNTRACK, which the programs fill, stays current).
     fn record_maps(&self) {
-        let Some(maps) = self.syncer.applied() else {
-            return;
-        };
-        let programmed = self.syncer.programmed().len();
-        for (map, capacity) in metrics::MAPS {
-            let entries = match map {
-                policy_common::map_names::ENDPOINTS => programmed,
-                policy_common::map_names::IPCACHE_V4 => maps.ipcache_v4.len(),
-                policy_common::map_names::IPCACHE_V6 => maps.ipcache_v6.len(),
-                policy_common::map_names::POLICY => maps.policy.len(),
-                _ => maps.services.len(),
-            };
-            self.metrics.set_map_entries(map, entries, capacity);
+        match self.syncer.enforcer().map_usage() {
+            Ok(usage) => {
+                for u in usage {
+                    self.metrics.set_map_entries(u.map, u.entries, u.capacity);
+                }
+            }
+            Err(e) => warn!(error = %e, "counting map entries failed"),
         }
     }
 

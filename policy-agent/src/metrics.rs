@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use policy_common::{Reason, capacity, map_names};
+use policy_common::Reason;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -39,13 +39,16 @@ pub struct StageLabel {
 
 /// Endpoint states reported by `policy_agent_endpoints`.
 pub mod endpoint_state {
-    /// Interface found, programs attached, entry written.
+    /// Interface found, programs attached, entry written with its allow entries.
     pub const ENFORCED: &str = "enforced";
+    /// Attached and written, but flagged `NOT_PROGRAMMED`: its allow entries could not be
+    /// written (or do not fit POLICY), so its new flows are dropped (fail closed).
+    pub const NOT_PROGRAMMED: &str = "not_programmed";
     /// A local pod whose host interface cannot be found (yet).
     pub const NO_INTERFACE: &str = "no_interface";
     /// Interface found but attaching or writing its entry failed.
     pub const FAILED: &str = "failed";
-    pub const ALL: [&str; 3] = [ENFORCED, NO_INTERFACE, FAILED];
+    pub const ALL: [&str; 4] = [ENFORCED, NOT_PROGRAMMED, NO_INTERFACE, FAILED];
 }
 
 /// Sync stages reported by `policy_agent_sync_errors_total`.
@@ -56,15 +59,6 @@ pub mod stage {
     pub const UPLINKS: &str = "uplinks";
     pub const ALL: [&str; 4] = [MAPS, ENDPOINTS, DISCOVERY, UPLINKS];
 }
-
-/// Maps whose fill level is reported, with their capacities.
-pub const MAPS: [(&str, u32); 5] = [
-    (map_names::ENDPOINTS, capacity::ENDPOINTS),
-    (map_names::IPCACHE_V4, capacity::IPCACHE_V4),
-    (map_names::IPCACHE_V6, capacity::IPCACHE_V6),
-    (map_names::POLICY, capacity::POLICY),
-    (map_names::SERVICES, capacity::SERVICES),
-];
 
 pub struct Metrics {
     registry: Registry,
@@ -127,12 +121,12 @@ impl Metrics {
         );
         registry.register(
             "map_entries",
-            "Entries the agent keeps in each eBPF map",
+            "Entries in each eBPF map, counted in the kernel",
             m.map_entries.clone(),
         );
         registry.register(
             "map_pressure_ratio",
-            "Entries over capacity of each eBPF map (1 = full)",
+            "Entries over max_entries of each eBPF map (1 = full)",
             m.map_pressure.clone(),
         );
         registry.register(
@@ -191,8 +185,8 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Records how many entries each map holds.
-    pub fn set_map_entries(&self, map: &'static str, entries: usize, capacity: u32) {
+    /// Records how many entries a map holds in the kernel, against its `max_entries`.
+    pub fn set_map_entries(&self, map: &'static str, entries: u64, capacity: u32) {
         self.map_entries
             .get_or_create(&MapLabel { map })
             .set(entries as i64);
@@ -236,7 +230,7 @@ mod tests {
     #[test]
     fn encodes_bounded_labels() {
         let m = Metrics::new();
-        m.set_map_entries(map_names::POLICY, 512, 1024);
+        m.set_map_entries(policy_common::map_names::POLICY, 512, 1024);
         m.set_packet_counts(&[(Reason::DroppedPolicy, 5)]);
         m.set_packet_counts(&[(Reason::DroppedPolicy, 7)]);
         let text = m.encode();

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use policy_common::{EndpointInfo, IdentityPair, PolicyKey, capacity, identity};
+use policy_common::{EndpointInfo, IdentityPair, capacity, identity};
 
 use crate::{
     compiler::output::{EndpointEntry, NodeMaps, PolicyEntryKey},
@@ -268,22 +268,14 @@ impl Numbering {
             out.ipcache_v6.insert(*net, pair(p, &mut used_identities));
         }
         for (k, v) in &maps.policy {
-            let endpoint = u32::from_be_bytes(k.key.endpoint);
-            let peer = u32::from_be_bytes(k.key.identity);
-            used_endpoints.insert(endpoint);
-            used_identities.insert(peer);
-            let key = PolicyKey {
-                endpoint: self.endpoints.map(endpoint).to_be_bytes(),
-                identity: self.identity(peer).to_be_bytes(),
-                ..k.key
+            used_endpoints.insert(k.endpoint);
+            used_identities.insert(k.identity);
+            let key = PolicyEntryKey {
+                endpoint: self.endpoints.map(k.endpoint),
+                identity: self.identity(k.identity),
+                ..*k
             };
-            out.policy.insert(
-                PolicyEntryKey {
-                    prefix_len: k.prefix_len,
-                    key,
-                },
-                *v,
-            );
+            out.policy.insert(key, *v);
         }
         self.endpoints.retain(&used_endpoints);
         self.pods.retain(&used_identities);
@@ -345,8 +337,12 @@ mod tests {
             for (_, peer) in peers {
                 m.policy.insert(
                     PolicyEntryKey {
-                        prefix_len: 96,
-                        key: PolicyKey::new(*id, *peer, Direction::Ingress, proto::TCP, 80),
+                        endpoint: *id,
+                        identity: *peer,
+                        direction: Direction::Ingress,
+                        protocol: proto::TCP,
+                        first: 80,
+                        last: 80,
                     },
                     PolicyValue { rule: 1, flags: 0 },
                 );
@@ -408,7 +404,7 @@ mod tests {
         assert!(
             t.policy
                 .keys()
-                .any(|k| k.key == PolicyKey::new(7, 301, Direction::Ingress, proto::TCP, 80))
+                .any(|k| (k.endpoint, k.identity, k.first) == (7, 301, 80))
         );
         // Stable on the next translation too.
         assert_eq!(n.translate(&fresh), t);

@@ -101,11 +101,7 @@ impl Enforcer for Dataplane {
             endpoints: s.endpoints.clone(),
             ipcache_v4: s.ipcache_v4.clone(),
             ipcache_v6: s.ipcache_v6.clone(),
-            policy_identities: s
-                .policy
-                .keys()
-                .map(|k| u32::from_be_bytes(k.key.identity))
-                .collect(),
+            policy_identities: s.policy.keys().map(|k| k.identity).collect(),
         }
     }
 }
@@ -126,7 +122,11 @@ pub struct Report {
     pub complete: bool,
     /// Problems of this sync (each names the pod, interface or map).
     pub problems: Vec<String>,
+    /// Endpoints attached with their entry written (the `NOT_PROGRAMMED` ones included).
     pub endpoints_enforced: usize,
+    /// Of those, the ones flagged `NOT_PROGRAMMED` (their new flows are dropped: a failed map
+    /// write, or allow entries that do not fit POLICY).
+    pub endpoints_not_programmed: usize,
     pub endpoints_no_interface: usize,
     pub endpoints_failed: usize,
     /// Map writes failed (fail-closed flags were set where they could be).
@@ -242,12 +242,7 @@ impl<E: Enforcer> Syncer<E> {
             report.maps_failed = true;
             report.problems.push(format!("writing maps: {e}"));
             if failed_map(&e) == Some(map_names::POLICY) {
-                not_programmed.extend(
-                    upserts
-                        .policy_upsert
-                        .keys()
-                        .map(|k| u32::from_be_bytes(k.key.endpoint)),
-                );
+                not_programmed.extend(upserts.policy_upsert.keys().map(|k| k.endpoint));
             } else {
                 not_programmed_all = true;
             }
@@ -297,6 +292,9 @@ impl<E: Enforcer> Syncer<E> {
             match self.program_endpoint(host, info, stale_name) {
                 Ok(()) => {
                     report.endpoints_enforced += 1;
+                    if info.flags & endpoint_flags::NOT_PROGRAMMED != 0 {
+                        report.endpoints_not_programmed += 1;
+                    }
                     self.programmed.insert(
                         pod.clone(),
                         Programmed {

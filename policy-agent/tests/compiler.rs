@@ -196,9 +196,7 @@ fn check_rejected(name: &str, spec: serde_json::Value, field: &str, other: &serd
     assert_eq!(a.flags, endpoint_flags::INGRESS_ISOLATED, "{name}");
     assert_eq!(maps.endpoints[&key("x", "b")].flags, 0, "{name}");
     assert!(
-        maps.policy
-            .keys()
-            .all(|k| u32::from_be_bytes(k.key.endpoint) != a.id),
+        maps.policy.keys().all(|k| k.endpoint != a.id),
         "{name}: entries for x/a"
     );
     for port in [80, 53, 8080] {
@@ -312,25 +310,15 @@ fn egress_named_port_through_ip_block_resolves_per_destination_pod() {
         other => panic!("{other:?}"),
     }
     let a = maps.endpoints[&key("x", "a")].id;
-    let entries: Vec<_> = maps
-        .policy
-        .keys()
-        .filter(|k| u32::from_be_bytes(k.key.endpoint) == a)
-        .collect();
+    let entries: Vec<_> = maps.policy.keys().filter(|k| k.endpoint == a).collect();
     // One per pod in the block defining "http": x/a itself (80) and x/b (8080).
     let a_cidr = ipcache_lookup(&maps, ip("10.0.1.1")).cidr_identity;
-    let mut got: Vec<(u32, u16, u32)> = entries
+    let mut got: Vec<(u32, u16, u16)> = entries
         .iter()
-        .map(|k| {
-            (
-                u32::from_be_bytes(k.key.identity),
-                u16::from_be_bytes(k.key.dport),
-                k.prefix_len,
-            )
-        })
+        .map(|k| (k.identity, k.first, k.last))
         .collect();
     got.sort();
-    let mut want = vec![(a_cidr, 80, 96), (b.cidr_identity, 8080, 96)];
+    let mut want = vec![(a_cidr, 80, 80), (b.cidr_identity, 8080, 8080)];
     want.sort();
     assert_eq!(got, want);
 }
@@ -386,7 +374,7 @@ fn ingress_named_port_resolves_on_the_endpoint() {
 }
 
 #[test]
-fn ip_blocks_match_pod_addresses_and_end_port_becomes_a_prefix_cover() {
+fn ip_blocks_match_pod_addresses_and_end_port_becomes_one_range() {
     let mut c = base();
     c.policies.insert(
         key("x", "range"),
@@ -404,23 +392,14 @@ fn ip_blocks_match_pod_addresses_and_end_port_becomes_a_prefix_cover() {
     assert!(!allowed(&c, "y/c", "x/a", Protocol::Tcp, 60));
     assert!(!allowed(&c, "x/b", "x/a", Protocol::Sctp, 60));
     let (_, maps, _) = compile(&c, "n1");
-    // 53..=80 = 53/16, 54/15, 56/13, 64/12, 80/16, keyed on y/c's address's CIDR identity.
-    assert_eq!(maps.policy.len(), 5);
-    assert!(
-        maps.policy
-            .keys()
-            .all(|k| k.key.protocol == proto::SCTP && k.key.direction == Direction::Ingress as u8)
-    );
-    let mut lens: Vec<u32> = maps.policy.keys().map(|k| k.prefix_len).collect();
-    lens.sort();
-    assert_eq!(lens, vec![92, 93, 95, 96, 96]);
+    // 53..=80 is one range, keyed on y/c's address's CIDR identity.
+    assert_eq!(maps.policy.len(), 1);
+    assert!(maps.policy.keys().all(|k| k.protocol == proto::SCTP
+        && k.direction == Direction::Ingress
+        && (k.first, k.last) == (53, 80)));
     let cidr = ipcache_lookup(&maps, ip("10.0.2.1")).cidr_identity;
     assert!(cidr >= identity::CIDR_MIN);
-    assert!(
-        maps.policy
-            .keys()
-            .all(|k| u32::from_be_bytes(k.key.identity) == cidr)
-    );
+    assert!(maps.policy.keys().all(|k| k.identity == cidr));
 }
 
 #[test]
@@ -448,16 +427,12 @@ fn ports_without_port_number_and_empty_ports() {
     }
     let (_, maps, _) = compile(&c, "n1");
     let b = maps.endpoints[&key("x", "b")].id;
-    let b_entries: Vec<_> = maps
-        .policy
-        .keys()
-        .filter(|k| u32::from_be_bytes(k.key.endpoint) == b)
-        .collect();
-    assert_eq!(b_entries.len(), 3, "one /80 ANY entry per protocol");
+    let b_entries: Vec<_> = maps.policy.keys().filter(|k| k.endpoint == b).collect();
+    assert_eq!(b_entries.len(), 3, "one all-ports ANY entry per protocol");
     assert!(
         b_entries
             .iter()
-            .all(|k| k.prefix_len == 80 && u32::from_be_bytes(k.key.identity) == identity::ANY)
+            .all(|k| (k.first, k.last) == (0, 65535) && k.identity == identity::ANY)
     );
 }
 
@@ -672,4 +647,113 @@ fn deleting_everything_leaves_only_node_entries() {
         "the two node addresses: {:?}",
         maps.ipcache_v4
     );
+}
+
+/// x/a admits x/b on `n` distinct ports (every other port from 1000: no two merge).
+fn many_ports(n: u16) -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    let ports: Vec<_> = (0..n).map(|i| json!({"port": 1000 + 2 * i})).collect();
+    policy(
+        "x",
+        "many",
+        json!({"podSelector": {"matchLabels": {"app": "a"}},
+               "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "b"}}}], "ports": ports}]}),
+    )
+}
+
+#[test]
+fn end_port_ranges_are_one_merged_range() {
+    let mut c = base();
+    c.policies.insert(
+        key("x", "wide"),
+        policy(
+            "x",
+            "wide",
+            json!({"podSelector": {"matchLabels": {"app": "a"}},
+                   "ingress": [{"ports": [{"port": 1, "endPort": 65535},
+                                          {"port": 8000, "endPort": 8100},
+                                          {"port": 443}]}]}),
+        ),
+    );
+    c.policies.insert(
+        key("x", "adjacent"),
+        policy(
+            "x",
+            "adjacent",
+            json!({"podSelector": {"matchLabels": {"app": "b"}},
+                   "ingress": [{"ports": [{"port": 80}, {"port": 81}, {"port": 82, "endPort": 90},
+                                          {"port": 85, "endPort": 100}]}]}),
+        ),
+    );
+    for port in [1, 443, 8050, 65535] {
+        assert!(allowed(&c, "y/c", "x/a", Protocol::Tcp, port));
+    }
+    assert!(allowed(&c, "y/c", "x/b", Protocol::Tcp, 100));
+    assert!(!allowed(&c, "y/c", "x/b", Protocol::Tcp, 101));
+    let (_, maps, errors) = compile(&c, "n1");
+    assert!(errors.is_empty(), "{errors:?}");
+    let ranges = |pod: &str| -> Vec<(u16, u16)> {
+        let id = maps.endpoints[&key("x", pod)].id;
+        maps.policy
+            .keys()
+            .filter(|k| k.endpoint == id)
+            .map(|k| (k.first, k.last))
+            .collect()
+    };
+    assert_eq!(ranges("a"), vec![(1, 65535)], "contained ranges disappear");
+    assert_eq!(
+        ranges("b"),
+        vec![(80, 100)],
+        "adjacent and overlapping merge"
+    );
+}
+
+#[test]
+fn a_group_over_capacity_fails_only_its_endpoint_closed() {
+    let limit = policy_common::POLICY_MAX_RANGES as u16;
+    for n in [limit, limit + 1] {
+        let mut c = base();
+        c.policies.insert(key("x", "many"), many_ports(n));
+        c.policies.insert(
+            key("x", "b-web"),
+            policy(
+                "x",
+                "b-web",
+                json!({"podSelector": {"matchLabels": {"app": "b"}},
+                       "ingress": [{"ports": [{"port": 8080}]}]}),
+            ),
+        );
+        let (_, maps, errors) = compile(&c, "n1");
+        let a = &maps.endpoints[&key("x", "a")];
+        let b = &maps.endpoints[&key("x", "b")];
+        let entries_of = |id: u32| maps.policy.keys().filter(|k| k.endpoint == id).count();
+        assert_eq!(b.flags, endpoint_flags::INGRESS_ISOLATED, "{n}");
+        assert_eq!(entries_of(b.id), 1, "{n}: x/b keeps its entry");
+        if n == limit {
+            assert!(errors.is_empty(), "{errors:?}");
+            assert_eq!(a.flags, endpoint_flags::INGRESS_ISOLATED);
+            assert_eq!(entries_of(a.id), usize::from(limit));
+        } else {
+            assert_eq!(
+                a.flags,
+                endpoint_flags::INGRESS_ISOLATED | endpoint_flags::NOT_PROGRAMMED
+            );
+            assert_eq!(entries_of(a.id), 0);
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                matches!(
+                    &errors[0],
+                    CompileError::MapCapacity { namespace, name, map: "POLICY", ranges, limit: l, direction: "ingress", protocol: "TCP", .. }
+                        if (namespace.as_str(), name.as_str()) == ("x", "a")
+                            && *ranges == usize::from(n)
+                            && *l == usize::from(limit)
+                ),
+                "{errors:?}"
+            );
+            let msg = errors[0].to_string();
+            assert!(
+                msg.contains("Pod x/a") && msg.contains("map POLICY"),
+                "{msg}"
+            );
+        }
+    }
 }

@@ -490,7 +490,7 @@ fn flows(c: &Cluster) -> Vec<Flow> {
 // Canonical form: the maps with numbers replaced by what they stand for.
 
 /// A POLICY key with names: (endpoint pod, peer identity, direction, protocol, prefix, port).
-type CanonPolicyKey = (ObjectKey, String, u8, u8, u32, [u8; 2]);
+type CanonPolicyKey = (ObjectKey, String, u8, u8, u16, u16);
 
 #[derive(Debug, PartialEq, Eq)]
 struct Canon {
@@ -523,17 +523,10 @@ fn canon(c: &Compiler, m: &NodeMaps) -> Canon {
             .policy
             .iter()
             .map(|(k, v)| {
-                let ep = by_id[&u32::from_be_bytes(k.key.endpoint)].clone();
-                let peer = desc(u32::from_be_bytes(k.key.identity));
+                let ep = by_id[&k.endpoint].clone();
+                let peer = desc(k.identity);
                 (
-                    (
-                        ep,
-                        peer,
-                        k.key.direction,
-                        k.key.protocol,
-                        k.prefix_len,
-                        k.key.dport,
-                    ),
+                    (ep, peer, k.direction as u8, k.protocol, k.first, k.last),
                     m.rules[&v.rule].clone(),
                 )
             })
@@ -653,12 +646,7 @@ fn touched_policy_keys(d: &MapDiff) -> impl Iterator<Item = (u32, u32)> + '_ {
     d.policy_upsert
         .keys()
         .chain(d.policy_remove.iter())
-        .map(|k| {
-            (
-                u32::from_be_bytes(k.key.endpoint),
-                u32::from_be_bytes(k.key.identity),
-            )
-        })
+        .map(|k| (k.endpoint, k.identity))
 }
 
 fn touched_ipcache(d: &MapDiff) -> Vec<Prefix> {
@@ -698,7 +686,7 @@ fn uncarried_cidr_identities(m: &NodeMaps) -> BTreeSet<u32> {
     let carried = cidr_identities(m);
     m.policy
         .keys()
-        .map(|k| u32::from_be_bytes(k.key.identity))
+        .map(|k| k.identity)
         .filter(|id| *id >= identity::CIDR_MIN && !carried.contains(id))
         .collect()
 }

@@ -129,11 +129,7 @@ impl Enforcer for Fake {
             endpoints: self.endpoints.clone(),
             ipcache_v4: self.ipcache_v4.clone(),
             ipcache_v6: self.ipcache_v6.clone(),
-            policy_identities: self
-                .policy
-                .keys()
-                .map(|k| u32::from_be_bytes(k.key.identity))
-                .collect(),
+            policy_identities: self.policy.keys().map(|k| k.identity).collect(),
         }
     }
 }

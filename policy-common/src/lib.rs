@@ -45,6 +45,22 @@ pub mod map_names {
         EVENTS,
         EVENT_RATE,
     ];
+
+    /// The maps that fill up (hashes, LRU hashes and LPM tries), whose entries the agent counts
+    /// in the kernel for `policy_agent_map_entries` / `policy_agent_map_pressure_ratio`. The
+    /// others have no entry count: CONFIG, COUNTERS and EVENT_RATE are arrays (always full),
+    /// EVENTS is a ring buffer.
+    pub const COUNTED: [&str; 9] = [
+        ENDPOINTS,
+        ENDPOINTS_BY_ID,
+        IPCACHE_EXACT,
+        IPCACHE_V4,
+        IPCACHE_V6,
+        POLICY,
+        SERVICES,
+        CONNTRACK,
+        FRAGMENTS,
+    ];
 }
 
 /// Names of the tc programs in the eBPF object.
@@ -69,7 +85,8 @@ pub mod capacity {
     /// Shorter prefixes.
     pub const IPCACHE_V4: u32 = 262_144;
     pub const IPCACHE_V6: u32 = 262_144;
-    /// Chunks of port ranges (one or more per (endpoint, peer identity, direction, protocol)).
+    /// Chunks of port ranges (one to eight per (endpoint, peer identity, direction, protocol);
+    /// see [`super::PolicyGroupKey`] for what that holds).
     pub const POLICY: u32 = 262_144;
     pub const SERVICES: u32 = 65_536;
     pub const CONNTRACK: u32 = 262_144;
@@ -194,58 +211,21 @@ pub struct IdentityPair {
 }
 const _: () = assert!(core::mem::size_of::<IdentityPair>() == 8);
 
-/// Bits of a POLICY key before the port: endpoint (32) + identity (32) + direction (8) +
-/// protocol (8).
-pub const POLICY_FIXED_PREFIX_BITS: u32 = 80;
-/// Full POLICY prefix length: a rule for exactly one port.
-pub const POLICY_FULL_PREFIX_BITS: u32 = POLICY_FIXED_PREFIX_BITS + 16;
-
-/// A POLICY entry as the compiler emits it: an LPM-style key whose prefix length covers the
-/// fixed fields and then the top `prefixlen - 80` bits of `dport`. An `endPort` range is a handful
-/// of such port prefixes, a rule for all ports of a protocol is prefix 80.
+/// POLICY (hash) key: one group of allowed destination port ranges per (endpoint, peer identity,
+/// direction, protocol), split in chunks of [`PORT_RANGES_PER_CHUNK`] (chunk 0 first). The
+/// compiler emits each group's ranges merged (sorted, disjoint; `endPort` ranges as they are, so
+/// ports 1-65535 are one range); the value is [`PortRanges`]. A lookup is one hash probe per
+/// candidate identity, flat in the number of policies; precedence (see
+/// `policy-ebpf/src/policy.rs`): exact peer identity, then the peer's CIDR identity, then
+/// [`identity::ANY`]. Any hit allows (NetworkPolicy is a pure union).
 ///
-/// The map writer stores the entries grouped: every entry of one (endpoint, peer identity,
-/// direction, protocol) becomes one [`PortRange`] in that group's [`PortRanges`] value in the
-/// POLICY hash ([`PolicyGroupKey`]), so a lookup is one hash probe per candidate identity, flat
-/// in the number of policies. Precedence (see `policy-ebpf/src/policy.rs`): exact peer identity,
-/// then the peer's CIDR identity, then [`identity::ANY`]. Any hit allows (NetworkPolicy is a pure
-/// union).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PolicyKey {
-    /// Endpoint id, big-endian.
-    pub endpoint: [u8; 4],
-    /// Peer identity, big-endian.
-    pub identity: [u8; 4],
-    /// [`Direction`] as u8.
-    pub direction: u8,
-    /// IP protocol number.
-    pub protocol: u8,
-    /// Destination port, big-endian.
-    pub dport: [u8; 2],
-}
-const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
-
-impl PolicyKey {
-    pub const fn new(
-        endpoint: u32,
-        identity: u32,
-        direction: Direction,
-        protocol: u8,
-        dport: u16,
-    ) -> Self {
-        Self {
-            endpoint: endpoint.to_be_bytes(),
-            identity: identity.to_be_bytes(),
-            direction: direction as u8,
-            protocol,
-            dport: dport.to_be_bytes(),
-        }
-    }
-}
-
-/// POLICY (hash) key: one group of port ranges per (endpoint, peer identity, direction,
-/// protocol), split in chunks of [`PORT_RANGES_PER_CHUNK`] (chunk 0 first).
+/// Capacity: a group holds at most [`POLICY_MAX_RANGES`] (120) ranges after merging; an endpoint
+/// holds any number of groups (one per peer identity, direction and protocol its rules name)
+/// while the map has room, each taking ⌈ranges / 15⌉ of the [`capacity::POLICY`] (262,144)
+/// entries shared by all endpoints of the node: for one endpoint alone, 262,144 peers × 15
+/// ranges, or 32,768 peers × 120 ranges. An endpoint with a group over 120 ranges is not
+/// programmed (fail closed, reported by the compiler naming the pod and the map); a full map fails
+/// closed the endpoints being written.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyGroupKey {
@@ -259,7 +239,7 @@ pub struct PolicyGroupKey {
 }
 const _: () = assert!(core::mem::size_of::<PolicyGroupKey>() == 12);
 
-/// An inclusive destination port range with the rule that allows it (one compiler entry).
+/// An inclusive destination port range with the rule that allows it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRange {
@@ -272,9 +252,10 @@ const _: () = assert!(core::mem::size_of::<PortRange>() == 8);
 
 /// Port ranges in one POLICY chunk.
 pub const PORT_RANGES_PER_CHUNK: usize = 15;
-/// Chunks per group: at most 15 × 8 = 120 port prefixes for one (endpoint, peer, direction,
-/// protocol); more is reported as a full POLICY map.
+/// Chunks per group.
 pub const POLICY_MAX_CHUNKS: u8 = 8;
+/// Port ranges per group (endpoint, peer identity, direction, protocol): 15 × 8 = 120.
+pub const POLICY_MAX_RANGES: usize = PORT_RANGES_PER_CHUNK * POLICY_MAX_CHUNKS as usize;
 
 /// POLICY (hash) value: the first `count` ranges are in use, the others (only in the last chunk)
 /// hold port 65535 with rule 0, which reads as "no rule"; `more` = 1 when the next chunk exists.
@@ -595,7 +576,6 @@ mod user {
     // assertions above) and are valid for any bit pattern.
     unsafe impl aya::Pod for EndpointInfo {}
     unsafe impl aya::Pod for IdentityPair {}
-    unsafe impl aya::Pod for PolicyKey {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyGroupKey {}
     unsafe impl aya::Pod for PortRanges {}

@@ -70,8 +70,9 @@ pub const fn may_be_service(exact: &Option<IdentityPair>) -> bool {
 /// `dport`, or 0 (rule references start at 1).
 ///
 /// POLICY is a hash keyed by [`PolicyGroupKey`] = {endpoint, peer identity, direction,
-/// protocol, chunk}; each value holds up to 15 inclusive port ranges (an exact port, the tiles of
-/// an `endPort` range, or 0-65535 for "all ports"), and says whether another chunk follows. Groups
+/// protocol, chunk}; each value holds up to 15 inclusive port ranges (an exact port, an `endPort`
+/// range, or 0-65535 for "all ports", merged by the compiler), and says whether another chunk
+/// follows (at most `POLICY_MAX_CHUNKS`, so 120 ranges per group). Groups
 /// are small (one per peer a rule names), so a probe is one hash lookup and a short scan, however
 /// many policies exist. A global BPF function (exported by `build.rs`), so the verifier checks the
 /// scan once instead of at every call site.

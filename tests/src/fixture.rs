@@ -7,10 +7,7 @@ use anyhow::{Context, Result, ensure};
 use ipnetwork::IpNetwork;
 use policy_agent::compiler::output::{MapDiff, PolicyEntryKey};
 use policy_agent::dataplane::Dataplane;
-use policy_common::{
-    Config, Direction, EndpointInfo, IdentityPair, POLICY_FIXED_PREFIX_BITS,
-    POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue, Reason,
-};
+use policy_common::{Config, Direction, EndpointInfo, IdentityPair, PolicyValue, Reason};
 
 use crate::bpffs::PinDir;
 use crate::packet::PacketSpec;
@@ -23,43 +20,23 @@ pub struct Fixture {
     _dir: PinDir,
 }
 
-/// A POLICY entry for `port` under `prefix_len` (96 = exactly that port, 80 = every port).
+/// A POLICY entry allowing destination ports `first..=last`.
 pub fn policy_entry(
     endpoint: u32,
     direction: Direction,
     identity: u32,
     protocol: u8,
-    port: u16,
-    prefix_len: u32,
+    first: u16,
+    last: u16,
 ) -> PolicyEntryKey {
-    assert!((POLICY_FIXED_PREFIX_BITS..=POLICY_FULL_PREFIX_BITS).contains(&prefix_len));
-    let port_bits = prefix_len - POLICY_FIXED_PREFIX_BITS;
-    let mask = if port_bits == 0 {
-        0
-    } else {
-        u16::MAX << (16 - port_bits)
-    };
     PolicyEntryKey {
-        prefix_len,
-        key: PolicyKey::new(endpoint, identity, direction, protocol, port & mask),
+        endpoint,
+        identity,
+        direction,
+        protocol,
+        first,
+        last,
     }
-}
-
-/// The port prefixes (port, prefix length in the POLICY key) tiling `start..=end`.
-pub fn port_range_prefixes(start: u16, end: u16) -> Vec<(u16, u32)> {
-    let mut out = Vec::new();
-    let mut port = u32::from(start);
-    let end = u32::from(end);
-    while port <= end {
-        let mut bits = 0;
-        // Widen while aligned and inside the range.
-        while bits < 16 && port % (1 << (bits + 1)) == 0 && port + (1 << (bits + 1)) - 1 <= end {
-            bits += 1;
-        }
-        out.push((port as u16, POLICY_FULL_PREFIX_BITS - bits));
-        port += 1 << bits;
-    }
-    out
 }
 
 impl Fixture {
@@ -159,18 +136,11 @@ impl Fixture {
         port: u16,
         rule: u32,
     ) -> Result<()> {
-        let key = policy_entry(
-            endpoint,
-            direction,
-            identity,
-            protocol,
-            port,
-            POLICY_FULL_PREFIX_BITS,
-        );
+        let key = policy_entry(endpoint, direction, identity, protocol, port, port);
         self.allow_entry(key, rule)
     }
 
-    /// Allows `start..=end` (an `endPort` range) as port prefixes.
+    /// Allows `start..=end` (an `endPort` range): one range entry.
     pub fn allow_range(
         &mut self,
         endpoint: u32,
@@ -180,11 +150,8 @@ impl Fixture {
         (start, end): (u16, u16),
         rule: u32,
     ) -> Result<()> {
-        for (port, prefix_len) in port_range_prefixes(start, end) {
-            let key = policy_entry(endpoint, direction, identity, protocol, port, prefix_len);
-            self.allow_entry(key, rule)?;
-        }
-        Ok(())
+        let key = policy_entry(endpoint, direction, identity, protocol, start, end);
+        self.allow_entry(key, rule)
     }
 
     pub fn revoke(&mut self, key: PolicyEntryKey) -> Result<()> {

@@ -4,6 +4,7 @@
 //! Everything here needs root and fails (never skips) without it.
 pub mod agent;
 pub mod bpffs;
+pub mod bpfmap;
 pub mod cluster;
 pub mod fixture;
 pub mod netns;

@@ -4,13 +4,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
-use policy_agent::{
-    compiler::output::{MapDiff, PolicyEntryKey},
-    dataplane::Dataplane,
-};
+use policy_agent::{compiler::output::MapDiff, dataplane::Dataplane};
 use policy_common::{
-    Config, Direction, EndpointInfo, POLICY_FULL_PREFIX_BITS, PolicyKey, PolicyValue,
-    endpoint_flags, identity, proto,
+    Config, Direction, EndpointInfo, PolicyValue, endpoint_flags, identity, proto,
 };
 
 use crate::{
@@ -43,10 +39,7 @@ pub fn allow_80_deny_81(report: &mut dyn FnMut(String)) -> Result<Outcome> {
         let ep = 1;
         let mut diff = MapDiff::default();
         diff.policy_upsert.insert(
-            PolicyEntryKey {
-                prefix_len: POLICY_FULL_PREFIX_BITS,
-                key: PolicyKey::new(ep, identity::ANY, Direction::Ingress, proto::TCP, 80),
-            },
+            crate::fixture::policy_entry(ep, Direction::Ingress, identity::ANY, proto::TCP, 80, 80),
             PolicyValue { rule: 1, flags: 0 },
         );
         dp.apply(&diff)?;

@@ -44,7 +44,14 @@ fn desired(client: &Pod, server: &Pod, allow_8080: bool) -> Result<NodeMaps> {
         .insert(format!("{}/32", server.ip).parse()?, pair(SERVER.1));
     if allow_8080 {
         maps.policy.insert(
-            policy_entry(SERVER.0, Direction::Ingress, CLIENT.1, proto::TCP, 8080, 96),
+            policy_entry(
+                SERVER.0,
+                Direction::Ingress,
+                CLIENT.1,
+                proto::TCP,
+                8080,
+                8080,
+            ),
             PolicyValue { rule: 7, flags: 0 },
         );
     }

@@ -2,13 +2,16 @@
 //! side of each pod's veth in a "node" namespace and the maps written by hand (what the compiler
 //! would produce for the policy named in each test).
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
 use anyhow::Result;
-use policy_common::{Direction, Reason, endpoint_flags, identity, proto};
+use policy_common::{
+    CtKey, Direction, FragKey, Reason, endpoint_flags, identity, map_names, proto,
+};
 use policy_tests::{
-    fixture::Fixture,
-    sockets::{tcp_connects, tcp_server, udp_echo, udp_replies},
+    bpfmap::{PinnedMap, read_pod},
+    fixture::{Fixture, policy_entry},
+    sockets::{Connection, tcp_connects, tcp_echo_server, tcp_server, udp_echo, udp_replies},
     topology::{Node, Pod},
 };
 
@@ -295,5 +298,99 @@ fn a_named_port_resolves_per_destination_pod() -> Result<()> {
     );
     assert!(!tcp_connects(&client.ns, at(web2.ip, 8080)), "web2 8080");
     assert!(f.counters()?[&Reason::DroppedPolicy] > 0);
+    Ok(())
+}
+
+/// CONNTRACK and FRAGMENTS entries of endpoint `id`, walked in the pinned maps with raw bpf(2)
+/// calls (not through the dataplane's own code).
+fn flows_of(f: &Fixture, id: u32) -> Result<(usize, usize)> {
+    let maps = f.dp.pin_dir().join("maps");
+    let ct = PinnedMap::open(&maps.join(map_names::CONNTRACK))?
+        .keys()?
+        .iter()
+        .map(|k| read_pod::<CtKey>(k))
+        .collect::<Result<Vec<_>>>()?;
+    let frags = PinnedMap::open(&maps.join(map_names::FRAGMENTS))?
+        .keys()?
+        .iter()
+        .map(|k| read_pod::<FragKey>(k))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((
+        ct.iter().filter(|k| k.endpoint == id).count(),
+        frags.iter().filter(|k| k.endpoint == id).count(),
+    ))
+}
+
+#[test]
+fn a_removed_endpoint_takes_its_flows_and_a_reused_id_inherits_none() -> Result<()> {
+    let (node, pods, mut f) = node_with_pods("ctgone", 2)?;
+    let [client, server] = [&pods[0], &pods[1]];
+    let (client_id, server_id) = (pod_id(0), pod_id(1));
+    f.attach_pod(&node, client, client_id, pod_identity(0), 0)?;
+    f.attach_pod(&node, server, server_id, pod_identity(1), INGRESS)?;
+    // ingress: from the client, TCP 8080 and UDP 9000.
+    let allowed = [(proto::TCP, 8080), (proto::UDP, 9000)];
+    for (protocol, port) in allowed {
+        f.allow(
+            server_id,
+            Direction::Ingress,
+            pod_identity(0),
+            protocol,
+            port,
+            51,
+        )?;
+    }
+    let _echo = tcp_echo_server(&server.ns, at(server.ip, 8080))?;
+    let mut conn = Connection::open(&client.ns, at(server.ip, 8080))?;
+    assert!(conn.round_trip(b"established"), "the allowed flow works");
+    // A datagram over the MTU leaves in fragments: the first one's verdict is recorded.
+    client.ns.run(|| -> Result<()> {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.send_to(&[7u8; 4000], at(server.ip, 9000))?;
+        Ok(())
+    })?;
+    let (flows, fragments) = flows_of(&f, server_id)?;
+    assert!(flows >= 1, "the server's conntrack entry exists");
+    assert!(fragments >= 1, "the server's fragment verdict exists");
+    let (client_flows, _) = flows_of(&f, client_id)?;
+    assert!(client_flows >= 1);
+
+    // The pod goes: detached, endpoint removed. Its flows go with it, nobody else's.
+    node.ns.run(|| f.dp.detach(&server.host_if))?;
+    f.dp.remove_endpoint(server.ifindex)?;
+    assert_eq!(
+        flows_of(&f, server_id)?,
+        (0, 0),
+        "no entry outlives the endpoint"
+    );
+    assert_eq!(flows_of(&f, client_id)?.0, client_flows);
+
+    // A new pod on the same veth, address and id, isolated with nothing allowed.
+    for (protocol, port) in allowed {
+        f.revoke(policy_entry(
+            server_id,
+            Direction::Ingress,
+            pod_identity(0),
+            protocol,
+            port,
+            port,
+        ))?;
+    }
+    f.attach_pod(&node, server, server_id, pod_identity(1), INGRESS)?;
+    let before = f.counters()?;
+    assert!(
+        !conn.round_trip(b"inherited?"),
+        "the old flow's packet is dropped"
+    );
+    let after = f.counters()?;
+    let moved = |r: Reason| after[&r] - before[&r];
+    // Judged as a new flow and denied, not found established (and then revoked).
+    assert!(moved(Reason::DroppedPolicy) > 0, "{before:?} → {after:?}");
+    assert_eq!(moved(Reason::DroppedRevoked), 0, "{before:?} → {after:?}");
+    assert_eq!(
+        flows_of(&f, server_id)?.0,
+        0,
+        "a denied flow makes no entry"
+    );
     Ok(())
 }

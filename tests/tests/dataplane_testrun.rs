@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 use policy_common::{
-    Config, Direction, POLICY_FIXED_PREFIX_BITS, Reason, ct_flags, endpoint_flags, identity,
+    Config, Direction, Reason, ct_flags, endpoint_flags, identity,
     program_names::{FROM_POD, TO_NETWORK, TO_POD},
     proto,
 };
@@ -452,15 +452,8 @@ fn any_peer_and_all_port_rules() -> Result<()> {
         0,
         &[DroppedPolicy],
     )?;
-    // Every UDP port for OTHER (prefix /80).
-    let all_udp = policy_entry(
-        EP,
-        Direction::Ingress,
-        OTHER,
-        proto::UDP,
-        0,
-        POLICY_FIXED_PREFIX_BITS,
-    );
+    // Every UDP port for OTHER.
+    let all_udp = policy_entry(EP, Direction::Ingress, OTHER, proto::UDP, 0, u16::MAX);
     f.allow_entry(all_udp, 401)?;
     for port in [1, 4242, 65535] {
         let pkt = PacketSpec::udp(V4.other, 1000, V4.me, port);
@@ -657,7 +650,7 @@ fn revoked_rules_cut_established_flows() -> Result<()> {
     f.expect(TO_POD, &inbound, 0, &[AllowedByPolicy])?;
 
     // An unrelated change re-checks the flows, which stay allowed.
-    let unrelated = policy_entry(EP, Direction::Egress, OTHER, proto::TCP, 1, 96);
+    let unrelated = policy_entry(EP, Direction::Egress, OTHER, proto::TCP, 1, 1);
     f.allow_entry(unrelated, 900)?;
     f.revoke(unrelated)?;
     f.expect(
@@ -675,7 +668,7 @@ fn revoked_rules_cut_established_flows() -> Result<()> {
         PEER,
         proto::TCP,
         80,
-        96,
+        80,
     ))?;
     f.expect(FROM_POD, &out.clone().flags(TCP_ACK), 0, &[DroppedRevoked])?;
     f.expect(TO_POD, &out.reply(), 0, &[DroppedPolicy])?;
@@ -692,7 +685,7 @@ fn revoked_rules_cut_established_flows() -> Result<()> {
         PEER,
         proto::UDP,
         5353,
-        96,
+        5353,
     ))?;
     f.expect(FROM_POD, &inbound.reply(), 0, &[DroppedRevoked])?;
     // A changed peer identity also counts: re-allow, then move PEER's address to OTHER.
@@ -838,7 +831,7 @@ fn policy_groups_span_chunks_and_survive_a_restart() -> Result<()> {
     let mut diff = policy_agent::compiler::output::MapDiff::default();
     for (i, &port) in ports.iter().enumerate() {
         diff.policy_upsert.insert(
-            policy_entry(EP, Direction::Egress, PEER, proto::TCP, port, 96),
+            policy_entry(EP, Direction::Egress, PEER, proto::TCP, port, port),
             policy_common::PolicyValue {
                 rule: 1000 + i as u32,
                 flags: 0,
@@ -880,7 +873,7 @@ fn policy_groups_span_chunks_and_survive_a_restart() -> Result<()> {
             PEER,
             proto::TCP,
             port,
-            96,
+            port,
         ));
     }
     f.dp.apply(&shrink)?;
@@ -903,7 +896,7 @@ fn policy_groups_span_chunks_and_survive_a_restart() -> Result<()> {
                 OTHER,
                 proto::UDP,
                 2000 + 2 * port,
-                96,
+                2000 + 2 * port,
             ),
             policy_common::PolicyValue { rule: 7, flags: 0 },
         );

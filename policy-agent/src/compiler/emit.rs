@@ -1,17 +1,19 @@
 //! POLICY entries of one local endpoint.
 //!
-//! Key: {endpoint id, peer identity, direction, protocol, destination port} with prefix length
-//! 80 + the port prefix bits (`policy_common::PolicyKey`, probed by `policy-ebpf/src/policy.rs`
-//! with the full key for the peer's identity, then its CIDR identity, then ANY). Value: the rule
-//! reference. Policies are visited in namespace/name order and rules in index order, and the
-//! first entry for a key is kept, so a key shared by several rules carries the smallest
-//! [`RuleRef`].
+//! Entries are grouped by {endpoint id, peer identity, direction, protocol} (the POLICY map's
+//! `policy_common::PolicyGroupKey`, probed by `policy-ebpf/src/policy.rs` for the peer's identity,
+//! then its CIDR identity, then ANY); each entry is an inclusive destination port range
+//! ([`PolicyEntryKey`]) with the rule reference that allows it. A port list entry becomes one
+//! range (a port, an `endPort` range as written, or 0-65535 for all ports); the ranges of a group
+//! are then merged (`ports::merge`). Policies are visited in namespace/name order and rules in
+//! index order, and that order breaks ties in the merge, so a range shared by several rules
+//! carries the smallest [`RuleRef`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use policy_common::{
-    Direction, POLICY_FIXED_PREFIX_BITS, PolicyKey, PolicyValue, endpoint_flags, identity,
+    Direction, POLICY_MAX_RANGES, PolicyValue, endpoint_flags, identity, map_names,
 };
 
 use super::alloc::Interner;
@@ -19,9 +21,9 @@ use super::cidr::IpBlock;
 use super::identities::PodIdentityKey;
 use super::ipcache::ExactTargets;
 use super::policy::{NormPeer, NormPolicy, NormRule, PortSpec};
-use super::ports::{self, PortPrefix};
+use super::ports::{self, RuledRange};
 use super::resolve::{IdentityUniverse, SelectorCache};
-use super::{EndpointEntry, PodView, PolicyEntryKey, RuleRef};
+use super::{CompileError, EndpointEntry, PodView, PolicyEntryKey, RuleRef};
 use crate::model::Protocol;
 
 /// Everything entry emission needs, computed once per compilation.
@@ -34,6 +36,9 @@ pub(super) struct Resolution<'c> {
     pub(super) named_index: HashMap<(&'c str, Protocol), Vec<(u32, u16)>>,
 }
 
+/// One endpoint's port ranges per (peer identity, direction, protocol), in emission order.
+type Groups = BTreeMap<(u32, Direction, Protocol), Vec<RuledRange>>;
+
 /// Emits the POLICY entries of local endpoints.
 pub(super) struct Emitter<'a, 'c> {
     pub(super) selectors: &'a mut SelectorCache,
@@ -43,12 +48,16 @@ pub(super) struct Emitter<'a, 'c> {
 }
 
 impl Emitter<'_, '_> {
+    /// The endpoint entry of `pod` (id `id`) and its POLICY entries, added to `out`. When a
+    /// group does not fit the POLICY map the endpoint gets no entries and `NOT_PROGRAMMED`
+    /// (fail closed), and the error names the pod and the map.
     pub(super) fn endpoint(
         &mut self,
         id: u32,
         pod: &PodView<'_>,
         ns_policies: &[Arc<NormPolicy>],
         out: &mut BTreeMap<PolicyEntryKey, PolicyValue>,
+        errors: &mut Vec<CompileError>,
     ) -> EndpointEntry {
         let labels = &pod.pod.labels;
         let selecting: Vec<&NormPolicy> = ns_policies
@@ -57,6 +66,7 @@ impl Emitter<'_, '_> {
             .map(|p| &**p)
             .collect();
         let mut flags = 0;
+        let mut groups = Groups::new();
         for (direction, flag) in [
             (Direction::Ingress, endpoint_flags::INGRESS_ISOLATED),
             (Direction::Egress, endpoint_flags::EGRESS_ISOLATED),
@@ -67,9 +77,55 @@ impl Emitter<'_, '_> {
             flags |= flag;
             for p in &selecting {
                 for rule in p.rules(direction) {
-                    self.rule(id, pod, p, direction, rule, out);
+                    self.rule(pod, p, direction, rule, &mut groups);
                 }
             }
+        }
+        let merged: Vec<_> = groups
+            .into_iter()
+            .map(|(group, ranges)| (group, ports::merge(&ranges)))
+            .collect();
+        let over: Vec<_> = merged
+            .iter()
+            .filter(|(_, ranges)| ranges.len() > POLICY_MAX_RANGES)
+            .collect();
+        if over.is_empty() {
+            for ((peer, direction, protocol), ranges) in &merged {
+                for range in ranges {
+                    let key = PolicyEntryKey {
+                        endpoint: id,
+                        identity: *peer,
+                        direction: *direction,
+                        protocol: protocol.number(),
+                        first: range.first,
+                        last: range.last,
+                    };
+                    out.insert(
+                        key,
+                        PolicyValue {
+                            rule: range.rule,
+                            flags: 0,
+                        },
+                    );
+                }
+            }
+        } else {
+            flags |= endpoint_flags::NOT_PROGRAMMED;
+            errors.extend(over.iter().map(|((peer, direction, protocol), ranges)| {
+                CompileError::MapCapacity {
+                    namespace: pod.key.namespace.clone(),
+                    name: pod.key.name.clone(),
+                    map: map_names::POLICY,
+                    identity: *peer,
+                    direction: match direction {
+                        Direction::Ingress => "ingress",
+                        Direction::Egress => "egress",
+                    },
+                    protocol: protocol.as_str(),
+                    ranges: ranges.len(),
+                    limit: POLICY_MAX_RANGES,
+                }
+            }));
         }
         EndpointEntry {
             id,
@@ -81,12 +137,11 @@ impl Emitter<'_, '_> {
 
     fn rule(
         &mut self,
-        endpoint: u32,
         pod: &PodView<'_>,
         policy: &NormPolicy,
         direction: Direction,
         rule: &NormRule,
-        out: &mut BTreeMap<PolicyEntryKey, PolicyValue>,
+        groups: &mut Groups,
     ) {
         let Some(rule_id) = self.rule_ids.intern(&RuleRef {
             policy: policy.key.clone(),
@@ -95,29 +150,24 @@ impl Emitter<'_, '_> {
         }) else {
             return;
         };
-        let mut put = |peer: u32, protocol: Protocol, port: PortPrefix| {
-            let key = PolicyEntryKey {
-                prefix_len: POLICY_FIXED_PREFIX_BITS + u32::from(port.bits),
-                key: PolicyKey::new(endpoint, peer, direction, protocol.number(), port.port),
-            };
-            out.entry(key).or_insert(PolicyValue {
-                rule: rule_id,
-                flags: 0,
-            });
+        let mut put = |peer: u32, protocol: Protocol, (first, last): (u16, u16)| {
+            groups
+                .entry((peer, direction, protocol))
+                .or_default()
+                .push(RuledRange::new(first, last, rule_id));
         };
+        let exact = |port: u16| (port, port);
         let any = [];
         let peers: &[NormPeer] = rule.peers.as_deref().unwrap_or(&any);
         for port in &rule.ports {
             let protocol = port.protocol;
-            let numeric: Vec<PortPrefix> = match &port.port {
-                PortSpec::All => vec![PortPrefix::ALL],
-                PortSpec::Range(lo, hi) => ports::range_cover(*lo, *hi),
+            let numeric: Vec<(u16, u16)> = match &port.port {
+                PortSpec::All => vec![(0, u16::MAX)],
+                PortSpec::Range(lo, hi) => vec![(*lo, *hi)],
                 // Ingress: the destination is the endpoint itself.
-                PortSpec::Named(name) if direction == Direction::Ingress => pod
-                    .ident
-                    .ports_named(name, protocol)
-                    .map(PortPrefix::exact)
-                    .collect(),
+                PortSpec::Named(name) if direction == Direction::Ingress => {
+                    pod.ident.ports_named(name, protocol).map(exact).collect()
+                }
                 // Egress: resolved per destination below.
                 PortSpec::Named(_) => Vec::new(),
             };
@@ -137,7 +187,7 @@ impl Emitter<'_, '_> {
                             .get(&(name, protocol))
                             .map_or(&[][..], Vec::as_slice)
                         {
-                            put(id, protocol, PortPrefix::exact(number));
+                            put(id, protocol, exact(number));
                         }
                     }
                 }
@@ -152,7 +202,7 @@ impl Emitter<'_, '_> {
                                 Some(name) => {
                                     if let Some(key) = self.pod_ids.key(id) {
                                         for number in key.ports_named(name, protocol) {
-                                            put(id, protocol, PortPrefix::exact(number));
+                                            put(id, protocol, exact(number));
                                         }
                                     }
                                 }
@@ -182,7 +232,7 @@ impl Emitter<'_, '_> {
                             {
                                 let id = self.resolution.exact.cidr_of[ip];
                                 for &n in numbers {
-                                    put(id, protocol, PortPrefix::exact(n));
+                                    put(id, protocol, exact(n));
                                 }
                             }
                         }

@@ -36,6 +36,24 @@ pub enum CompileError {
         field: String,
         reason: String,
     },
+    /// A local pod whose allow entries do not fit a map: one POLICY group (peer identity,
+    /// direction, protocol) needs more port ranges, after merging, than a group holds
+    /// ([`policy_common::POLICY_MAX_RANGES`]). The pod gets no allow entries and is marked
+    /// `NOT_PROGRAMMED`: its new flows are dropped in both directions (fail closed) until the
+    /// policies selecting it fit again. Other pods are unaffected.
+    #[error(
+        "Pod {namespace}/{name}: map {map}: {direction} {protocol} port ranges for peer identity {identity} need {ranges} slots, a group holds {limit} (not programmed: new flows dropped in both directions)"
+    )]
+    MapCapacity {
+        namespace: String,
+        name: String,
+        map: &'static str,
+        identity: u32,
+        direction: &'static str,
+        protocol: &'static str,
+        ranges: usize,
+        limit: usize,
+    },
     /// A Node address that does not parse. `namespace` is empty (Nodes are cluster-scoped).
     #[error("Node {name}: {field}: {reason}")]
     Node {
@@ -100,6 +118,7 @@ impl CompileError {
         match self {
             CompileError::Policy { namespace, .. }
             | CompileError::Pod { namespace, .. }
+            | CompileError::MapCapacity { namespace, .. }
             | CompileError::Service { namespace, .. }
             | CompileError::Node { namespace, .. } => namespace,
         }
@@ -110,14 +129,17 @@ impl CompileError {
         match self {
             CompileError::Policy { name, .. }
             | CompileError::Pod { name, .. }
+            | CompileError::MapCapacity { name, .. }
             | CompileError::Service { name, .. }
             | CompileError::Node { name, .. } => name,
         }
     }
 
-    /// Path of the offending field, e.g. `spec.ingress[0].from[1].ipBlock.except[0]`.
+    /// Path of the offending field, e.g. `spec.ingress[0].from[1].ipBlock.except[0]` (empty for
+    /// [`CompileError::MapCapacity`], which no single field causes).
     pub fn field(&self) -> &str {
         match self {
+            CompileError::MapCapacity { .. } => "",
             CompileError::Policy { field, .. }
             | CompileError::Pod { field, .. }
             | CompileError::Service { field, .. }

@@ -26,10 +26,12 @@
 //! - **ENDPOINTS**: local pods (scheduled here, not hostNetwork, not terminated, with an address),
 //!   with a stable id in 1..=4095 and the isolation flags from the policies selecting them.
 //! - **POLICY**: for each local endpoint, direction it is isolated in, selecting policy, rule, peer
-//!   and port: one entry (endpoint, peer identity, direction, protocol, port prefix) → rule
-//!   reference. Peers: pod selectors → the pod identities they match; ipBlocks → every CIDR
-//!   identity whose set contains the block; no peers → [`identity::ANY`]. Ports: none → every port
-//!   of TCP, UDP and SCTP; `endPort` → the minimal prefix cover ([`ports`]).
+//!   and port: one port range `first..=last` of the group (endpoint, peer identity, direction,
+//!   protocol) → rule reference. Peers: pod selectors → the pod identities they match; ipBlocks →
+//!   every CIDR identity whose set contains the block; no peers → [`identity::ANY`]. Ports: none
+//!   → 0-65535 of TCP, UDP and SCTP; `endPort` → that range. A group's ranges are merged
+//!   ([`ports::merge`]); an endpoint with a group over `policy_common::POLICY_MAX_RANGES` gets no
+//!   entries, `NOT_PROGRAMMED` and a [`CompileError::MapCapacity`].
 //! - **Named ports** resolve against the destination pod. Ingress: against the endpoint itself, so
 //!   they become numbers. Egress: per destination — pod peers emit one entry per matched pod
 //!   identity that defines the name for the protocol; no-peer rules emit the same for every pod
@@ -241,6 +243,7 @@ impl Compiler {
                 pod,
                 ns_policies.map_or(&[], Vec::as_slice),
                 &mut maps.policy,
+                &mut errors,
             );
             maps.endpoints.insert(pod.key.clone(), entry);
         }

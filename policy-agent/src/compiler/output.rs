@@ -7,16 +7,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
-use policy_common::{Direction, IdentityPair, PolicyKey, PolicyValue};
+use policy_common::{Direction, IdentityPair, PolicyValue};
 
 use crate::model::ObjectKey;
 
-/// A POLICY trie entry key: the key data plus its prefix length in bits
-/// (`POLICY_FIXED_PREFIX_BITS ..= POLICY_FULL_PREFIX_BITS`).
+/// A POLICY entry: one inclusive destination port range `first..=last` of the group (endpoint,
+/// peer identity, direction, protocol). The compiler emits the ranges of a group merged
+/// (`compiler::ports::merge`: sorted, disjoint, at most [`policy_common::POLICY_MAX_RANGES`]); the
+/// map writer stores each group's ranges in its POLICY value ([`policy_common::PolicyGroupKey`]).
+/// Derived order: by group, then by range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyEntryKey {
-    pub prefix_len: u32,
-    pub key: PolicyKey,
+    /// Endpoint id.
+    pub endpoint: u32,
+    /// Peer identity ([`policy_common::identity::ANY`] for any peer).
+    pub identity: u32,
+    pub direction: Direction,
+    /// IP protocol number.
+    pub protocol: u8,
+    pub first: u16,
+    pub last: u16,
 }
 
 /// One local endpoint (a pod on this node with a pod-network address).

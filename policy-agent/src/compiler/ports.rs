@@ -1,44 +1,69 @@
-//! Port ranges as POLICY trie prefixes.
+//! Destination port ranges of one POLICY group (endpoint, peer identity, direction, protocol):
+//! the ranges the rules allow, merged into the fewest disjoint ranges that still attribute every
+//! port to a rule that allows it.
 
-/// A port prefix: the top `bits` bits of `port` (the rest zero). `bits == 0` is every port.
+/// An inclusive port range and the rule reference that allows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PortPrefix {
-    pub port: u16,
-    pub bits: u8,
+pub struct RuledRange {
+    pub first: u16,
+    pub last: u16,
+    pub rule: u32,
 }
 
-impl PortPrefix {
-    pub const ALL: PortPrefix = PortPrefix { port: 0, bits: 0 };
-
-    pub const fn exact(port: u16) -> Self {
-        PortPrefix { port, bits: 16 }
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        self.bits == 0 || (port ^ self.port) >> (16 - self.bits) == 0
+impl RuledRange {
+    pub const fn new(first: u16, last: u16, rule: u32) -> Self {
+        RuledRange { first, last, rule }
     }
 }
 
-/// The minimal set of aligned power-of-two blocks covering `lo..=hi` exactly (at most 30 for
-/// 1..=65535). Empty when `lo > hi`.
-pub fn range_cover(lo: u16, hi: u16) -> Vec<PortPrefix> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
-    while lo <= hi {
-        // Largest block aligned at `lo` that stays inside the range.
-        let mut size_log = if lo == 0 {
-            16
-        } else {
-            lo.trailing_zeros().min(16)
-        };
-        while lo + (1 << size_log) - 1 > hi {
-            size_log -= 1;
+/// Merges the ranges of one group, given in precedence order (the rule emitted first wins a
+/// tie), into sorted, disjoint ranges covering exactly their union:
+/// - overlapping, contained and adjacent ranges of one rule become one range;
+/// - where ranges of different rules overlap, the result is cut so that each piece lies inside
+///   one range of the rule it names, choosing at each point the range that reaches furthest
+///   (the fewest pieces; a port allowed by two rules is attributed to one of them). Adjacent
+///   ranges of different rules stay apart: fusing them would attribute ports to a rule that
+///   does not allow them.
+///
+/// Empty ranges (`first > last`) are ignored.
+pub fn merge(ranges: &[RuledRange]) -> Vec<RuledRange> {
+    // (first, precedence) order; `last` as u32 so that 65535 + 1 does not wrap.
+    let mut sorted: Vec<(usize, &RuledRange)> = ranges
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.first <= r.last)
+        .collect();
+    sorted.sort_by_key(|(precedence, r)| (r.first, *precedence));
+    let mut out: Vec<RuledRange> = Vec::new();
+    // The first port not covered yet.
+    let mut next: u32 = 0;
+    let mut i = 0;
+    while i < sorted.len() {
+        if u32::from(sorted[i].1.last) < next {
+            i += 1;
+            continue;
         }
-        out.push(PortPrefix {
-            port: lo as u16,
-            bits: (16 - size_log) as u8,
-        });
-        lo += 1 << size_log;
+        let start = next.max(u32::from(sorted[i].1.first));
+        // Among the ranges that contain `start`, the one reaching furthest (first on a tie).
+        let mut best = sorted[i];
+        for candidate in sorted[i..]
+            .iter()
+            .take_while(|(_, r)| u32::from(r.first) <= start)
+        {
+            if candidate.1.last > best.1.last
+                || (candidate.1.last == best.1.last && candidate.0 < best.0)
+            {
+                best = *candidate;
+            }
+        }
+        let (last, rule) = (best.1.last, best.1.rule);
+        match out.last_mut() {
+            Some(prev) if prev.rule == rule && u32::from(prev.last) + 1 == start => {
+                prev.last = last;
+            }
+            _ => out.push(RuledRange::new(start as u16, last, rule)),
+        }
+        next = u32::from(last) + 1;
     }
     out
 }
@@ -47,92 +72,113 @@ pub fn range_cover(lo: u16, hi: u16) -> Vec<PortPrefix> {
 mod tests {
     use super::*;
 
-    fn covered(cover: &[PortPrefix]) -> Vec<u16> {
-        (0..=u16::MAX)
-            .filter(|p| cover.iter().any(|c| c.contains(*p)))
-            .collect()
+    fn r(first: u16, last: u16, rule: u32) -> RuledRange {
+        RuledRange::new(first, last, rule)
+    }
+
+    /// The rule merged ranges give each port (checks disjointness on the way).
+    fn per_port(ranges: &[RuledRange]) -> Vec<Option<u32>> {
+        let mut ports = vec![None; 65536];
+        for x in ranges {
+            for p in x.first..=x.last {
+                assert!(ports[usize::from(p)].is_none(), "{ranges:?} overlap at {p}");
+                ports[usize::from(p)] = Some(x.rule);
+            }
+        }
+        ports
     }
 
     #[test]
-    fn single_port_is_one_full_prefix() {
-        assert_eq!(range_cover(80, 80), vec![PortPrefix::exact(80)]);
+    fn all_ports_and_1_to_65535_are_one_range() {
+        assert_eq!(merge(&[r(0, 65535, 3)]), vec![r(0, 65535, 3)]);
+        assert_eq!(merge(&[r(1, 65535, 3)]), vec![r(1, 65535, 3)]);
     }
 
     #[test]
-    fn all_ports_is_one_empty_prefix() {
-        assert_eq!(range_cover(0, 65535), vec![PortPrefix::ALL]);
-    }
-
-    #[test]
-    fn worst_case_is_thirty_prefixes() {
-        let c = range_cover(1, 65535);
-        assert_eq!(c.len(), 16);
-        let c = range_cover(1, 65534);
-        assert_eq!(c.len(), 30);
-        assert_eq!(covered(&c), (1..=65534).collect::<Vec<_>>());
-        assert!(
-            (0..=u16::MAX).all(|p| c.iter().any(|x| x.contains(p)) == (1..=65534).contains(&p))
-        );
-    }
-
-    #[test]
-    fn known_covers() {
-        // 53..=80: 53, 54-55, 56-63, 64-79, 80.
+    fn adjacent_ranges_of_one_rule_merge() {
         assert_eq!(
-            range_cover(53, 80),
-            vec![
-                PortPrefix { port: 53, bits: 16 },
-                PortPrefix { port: 54, bits: 15 },
-                PortPrefix { port: 56, bits: 13 },
-                PortPrefix { port: 64, bits: 12 },
-                PortPrefix { port: 80, bits: 16 },
-            ]
+            merge(&[r(81, 81, 1), r(80, 80, 1), r(82, 90, 1)]),
+            vec![r(80, 90, 1)]
         );
-        assert_eq!(range_cover(80, 81), vec![PortPrefix { port: 80, bits: 15 }]);
-        assert!(range_cover(81, 80).is_empty());
-    }
-
-    /// The intervals of a cover, in order.
-    fn intervals(cover: &[PortPrefix]) -> Vec<(u32, u32)> {
-        cover
-            .iter()
-            .map(|p| {
-                let size = 1u32 << (16 - p.bits);
-                assert_eq!(u32::from(p.port) % size, 0, "{p:?} not aligned");
-                (u32::from(p.port), u32::from(p.port) + size - 1)
-            })
-            .collect()
+        // Up to the last port without wrapping.
+        assert_eq!(
+            merge(&[r(65000, 65534, 1), r(65535, 65535, 1)]),
+            vec![r(65000, 65535, 1)]
+        );
     }
 
     #[test]
-    fn covers_are_exact_and_minimal() {
-        let mut cases: Vec<(u16, u16)> = (0..70)
-            .flat_map(|lo| (lo..70).map(move |hi| (lo, hi)))
-            .collect();
-        cases.extend([
-            (1, 65535),
-            (1000, 2000),
-            (32767, 32769),
-            (65535, 65535),
-            (0, 0),
-            (1023, 49152),
-            (53, 84),
-        ]);
-        for (lo, hi) in cases {
-            let iv = intervals(&range_cover(lo, hi));
-            // Exact: consecutive, disjoint intervals from lo to hi.
-            assert_eq!(iv.first().map(|i| i.0), Some(u32::from(lo)), "{lo}..={hi}");
-            assert_eq!(iv.last().map(|i| i.1), Some(u32::from(hi)), "{lo}..={hi}");
-            for w in iv.windows(2) {
-                assert_eq!(w[0].1 + 1, w[1].0, "{lo}..={hi}: gap or overlap");
+    fn overlapping_ranges_merge() {
+        assert_eq!(merge(&[r(80, 90, 1), r(85, 100, 1)]), vec![r(80, 100, 1)]);
+        // Rules differ: cut where the first rule's range ends.
+        assert_eq!(
+            merge(&[r(80, 90, 1), r(85, 100, 2)]),
+            vec![r(80, 90, 1), r(91, 100, 2)]
+        );
+    }
+
+    #[test]
+    fn contained_ranges_disappear() {
+        assert_eq!(
+            merge(&[r(443, 443, 2), r(1, 65535, 1), r(8000, 8100, 1)]),
+            vec![r(1, 65535, 1)]
+        );
+        // The containing range wins whichever comes first.
+        assert_eq!(
+            merge(&[r(1, 65535, 1), r(443, 443, 2)]),
+            vec![r(1, 65535, 1)]
+        );
+    }
+
+    #[test]
+    fn disjoint_ranges_stay_apart_and_sorted() {
+        assert_eq!(
+            merge(&[r(9000, 9001, 1), r(53, 53, 1), r(100, 99, 1)]),
+            vec![r(53, 53, 1), r(9000, 9001, 1)]
+        );
+        assert_eq!(
+            merge(&[r(80, 80, 1), r(81, 81, 2)]),
+            vec![r(80, 80, 1), r(81, 81, 2)]
+        );
+        assert!(merge(&[]).is_empty());
+    }
+
+    #[test]
+    fn equal_ranges_keep_the_first_rule() {
+        assert_eq!(merge(&[r(80, 90, 7), r(80, 90, 2)]), vec![r(80, 90, 7)]);
+    }
+
+    #[test]
+    fn merged_ranges_cover_exactly_with_a_rule_that_allows_each_port() {
+        let cases: Vec<Vec<RuledRange>> = vec![
+            vec![r(10, 20, 1), r(15, 30, 2), r(25, 40, 1), r(41, 41, 3)],
+            vec![r(0, 65535, 2), r(100, 200, 1), r(65535, 65535, 3)],
+            vec![r(5, 5, 1), r(1, 9, 2), r(3, 7, 3), r(8, 12, 1)],
+            (0..60u16)
+                .map(|i| r(i * 7, i * 7 + 9, u32::from(i % 3)))
+                .collect(),
+        ];
+        for input in cases {
+            let out = merge(&input);
+            let got = per_port(&out);
+            for (port, rule) in got.iter().enumerate() {
+                let allowing: Vec<u32> = input
+                    .iter()
+                    .filter(|x| (x.first..=x.last).contains(&(port as u16)))
+                    .map(|x| x.rule)
+                    .collect();
+                match rule {
+                    None => assert!(allowing.is_empty(), "port {port} lost: {input:?}"),
+                    Some(rule) => assert!(allowing.contains(rule), "port {port}: {input:?}"),
+                }
             }
-            // Minimal: no two neighbours could merge into one aligned block.
-            for w in iv.windows(2) {
-                let (a, b) = (w[0], w[1]);
-                let size = a.1 - a.0 + 1;
-                let mergeable = b.1 - b.0 + 1 == size && a.0 % (2 * size) == 0;
-                assert!(!mergeable, "{lo}..={hi}: {a:?} {b:?} mergeable");
-            }
+            assert!(out.windows(2).all(|w| w[0].last < w[1].first), "{out:?}");
+            // Minimal for one rule: no two neighbours of the same rule touch.
+            assert!(
+                out.windows(2)
+                    .all(|w| w[0].rule != w[1].rule || w[0].last + 1 < w[1].first),
+                "{out:?}"
+            );
         }
     }
 }

@@ -1,13 +1,13 @@
-//! How the compiler's POLICY entries (LPM-style port prefixes, `PolicyEntryKey`) become the
-//! POLICY hash the programs read: one group per (endpoint, peer identity, direction, protocol),
-//! each entry one inclusive [`PortRange`], in chunks of [`PORT_RANGES_PER_CHUNK`].
+//! How the compiler's POLICY entries (port ranges, `PolicyEntryKey`) become the POLICY hash the
+//! programs read: one group per (endpoint, peer identity, direction, protocol), each entry one
+//! inclusive [`PortRange`], in chunks of [`PORT_RANGES_PER_CHUNK`].
 //!
-//! Ranges are never merged, so the map can be read back into exactly the entries that produced
-//! it (a restarted agent diffs against that).
+//! The compiler merges a group's ranges; the writer stores them as they are, so the map reads
+//! back into exactly the entries that produced it (a restarted agent diffs against that).
 
 use policy_common::{
-    Direction, POLICY_FIXED_PREFIX_BITS, POLICY_FULL_PREFIX_BITS, POLICY_MAX_CHUNKS,
-    PORT_RANGES_PER_CHUNK, PolicyGroupKey, PolicyKey, PolicyValue, PortRange, PortRanges,
+    Direction, POLICY_MAX_CHUNKS, PORT_RANGES_PER_CHUNK, PolicyGroupKey, PolicyValue, PortRange,
+    PortRanges,
 };
 
 use crate::compiler::output::PolicyEntryKey;
@@ -15,39 +15,31 @@ use crate::compiler::output::PolicyEntryKey;
 /// The group (chunk 0) an entry belongs to.
 pub(crate) fn group_of(key: &PolicyEntryKey) -> PolicyGroupKey {
     PolicyGroupKey {
-        endpoint: u32::from_be_bytes(key.key.endpoint),
-        identity: u32::from_be_bytes(key.key.identity),
-        direction: key.key.direction,
-        protocol: key.key.protocol,
+        endpoint: key.endpoint,
+        identity: key.identity,
+        direction: key.direction as u8,
+        protocol: key.protocol,
         chunk: 0,
         _pad: 0,
     }
 }
 
-/// The ports an entry covers. Prefix lengths outside 80..=96 are clamped (the compiler never
-/// emits them).
+/// The stored range of an entry.
 pub(crate) fn range_of(key: &PolicyEntryKey, value: &PolicyValue) -> PortRange {
-    let bits = key
-        .prefix_len
-        .clamp(POLICY_FIXED_PREFIX_BITS, POLICY_FULL_PREFIX_BITS)
-        - POLICY_FIXED_PREFIX_BITS;
-    let host_mask = (0xffff_u32 >> bits) as u16;
-    let first = u16::from_be_bytes(key.key.dport) & !host_mask;
     PortRange {
-        first,
-        last: first | host_mask,
+        first: key.first,
+        last: key.last,
         rule: value.rule,
     }
 }
 
-/// The entry a stored range came from; `None` if the range is not an aligned power of two (not
-/// written by [`range_of`]).
+/// The entry a stored range came from; `None` for a range no writer stores (empty, or with a
+/// direction that does not exist).
 pub(crate) fn entry_of(
     group: &PolicyGroupKey,
     range: &PortRange,
 ) -> Option<(PolicyEntryKey, PolicyValue)> {
-    let size = u32::from(range.last.checked_sub(range.first)?) + 1;
-    if !size.is_power_of_two() || u32::from(range.first) % size != 0 {
+    if range.first > range.last || range.rule == 0 {
         return None;
     }
     let direction = match group.direction {
@@ -56,14 +48,12 @@ pub(crate) fn entry_of(
         _ => return None,
     };
     let key = PolicyEntryKey {
-        prefix_len: POLICY_FULL_PREFIX_BITS - size.trailing_zeros(),
-        key: PolicyKey::new(
-            group.endpoint,
-            group.identity,
-            direction,
-            group.protocol,
-            range.first,
-        ),
+        endpoint: group.endpoint,
+        identity: group.identity,
+        direction,
+        protocol: group.protocol,
+        first: range.first,
+        last: range.last,
     };
     Some((
         key,
@@ -124,40 +114,38 @@ pub(crate) fn describe_group(group: &PolicyGroupKey) -> String {
 mod tests {
     use super::*;
 
-    fn entry(port: u16, prefix_len: u32) -> PolicyEntryKey {
+    fn entry(first: u16, last: u16) -> PolicyEntryKey {
         PolicyEntryKey {
-            prefix_len,
-            key: PolicyKey::new(7, 300, Direction::Egress, 6, port),
+            endpoint: 7,
+            identity: 300,
+            direction: Direction::Egress,
+            protocol: 6,
+            first,
+            last,
         }
     }
 
     #[test]
     fn entries_round_trip_through_ranges() {
         let value = PolicyValue { rule: 9, flags: 0 };
-        for (port, len, first, last) in [
-            (80, 96, 80, 80),
-            (8000, 90, 8000, 8063),
-            (0, 80, 0, 65535),
-            (32768, 81, 32768, 65535),
-        ] {
-            let key = entry(port, len);
+        for (first, last) in [(80, 80), (8000, 8063), (0, 65535), (1, 65535), (10, 20)] {
+            let key = entry(first, last);
             let range = range_of(&key, &value);
             assert_eq!((range.first, range.last, range.rule), (first, last, 9));
             assert_eq!(entry_of(&group_of(&key), &range), Some((key, value)));
         }
-        // Host bits in the compiler's port are masked off like the kernel LPM did.
-        assert_eq!(range_of(&entry(8005, 90), &value).first, 8000);
     }
 
     #[test]
-    fn unaligned_ranges_are_not_entries() {
-        let group = group_of(&entry(1, 96));
-        let range = PortRange {
-            first: 10,
-            last: 20,
+    fn empty_slots_and_reversed_ranges_are_not_entries() {
+        let group = group_of(&entry(1, 1));
+        assert_eq!(entry_of(&group, &EMPTY_RANGE), None);
+        let reversed = PortRange {
+            first: 20,
+            last: 10,
             rule: 1,
         };
-        assert_eq!(entry_of(&group, &range), None);
+        assert_eq!(entry_of(&group, &reversed), None);
     }
 
     #[test]
@@ -175,7 +163,7 @@ mod tests {
         assert_eq!((c[2].count, c[2].more), (10, 0));
         assert_eq!(c[2].ranges[9].first, 39);
         assert!(chunks(&[]).unwrap().is_empty());
-        let too_many = vec![ranges[0]; PORT_RANGES_PER_CHUNK * usize::from(POLICY_MAX_CHUNKS) + 1];
+        let too_many = vec![ranges[0]; policy_common::POLICY_MAX_RANGES + 1];
         assert!(chunks(&too_many).is_none());
     }
 }

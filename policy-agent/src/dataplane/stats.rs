@@ -3,9 +3,12 @@
 
 use std::{io, mem::size_of};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{
+    HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
+};
 use policy_common::{
-    CtKey, CtValue, FragKey, FragValue, Reason, VerdictEvent, capacity, map_names,
+    Addr, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyGroupKey,
+    PortRanges, Reason, ServiceKey, VerdictEvent, map_names,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -43,60 +46,54 @@ impl Dataplane {
             .map_or(0, |(_, n)| n))
     }
 
-    /// Entries per map against capacity. The agent-written maps come from the writer's shadow;
-    /// CONNTRACK and FRAGMENTS are walked (one syscall per entry: call it at scrape rate, not
-    /// per packet).
+    /// Entries in each of the maps that fill up ([`map_names::COUNTED`]), counted in the kernel
+    /// by walking the map's keys, against the map's own `max_entries`. One syscall per entry
+    /// (CONNTRACK can hold 262,144): call it at scrape rate, not per packet.
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
-        let s = &self.shadow;
-        // /32 and /128 entries live in IPCACHE_EXACT.
-        let exact_v4 = s.ipcache_v4.keys().filter(|n| n.prefix() == 32).count() as u64;
-        let exact_v6 = s.ipcache_v6.keys().filter(|n| n.prefix() == 128).count() as u64;
-        let mut usage = vec![
-            MapUsage {
-                map: map_names::ENDPOINTS,
-                entries: s.endpoints.len() as u64,
-                capacity: capacity::ENDPOINTS,
-            },
-            MapUsage {
-                map: map_names::IPCACHE_EXACT,
-                entries: exact_v4 + exact_v6,
-                capacity: capacity::IPCACHE_EXACT,
-            },
-            MapUsage {
-                map: map_names::IPCACHE_V4,
-                entries: s.ipcache_v4.len() as u64 - exact_v4,
-                capacity: capacity::IPCACHE_V4,
-            },
-            MapUsage {
-                map: map_names::IPCACHE_V6,
-                entries: s.ipcache_v6.len() as u64 - exact_v6,
-                capacity: capacity::IPCACHE_V6,
-            },
-            MapUsage {
-                map: map_names::POLICY,
-                entries: s.group_chunks.values().map(|&n| u64::from(n)).sum(),
-                capacity: capacity::POLICY,
-            },
-            MapUsage {
-                map: map_names::SERVICES,
-                entries: s.services.len() as u64,
-                capacity: capacity::SERVICES,
-            },
-        ];
-        let ct: BpfHashMap<&MapData, CtKey, CtValue> = typed_map(&self.ebpf, map_names::CONNTRACK)?;
-        usage.push(MapUsage {
-            map: map_names::CONNTRACK,
-            entries: ct.keys().filter(Result::is_ok).count() as u64,
-            capacity: capacity::CONNTRACK,
-        });
-        let frags: BpfHashMap<&MapData, FragKey, FragValue> =
-            typed_map(&self.ebpf, map_names::FRAGMENTS)?;
-        usage.push(MapUsage {
-            map: map_names::FRAGMENTS,
-            entries: frags.keys().filter(Result::is_ok).count() as u64,
-            capacity: capacity::FRAGMENTS,
-        });
-        Ok(usage)
+        map_names::COUNTED
+            .iter()
+            .map(|&map| self.usage_of(map))
+            .collect()
+    }
+
+    /// [`Dataplane::map_usage`] of one map: the typed view only decides the key size.
+    fn usage_of(&self, map: &'static str) -> Result<MapUsage, DataplaneError> {
+        let ebpf = &self.ebpf;
+        match map {
+            map_names::ENDPOINTS | map_names::ENDPOINTS_BY_ID => {
+                let m: BpfHashMap<&MapData, u32, EndpointInfo> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::IPCACHE_EXACT => {
+                let m: BpfHashMap<&MapData, Addr, IdentityPair> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::IPCACHE_V4 => {
+                let m: LpmTrie<&MapData, [u8; 4], IdentityPair> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::IPCACHE_V6 => {
+                let m: LpmTrie<&MapData, [u8; 16], IdentityPair> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::POLICY => {
+                let m: BpfHashMap<&MapData, PolicyGroupKey, PortRanges> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::SERVICES => {
+                let m: BpfHashMap<&MapData, ServiceKey, u32> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::CONNTRACK => {
+                let m: BpfHashMap<&MapData, CtKey, CtValue> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            map_names::FRAGMENTS => {
+                let m: BpfHashMap<&MapData, FragKey, FragValue> = typed_map(ebpf, map)?;
+                count_keys(map, m.map(), m.keys())
+            }
+            _ => Err(DataplaneError::MissingMap { name: map }),
+        }
     }
 
     /// Conntrack entries (for tests and `explain`-style tooling).
@@ -133,6 +130,31 @@ impl Dataplane {
             })?;
         Ok(EventReader { fd })
     }
+}
+
+/// Counts `keys` of `data`. A key deleted under the walk (the programs evict CONNTRACK and
+/// FRAGMENTS entries at any time) makes the kernel restart it from the first key, so the walk
+/// stops at the map's capacity: the count is never above what the map can hold.
+fn count_keys<K>(
+    map: &'static str,
+    data: &MapData,
+    keys: impl Iterator<Item = Result<K, MapError>>,
+) -> Result<MapUsage, DataplaneError> {
+    let err = |source| DataplaneError::Map {
+        map,
+        source: Box::new(source),
+    };
+    let capacity = data.info().map_err(err)?.max_entries();
+    let mut entries = 0;
+    for key in keys.take(capacity as usize) {
+        key.map_err(err)?;
+        entries += 1;
+    }
+    Ok(MapUsage {
+        map,
+        entries,
+        capacity,
+    })
 }
 
 /// Reads [`VerdictEvent`]s from the EVENTS ring buffer.

@@ -24,14 +24,14 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{HashMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use policy_common::{
-    Addr, EndpointInfo, IdentityPair, POLICY_MAX_CHUNKS, PORT_RANGES_PER_CHUNK, PolicyGroupKey,
-    PolicyValue, PortRange, PortRanges, ServiceKey, addr_from_octets, addr_octets, capacity,
-    map_names,
+    Addr, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, POLICY_MAX_RANGES,
+    PolicyGroupKey, PolicyValue, PortRange, PortRanges, ServiceKey, addr_from_octets, addr_octets,
+    capacity, map_names,
 };
 
 use super::error::DataplaneError;
@@ -71,7 +71,7 @@ pub struct ApplyReport {
     pub endpoints_bumped: usize,
 }
 
-/// Entries in one map, for pressure metrics.
+/// Entries in one map as counted in the kernel, and the map's `max_entries` (pressure metrics).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapUsage {
     pub map: &'static str,
@@ -267,17 +267,27 @@ impl Dataplane {
         if previous == Some(info) {
             return Ok(());
         }
+        // A new holder of an id starts with no flows: whatever CONNTRACK or FRAGMENTS still hold
+        // under it (an endpoint removed without its flows, an agent stopped half-way) is not its
+        // own. Purged before the entry exists, while the programs cannot make new ones for it.
+        if previous.is_none_or(|p| p.id != info.id) && !self.id_in_use(info.id, ifindex) {
+            self.forget_flows(info.id)?;
+        }
         self.write_endpoint(ifindex, info)?;
         if let Some(p) = previous
             && p.id != info.id
             && !self.id_in_use(p.id, ifindex)
         {
             self.remove_by_id(p.id)?;
+            self.forget_flows(p.id)?;
         }
         Ok(())
     }
 
-    /// Removes the endpoint behind host veth `ifindex` (detach its veth first).
+    /// Removes the endpoint behind host veth `ifindex` (detach its veth first). When no other
+    /// interface carries its id, the id's ENDPOINTS_BY_ID entry goes, and with it every
+    /// CONNTRACK and FRAGMENTS entry made under the id ([`Dataplane::forget_flows`]): a later
+    /// endpoint with the same id or address inherits no established flow.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
         let map = map_names::ENDPOINTS;
         let mut endpoints: HashMap<&mut MapData, u32, EndpointInfo> =
@@ -291,8 +301,43 @@ impl Dataplane {
             && !self.id_in_use(previous.id, ifindex)
         {
             self.remove_by_id(previous.id)?;
+            self.forget_flows(previous.id)?;
         }
         Ok(())
+    }
+
+    /// Deletes the CONNTRACK and FRAGMENTS entries of endpoint `id` (both keyed by it, see
+    /// [`CtKey::endpoint`] and [`FragKey::endpoint`]); returns how many went. A walk of both
+    /// maps: one syscall per entry. Call it once the id has no ENDPOINTS / ENDPOINTS_BY_ID entry
+    /// (or before it gets one), so the programs cannot add entries for it meanwhile.
+    pub fn forget_flows(&mut self, id: u32) -> Result<usize, DataplaneError> {
+        let flows =
+            self.remove_where::<CtKey, CtValue>(map_names::CONNTRACK, |k| k.endpoint == id)?;
+        let fragments =
+            self.remove_where::<FragKey, FragValue>(map_names::FRAGMENTS, |k| k.endpoint == id)?;
+        Ok(flows + fragments)
+    }
+
+    /// Removes the keys of hash map `map` that match `doomed` (collected first: deleting under
+    /// a key walk would restart it).
+    fn remove_where<K: Pod + std::fmt::Debug, V: Pod>(
+        &mut self,
+        map: &'static str,
+        doomed: impl Fn(&K) -> bool,
+    ) -> Result<usize, DataplaneError> {
+        let mut entries: HashMap<&mut MapData, K, V> = typed_map_mut(&mut self.ebpf, map)?;
+        let keys = entries
+            .keys()
+            .collect::<Result<Vec<K>, MapError>>()
+            .map_err(|source| DataplaneError::Map {
+                map,
+                source: Box::new(source),
+            })?;
+        let keys: Vec<K> = keys.into_iter().filter(|k| doomed(k)).collect();
+        for key in &keys {
+            remove_result(map, format!("{key:?}"), entries.remove(key))?;
+        }
+        Ok(keys.len())
     }
 
     fn fresh_generation(&self) -> u32 {
@@ -414,7 +459,7 @@ impl Dataplane {
         for key in &diff.policy_remove {
             if self.shadow.remove_policy(key) {
                 touched.insert(group_of(key));
-                bump.insert(u32::from_be_bytes(key.key.endpoint));
+                bump.insert(key.endpoint);
                 report.removed += 1;
             }
         }
@@ -620,7 +665,7 @@ impl Dataplane {
                 "{} ({} port ranges, at most {})",
                 describe_group(group),
                 ranges.len(),
-                PORT_RANGES_PER_CHUNK * usize::from(POLICY_MAX_CHUNKS)
+                POLICY_MAX_RANGES
             ),
             capacity: capacity::POLICY,
         })?;

@@ -14,8 +14,7 @@ use policy_agent::compiler::{
 use policy_agent::evaluator::{self, Flow, Outcome, Peer, Protocol};
 use policy_agent::model::{self, Cluster, ObjectKey, PodInfo};
 use policy_common::{
-    Direction, IdentityPair, POLICY_FIXED_PREFIX_BITS, POLICY_FULL_PREFIX_BITS, PolicyKey,
-    PolicyValue, endpoint_flags, identity,
+    Direction, IdentityPair, POLICY_MAX_RANGES, PolicyValue, endpoint_flags, identity,
 };
 use serde_json::json;
 
@@ -161,7 +160,8 @@ pub fn ipcache_lookup(maps: &NodeMaps, ip: IpAddr) -> IdentityPair {
     }
 }
 
-/// One POLICY probe with the full /96 key: the longest stored prefix covering it.
+/// One POLICY probe: the range of the group (endpoint, peer, direction, protocol) that contains
+/// `port`, as `policy_probe` in `policy-ebpf/src/policy.rs` scans it.
 pub fn policy_probe(
     maps: &NodeMaps,
     endpoint: u32,
@@ -170,22 +170,18 @@ pub fn policy_probe(
     protocol: u8,
     port: u16,
 ) -> Option<PolicyValue> {
-    (POLICY_FIXED_PREFIX_BITS..=POLICY_FULL_PREFIX_BITS)
-        .rev()
-        .find_map(|prefix_len| {
-            let bits = prefix_len - POLICY_FIXED_PREFIX_BITS;
-            let masked = if bits == 0 {
-                0
-            } else {
-                port & (u16::MAX << (16 - bits))
-            };
-            maps.policy
-                .get(&PolicyEntryKey {
-                    prefix_len,
-                    key: PolicyKey::new(endpoint, peer, direction, protocol, masked),
-                })
-                .copied()
-        })
+    let group = |first| PolicyEntryKey {
+        endpoint,
+        identity: peer,
+        direction,
+        protocol,
+        first,
+        last: first,
+    };
+    maps.policy
+        .range(group(0)..=group(u16::MAX))
+        .find(|(k, _)| (k.first..=k.last).contains(&port))
+        .map(|(_, v)| *v)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,31 +249,46 @@ pub fn check_invariants(maps: &NodeMaps) {
         assert_eq!(net.ip(), net.network(), "unmasked IPCACHE_V6 key {net}");
     }
     for (k, v) in maps.policy.iter() {
-        assert!((POLICY_FIXED_PREFIX_BITS..=POLICY_FULL_PREFIX_BITS).contains(&k.prefix_len));
-        let bits = k.prefix_len - POLICY_FIXED_PREFIX_BITS;
-        let port = u16::from_be_bytes(k.key.dport);
-        let masked = if bits == 0 {
-            0
-        } else {
-            port & (u16::MAX << (16 - bits))
-        };
-        assert_eq!(port, masked, "unmasked POLICY port in {k:?}");
+        assert!(k.first <= k.last, "empty POLICY range {k:?}");
         assert_ne!(v.rule, 0);
         assert!(
             maps.rules.contains_key(&v.rule),
             "rule {} not registered",
             v.rule
         );
-        let ep = u32::from_be_bytes(k.key.endpoint);
+        let ep = k.endpoint;
         assert!(
             maps.endpoints.values().any(|e| e.id == ep),
             "entry for unknown endpoint {ep}"
         );
-        let peer = u32::from_be_bytes(k.key.identity);
+        let peer = k.identity;
         assert!(
             peer == identity::ANY || peer >= identity::POD_MIN,
             "entry keyed on reserved identity {peer}"
         );
+    }
+    // Merged groups: disjoint ranges, same-rule neighbours fused, within a group's capacity.
+    let mut group_sizes: BTreeMap<(u32, u32, Direction, u8), usize> = BTreeMap::new();
+    let entries: Vec<_> = maps.policy.iter().collect();
+    for pair in entries.windows(2) {
+        let ((a, av), (b, bv)) = (pair[0], pair[1]);
+        if (a.endpoint, a.identity, a.direction, a.protocol)
+            == (b.endpoint, b.identity, b.direction, b.protocol)
+        {
+            assert!(a.last < b.first, "overlapping POLICY ranges {a:?} {b:?}");
+            assert!(
+                av.rule != bv.rule || a.last + 1 < b.first,
+                "unmerged POLICY ranges {a:?} {b:?}"
+            );
+        }
+    }
+    for k in maps.policy.keys() {
+        *group_sizes
+            .entry((k.endpoint, k.identity, k.direction, k.protocol))
+            .or_default() += 1;
+    }
+    for (group, n) in group_sizes {
+        assert!(n <= POLICY_MAX_RANGES, "group {group:?} has {n} ranges");
     }
     let used: std::collections::BTreeSet<u32> = maps.policy.values().map(|v| v.rule).collect();
     assert_eq!(

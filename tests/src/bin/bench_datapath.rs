@@ -28,7 +28,7 @@ use policy_common::{
     proto,
 };
 use policy_tests::{
-    fixture::{Fixture, policy_entry, port_range_prefixes},
+    fixture::{Fixture, policy_entry},
     packet::{PacketSpec, TCP_ACK},
     testrun::{self, TC_ACT_OK, TC_ACT_SHOT, TEST_IFINDEX},
 };
@@ -171,13 +171,13 @@ fn setup(policies: usize, cidrs: &BTreeMap<Ipv4Network, IdentityPair>) -> Result
     let eg = Direction::Egress;
     // The measured rules.
     diff.policy_upsert
-        .insert(policy_entry(EP, eg, PEER, proto::TCP, 80, 96), value(1));
+        .insert(policy_entry(EP, eg, PEER, proto::TCP, 80, 80), value(1));
+    diff.policy_upsert.insert(
+        policy_entry(EP, eg, CIDR_ID, proto::TCP, 443, 443),
+        value(2),
+    );
     diff.policy_upsert
-        .insert(policy_entry(EP, eg, CIDR_ID, proto::TCP, 443, 96), value(2));
-    for (port, len) in port_range_prefixes(8000, 8099) {
-        diff.policy_upsert
-            .insert(policy_entry(EP, eg, PEER, proto::TCP, port, len), value(3));
-    }
+        .insert(policy_entry(EP, eg, PEER, proto::TCP, 8000, 8099), value(3));
     // Filler: other endpoints and identities, single ports and ranges.
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     while diff.policy_upsert.len() < policies {
@@ -190,13 +190,13 @@ fn setup(policies: usize, cidrs: &BTreeMap<Ipv4Network, IdentityPair>) -> Result
         let peer = 256 + rng.below(4000) as u32;
         let protocol = [proto::TCP, proto::UDP, proto::SCTP][rng.below(3) as usize];
         let port = 1 + rng.below(65_000) as u16;
-        let len = if rng.below(4) == 0 {
-            88 + rng.below(8) as u32
+        let last = if rng.below(4) == 0 {
+            port.saturating_add((1 << rng.below(8)) - 1)
         } else {
-            96
+            port
         };
         diff.policy_upsert.insert(
-            policy_entry(endpoint, direction, peer, protocol, port, len),
+            policy_entry(endpoint, direction, peer, protocol, port, last),
             value(10 + diff.policy_upsert.len() as u32),
         );
     }
