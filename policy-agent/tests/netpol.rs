@@ -824,7 +824,7 @@ fn graph_of_the_examples_parses_back_to_the_verdicts() {
                 .into_iter()
                 .filter(|(p, pr)| {
                     flows::verdict(
-                        cluster,
+                        &policy_agent::evaluator::Evaluator::new(cluster),
                         &flows::Target::Pod((*a).clone()),
                         &flows::Target::Pod((*b).clone()),
                         *p,

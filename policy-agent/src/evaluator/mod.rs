@@ -21,6 +21,7 @@
 //! CIDR of length ≥ 96 is an IPv4 CIDR); peer addresses are taken literally (an IPv6 address is
 //! never in an IPv4 block).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::{
@@ -162,19 +163,77 @@ fn party<'c>(cluster: &'c Cluster, peer: &Peer) -> Party<'c> {
 
 /// The verdict for a new connection.
 pub fn evaluate(cluster: &Cluster, flow: &Flow) -> Verdict {
-    let src = party(cluster, &flow.src);
-    let dst = party(cluster, &flow.dst);
-    let egress = judge(cluster, &src, &dst, Direction::Egress, flow);
-    let ingress = judge(cluster, &dst, &src, Direction::Ingress, flow);
-    Verdict {
-        allowed: egress.outcome.allowed() && ingress.outcome.allowed(),
-        egress,
-        ingress,
+    Evaluator::new(cluster).evaluate(flow)
+}
+
+/// The evaluator over one cluster state, for callers that judge many flows of the same state:
+/// what the rules read of the whole state (the addresses each node owns, every namespace's
+/// labels) is derived once, on first use, instead of once per flow. Same semantics as
+/// [`evaluate`] and [`trace`], which build one per call.
+pub struct Evaluator<'c> {
+    cluster: &'c Cluster,
+    /// Node name → the addresses it owns ([`model::node_owned_addresses`]).
+    hosts: std::sync::OnceLock<BTreeMap<String, Vec<IpAddr>>>,
+    /// Namespace name → its labels ([`model::namespace_labels`]), for the namespaces of the
+    /// state's pods.
+    namespaces: std::sync::OnceLock<BTreeMap<String, Labels>>,
+}
+
+impl<'c> Evaluator<'c> {
+    pub fn new(cluster: &'c Cluster) -> Self {
+        Evaluator {
+            cluster,
+            hosts: std::sync::OnceLock::new(),
+            namespaces: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn cluster(&self) -> &'c Cluster {
+        self.cluster
+    }
+
+    /// The verdict for a new connection.
+    pub fn evaluate(&self, flow: &Flow) -> Verdict {
+        let src = party(self.cluster, &flow.src);
+        let dst = party(self.cluster, &flow.dst);
+        let egress = judge(self, &src, &dst, Direction::Egress, flow);
+        let ingress = judge(self, &dst, &src, Direction::Ingress, flow);
+        Verdict {
+            allowed: egress.outcome.allowed() && ingress.outcome.allowed(),
+            egress,
+            ingress,
+        }
+    }
+
+    fn node_owns(&self, node: &str, ip: &IpAddr) -> bool {
+        let hosts = self
+            .hosts
+            .get_or_init(|| model::nodes_owned_addresses(self.cluster));
+        hosts.get(node).is_some_and(|a| a.contains(ip))
+    }
+
+    fn namespace_labels(&self, namespace: &str) -> std::borrow::Cow<'_, Labels> {
+        let known = self.namespaces.get_or_init(|| {
+            let names: std::collections::BTreeSet<&str> = self
+                .cluster
+                .pods
+                .keys()
+                .map(|k| k.namespace.as_str())
+                .collect();
+            names
+                .into_iter()
+                .map(|n| (n.to_owned(), model::namespace_labels(self.cluster, n)))
+                .collect()
+        });
+        match known.get(namespace) {
+            Some(l) => std::borrow::Cow::Borrowed(l),
+            None => std::borrow::Cow::Owned(model::namespace_labels(self.cluster, namespace)),
+        }
     }
 }
 
 fn judge(
-    cluster: &Cluster,
+    ev: &Evaluator<'_>,
     subject: &Party<'_>,
     peer: &Party<'_>,
     direction: Direction,
@@ -195,7 +254,7 @@ fn judge(
     }
     if let Party::Address(Some(ip)) = peer
         && let Some(node) = subject_pod.node_name.as_deref()
-        && model::node_owned_addresses(cluster, node).contains(ip)
+        && ev.node_owns(node, ip)
     {
         return DirectionVerdict::plain(Outcome::Host);
     }
@@ -206,7 +265,7 @@ fn judge(
     };
     let mut verdict = DirectionVerdict::plain(Outcome::NotIsolated);
     let namespace = subject_key.namespace.as_str();
-    for (key, rules) in selecting(cluster, namespace, &subject_pod.labels, direction) {
+    for (key, rules) in selecting(ev.cluster, namespace, &subject_pod.labels, direction) {
         verdict.isolating.push(key.clone());
         let Some(rules) = rules else { continue };
         for (index, (peers, ports)) in rules.into_iter().enumerate() {
@@ -221,7 +280,7 @@ fn judge(
                     peers.is_empty()
                         || peers
                             .iter()
-                            .any(|p| peer_misses(cluster, &key.namespace, p, peer).is_empty())
+                            .any(|p| peer_misses(ev, &key.namespace, p, peer).is_empty())
                 });
             if peers_ok {
                 verdict.allowing.push(RuleRef {
@@ -341,6 +400,18 @@ impl RuleTrace {
 /// the subject is not isolated in that direction or the flow is not judged by policy (self, host
 /// and non-pod traffic).
 pub fn trace(cluster: &Cluster, flow: &Flow, direction: Direction) -> Vec<RuleTrace> {
+    Evaluator::new(cluster).trace(flow, direction)
+}
+
+impl Evaluator<'_> {
+    /// [`trace`] over this evaluator's state.
+    pub fn trace(&self, flow: &Flow, direction: Direction) -> Vec<RuleTrace> {
+        trace_with(self, flow, direction)
+    }
+}
+
+fn trace_with(ev: &Evaluator<'_>, flow: &Flow, direction: Direction) -> Vec<RuleTrace> {
+    let cluster = ev.cluster;
     let (subject, peer) = match direction {
         Direction::Egress => (party(cluster, &flow.src), party(cluster, &flow.dst)),
         Direction::Ingress => (party(cluster, &flow.dst), party(cluster, &flow.src)),
@@ -353,7 +424,7 @@ pub fn trace(cluster: &Cluster, flow: &Flow, direction: Direction) -> Vec<RuleTr
     else {
         return Vec::new();
     };
-    let outcome = judge(cluster, &subject, &peer, direction, flow).outcome;
+    let outcome = judge(ev, &subject, &peer, direction, flow).outcome;
     if !matches!(outcome, Outcome::Denied | Outcome::AllowedByPolicy) {
         return Vec::new();
     }
@@ -378,7 +449,7 @@ pub fn trace(cluster: &Cluster, flow: &Flow, direction: Direction) -> Vec<RuleTr
                 peers: peers.map(|peers| {
                     peers
                         .iter()
-                        .map(|p| peer_misses(cluster, &key.namespace, p, &peer))
+                        .map(|p| peer_misses(ev, &key.namespace, p, &peer))
                         .collect()
                 }),
                 ports: ports.map(|ports| {
@@ -526,7 +597,7 @@ fn port_miss(
 
 /// Empty when the rule peer matches the other end of the flow, else every reason it does not.
 fn peer_misses(
-    cluster: &Cluster,
+    ev: &Evaluator<'_>,
     policy_namespace: &str,
     rule_peer: &NetworkPolicyPeer,
     peer: &Party<'_>,
@@ -546,7 +617,7 @@ fn peer_misses(
         }),
         None => {}
         Some(sel) => misses.extend(
-            selector_misses(sel, &model::namespace_labels(cluster, &key.namespace))
+            selector_misses(sel, &ev.namespace_labels(&key.namespace))
                 .map(PeerMiss::NamespaceLabel),
         ),
     }

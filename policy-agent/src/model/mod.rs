@@ -193,21 +193,45 @@ pub fn node_addresses(node: &Node) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
 /// Every address that belongs to node `name`: its Node object's addresses, the host addresses its
 /// pods report and the addresses of its hostNetwork pods. Terminated pods are ignored.
 pub fn node_owned_addresses(cluster: &Cluster, name: &str) -> Vec<std::net::IpAddr> {
-    let mut out: Vec<std::net::IpAddr> = cluster
+    owned_addresses(cluster, |n| n == name)
+        .remove(name)
+        .unwrap_or_default()
+}
+
+/// [`node_owned_addresses`] of every node, in one pass over the pods.
+pub fn nodes_owned_addresses(cluster: &Cluster) -> BTreeMap<String, Vec<std::net::IpAddr>> {
+    owned_addresses(cluster, |_| true)
+}
+
+fn owned_addresses(
+    cluster: &Cluster,
+    wanted: impl Fn(&str) -> bool,
+) -> BTreeMap<String, Vec<std::net::IpAddr>> {
+    let mut out: BTreeMap<String, Vec<std::net::IpAddr>> = cluster
         .nodes
-        .get(name)
-        .map(|n| node_addresses(n).0)
-        .unwrap_or_default();
+        .iter()
+        .filter(|(name, _)| wanted(name))
+        .map(|(name, n)| (name.clone(), node_addresses(n).0))
+        .collect();
     for pod in cluster.pods.values() {
-        if pod.node_name.as_deref() != Some(name) || pod.terminated {
+        let Some(name) = pod.node_name.as_deref() else {
+            continue;
+        };
+        if pod.terminated || !wanted(name) {
             continue;
         }
-        out.extend_from_slice(&pod.host_ips);
+        if !out.contains_key(name) {
+            out.insert(name.to_owned(), Vec::new());
+        }
+        let owned = out.get_mut(name).expect("inserted above");
+        owned.extend_from_slice(&pod.host_ips);
         if pod.host_network {
-            out.extend_from_slice(&pod.ips);
+            owned.extend_from_slice(&pod.ips);
         }
     }
-    out.sort();
-    out.dedup();
+    for owned in out.values_mut() {
+        owned.sort();
+        owned.dedup();
+    }
     out
 }

@@ -106,12 +106,13 @@ pub fn check(cluster: &Cluster, expect: &[Expectation]) -> Result<Outcome, Strin
         cells: expect.len(),
         ..Outcome::default()
     };
+    let ev = crate::evaluator::Evaluator::new(cluster);
     for e in expect {
         let protocol = Protocol::parse(&e.protocol)
             .ok_or_else(|| format!("{} -> {}: protocol {:?}", e.from, e.to, e.protocol))?;
         let from = flows::parse_target(cluster, &e.from)?;
         let to = flows::parse_target(cluster, &e.to)?;
-        let actual = flows::verdict(cluster, &from, &to, e.port, protocol)?.allowed;
+        let actual = flows::verdict(&ev, &from, &to, e.port, protocol)?.allowed;
         if actual != e.allowed {
             out.wrong.push(Wrong {
                 from: e.from.clone(),

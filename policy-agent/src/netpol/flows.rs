@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::networking::v1::IPBlock;
 
-use crate::evaluator::{self, Flow, Peer, Protocol};
+use crate::evaluator::{self, Evaluator, Flow, Peer, Protocol};
 use crate::model::{Cluster, Labels, ObjectKey, PodInfo};
 
 /// One end of a flow as the user named it.
@@ -134,12 +134,13 @@ pub fn declared_ports(pod: &PodInfo) -> Vec<(u16, Protocol)> {
 
 /// The verdict for a new connection between two targets.
 pub fn verdict(
-    cluster: &Cluster,
+    ev: &Evaluator<'_>,
     from: &Target,
     to: &Target,
     port: u16,
     protocol: Protocol,
 ) -> Result<evaluator::Verdict, String> {
+    let cluster = ev.cluster();
     let fam = family(cluster, from, to);
     let flow = Flow {
         src: peer(cluster, from, fam)?,
@@ -147,7 +148,7 @@ pub fn verdict(
         protocol,
         port,
     };
-    Ok(evaluator::evaluate(cluster, &flow))
+    Ok(ev.evaluate(&flow))
 }
 
 /// Every ipBlock of every policy.
@@ -246,10 +247,11 @@ pub struct Cell {
 /// protocol) → allowed`, for the class pairs `wanted` accepts. A class never reaches itself
 /// unless it has a second pod (a pod's traffic to itself is always allowed and not a flow).
 pub fn class_verdicts(
-    cluster: &Cluster,
+    ev: &Evaluator<'_>,
     classes: &Classes<'_>,
     wanted: impl Fn(usize, usize) -> bool,
 ) -> BTreeMap<(usize, usize, u16, Protocol), bool> {
+    let cluster = ev.cluster();
     let mut out = BTreeMap::new();
     for (s, src) in classes.members.iter().enumerate() {
         for (d, dst) in classes.members.iter().enumerate() {
@@ -261,7 +263,7 @@ pub fn class_verdicts(
             };
             let (from, to) = (Target::Pod(src[0].clone()), Target::Pod(dst_key.clone()));
             for (port, protocol) in declared_ports(&cluster.pods[dst_key]) {
-                let allowed = verdict(cluster, &from, &to, port, protocol)
+                let allowed = verdict(ev, &from, &to, port, protocol)
                     .map(|v| v.allowed)
                     .unwrap_or(false);
                 out.insert((s, d, port, protocol), allowed);

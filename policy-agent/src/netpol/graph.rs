@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use policy_common::Direction;
 
 use super::flows::{self, Classes, Target};
-use crate::evaluator::{self, Flow, Protocol};
+use crate::evaluator::{self, Evaluator, Flow, Protocol};
 use crate::model::{Cluster, ObjectKey};
 
 /// An address in no ipBlock of the examples or of typical clusters (TEST-NET-1), standing for
@@ -42,22 +42,19 @@ pub struct Graph {
     pub edges: Vec<GraphEdge>,
 }
 
-fn isolated(cluster: &Cluster, key: &ObjectKey, d: Direction) -> bool {
+fn isolated(ev: &Evaluator<'_>, key: &ObjectKey, d: Direction) -> bool {
     let me = evaluator::Peer::PodWithoutAddress(key.clone());
     let other = evaluator::Peer::Address(WORLD.parse().unwrap());
     let (src, dst) = match d {
         Direction::Egress => (me, other),
         Direction::Ingress => (other, me),
     };
-    let v = evaluator::evaluate(
-        cluster,
-        &Flow {
-            src,
-            dst,
-            protocol: Protocol::Tcp,
-            port: 1,
-        },
-    );
+    let v = ev.evaluate(&Flow {
+        src,
+        dst,
+        protocol: Protocol::Tcp,
+        port: 1,
+    });
     match d {
         Direction::Egress => !v.egress.isolating.is_empty(),
         Direction::Ingress => !v.ingress.isolating.is_empty(),
@@ -69,6 +66,7 @@ type EdgeAcc = (BTreeSet<(u16, Protocol)>, bool);
 
 /// The graph of the state, limited to pods of `namespace` and their peers when given.
 pub fn build(cluster: &Cluster, namespace: Option<&str>) -> Graph {
+    let ev = Evaluator::new(cluster);
     let blocks = flows::ip_blocks(cluster);
     let classes = Classes::new(cluster, cluster.pods.keys(), &blocks);
     let mut g = Graph::default();
@@ -89,8 +87,8 @@ pub fn build(cluster: &Cluster, namespace: Option<&str>) -> Graph {
             id: id(i),
             label,
             namespace: Some(rep.namespace.clone()),
-            isolated_ingress: isolated(cluster, rep, Direction::Ingress),
-            isolated_egress: isolated(cluster, rep, Direction::Egress),
+            isolated_ingress: isolated(&ev, rep, Direction::Ingress),
+            isolated_egress: isolated(&ev, rep, Direction::Egress),
         });
     }
     let mut addresses: Vec<IpAddr> = super::whatif::block_addresses(&[cluster]);
@@ -109,7 +107,7 @@ pub fn build(cluster: &Cluster, namespace: Option<&str>) -> Graph {
         });
     }
     let in_scope = |i: usize| namespace.is_none_or(|n| classes.members[i][0].namespace == n);
-    let verdicts = flows::class_verdicts(cluster, &classes, |s, d| in_scope(s) || in_scope(d));
+    let verdicts = flows::class_verdicts(&ev, &classes, |s, d| in_scope(s) || in_scope(d));
     let mut edges: BTreeMap<(String, String), EdgeAcc> = BTreeMap::new();
     for ((s, d, port, protocol), allowed) in verdicts {
         if allowed {
@@ -133,7 +131,7 @@ pub fn build(cluster: &Cluster, namespace: Option<&str>) -> Graph {
             let addr = Target::Address(*ip);
             let aid = format!("a{ip}");
             for &(port, protocol) in &address_ports {
-                if let Ok(v) = flows::verdict(cluster, &pod, &addr, port, protocol)
+                if let Ok(v) = flows::verdict(&ev, &pod, &addr, port, protocol)
                     && v.allowed
                 {
                     let open = !g.nodes[i].isolated_egress;
@@ -145,7 +143,7 @@ pub fn build(cluster: &Cluster, namespace: Option<&str>) -> Graph {
                 }
             }
             for (port, protocol) in flows::declared_ports(&cluster.pods[members[0]]) {
-                if let Ok(v) = flows::verdict(cluster, &addr, &pod, port, protocol)
+                if let Ok(v) = flows::verdict(&ev, &addr, &pod, port, protocol)
                     && v.allowed
                 {
                     let open = !g.nodes[i].isolated_ingress;

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use super::flows::{self, Classes, Target};
 use crate::compiler::cidr::Prefix;
-use crate::evaluator::{self, Protocol};
+use crate::evaluator::{self, Evaluator, Protocol};
 use crate::model::{self, Cluster, Labels, NAMESPACE_NAME_LABEL, ObjectKey, PodInfo};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -82,6 +82,7 @@ fn finding(
 /// Pods that take part in flows, by namespace.
 struct Index<'c> {
     cluster: &'c Cluster,
+    ev: Evaluator<'c>,
     by_namespace: BTreeMap<&'c str, Vec<(&'c ObjectKey, &'c PodInfo)>>,
     namespaces: BTreeMap<String, Labels>,
 }
@@ -109,6 +110,7 @@ impl<'c> Index<'c> {
             .collect();
         Index {
             cluster,
+            ev: Evaluator::new(cluster),
             by_namespace,
             namespaces,
         }
@@ -733,7 +735,7 @@ fn one_sided(
                     .any(|(port, protocol)| {
                         any_flow = true;
                         flows::verdict(
-                            cluster,
+                            &index.ev,
                             &Target::Pod(src.clone()),
                             &Target::Pod(dst.clone()),
                             port,
@@ -807,6 +809,8 @@ fn missing_dns(index: &Index<'_>, out: &mut Vec<Finding>) {
     }
     let pods = index.by_namespace.values().flatten().map(|(k, _)| *k);
     let classes = Classes::new(cluster, pods, &[]);
+    let assumed_ev = assumed.as_ref().map(Evaluator::new);
+    let ev = assumed_ev.as_ref().unwrap_or(&index.ev);
     for members in &classes.members {
         let rep = members[0];
         if dns.contains(rep) {
@@ -815,18 +819,12 @@ fn missing_dns(index: &Index<'_>, out: &mut Vec<Finding>) {
         let from = Target::Pod(rep.clone());
         let reach = |protocol| {
             dns.iter().any(|d| {
-                flows::verdict(cluster, &from, &Target::Pod(d.clone()), 53, protocol)
+                flows::verdict(ev, &from, &Target::Pod(d.clone()), 53, protocol)
                     .is_ok_and(|v| v.egress.outcome.allowed())
             })
         };
-        let isolated = flows::verdict(
-            cluster,
-            &from,
-            &Target::Pod(dns[0].clone()),
-            53,
-            Protocol::Udp,
-        )
-        .is_ok_and(|v| !v.egress.isolating.is_empty());
+        let isolated = flows::verdict(ev, &from, &Target::Pod(dns[0].clone()), 53, Protocol::Udp)
+            .is_ok_and(|v| !v.egress.isolating.is_empty());
         if !isolated {
             continue;
         }

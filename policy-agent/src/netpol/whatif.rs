@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 
 use super::flows::{self, Classes, Target};
-use crate::evaluator::Protocol;
+use crate::evaluator::{Evaluator, Protocol};
 use crate::model::{Cluster, ObjectKey};
 use policy_common::truth_table::Table;
 
@@ -114,18 +114,19 @@ type Verdicts = BTreeMap<(End, End, u16, Protocol), bool>;
 /// Verdicts between class representatives (and the ipBlock addresses), for flows touching
 /// `scope` (`None`: every flow).
 fn class_cells(
-    cluster: &Cluster,
+    ev: &Evaluator<'_>,
     joint: &[Vec<&ObjectKey>],
     addresses: &[IpAddr],
     address_ports: &[(u16, Protocol)],
     scope: Option<&dyn Fn(&ObjectKey) -> bool>,
 ) -> Verdicts {
+    let cluster = ev.cluster();
     let touches = |k: &ObjectKey| scope.is_none_or(|f| f(k));
     let mut out = Verdicts::new();
     let mut judge = |from: (End, Target), to: (End, Target), ports: &[(u16, Protocol)]| {
         for &(port, protocol) in ports {
             let allowed =
-                flows::verdict(cluster, &from.1, &to.1, port, protocol).is_ok_and(|v| v.allowed);
+                flows::verdict(ev, &from.1, &to.1, port, protocol).is_ok_and(|v| v.allowed);
             out.insert((from.0, to.0, port, protocol), allowed);
         }
     };
@@ -243,8 +244,20 @@ pub fn what_if(before: &Cluster, after: &Cluster) -> Report {
         all_namespaces || namespaces.contains(k.namespace.as_str()) || changed_pods.contains(k)
     };
     let scope: Option<&dyn Fn(&ObjectKey) -> bool> = if small { None } else { Some(&scope) };
-    let was = class_cells(before, &joint, &addresses, &address_ports, scope);
-    let now = class_cells(after, &joint, &addresses, &address_ports, scope);
+    let was = class_cells(
+        &Evaluator::new(before),
+        &joint,
+        &addresses,
+        &address_ports,
+        scope,
+    );
+    let now = class_cells(
+        &Evaluator::new(after),
+        &joint,
+        &addresses,
+        &address_ports,
+        scope,
+    );
     let mut changes = Vec::new();
     for (key, b) in &was {
         if let Some(a) = now.get(key)

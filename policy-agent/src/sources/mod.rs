@@ -250,7 +250,7 @@ impl ClusterStore {
     pub fn describe(&self, error: &CompileError) -> String {
         let kind = match error {
             CompileError::Policy { .. } => Kind::NetworkPolicy,
-            CompileError::Pod { .. } => Kind::Pod,
+            CompileError::Pod { .. } | CompileError::MapCapacity { .. } => Kind::Pod,
             CompileError::Service { .. } => Kind::Service,
             CompileError::Node { .. } => Kind::Node,
         };
