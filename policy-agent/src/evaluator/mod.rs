@@ -177,6 +177,8 @@ pub struct Evaluator<'c> {
     /// Namespace name → its labels ([`model::namespace_labels`]), for the namespaces of the
     /// state's pods.
     namespaces: std::sync::OnceLock<BTreeMap<String, Labels>>,
+    /// Every CIDR the policies' ipBlocks write (`cidr` and `except`), parsed.
+    cidrs: std::sync::OnceLock<std::collections::HashMap<String, Option<Cidr>>>,
 }
 
 impl<'c> Evaluator<'c> {
@@ -185,6 +187,7 @@ impl<'c> Evaluator<'c> {
             cluster,
             hosts: std::sync::OnceLock::new(),
             namespaces: std::sync::OnceLock::new(),
+            cidrs: std::sync::OnceLock::new(),
         }
     }
 
@@ -212,7 +215,8 @@ impl<'c> Evaluator<'c> {
         hosts.get(node).is_some_and(|a| a.contains(ip))
     }
 
-    fn namespace_labels(&self, namespace: &str) -> std::borrow::Cow<'_, Labels> {
+    /// The labels of the namespace of a pod of this state.
+    fn pod_namespace_labels(&self, namespace: &str) -> &Labels {
         let known = self.namespaces.get_or_init(|| {
             let names: std::collections::BTreeSet<&str> = self
                 .cluster
@@ -225,9 +229,36 @@ impl<'c> Evaluator<'c> {
                 .map(|n| (n.to_owned(), model::namespace_labels(self.cluster, n)))
                 .collect()
         });
-        match known.get(namespace) {
-            Some(l) => std::borrow::Cow::Borrowed(l),
-            None => std::borrow::Cow::Owned(model::namespace_labels(self.cluster, namespace)),
+        &known[namespace]
+    }
+
+    fn cidr_contains(&self, cidr: &str, ip: IpAddr) -> bool {
+        let parsed = self.cidrs.get_or_init(|| {
+            let mut all = std::collections::HashMap::new();
+            for np in self.cluster.policies.values() {
+                let Some(spec) = &np.spec else { continue };
+                let peers = spec
+                    .ingress
+                    .iter()
+                    .flatten()
+                    .flat_map(|r| r.from.iter().flatten());
+                let peers = peers.chain(
+                    spec.egress
+                        .iter()
+                        .flatten()
+                        .flat_map(|r| r.to.iter().flatten()),
+                );
+                for block in peers.filter_map(|p| p.ip_block.as_ref()) {
+                    for c in std::iter::once(&block.cidr).chain(block.except.iter().flatten()) {
+                        all.entry(c.clone()).or_insert_with(|| parse_cidr(c));
+                    }
+                }
+            }
+            all
+        });
+        match parsed.get(cidr) {
+            Some(c) => c.as_ref().is_some_and(|c| cidr_contains(c, ip)),
+            None => written_cidr_contains(cidr, ip),
         }
     }
 }
@@ -280,7 +311,7 @@ fn judge(
                     peers.is_empty()
                         || peers
                             .iter()
-                            .any(|p| peer_misses(ev, &key.namespace, p, peer).is_empty())
+                            .any(|p| peer_misses(ev, &key.namespace, p, peer).next().is_none())
                 });
             if peers_ok {
                 verdict.allowing.push(RuleRef {
@@ -449,7 +480,7 @@ fn trace_with(ev: &Evaluator<'_>, flow: &Flow, direction: Direction) -> Vec<Rule
                 peers: peers.map(|peers| {
                     peers
                         .iter()
-                        .map(|p| peer_misses(ev, &key.namespace, p, &peer))
+                        .map(|p| peer_misses(ev, &key.namespace, p, &peer).collect())
                         .collect()
                 }),
                 ports: ports.map(|ports| {
@@ -595,36 +626,49 @@ fn port_miss(
     }
 }
 
-/// Empty when the rule peer matches the other end of the flow, else every reason it does not.
-fn peer_misses(
-    ev: &Evaluator<'_>,
-    policy_namespace: &str,
-    rule_peer: &NetworkPolicyPeer,
-    peer: &Party<'_>,
-) -> Vec<PeerMiss> {
-    if let Some(block) = &rule_peer.ip_block {
-        return block_miss(block, peer.ip()).into_iter().collect();
-    }
+/// Every reason the rule peer does not match the other end of the flow (none: it matches),
+/// produced lazily, so that asking whether there is one builds at most one.
+fn peer_misses<'a>(
+    ev: &'a Evaluator<'_>,
+    policy_namespace: &'a str,
+    rule_peer: &'a NetworkPolicyPeer,
+    peer: &'a Party<'a>,
+) -> impl Iterator<Item = PeerMiss> + 'a {
+    let block = rule_peer
+        .ip_block
+        .as_ref()
+        .map(|b| block_miss(b, peer.ip(), &|c: &str, ip| ev.cidr_contains(c, ip)));
     // Pod peers only ever match pods.
-    let Party::Pod { key, pod, .. } = peer else {
-        return vec![PeerMiss::NotAPod];
+    let pod = match (&block, peer) {
+        (None, Party::Pod { key, pod, .. }) => Some((*key, *pod)),
+        _ => None,
     };
-    let mut misses = Vec::new();
-    match &rule_peer.namespace_selector {
-        None if key.namespace != policy_namespace => misses.push(PeerMiss::OtherNamespace {
+    let not_a_pod = (block.is_none() && pod.is_none()).then_some(PeerMiss::NotAPod);
+    let other_namespace = pod
+        .filter(|(k, _)| rule_peer.namespace_selector.is_none() && k.namespace != policy_namespace)
+        .into_iter()
+        .map(move |(k, _)| PeerMiss::OtherNamespace {
             policy_namespace: policy_namespace.to_owned(),
-            peer_namespace: key.namespace.clone(),
-        }),
-        None => {}
-        Some(sel) => misses.extend(
-            selector_misses(sel, &ev.namespace_labels(&key.namespace))
-                .map(PeerMiss::NamespaceLabel),
-        ),
-    }
-    if let Some(sel) = &rule_peer.pod_selector {
-        misses.extend(selector_misses(sel, &pod.labels).map(PeerMiss::PodLabel));
-    }
-    misses
+            peer_namespace: k.namespace.clone(),
+        });
+    let namespace_labels = pod
+        .and_then(|(k, _)| Some((rule_peer.namespace_selector.as_ref()?, k)))
+        .into_iter()
+        .flat_map(move |(sel, k)| {
+            selector_misses(sel, ev.pod_namespace_labels(&k.namespace))
+                .map(PeerMiss::NamespaceLabel)
+        });
+    let pod_labels = pod
+        .and_then(|(_, p)| Some((rule_peer.pod_selector.as_ref()?, &p.labels)))
+        .into_iter()
+        .flat_map(|(sel, labels)| selector_misses(sel, labels).map(PeerMiss::PodLabel));
+    block
+        .flatten()
+        .into_iter()
+        .chain(not_a_pod)
+        .chain(other_namespace)
+        .chain(namespace_labels)
+        .chain(pod_labels)
 }
 
 /// The requirements of `sel` (matchLabels entries first, as `In` one value) that `labels` fail.
@@ -644,14 +688,7 @@ pub fn selector_misses<'a>(
     let from_expressions = sel.match_expressions.iter().flatten().filter_map(|e| {
         let values = e.values.as_deref().unwrap_or_default();
         let value = labels.get(&e.key);
-        let ok = match e.operator.as_str() {
-            "In" => value.is_some_and(|v| values.contains(v)),
-            "NotIn" => !value.is_some_and(|v| values.contains(v)),
-            "Exists" => value.is_some(),
-            "DoesNotExist" => value.is_none(),
-            _ => false,
-        };
-        (!ok).then(|| LabelMiss {
+        (!expression_holds(&e.operator, values, value)).then(|| LabelMiss {
             key: e.key.clone(),
             operator: e.operator.clone(),
             values: values.to_vec(),
@@ -661,9 +698,32 @@ pub fn selector_misses<'a>(
     from_labels.chain(from_expressions)
 }
 
-/// Whether `labels` satisfy every requirement of `sel`.
+/// Whether a label's value (`None`: absent) satisfies one matchExpressions requirement; an
+/// unknown operator is satisfied by nothing.
+fn expression_holds(operator: &str, values: &[String], value: Option<&String>) -> bool {
+    match operator {
+        "In" => value.is_some_and(|v| values.contains(v)),
+        "NotIn" => !value.is_some_and(|v| values.contains(v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        _ => false,
+    }
+}
+
+/// Whether `labels` satisfy every requirement of `sel`: [`selector_misses`] yields nothing
+/// (without building the misses).
 pub fn selector_matches(sel: &LabelSelector, labels: &Labels) -> bool {
-    selector_misses(sel, labels).next().is_none()
+    sel.match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v))
+        && sel.match_expressions.iter().flatten().all(|e| {
+            expression_holds(
+                &e.operator,
+                e.values.as_deref().unwrap_or_default(),
+                labels.get(&e.key),
+            )
+        })
 }
 
 /// Whether the API server would accept the selector: label syntax ([`model::meta`]), known
@@ -741,22 +801,23 @@ fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
         })
 }
 
-/// `None` when the block contains the address, else why not.
-fn block_miss(block: &IPBlock, ip: Option<IpAddr>) -> Option<PeerMiss> {
+/// `None` when the block contains the address, else why not; `contains` says whether a CIDR
+/// (as written) contains an address.
+fn block_miss(
+    block: &IPBlock,
+    ip: Option<IpAddr>,
+    contains: &dyn Fn(&str, IpAddr) -> bool,
+) -> Option<PeerMiss> {
     let not_in = || {
         Some(PeerMiss::NotInCidr {
             cidr: block.cidr.clone(),
         })
     };
     let Some(ip) = ip else { return not_in() };
-    if !parse_cidr(&block.cidr).is_some_and(|c| cidr_contains(&c, ip)) {
+    if !contains(&block.cidr, ip) {
         return not_in();
     }
-    let except = block
-        .except
-        .iter()
-        .flatten()
-        .find(|e| parse_cidr(e).is_some_and(|e| cidr_contains(&e, ip)))?;
+    let except = block.except.iter().flatten().find(|e| contains(e, ip))?;
     Some(PeerMiss::InExcept {
         cidr: block.cidr.clone(),
         except: except.clone(),
@@ -765,7 +826,12 @@ fn block_miss(block: &IPBlock, ip: Option<IpAddr>) -> Option<PeerMiss> {
 
 /// Whether the ipBlock (`cidr` minus `except`) contains the address.
 pub fn block_contains(block: &IPBlock, ip: IpAddr) -> bool {
-    block_miss(block, Some(ip)).is_none()
+    block_miss(block, Some(ip), &written_cidr_contains).is_none()
+}
+
+/// Whether the CIDR as written (an invalid one contains nothing) contains the address.
+fn written_cidr_contains(cidr: &str, ip: IpAddr) -> bool {
+    parse_cidr(cidr).is_some_and(|c| cidr_contains(&c, ip))
 }
 
 fn port_name_is_valid(name: &str) -> bool {
