@@ -164,7 +164,7 @@ pub mod endpoint_flags {
     /// Some policy selects the endpoint with `Egress` in its policyTypes.
     pub const EGRESS_ISOLATED: u32 = 1 << 1;
     /// The agent could not program this endpoint's allow entries: drop everything new in both
-    /// directions (fail closed) and count it as [`super::Reason::EndpointNotProgrammed`].
+    /// directions (fail closed) and count it as [`super::Reason::DroppedEndpointNotProgrammed`].
     pub const NOT_PROGRAMMED: u32 = 1 << 2;
 }
 

@@ -232,6 +232,11 @@ impl<'c> Evaluator<'c> {
         &known[namespace]
     }
 
+    /// [`block_contains`], with the CIDRs of this state's policies parsed once.
+    pub fn block_contains(&self, block: &IPBlock, ip: IpAddr) -> bool {
+        block_miss(block, Some(ip), &|c: &str, ip| self.cidr_contains(c, ip)).is_none()
+    }
+
     fn cidr_contains(&self, cidr: &str, ip: IpAddr) -> bool {
         let parsed = self.cidrs.get_or_init(|| {
             let mut all = std::collections::HashMap::new();
@@ -523,7 +528,7 @@ pub fn declared_types(spec: &NetworkPolicySpec) -> Vec<Direction> {
     }
 }
 
-/// Why one `ports[]` entry of a rule does not match a flow ([`port_miss`]).
+/// Why one `ports[]` entry of a rule does not match a flow (reported by [`trace`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum PortMiss {
@@ -542,7 +547,7 @@ pub enum PortMiss {
     },
 }
 
-/// Why one `from` / `to` peer of a rule does not match a flow's other end ([`peer_misses`]).
+/// Why one `from` / `to` peer of a rule does not match a flow's other end (reported by [`trace`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum PeerMiss {

@@ -198,6 +198,7 @@ impl<'c> Classes<'c> {
         pods: impl IntoIterator<Item = &'c ObjectKey>,
         blocks: &[&IPBlock],
     ) -> Self {
+        let ev = Evaluator::new(cluster);
         let mut index: BTreeMap<ClassKey<'c>, usize> = BTreeMap::new();
         let mut members: Vec<Vec<&'c ObjectKey>> = Vec::new();
         let mut of = BTreeMap::new();
@@ -217,7 +218,7 @@ impl<'c> Classes<'c> {
                     .collect(),
                 blocks: blocks
                     .iter()
-                    .map(|b| ip.is_some_and(|ip| evaluator::block_contains(b, *ip)))
+                    .map(|b| ip.is_some_and(|ip| ev.block_contains(b, *ip)))
                     .collect(),
                 has_address: ip.is_some(),
             };

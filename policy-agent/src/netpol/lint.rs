@@ -441,7 +441,7 @@ fn ipblock_matches_pods(
         .by_namespace
         .values()
         .flatten()
-        .filter(|(_, p)| p.ips.iter().any(|ip| evaluator::block_contains(block, *ip)))
+        .filter(|(_, p)| p.ips.iter().any(|ip| index.ev.block_contains(block, *ip)))
         .map(|(k, _)| *k)
         .collect();
     if pods.is_empty() {
@@ -496,7 +496,7 @@ fn named_ports(
                                 .flatten()
                                 .filter(|(_, pod)| {
                                     pod.ips.iter().any(|ip| {
-                                        evaluator::block_contains(p.ip_block.as_ref().unwrap(), *ip)
+                                        index.ev.block_contains(p.ip_block.as_ref().unwrap(), *ip)
                                     })
                                 })
                                 .map(|(k, _)| *k),
