@@ -7,6 +7,8 @@
 //! - control plane: the compiler benchmark at 10k pods × 1k policies and 50k × 5k, and
 //!   `bench_enforce` (policy change → every agent enforcing), and the same through the real API
 //!   server (`kubectl apply` → every agent enforcing, [`enforce_kube`]).
+//! - policy authors' tools: `netpol_bench` (`kubectl netpol` lint, explain, what-if, test and
+//!   graph on the same synthetic clusters).
 //!
 //! Writes `target/bench/results.json`, `results.md` and `new-flow-cost.png`.
 
@@ -64,6 +66,8 @@ pub fn run(as_json: bool) -> Result<()> {
         "policy-agent",
         "--example",
         "compile_bench",
+        "--example",
+        "netpol_bench",
     ])?;
 
     let datapath = run_json("bench_datapath", &["--json"])?;
@@ -103,6 +107,14 @@ pub fn run(as_json: bool) -> Result<()> {
         "examples/compile_bench",
         &["--pods", "50000", "--policies", "5000"],
     )?;
+    let netpol_small = run_json(
+        "examples/netpol_bench",
+        &["--pods", "10000", "--policies", "1000"],
+    )?;
+    let netpol_large = run_json(
+        "examples/netpol_bench",
+        &["--pods", "50000", "--policies", "5000"],
+    )?;
     let enforce = run_json(
         "bench_enforce",
         &["--policies", "1000", "--changes", "60", "--json"],
@@ -123,6 +135,7 @@ pub fn run(as_json: bool) -> Result<()> {
             "enforce_ms_p50_kube": pick(&kube, "enforce_ms_p50"),
             "enforce_ms_p99_kube": pick(&kube, "enforce_ms_p99"),
         },
+        "netpol": {"10k_1k": netpol_small, "50k_5k": netpol_large},
         "new_flow_sweep": sweep,
         "machine": machine(),
         "date": date(),
@@ -267,6 +280,21 @@ fn markdown(r: &Value) -> String {
         num(&c["enforce_ms_p50_kube"]),
         num(&c["enforce_ms_p99_kube"])
     );
+    let n = &r["netpol"];
+    s += "\n| kubectl netpol (ms) | 10k pods × 1k policies | 50k pods × 5k policies |\n|---|---|---|\n";
+    for (k, label) in [
+        ("lint_ms", "lint, whole state"),
+        ("explain_ms", "explain, one flow"),
+        ("what_if_ms", "what-if, a default deny in one namespace"),
+        ("test_ms", "test, 100 cells"),
+        ("graph_ms", "graph, one namespace"),
+    ] {
+        s += &format!(
+            "| {label} | {} | {} |\n",
+            num(&n["10k_1k"][k]),
+            num(&n["50k_5k"][k])
+        );
+    }
     s += "\n| new-connection cost over no enforcement (µs per connection) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
     for (k, label) in [("ours", "policy-agent"), ("nft", "nftables")] {
         let cells: Vec<String> = (0..SWEEP.len())

@@ -795,15 +795,22 @@ fn parse_cidr(s: &str) -> Option<Cidr> {
 }
 
 fn cidr_contains(c: &Cidr, ip: IpAddr) -> bool {
-    let bytes: Vec<u8> = match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
+    let (v4, v6);
+    let bytes: &[u8] = match ip {
+        IpAddr::V4(a) => {
+            v4 = a.octets();
+            &v4
+        }
+        IpAddr::V6(a) => {
+            v6 = a.octets();
+            &v6
+        }
     };
+    // The first `len` bits agree: whole bytes, then the leading bits of the next one.
+    let (whole, bits) = ((c.len / 8) as usize, c.len % 8);
     bytes.len() == c.network.len()
-        && (0..c.len as usize).all(|bit| {
-            let mask = 0x80u8 >> (bit % 8);
-            bytes[bit / 8] & mask == c.network[bit / 8] & mask
-        })
+        && bytes[..whole] == c.network[..whole]
+        && (bits == 0 || (bytes[whole] ^ c.network[whole]) & (0xffu8 << (8 - bits)) == 0)
 }
 
 /// `None` when the block contains the address, else why not; `contains` says whether a CIDR
@@ -915,6 +922,55 @@ pub fn policy_is_valid(np: &NetworkPolicy) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bit by bit, as the definition reads.
+    fn bitwise_contains(c: &Cidr, ip: IpAddr) -> bool {
+        let bytes: Vec<u8> = match ip {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        bytes.len() == c.network.len()
+            && (0..c.len as usize).all(|bit| {
+                let mask = 0x80u8 >> (bit % 8);
+                bytes[bit / 8] & mask == c.network[bit / 8] & mask
+            })
+    }
+
+    #[test]
+    fn cidr_contains_is_the_bitwise_definition() {
+        let ips: Vec<IpAddr> = [
+            "10.244.1.7",
+            "10.244.1.8",
+            "10.245.0.0",
+            "0.0.0.0",
+            "255.255.255.255",
+            "11.0.0.1",
+            "fd00::1",
+            "fd00:0:0:1::",
+            "::1",
+            "ffff::",
+            "10.244.1.255",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut checked = 0;
+        for base in ["10.244.1.7", "fd00::1", "255.255.255.255", "0.0.0.0"] {
+            let max = if base.contains(':') { 128 } else { 32 };
+            for len in 0..=max {
+                let c = parse_cidr(&format!("{base}/{len}")).unwrap();
+                for ip in &ips {
+                    assert_eq!(
+                        cidr_contains(&c, *ip),
+                        bitwise_contains(&c, *ip),
+                        "{base}/{len} vs {ip}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked == 228 * 11);
+    }
 
     #[test]
     fn cidr_follows_go() {

@@ -475,6 +475,10 @@ fn named_ports(
     out: &mut Vec<Finding>,
 ) {
     let cluster = index.cluster;
+    let named = |p: &NetworkPolicyPort| matches!(p.port, Some(IntOrString::String(_)));
+    if !ports.is_some_and(|ports| ports.iter().any(named)) {
+        return;
+    }
     let destinations: Vec<&ObjectKey> = match d {
         Direction::Ingress => selected.to_vec(),
         Direction::Egress => match peers.filter(|p| !p.is_empty()) {
