@@ -83,6 +83,8 @@ fn finding(
 struct Index<'c> {
     cluster: &'c Cluster,
     ev: Evaluator<'c>,
+    /// Classes of equivalent pods (namespace, labels, ports) over every pod of `by_namespace`.
+    classes: Classes<'c>,
     by_namespace: BTreeMap<&'c str, Vec<(&'c ObjectKey, &'c PodInfo)>>,
     namespaces: BTreeMap<String, Labels>,
 }
@@ -108,9 +110,15 @@ impl<'c> Index<'c> {
                 (n, labels)
             })
             .collect();
+        let classes = Classes::new(
+            cluster,
+            by_namespace.values().flatten().map(|(k, _)| *k),
+            &[],
+        );
         Index {
             cluster,
             ev: Evaluator::new(cluster),
+            classes,
             by_namespace,
             namespaces,
         }
@@ -707,7 +715,11 @@ fn one_sided(
     if selected.is_empty() {
         return;
     }
-    let subjects = Classes::new(cluster, selected.iter().copied(), &[]);
+    // Representatives of the classes the pods fall in.
+    let reps = |pods: &mut dyn Iterator<Item = &ObjectKey>| -> BTreeSet<usize> {
+        pods.filter_map(|k| index.classes.of.get(k).copied()).collect()
+    };
+    let subjects = reps(&mut selected.iter().copied());
     for (field, side, peers, ports) in rs {
         let Some(peers) = all_or(*peers) else {
             continue;
@@ -723,13 +735,15 @@ fn one_sided(
         if !judged || others.is_empty() {
             continue;
         }
-        let others = Classes::new(cluster, others, &[]);
+        let other_pods = others.len();
+        let others = reps(&mut others.into_iter());
+        let rep = |c: usize| index.classes.members[c][0];
         let mut any_flow = false;
-        let admitted = subjects.members.iter().any(|s| {
-            others.members.iter().any(|o| {
+        let admitted = subjects.iter().any(|&s| {
+            others.iter().any(|&o| {
                 let (src, dst) = match d {
-                    Direction::Egress => (s[0], o[0]),
-                    Direction::Ingress => (o[0], s[0]),
+                    Direction::Egress => (rep(s), rep(o)),
+                    Direction::Ingress => (rep(o), rep(s)),
                 };
                 if src == dst {
                     return true;
@@ -760,7 +774,7 @@ fn one_sided(
                 field.clone(),
                 format!(
                     "{field} allows {side} {} pod(s), but every one of those {other_side} refuses the flow in its own {other_dir}: the allow is dead",
-                    others.of.len()
+                    other_pods
                 ),
                 format!("add the matching {other_dir} rule on the {other_side}' side (a connection needs both)"),
             ));
