@@ -967,3 +967,54 @@ fn labels_are_checked_on_objects_and_workload_templates() {
         "{errors:?}"
     );
 }
+
+/// `graph -o json` is the same graph as the DOT: same nodes, same edges with their ports.
+#[test]
+fn graph_json_is_the_dot_graph() {
+    let run = |format: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubectl-netpol"))
+            .args(["graph", "-o", format, "-f"])
+            .arg(examples())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    let dot = run("dot");
+    let id_of = |label: &str| {
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["label"] == label)
+            .unwrap_or_else(|| panic!("a node {label}: {v}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let edges = v["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), dot.matches(" -> ").count(), "{v}\n{dot}");
+    let (backend, database) = (id_of("backend"), id_of("database"));
+    let edge = edges
+        .iter()
+        .find(|e| e["from"] == backend.as_str() && e["to"] == database.as_str())
+        .unwrap_or_else(|| panic!("backend -> database: {v}"));
+    assert_eq!(edge["ports"], serde_json::json!([[5432, "TCP"]]), "{edge}");
+    assert!(dot.contains(&format!(
+        "\"{backend}\" -> \"{database}\" [label=\"TCP/5432\""
+    )));
+    assert!(
+        !edges
+            .iter()
+            .any(|e| e["from"] == id_of("frontend").as_str() && e["to"] == database.as_str()),
+        "frontend never reaches the database: {v}"
+    );
+    let db = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["label"] == "database")
+        .unwrap();
+    assert_eq!(db["isolated_ingress"], true);
+}

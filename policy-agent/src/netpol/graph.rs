@@ -17,7 +17,7 @@ use crate::model::{Cluster, ObjectKey};
 pub const WORLD: &str = "192.0.2.1";
 
 /// A node of the graph.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GraphNode {
     pub id: String,
     pub label: String,
@@ -28,7 +28,7 @@ pub struct GraphNode {
 }
 
 /// An edge: allowed ports from one node to another; `open` when neither side is isolated.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GraphEdge {
     pub from: String,
     pub to: String,
@@ -36,7 +36,9 @@ pub struct GraphEdge {
     pub open: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// JSON of `graph -o json`: `{"nodes": [{"id", "label", "namespace", "isolated_ingress",
+/// "isolated_egress"}], "edges": [{"from", "to", "ports": [[8080, "TCP"]], "open"}]}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Graph {
     pub nodes: Vec<GraphNode>,
     pub edges: Vec<GraphEdge>,

@@ -717,7 +717,8 @@ fn one_sided(
     }
     // Representatives of the classes the pods fall in.
     let reps = |pods: &mut dyn Iterator<Item = &ObjectKey>| -> BTreeSet<usize> {
-        pods.filter_map(|k| index.classes.of.get(k).copied()).collect()
+        pods.filter_map(|k| index.classes.of.get(k).copied())
+            .collect()
     };
     let subjects = reps(&mut selected.iter().copied());
     for (field, side, peers, ports) in rs {

@@ -56,6 +56,7 @@ pub enum GraphOutput {
     Dot,
     Svg,
     Png,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -291,6 +292,7 @@ pub fn run_on(state: &State, command: &Command, out: &mut dyn Write) -> Result<u
             let dot = graph::dot(&g);
             match output {
                 GraphOutput::Dot => write(out, &dot)?,
+                GraphOutput::Json => json(out, &g)?,
                 GraphOutput::Svg | GraphOutput::Png => {
                     let format = if *output == GraphOutput::Svg {
                         "-Tsvg"
