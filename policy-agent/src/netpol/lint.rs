@@ -85,6 +85,8 @@ struct Index<'c> {
     ev: Evaluator<'c>,
     /// Classes of equivalent pods (namespace, labels, ports) over every pod of `by_namespace`.
     classes: Classes<'c>,
+    /// Namespace → its classes.
+    class_namespaces: BTreeMap<&'c str, Vec<usize>>,
     by_namespace: BTreeMap<&'c str, Vec<(&'c ObjectKey, &'c PodInfo)>>,
     namespaces: BTreeMap<String, Labels>,
 }
@@ -115,10 +117,18 @@ impl<'c> Index<'c> {
             by_namespace.values().flatten().map(|(k, _)| *k),
             &[],
         );
+        let mut class_namespaces: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, members) in classes.members.iter().enumerate() {
+            class_namespaces
+                .entry(members[0].namespace.as_str())
+                .or_default()
+                .push(i);
+        }
         Index {
             cluster,
             ev: Evaluator::new(cluster),
             classes,
+            class_namespaces,
             by_namespace,
             namespaces,
         }
@@ -128,8 +138,8 @@ impl<'c> Index<'c> {
         self.by_namespace.get(ns).map_or(&[], Vec::as_slice)
     }
 
-    /// Pods a selector peer matches (`None`: the peer is an ipBlock).
-    fn peer_pods(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> Option<Vec<&'c ObjectKey>> {
+    /// Classes a selector peer matches (`None`: the peer is an ipBlock).
+    fn peer_classes(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> Option<Vec<usize>> {
         if peer.ip_block.is_some() {
             return None;
         }
@@ -145,13 +155,24 @@ impl<'c> Index<'c> {
         Some(
             namespaces
                 .into_iter()
-                .flat_map(|n| self.pods_in(n))
-                .filter(|(_, p)| {
+                .flat_map(|n| self.class_namespaces.get(n).into_iter().flatten().copied())
+                .filter(|&c| {
+                    let rep = &self.cluster.pods[self.classes.members[c][0]];
                     peer.pod_selector
                         .as_ref()
-                        .is_none_or(|s| evaluator::selector_matches(s, &p.labels))
+                        .is_none_or(|s| evaluator::selector_matches(s, &rep.labels))
                 })
-                .map(|(k, _)| *k)
+                .collect(),
+        )
+    }
+
+    /// Pods a selector peer matches (`None`: the peer is an ipBlock).
+    fn peer_pods(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> Option<Vec<&'c ObjectKey>> {
+        let classes = self.peer_classes(policy_ns, peer)?;
+        Some(
+            classes
+                .into_iter()
+                .flat_map(|c| self.classes.members[c].iter().copied())
                 .collect(),
         )
     }
@@ -363,10 +384,10 @@ fn peer_matches_nothing(
     field: &str,
     out: &mut Vec<Finding>,
 ) {
-    let Some(pods) = index.peer_pods(&key.namespace, peer) else {
+    let Some(classes) = index.peer_classes(&key.namespace, peer) else {
         return;
     };
-    if !pods.is_empty() {
+    if !classes.is_empty() {
         return;
     }
     if let Some(sel) = &peer.namespace_selector {
@@ -728,16 +749,15 @@ fn one_sided(
         let mut others = BTreeSet::new();
         let mut judged = true;
         for p in peers {
-            match index.peer_pods(&key.namespace, p) {
-                Some(pods) => others.extend(pods),
+            match index.peer_classes(&key.namespace, p) {
+                Some(classes) => others.extend(classes),
                 None => judged = false,
             }
         }
         if !judged || others.is_empty() {
             continue;
         }
-        let other_pods = others.len();
-        let others = reps(&mut others.into_iter());
+        let other_pods: usize = others.iter().map(|&c| index.classes.members[c].len()).sum();
         let rep = |c: usize| index.classes.members[c][0];
         let mut any_flow = false;
         let admitted = subjects.iter().any(|&s| {
