@@ -841,6 +841,24 @@ pub fn block_contains(block: &IPBlock, ip: IpAddr) -> bool {
     block_miss(block, Some(ip), &written_cidr_contains).is_none()
 }
 
+/// The first and last address of a CIDR as written, as [`block_contains`] reads it (`None`: an
+/// invalid CIDR, which contains nothing): every address the CIDR contains lies between them, in
+/// its family.
+pub fn cidr_bounds(cidr: &str) -> Option<(IpAddr, IpAddr)> {
+    let c = parse_cidr(cidr)?;
+    let mut last = c.network.clone();
+    for bit in c.len as usize..last.len() * 8 {
+        last[bit / 8] |= 0x80 >> (bit % 8);
+    }
+    let ip = |b: &[u8]| -> Option<IpAddr> {
+        Some(match b.len() {
+            4 => IpAddr::from(<[u8; 4]>::try_from(b).ok()?),
+            _ => IpAddr::from(<[u8; 16]>::try_from(b).ok()?),
+        })
+    };
+    Some((ip(&c.network)?, ip(&last)?))
+}
+
 /// Whether the CIDR as written (an invalid one contains nothing) contains the address.
 fn written_cidr_contains(cidr: &str, ip: IpAddr) -> bool {
     parse_cidr(cidr).is_some_and(|c| cidr_contains(&c, ip))
@@ -959,17 +977,33 @@ mod tests {
             let max = if base.contains(':') { 128 } else { 32 };
             for len in 0..=max {
                 let c = parse_cidr(&format!("{base}/{len}")).unwrap();
+                let (first, last) = cidr_bounds(&format!("{base}/{len}")).unwrap();
                 for ip in &ips {
                     assert_eq!(
                         cidr_contains(&c, *ip),
                         bitwise_contains(&c, *ip),
                         "{base}/{len} vs {ip}"
                     );
+                    if cidr_contains(&c, *ip) {
+                        assert!(first <= *ip && *ip <= last, "{base}/{len}: {ip} in bounds");
+                    }
                     checked += 1;
                 }
             }
         }
         assert!(checked == 228 * 11);
+    }
+
+    #[test]
+    fn cidr_bounds_are_first_and_last_address() {
+        let b = |s: &str| cidr_bounds(s).map(|(a, z)| (a.to_string(), z.to_string()));
+        let pair = |a: &str, z: &str| Some((a.to_string(), z.to_string()));
+        assert_eq!(b("10.244.1.7/24"), pair("10.244.1.0", "10.244.1.255"));
+        assert_eq!(b("0.0.0.0/0"), pair("0.0.0.0", "255.255.255.255"));
+        assert_eq!(b("10.1.2.3/32"), pair("10.1.2.3", "10.1.2.3"));
+        assert_eq!(b("::ffff:10.0.0.0/104"), pair("10.0.0.0", "10.255.255.255"));
+        assert_eq!(b("fd00::/120"), pair("fd00::", "fd00::ff"));
+        assert_eq!(b("10.0.0.0/33"), None);
     }
 
     #[test]

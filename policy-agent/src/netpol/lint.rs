@@ -87,6 +87,8 @@ struct Index<'c> {
     classes: Classes<'c>,
     /// Namespace → its classes.
     class_namespaces: BTreeMap<&'c str, Vec<usize>>,
+    /// Every address of those pods, sorted.
+    addresses: Vec<(std::net::IpAddr, &'c ObjectKey)>,
     by_namespace: BTreeMap<&'c str, Vec<(&'c ObjectKey, &'c PodInfo)>>,
     namespaces: BTreeMap<String, Labels>,
 }
@@ -124,11 +126,18 @@ impl<'c> Index<'c> {
                 .or_default()
                 .push(i);
         }
+        let mut addresses: Vec<_> = by_namespace
+            .values()
+            .flatten()
+            .flat_map(|(k, p)| p.ips.iter().map(move |ip| (*ip, *k)))
+            .collect();
+        addresses.sort();
         Index {
             cluster,
             ev: Evaluator::new(cluster),
             classes,
             class_namespaces,
+            addresses,
             by_namespace,
             namespaces,
         }
@@ -175,6 +184,22 @@ impl<'c> Index<'c> {
                 .flat_map(|c| self.classes.members[c].iter().copied())
                 .collect(),
         )
+    }
+
+    /// Pods with an address in the ipBlock, in key order: the candidates between the bounds of
+    /// its CIDR, each checked by the evaluator.
+    fn block_pods(&self, block: &k8s_openapi::api::networking::v1::IPBlock) -> Vec<&'c ObjectKey> {
+        let Some((first, last)) = evaluator::cidr_bounds(&block.cidr) else {
+            return Vec::new();
+        };
+        let start = self.addresses.partition_point(|(ip, _)| *ip < first);
+        let pods: BTreeSet<&ObjectKey> = self.addresses[start..]
+            .iter()
+            .take_while(|(ip, _)| *ip <= last)
+            .filter(|(ip, _)| self.ev.block_contains(block, *ip))
+            .map(|(_, k)| *k)
+            .collect();
+        pods.into_iter().collect()
     }
 
     fn selected(&self, key: &ObjectKey, spec: &NetworkPolicySpec) -> Vec<&'c ObjectKey> {
@@ -466,13 +491,7 @@ fn ipblock_matches_pods(
     field: &str,
     out: &mut Vec<Finding>,
 ) {
-    let pods: Vec<&ObjectKey> = index
-        .by_namespace
-        .values()
-        .flatten()
-        .filter(|(_, p)| p.ips.iter().any(|ip| index.ev.block_contains(block, *ip)))
-        .map(|(k, _)| *k)
-        .collect();
+    let pods = index.block_pods(block);
     if pods.is_empty() {
         return;
     }
@@ -522,18 +541,7 @@ fn named_ports(
                 for p in peers {
                     match index.peer_pods(&key.namespace, p) {
                         Some(pods) => all.extend(pods),
-                        None => all.extend(
-                            index
-                                .by_namespace
-                                .values()
-                                .flatten()
-                                .filter(|(_, pod)| {
-                                    pod.ips.iter().any(|ip| {
-                                        index.ev.block_contains(p.ip_block.as_ref().unwrap(), *ip)
-                                    })
-                                })
-                                .map(|(k, _)| *k),
-                        ),
+                        None => all.extend(index.block_pods(p.ip_block.as_ref().unwrap())),
                     }
                 }
                 all.into_iter().collect()
