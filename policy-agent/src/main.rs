@@ -3,7 +3,17 @@
 use clap::Parser;
 use policy_agent::{agent, bpffs, cli::Args, telemetry};
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", telemetry::error_chain(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     // Before any thread exists: may join another mount namespace to reach the shared bpffs.
     let bpffs = bpffs::ensure(&args.bpffs_dir);

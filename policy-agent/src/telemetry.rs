@@ -68,3 +68,42 @@ pub fn init(format: LogFormat, filter: &str) -> Result<LogFilter, TelemetryError
     result.map_err(|source| TelemetryError::Init { source })?;
     Ok(LogFilter { handle })
 }
+
+/// An error and its causes on one line, each written once: a cause whose text the message
+/// already holds (the agent's errors write their source into their message) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_is_written_once() {
+        let bind = crate::agent::AgentError::Bind {
+            addr: "127.0.0.1:9965".parse().unwrap(),
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "address in use"),
+        };
+        let error = anyhow::Error::from(bind);
+        let text = error_chain(error.as_ref());
+        assert_eq!(
+            text,
+            "binding the HTTP server to 127.0.0.1:9965: address in use"
+        );
+        // A cause the message does not hold is still written.
+        let wrapped =
+            anyhow::Error::new(std::io::Error::other("disk full")).context("writing the pins");
+        assert_eq!(error_chain(wrapped.as_ref()), "writing the pins: disk full");
+    }
+}
