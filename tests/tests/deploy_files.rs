@@ -168,16 +168,14 @@ fn kind_scripts_are_executable_valid_bash_and_pin_what_they_rely_on() {
             read(&path).contains("set -euo pipefail"),
             "{script}: must stop at the first failure"
         );
-        match Command::new("shellcheck").arg(&path).output() {
-            Ok(output) => assert!(
-                output.status.success(),
-                "shellcheck {script}:\n{}",
-                String::from_utf8_lossy(&output.stdout)
-            ),
-            Err(_) => {
-                eprintln!("shellcheck is not installed: {script} was checked with bash -n only")
-            }
-        }
+        let output = Command::new("shellcheck").arg(&path).output().expect(
+            "shellcheck is required: `cargo xtask setup` installs it (Debian package shellcheck)",
+        );
+        assert!(
+            output.status.success(),
+            "shellcheck {script}:\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
         assert_eq!(
             script_default_cluster(script),
             "policy-agent",

@@ -63,6 +63,10 @@ fn main() -> Result<()> {
             // The lab tests and the conformance suite run the agent `cargo test` already built.
             // SAFETY: single-threaded at this point; children inherit the variable.
             unsafe { std::env::set_var("LAB_AGENT_PROFILE", "dev") };
+            // The manifest tests run the kubectl of the pinned Kubernetes version.
+            let kubectl = kube::Binaries::find()?.path("kubectl");
+            // SAFETY: as above.
+            unsafe { std::env::set_var("POLICY_KUBECTL", kubectl) };
             cargo(&["test", "--no-fail-fast"])?;
             // Through cargo, not this executable: `cargo test` may have rebuilt (replaced) it.
             // The suite on the manifest directory, then on the real control plane with

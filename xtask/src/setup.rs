@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     // `kubectl netpol graph -o svg|png` renders through Graphviz.
     "graphviz",
+    // The deploy tests lint the kind scripts.
+    "shellcheck",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

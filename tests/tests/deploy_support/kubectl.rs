@@ -1,4 +1,4 @@
-//! kubectl, when the machine has it. `kubectl apply --dry-run=client` still asks a server for API discovery (to map
+//! kubectl, as `cargo xtask setup` builds it. `kubectl apply --dry-run=client` still asks a server for API discovery (to map
 //! kinds to resources and learn which are namespaced), so it cannot run against nothing; [`DiscoveryStub`] is a
 //! local HTTP server that answers discovery for the kinds deploy/ ships, as a Kubernetes 1.34 API server lists
 //! them, and "404 Not Found" for every object, which is what a dry-run apply of new objects asks.
@@ -13,28 +13,37 @@ use std::{
 
 use serde_json::{Value, json};
 
-/// The kubectl on PATH, if any (with its version line).
-pub fn find() -> Option<String> {
-    let output = Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .ok()?;
-    output.status.success().then(|| {
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .next()
-            .unwrap_or("kubectl")
-            .to_owned()
-    })
+/// The kubectl these checks run: `$POLICY_KUBECTL` (`cargo xtask test` points it at the kubectl that
+/// `cargo xtask setup` builds, of the Kubernetes version the project pins), else `kubectl` on PATH.
+pub fn path() -> std::path::PathBuf {
+    std::env::var_os("POLICY_KUBECTL")
+        .map(Into::into)
+        .unwrap_or_else(|| "kubectl".into())
 }
 
-/// Says, once per check, why a kubectl check did not run. The issue asks for kubectl's verdict only where kubectl
-/// is installed; the typed checks run everywhere.
-pub fn report_absent(check: &str) {
-    eprintln!(
-        "kubectl is not installed on this machine: `{check}` was not run (required only when kubectl is present); \
-         the k8s-openapi checks of the same manifests did run"
+/// kubectl's version line. Panics when there is no kubectl: the checks need it.
+pub fn find() -> String {
+    let kubectl = path();
+    let output = Command::new(&kubectl)
+        .args(["version", "--client"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "kubectl ({}) is required: {e}; run `cargo xtask setup` (it builds kubectl) and \
+                 `cargo xtask test`, or set POLICY_KUBECTL",
+                kubectl.display()
+            )
+        });
+    assert!(
+        output.status.success(),
+        "{} version --client failed: {output:?}",
+        kubectl.display()
     );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or("kubectl")
+        .to_owned()
 }
 
 /// (group/version, resource, kind, namespaced) served by the stub.
@@ -91,7 +100,7 @@ impl DiscoveryStub {
 
     /// Runs kubectl against the stub, with an empty kubeconfig and a private discovery cache.
     pub fn kubectl(&self, cache_dir: &Path, args: &[&str]) -> Output {
-        Command::new("kubectl")
+        Command::new(path())
             .arg("--kubeconfig=/dev/null")
             .arg(format!("--server={}", self.url))
             .arg(format!("--cache-dir={}", cache_dir.display()))
