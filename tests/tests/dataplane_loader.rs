@@ -113,6 +113,18 @@ fn a_restarted_agent_adopts_pins_without_a_gap() -> Result<()> {
 
     let mut dp = open(&node, &dir, AttachMode::Tcx)?;
     assert_eq!(dp.attach_mode(), AttachMode::Tcx);
+    // Only the enforcement programs are pinned; the benchmark's `noop` is not loaded.
+    let mut pinned: Vec<String> = std::fs::read_dir(dir.path().join("programs"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    pinned.sort();
+    assert_eq!(pinned, ["from_pod", "to_network", "to_pod"]);
+    assert!(
+        dp.program(policy_common::program_names::NOOP)?
+            .fd()
+            .is_err(),
+        "noop not loaded"
+    );
     program_node(&mut dp, &node, &client, &server)?;
     assert!(!tcp_connects(&client.ns, at(server.ip, 9090)));
     let mut conn = Connection::open(&client.ns, at(server.ip, 8080))?;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! <dir>/maps/<MAP>                  every map of the object (policy_common::map_names::ALL)
-//! <dir>/programs/<program>          from_pod, to_pod, to_network, noop (the newest load)
+//! <dir>/programs/<program>          from_pod, to_pod, to_network (the newest load)
 //! <dir>/links/<program>:<ifname>    TCX links (':' cannot occur in an interface name)
 //! ```
 //!
@@ -36,12 +36,13 @@ use super::writer::Shadow;
 /// The eBPF object built by `build.rs`.
 pub static EBPF_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/policy-ebpf"));
 
-/// Programs loaded from the object (all of them are `SchedClassifier`s).
-pub(crate) const PROGRAMS: [&str; 4] = [
+/// Programs loaded from the object and pinned (all of them are `SchedClassifier`s). The
+/// object's `noop` is not among them: only the per-packet benchmark loads it
+/// ([`Dataplane::load_unpinned`]).
+pub(crate) const PROGRAMS: [&str; 3] = [
     program_names::FROM_POD,
     program_names::TO_POD,
     program_names::TO_NETWORK,
-    program_names::NOOP,
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -150,6 +151,17 @@ impl Dataplane {
             .map_err(|source| DataplaneError::MapUpdate {
                 map,
                 key: "0".to_owned(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Loads one more program of the object into the kernel, unpinned and attached nowhere, for
+    /// `BPF_PROG_TEST_RUN` (the per-packet benchmark's `noop` floor). The agent never calls it.
+    pub fn load_unpinned(&mut self, name: &'static str) -> Result<(), DataplaneError> {
+        classifier_mut(&mut self.ebpf, name)?
+            .load()
+            .map_err(|source| DataplaneError::Program {
+                name,
                 source: Box::new(source),
             })
     }
@@ -289,8 +301,23 @@ fn replace_incompatible_pins(maps_dir: &Path) -> Result<(), DataplaneError> {
 }
 
 /// Pins the newly loaded programs, replacing the previous run's pins (links keep the old
-/// programs alive until they are swapped).
+/// programs alive until they are swapped). A pin of a program the agent no longer loads (an
+/// earlier version's `noop`) is removed.
 fn pin_programs(ebpf: &mut Ebpf, dir: &Path) -> Result<(), DataplaneError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DataplaneError::Io { path, source }
+    };
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let known = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| PROGRAMS.contains(&n));
+        if !known {
+            fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
     for name in PROGRAMS {
         let path = dir.join(name);
         match fs::remove_file(&path) {

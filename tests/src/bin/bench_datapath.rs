@@ -295,6 +295,7 @@ fn main() -> Result<()> {
         eprintln!("loading {policies} policies and {CIDR_PREFIXES} CIDR prefixes...");
         let mut f = setup(policies, &cidrs)?;
         if policies == POLICY_COUNTS[0] || filtered {
+            f.dp.load_unpinned(NOOP)?;
             figures.floor = measure(
                 &f,
                 NOOP,
