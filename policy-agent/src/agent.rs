@@ -45,6 +45,12 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    #[error("binding the control socket {path}: {source}")]
+    ControlSocket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("opening the dataplane pinned under {dir}: {source}")]
     Dataplane {
         dir: PathBuf,
@@ -84,6 +90,11 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
             addr: args.http_addr,
             source,
         })?;
+    let control =
+        http::bind_control(&args.control_socket).map_err(|source| AgentError::ControlSocket {
+            path: args.control_socket.clone(),
+            source,
+        })?;
     let source_health =
         SourceHealth::new(metrics.source_errors.clone(), metrics.source_lists.clone());
     let http_state = HttpState {
@@ -92,6 +103,14 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
         log,
         source: source_health.clone(),
     };
+    let mut control_stop = stop_rx.clone();
+    let control_task = tokio::spawn(http::serve_control(
+        control,
+        http_state.clone(),
+        async move {
+            let _ = control_stop.wait_for(|s| *s).await;
+        },
+    ));
     let mut http_stop = stop_rx.clone();
     let http_task = tokio::spawn(http::serve(listener, http_state, async move {
         let _ = http_stop.wait_for(|s| *s).await;
@@ -162,6 +181,7 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
     lp.run(updates, interfaces, stop_rx).await;
 
     let _ = http_task.await;
+    let _ = control_task.await;
     if args.cleanup_on_exit {
         info!("removing programs, links and maps (--cleanup-on-exit)");
         lp.syncer
@@ -381,7 +401,7 @@ impl Loop {
         {
             let mut status = self.status_mut();
             status.revision = revision;
-            status.endpoints = report.endpoints_enforced;
+            status.endpoints = report.endpoints_enforced as u64;
             status.errors = errors;
             if report.complete {
                 status.enforced_revision = revision;

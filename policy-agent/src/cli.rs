@@ -14,9 +14,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the agent serves its control socket unless told otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/policy-agent/control.sock";
+
 /// Enforces Kubernetes NetworkPolicy with eBPF on this node.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "policy-agent", version)]
+#[command(
+    name = "policy-agent",
+    version,
+    after_help = "Talk to a running agent on this node: policy-agent control --help"
+)]
 pub struct Args {
     /// This node's name (the DaemonSet sets it from the downward API, `spec.nodeName`).
     #[arg(long, env = "NODE_NAME")]
@@ -39,9 +46,18 @@ pub struct Args {
     )]
     pub bpffs_dir: PathBuf,
 
-    /// Address of the HTTP server: /healthz, /readyz, /metrics, /status.
+    /// Address of the read-only HTTP server: /healthz, /readyz, /metrics, /status.
     #[arg(long, env = "POLICY_AGENT_HTTP_ADDR", default_value = "0.0.0.0:9965")]
     pub http_addr: SocketAddr,
+
+    /// Unix socket of the control server: /loglevel (read and change the log filter) and
+    /// /status. Only root can connect (mode 0600); `policy-agent control` is its client.
+    #[arg(
+        long,
+        env = "POLICY_AGENT_CONTROL_SOCKET",
+        default_value = DEFAULT_CONTROL_SOCKET
+    )]
+    pub control_socket: PathBuf,
 
     /// This node's own addresses (always allowed into local pods). Discovered from the node's
     /// interfaces and the Node object when not given.

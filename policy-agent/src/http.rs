@@ -1,19 +1,29 @@
-//! The agent's HTTP server (axum): `/status`, `/healthz`, `/readyz`, `/metrics`, `/loglevel`.
+//! The agent's HTTP servers (axum): a read-only one on TCP and a control one on a Unix socket.
 //!
-//! - `GET /status`: `{"node","revision","enforced_revision","endpoints","errors":[…]}`.
-//!   `revision` is the latest source revision received, `enforced_revision` the latest whose maps
-//!   are in the kernel; callers poll until `enforced_revision` reaches what they wrote.
+//! On `--http-addr` (with hostNetwork, a port on every node address, reachable by any pod that
+//! can reach the node — so nothing there changes state or shows flows):
+//! - `GET /status`: [`Status`] as JSON. `revision` is the latest source revision received,
+//!   `enforced_revision` the latest whose maps are in the kernel; callers poll until
+//!   `enforced_revision` reaches what they wrote.
 //! - `GET /healthz`: 200 while the sync loop runs.
 //! - `GET /readyz`: 200 once a first complete sync has been enforced, 503 before.
 //! - `GET /metrics`: Prometheus text format.
+//!
+//! On `--control-socket` (a Unix socket, mode 0600 in a directory of mode 0700: only root on the
+//! node, or in the agent's container, can connect; `policy-agent control …` is its client):
+//! - `GET /status`, as above.
 //! - `GET /loglevel` → the current log filter; `PUT /loglevel` with a filter (tracing
 //!   EnvFilter syntax) as body changes it at run time.
 
 use std::{
+    fs, io,
     net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
 };
 
+use crate::{metrics::Metrics, sources::SourceHealth, telemetry::LogFilter};
 use axum::{
     Json, Router,
     extract::State,
@@ -21,34 +31,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::Serialize;
 
-use crate::{
-    metrics::Metrics,
-    sources::{ObjectsDigest, SourceHealth},
-    telemetry::LogFilter,
-};
-
-/// What `/status` reports.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
-pub struct Status {
-    pub node: String,
-    pub revision: u64,
-    pub enforced_revision: u64,
-    /// Local endpoints enforced (interface found, entry written, programs attached).
-    pub endpoints: usize,
-    /// Current problems: invalid input, compile errors, endpoints not enforced, failed writes.
-    pub errors: Vec<String>,
-    /// The objects behind `enforced_revision`: their count and digest
-    /// (`policy_common::digest`), comparable with the API server's lists.
-    pub enforced_objects: ObjectsDigest,
-    /// Why the source cannot currently read the cluster (per watched kind); the last state
-    /// stays enforced meanwhile.
-    pub source_errors: Vec<String>,
-    /// A complete sync has been enforced at least once.
-    #[serde(skip)]
-    pub ready: bool,
-}
+/// What `/status` reports (the definition lab and tests share).
+pub use policy_common::status::Status;
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -58,30 +43,84 @@ pub struct HttpState {
     pub source: SourceHealth,
 }
 
+/// The read-only routes of the TCP port.
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The routes of the control socket.
+pub fn control_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/status", get(status))
         .route("/loglevel", get(get_log).put(put_log))
         .with_state(state)
 }
 
-/// Serves until `shutdown` completes.
+/// Serves the TCP port until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> io::Result<()> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
+/// Serves the control socket until `shutdown` completes, then removes the socket file.
+pub async fn serve_control(
+    control: ControlListener,
+    state: HttpState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let served = axum::serve(control.listener, control_router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = fs::remove_file(&control.path);
+    served
+}
+
 /// Binds the server's address (before anything else starts, so a port clash fails fast).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+pub async fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+/// The bound control socket.
+pub struct ControlListener {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+/// Binds the control socket at `path`: creates its directory (mode 0700) if missing, replaces a
+/// stale socket file that nothing listens on, refuses one another process serves (a second
+/// agent on the same node), and leaves the socket at mode 0600.
+pub fn bind_control(path: &Path) -> io::Result<ControlListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another process serves this socket (a second agent on this node?)",
+            ));
+        }
+        fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(ControlListener {
+        listener,
+        path: path.to_path_buf(),
+    })
 }
 
 fn read(state: &HttpState) -> Status {

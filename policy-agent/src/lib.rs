@@ -3,6 +3,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cli;
 pub mod compiler;
+pub mod control;
 pub mod dataplane;
 pub mod endpoints;
 pub mod evaluator;

@@ -1,10 +1,20 @@
 //! `policy-agent`: enforces Kubernetes NetworkPolicy with eBPF on this node. See `agent` for
-//! what runs, `cli` for the flags.
+//! what runs, `cli` for the flags; `policy-agent control …` is the client of a running agent's
+//! control socket (`control`).
 use clap::Parser;
-use policy_agent::{agent, bpffs, cli::Args, telemetry};
+use policy_agent::{agent, bpffs, cli::Args, control, telemetry};
 
 fn main() -> std::process::ExitCode {
-    match run() {
+    let result = if std::env::args_os().nth(1).is_some_and(|a| a == "control") {
+        control::run(&control::ControlArgs::parse_from(
+            std::env::args_os().skip(1),
+        ))
+        .map(|body| println!("{}", body.trim_end()))
+        .map_err(anyhow::Error::from)
+    } else {
+        run()
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {}", telemetry::error_chain(e.as_ref()));

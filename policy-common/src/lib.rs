@@ -12,6 +12,9 @@ extern crate std;
 #[cfg(any(feature = "std", test))]
 pub mod truth_table;
 
+#[cfg(feature = "std")]
+pub mod status;
+
 /// Names of the maps, as declared in `policy-ebpf` and pinned under the agent's bpffs directory.
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use policy_common::status::{REVISION_FILE, Status};
 
 use crate::netns::NetNs;
 
@@ -32,9 +33,10 @@ pub fn agent_binary() -> Result<PathBuf> {
 
 /// Writes `DIR/.revision` atomically (the agent reads it before the manifests of a scan).
 pub fn write_revision(dir: &Path, revision: u64) -> Result<()> {
-    let tmp = dir.join(".revision.tmp");
+    let file = dir.join(REVISION_FILE);
+    let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, revision.to_string())?;
-    std::fs::rename(&tmp, dir.join(".revision"))?;
+    std::fs::rename(&tmp, file)?;
     Ok(())
 }
 
@@ -54,6 +56,7 @@ impl Agent {
         uplinks: &[&str],
     ) -> Result<Self> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/{}", node.name()));
+        let control = std::env::temp_dir().join(format!("{}.control.sock", node.name()));
         let http: SocketAddr = "127.0.0.1:9965".parse()?;
         let child = Command::new("ip")
             .args(["netns", "exec", node.name()])
@@ -70,6 +73,8 @@ impl Agent {
                 "--uplink",
                 &uplinks.join(","),
             ])
+            .arg("--control-socket")
+            .arg(&control)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -89,14 +94,11 @@ impl Agent {
             if let Some(status) = self.child.try_wait()? {
                 bail!("policy-agent in {} exited: {status}", node.name());
             }
-            if let Ok(body) = http_get(node, self.http, "/status") {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                if v["enforced_revision"]
-                    .as_u64()
-                    .is_some_and(|r| r >= revision)
-                {
-                    return Ok(start.elapsed());
-                }
+            if let Ok(body) = http_get(node, self.http, "/status")
+                && serde_json::from_str::<Status>(&body)
+                    .is_ok_and(|s| s.enforced_revision >= revision)
+            {
+                return Ok(start.elapsed());
             }
             if start.elapsed() > timeout {
                 bail!(

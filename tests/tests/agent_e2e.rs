@@ -13,7 +13,7 @@ use std::{
 };
 
 use agent_support::{
-    Agent, apply_manifests, bridge_pod, connect_echo, echo_server, pod_yaml, ptp_pod,
+    Agent, Status, apply_manifests, bridge_pod, connect_echo, echo_server, pod_yaml, ptp_pod,
 };
 use anyhow::{Result, bail};
 use policy_tests::{bpffs::PinDir, netns::NetNs, require_root};
@@ -302,8 +302,47 @@ fn agent_follows_pods_and_reports() -> Result<()> {
     ] {
         assert!(metrics.contains(family), "{family} in\n{metrics}");
     }
+    // The TCP port is reachable by any pod that reaches the node: nothing there changes state.
     let (code, _) = agent.get(&node, "/loglevel")?;
-    assert_eq!(code, 200);
+    assert_eq!(code, 404, "/loglevel must not be served on the TCP port");
+    // The control socket is root's alone, and changes the filter at run time.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&agent.control)?.permissions());
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+    // The filter as directives (EnvFilter prints them in an order of its own).
+    let directives = |o: &std::process::Output| {
+        let mut d: Vec<String> = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        d.sort();
+        d
+    };
+    let before = agent.control(&["loglevel"])?;
+    assert!(before.status.success(), "{before:?}");
+    assert_eq!(directives(&before), ["info", "policy_agent=debug"]);
+    let set = agent.control(&["loglevel", "warn,policy_agent::sync=trace"])?;
+    assert!(set.status.success(), "{set:?}");
+    let changed = ["policy_agent::sync=trace", "warn"];
+    assert_eq!(directives(&set), changed);
+    assert_eq!(directives(&agent.control(&["loglevel"])?), changed);
+    let bad = agent.control(&["loglevel", "policy_agent=[[["])?;
+    assert!(
+        !bad.status.success(),
+        "an invalid filter is refused: {bad:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("HTTP 400"),
+        "{bad:?}"
+    );
+    assert_eq!(directives(&agent.control(&["loglevel"])?), changed);
+    let status: Status = serde_json::from_slice(&agent.control(&["status"])?.stdout)?;
+    assert_eq!(
+        status.enforced_revision,
+        agent.status(&node)?.enforced_revision
+    );
+    assert!(status.ready);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     late_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     drop(late_server);

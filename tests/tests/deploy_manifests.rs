@@ -445,7 +445,7 @@ fn ports_and_probes_match_the_agents_http_server() {
 }
 
 #[test]
-fn mounts_give_the_agent_bpffs_and_pod_network_namespaces() {
+fn mounts_give_the_agent_bpffs_pod_network_namespaces_and_its_control_socket() {
     for dir in KUSTOMIZATIONS {
         let ds = daemonset(&render(dir));
         let spec = pod_spec(&ds);
@@ -525,6 +525,31 @@ fn mounts_give_the_agent_bpffs_and_pod_network_namespaces() {
             netns.mount_propagation.as_deref(),
             Some("HostToContainer"),
             "{dir}: netns propagation"
+        );
+
+        // The control socket's directory: writable although the root filesystem is read-only,
+        // private to the pod (an emptyDir, not a host path other pods could share).
+        let socket_dir = args
+            .control_socket
+            .parent()
+            .expect("--control-socket has a directory");
+        let control = mounts
+            .iter()
+            .find(|m| std::path::Path::new(&m.mount_path) == socket_dir)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{dir}: no mount at {} for --control-socket (the root filesystem is read-only)",
+                    socket_dir.display()
+                )
+            });
+        assert_ne!(
+            control.read_only,
+            Some(true),
+            "{dir}: the agent binds its control socket"
+        );
+        assert!(
+            volume(&control.name).empty_dir.is_some(),
+            "{dir}: the control socket's directory is an emptyDir"
         );
 
         assert_eq!(

@@ -68,7 +68,7 @@ use crate::model::{NAMESPACE_NAME_LABEL, ObjectKey, meta};
 use policy_common::Direction;
 
 /// Name of the revision file inside the manifest directory.
-pub const REVISION_FILE: &str = ".revision";
+pub use policy_common::status::REVISION_FILE;
 
 /// Annotation set on the deny-all stand-in for a NetworkPolicy that did not parse.
 pub const INVALID_ANNOTATION: &str = "policy-agent.io/invalid";

@@ -217,23 +217,7 @@ pub struct ClusterStore {
 }
 
 /// What `/status` reports of the objects behind a state: how many, and their digest.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ObjectsDigest {
-    pub count: u64,
-    /// [`policy_common::digest`] of the objects, 16 hex digits when serialized.
-    #[serde(with = "hex_u64")]
-    pub digest: u64,
-}
-
-mod hex_u64 {
-    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{v:016x}"))
-    }
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        let text: String = serde::Deserialize::deserialize(d)?;
-        u64::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
-    }
-}
+pub use policy_common::status::ObjectsDigest;
 
 impl ClusterStore {
     pub fn apply(&mut self, update: Update) {
@@ -282,8 +266,7 @@ impl ClusterStore {
 
     fn forget(&mut self, kind: Kind, key: &ObjectKey) {
         if let Some(term) = self.terms.remove(&(kind, key.clone())) {
-            self.digest.count -= 1;
-            self.digest.digest = self.digest.digest.wrapping_sub(term);
+            self.digest.remove(term);
         }
     }
 
@@ -298,8 +281,7 @@ impl ClusterStore {
             object.metadata().resource_version.as_deref().unwrap_or(""),
         );
         self.terms.insert((kind, key.clone()), term);
-        self.digest.count += 1;
-        self.digest.digest = self.digest.digest.wrapping_add(term);
+        self.digest.add(term);
         let c = &mut self.cluster;
         match object {
             Object::Namespace(o) => {
@@ -472,10 +454,7 @@ mod tests {
     fn listed(pods: &[(&str, &str, &str)]) -> ObjectsDigest {
         let mut d = ObjectsDigest::default();
         for (ns, name, rv) in pods {
-            d.count += 1;
-            d.digest = d
-                .digest
-                .wrapping_add(policy_common::digest::object_term("Pod", ns, name, rv));
+            d.add(policy_common::digest::object_term("Pod", ns, name, rv));
         }
         d
     }

@@ -109,25 +109,21 @@ pub fn agent_binary() -> &'static Path {
 }
 
 /// The agent's `/status`.
-#[derive(Clone, Debug, Default)]
-pub struct Status {
-    pub revision: u64,
-    pub enforced_revision: u64,
-    pub endpoints: u64,
-    pub errors: Vec<String>,
-}
+pub use policy_common::status::Status;
 
 /// One agent process in a node namespace; killed on drop.
 pub struct Agent {
     child: Option<Child>,
     pub http: SocketAddr,
+    /// The control socket, next to the log.
+    pub control: PathBuf,
     pub log: PathBuf,
     node: String,
 }
 
 impl Agent {
     /// `ip netns exec NODE policy-agent --node-name NAME --manifest-dir DIR --bpffs-dir PIN
-    /// --http-addr HTTP [extra…]`, logging to `log`.
+    /// --http-addr HTTP --control-socket LOG.sock [extra…]`, logging to `log`.
     pub fn start(
         node: &NetNs,
         node_name: &str,
@@ -138,6 +134,7 @@ impl Agent {
         extra: &[&str],
     ) -> Result<Agent> {
         let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let control = log.with_extension("sock");
         let child = Command::new("ip")
             .args(["netns", "exec", node.name()])
             .arg(agent_binary())
@@ -146,6 +143,8 @@ impl Agent {
             .arg("--bpffs-dir")
             .arg(pins)
             .args(["--http-addr", &http.to_string(), "--log-format", "json"])
+            .arg("--control-socket")
+            .arg(&control)
             .args(extra)
             .env("RUST_LOG", "info,policy_agent=debug")
             .stdout(out.try_clone()?)
@@ -155,6 +154,7 @@ impl Agent {
         Ok(Agent {
             child: Some(child),
             http,
+            control,
             log: log.to_owned(),
             node: node.name().to_owned(),
         })
@@ -196,20 +196,19 @@ impl Agent {
         if code != 200 {
             bail!("/status: HTTP {code}: {body}");
         }
-        let v: serde_json::Value = serde_json::from_str(&body)?;
-        Ok(Status {
-            revision: v["revision"].as_u64().unwrap_or(0),
-            enforced_revision: v["enforced_revision"].as_u64().unwrap_or(0),
-            endpoints: v["endpoints"].as_u64().unwrap_or(0),
-            errors: v["errors"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|e| e.as_str().map(Into::into))
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
+        serde_json::from_str(&body).with_context(|| format!("/status body {body:?}"))
+    }
+
+    /// `policy-agent control --control-socket SOCKET ARGS…` (from the test's own namespace: a
+    /// Unix socket is reached through the filesystem); its exit status and output.
+    pub fn control(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(agent_binary())
+            .arg("control")
+            .arg("--control-socket")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .context("running policy-agent control")
     }
 
     /// Polls `/status` until `enforced_revision >= revision`; returns how long it took.

@@ -12,36 +12,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Deserialize;
 
 use super::net::{enter_netns, open_netns, process_alive};
 
-/// `GET /status` of an agent.
-#[derive(Clone, Debug, Deserialize)]
-pub struct Status {
-    #[serde(default)]
-    pub node: String,
-    #[serde(default)]
-    pub revision: u64,
-    pub enforced_revision: u64,
-    #[serde(default)]
-    pub endpoints: u64,
-    #[serde(default)]
-    pub errors: Vec<serde_json::Value>,
-    /// Count and digest of the objects behind the enforced state.
-    #[serde(default)]
-    pub enforced_objects: Option<ObjectsDigest>,
-    /// Why the agent's source cannot read the cluster right now.
-    #[serde(default)]
-    pub source_errors: Vec<String>,
-}
-
-/// `enforced_objects` of `/status`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct ObjectsDigest {
-    pub count: u64,
-    pub digest: String,
-}
+/// `GET /status` of an agent, as the agent defines it.
+pub use policy_common::status::{ObjectsDigest, Status};
 
 /// Where to reach one agent.
 #[derive(Clone, Debug)]

@@ -20,6 +20,7 @@ use k8s_openapi::api::{
     core::v1::{Namespace, Node, Pod, Service},
     networking::v1::NetworkPolicy,
 };
+use policy_common::status::REVISION_FILE;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -110,6 +111,10 @@ impl Paths {
     }
     pub fn logs(&self) -> PathBuf {
         self.dir.join("logs")
+    }
+    /// The control socket of `node`'s agent (`policy-agent control --control-socket …`).
+    pub fn control_socket(&self, node: &str) -> PathBuf {
+        self.dir.join("control").join(format!("{node}.sock"))
     }
 }
 
@@ -527,7 +532,9 @@ impl Lab {
         cmd.arg("--bpffs-dir")
             .arg(self.names.bpffs_dir(node.number))
             .arg("--http-addr")
-            .arg(node.http_addr().to_string());
+            .arg(node.http_addr().to_string())
+            .arg("--control-socket")
+            .arg(self.paths.control_socket(&node.name));
         let log = self.paths.logs().join(format!("agent-{}.log", node.name));
         let child = net::spawn_daemon(cmd, &node.netns, NetnsMode::DaemonWithSysfs, &log)?;
         Ok(child.id())
@@ -564,9 +571,10 @@ impl Lab {
         }
         self.state.revision += 1;
         let rev = self.state.revision;
-        let tmp = self.paths.manifests().join(".revision.tmp");
+        let file = self.paths.manifests().join(REVISION_FILE);
+        let tmp = file.with_extension("tmp");
         std::fs::write(&tmp, format!("{rev}\n"))?;
-        std::fs::rename(&tmp, self.paths.manifests().join(".revision"))?;
+        std::fs::rename(&tmp, file)?;
         self.save()?;
         let agents = self.agents();
         if agents.is_empty() {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
-    agent::{self, workspace_root},
+    agent::{self, ObjectsDigest, workspace_root},
     cluster::{self, Lab, PodState, start_responders},
     net::{self, NetnsMode},
     objects::{Kind, ObjRef},
@@ -1597,12 +1597,8 @@ impl Lab {
                         match agent::wait_until(
                             &agents,
                             wait,
-                            &format!("the objects of digest {}", want.1),
-                            |s| {
-                                s.enforced_objects.as_ref().is_some_and(|o| {
-                                    (o.count, o.digest.as_str()) == (want.0, want.1.as_str())
-                                })
-                            },
+                            &format!("the objects of digest {:016x}", want.digest),
+                            |s| s.enforced_objects == want,
                         ) {
                             Ok((statuses, _)) => {
                                 self.state.revision += 1;
@@ -1656,12 +1652,8 @@ impl Lab {
         agent::wait_until(
             &self.agents(),
             self.converge_timeout,
-            &format!("digest {}", want.1),
-            |s| {
-                s.enforced_objects
-                    .as_ref()
-                    .is_some_and(|o| (o.count, o.digest.as_str()) == (want.0, want.1.as_str()))
-            },
+            &format!("digest {:016x}", want.digest),
+            |s| s.enforced_objects == want,
         )?;
         Ok(started.elapsed())
     }
@@ -1893,21 +1885,21 @@ fn now_rfc3339() -> String {
 /// The API server's objects of the kinds the agents watch, and their digest.
 struct Snapshot {
     items: Vec<Value>,
-    /// (count, digest as 16 hex digits), as the agents report it.
-    digest: (u64, String),
+    /// Count and digest, as the agents report them.
+    digest: ObjectsDigest,
 }
 
 impl Snapshot {
     fn from_list(list: &Value) -> Result<Snapshot> {
         let items: Vec<Value> = list["items"].as_array().cloned().unwrap_or_default();
-        let mut sum = 0u64;
+        let mut digest = ObjectsDigest::default();
         for i in &items {
             let kind = i["kind"]
                 .as_str()
                 .ok_or_else(|| anyhow!("a listed object without kind"))?;
             let namespaced = !matches!(kind, "Namespace" | "Node");
             let m = &i["metadata"];
-            sum = sum.wrapping_add(policy_common::digest::object_term(
+            digest.add(policy_common::digest::object_term(
                 kind,
                 if namespaced {
                     m["namespace"].as_str().unwrap_or_default()
@@ -1918,11 +1910,7 @@ impl Snapshot {
                 m["resourceVersion"].as_str().unwrap_or_default(),
             ));
         }
-        let count = items.len() as u64;
-        Ok(Snapshot {
-            items,
-            digest: (count, format!("{sum:016x}")),
-        })
+        Ok(Snapshot { items, digest })
     }
 
     fn of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
