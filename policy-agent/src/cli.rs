@@ -46,8 +46,9 @@ pub struct Args {
     )]
     pub bpffs_dir: PathBuf,
 
-    /// Address of the read-only HTTP server: /healthz, /readyz, /metrics, /status.
-    #[arg(long, env = "POLICY_AGENT_HTTP_ADDR", default_value = "0.0.0.0:9965")]
+    /// Address of the read-only HTTP server: /healthz, /readyz, /metrics, /status. The default
+    /// `[::]` serves IPv4 and IPv6 (IPv4 only where the kernel has no IPv6).
+    #[arg(long, env = "POLICY_AGENT_HTTP_ADDR", default_value = "[::]:9965")]
     pub http_addr: SocketAddr,
 
     /// Unix socket of the control server: /loglevel (read and change the log filter) and

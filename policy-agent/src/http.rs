@@ -86,8 +86,37 @@ pub async fn serve_control(
 }
 
 /// Binds the server's address (before anything else starts, so a port clash fails fast).
+///
+/// The unspecified IPv6 address (`[::]`, the default) listens on both families, IPv4 arriving
+/// IPv4-mapped, whatever `net.ipv6.bindv6only` says: with hostNetwork the kubelet probes the
+/// agent at the node's address, which is IPv6 on an IPv6-only cluster and IPv4 otherwise. On a
+/// kernel without IPv6 it falls back to `0.0.0.0` on the same port.
 pub async fn bind(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
+    let listener = match listen(addr) {
+        Err(e)
+            if addr.is_ipv6()
+                && addr.ip().is_unspecified()
+                && e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+        {
+            tracing::warn!(%addr, "no IPv6 in this kernel; serving IPv4 only");
+            listen(SocketAddr::from(([0, 0, 0, 0], addr.port())))?
+        }
+        other => other?,
+    };
+    tokio::net::TcpListener::from_std(listener)
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// The bound control socket.
