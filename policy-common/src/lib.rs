@@ -72,7 +72,8 @@ pub mod program_names {
     /// tc egress of the node's uplink / tunnel devices: post-DNAT egress decisions for Service
     /// traffic whose backend lives on another node.
     pub const TO_NETWORK: &str = "to_network";
-    /// Returns "ok" and does nothing else: the floor of the per-packet benchmark.
+    /// Returns what an allowed packet gets (`TC_ACT_UNSPEC`) and does nothing else: the floor of
+    /// the per-packet benchmark.
     pub const NOOP: &str = "noop";
 }
 

@@ -14,7 +14,7 @@ use policy_common::{
 use policy_tests::{
     fixture::{Fixture, policy_entry},
     packet::{EXT_DSTOPTS, EXT_HOPOPTS, EXT_ROUTING, PacketSpec, TCP_ACK, TCP_FIN},
-    testrun::{TC_ACT_OK, TEST_IFINDEX},
+    testrun::{TC_ACT_UNSPEC, TEST_IFINDEX},
 };
 
 use Reason::*;
@@ -789,7 +789,7 @@ fn verdict_events_name_the_rule_and_are_rate_limited() -> Result<()> {
     assert_eq!(
         f.run(FROM_POD, &PacketSpec::udp(V4.me, 40000, V4.peer, 53), 0)?
             .action,
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     );
     events.clear();
     reader.try_read(&mut events);
