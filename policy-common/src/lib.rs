@@ -75,7 +75,8 @@ pub mod program_names {
     /// tc egress of the node's uplink / tunnel devices: post-DNAT egress decisions for Service
     /// traffic whose backend lives on another node.
     pub const TO_NETWORK: &str = "to_network";
-    /// Returns "ok" and does nothing else: the floor of the per-packet benchmark.
+    /// Returns what an allowed packet gets (`TC_ACT_UNSPEC`) and does nothing else: the floor of
+    /// the per-packet benchmark.
     pub const NOOP: &str = "noop";
 }
 
@@ -468,7 +469,9 @@ pub enum Reason {
     AllowedHost = 3,
     /// A pod reaching itself.
     AllowedSelf = 4,
-    /// Not IP, or IP without L4 policy meaning (ICMP, ARP, ND): not policed.
+    /// Not policed: ARP and IP protocols no rule can name (ICMP, ICMPv6 and so ND, GRE, ESP, …)
+    /// whatever the isolation; frames that are not IP in a direction the endpoint is not
+    /// isolated in; unmarked traffic on an uplink.
     AllowedNotPoliced = 5,
     /// Sent on to the post-DNAT hook with the source endpoint in `skb->mark`.
     DeferredService = 6,
@@ -493,11 +496,14 @@ pub enum Reason {
     DroppedInternal = 21,
     /// An established flow whose rule was revoked.
     DroppedRevoked = 22,
+    /// Neither IPv4, IPv6 nor ARP (a VLAN tag, MPLS, PPPoE, any other ethertype) in a direction
+    /// the endpoint is isolated in: no NetworkPolicy rule can allow it.
+    DroppedNotIp = 23,
 }
 
 impl Reason {
     pub const COUNT: u32 = 32;
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::AllowedByPolicy,
         Reason::AllowedEstablished,
         Reason::AllowedNotIsolated,
@@ -514,6 +520,7 @@ impl Reason {
         Reason::DroppedEndpointNotProgrammed,
         Reason::DroppedInternal,
         Reason::DroppedRevoked,
+        Reason::DroppedNotIp,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -539,11 +546,40 @@ impl Reason {
             Reason::DroppedEndpointNotProgrammed => "dropped_endpoint_not_programmed",
             Reason::DroppedInternal => "dropped_internal",
             Reason::DroppedRevoked => "dropped_revoked",
+            Reason::DroppedNotIp => "dropped_not_ip",
         }
     }
 
     pub fn from_u32(v: u32) -> Option<Reason> {
         Reason::ALL.iter().copied().find(|r| *r as u32 == v)
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::Reason;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_reason_is_listed_once_with_its_own_name() {
+        let values: BTreeSet<u32> = Reason::ALL.iter().map(|r| *r as u32).collect();
+        let names: BTreeSet<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(values.len(), Reason::ALL.len());
+        assert_eq!(names.len(), Reason::ALL.len());
+        for reason in Reason::ALL {
+            assert!((reason as u32) < Reason::COUNT, "{reason:?} fits COUNTERS");
+            assert_eq!(Reason::from_u32(reason as u32), Some(reason));
+            let dropped = reason.as_str().starts_with("dropped_");
+            assert_eq!(reason.is_drop(), dropped, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn non_ip_frames_have_a_drop_reason_of_their_own() {
+        assert_eq!(Reason::DroppedNotIp as u32, 23);
+        assert!(Reason::DroppedNotIp.is_drop());
+        assert_eq!(Reason::DroppedNotIp.as_str(), "dropped_not_ip");
+        assert!(!Reason::AllowedNotPoliced.is_drop());
     }
 }
 

@@ -10,6 +10,7 @@
 //!   answered at E's `to_pod`, a flow first seen as E's ingress at E's `from_pod`);
 //! - anything else (the same tuple in a contradictory role) is not this flow: it is judged as new
 //!   and, if allowed, replaces the entry.
+//!
 //! That is one hash lookup per packet instead of a forward and a reversed probe.
 //!
 //! Entries are made for every new flow that is allowed, even in directions that are not

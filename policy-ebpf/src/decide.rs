@@ -23,6 +23,9 @@
 //! - A pod reaches itself: source and destination address equal, or a Service hairpin where the
 //!   source endpoint carried in the mark is the destination endpoint.
 //! - An endpoint flagged NOT_PROGRAMMED drops every new flow in both directions (fail closed).
+//! - Frames that are neither IP nor ARP (VLAN-tagged, MPLS, PPPoE, …) drop in a direction the
+//!   endpoint is isolated in ([`Reason::DroppedNotIp`]: no rule can allow them) and pass
+//!   unpoliced in one it is not. ICMP, ICMPv6 and ARP pass whatever the isolation.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use policy_common::{
@@ -97,25 +100,47 @@ const fn isolated(ep: &EndpointInfo, direction: Direction) -> bool {
     ep.flags & bit != 0
 }
 
+/// The endpoint of the hook's veth (a veth without one fails closed).
+#[inline(always)]
+fn hook_endpoint(ctx: &TcContext, direction: Direction) -> Result<EndpointInfo, Verdict> {
+    maps::endpoint(ifindex(ctx)).ok_or(Verdict::new(
+        Reason::DroppedEndpointNotProgrammed,
+        0,
+        direction,
+    ))
+}
+
 /// Parses the packet and finds the endpoint of the hook's veth. `Err` carries the final verdict.
+/// A frame that is not IP (nor ARP) is judged here by isolation alone: dropped in a direction
+/// the endpoint is isolated in, not policed otherwise (see `parse.rs`).
 #[inline(always)]
 fn parse_at_endpoint(
     ctx: &TcContext,
     pkt: &mut Packet,
     direction: Direction,
 ) -> Result<EndpointInfo, Verdict> {
-    match parse::parse(ctx, pkt) {
+    let parsed = if parse::vlan_tagged(ctx) {
+        Ok(Parsed::NotIp)
+    } else {
+        parse::parse(ctx, pkt)
+    };
+    match parsed {
         Err(reason) => return Err(Verdict::new(reason, 0, direction)),
         Ok(Parsed::NotPoliced) => {
             return Err(Verdict::new(Reason::AllowedNotPoliced, 0, direction));
         }
+        Ok(Parsed::NotIp) => {
+            let ep = hook_endpoint(ctx, direction)?;
+            let reason = if isolated(&ep, direction) {
+                Reason::DroppedNotIp
+            } else {
+                Reason::AllowedNotPoliced
+            };
+            return Err(Verdict::new(reason, ep.id, direction));
+        }
         Ok(Parsed::Policed) => {}
     }
-    maps::endpoint(ifindex(ctx)).ok_or(Verdict::new(
-        Reason::DroppedEndpointNotProgrammed,
-        0,
-        direction,
-    ))
+    hook_endpoint(ctx, direction)
 }
 
 /// The decision for a new flow of `ep` in `direction` with the remote address `peer`. Also
@@ -422,6 +447,8 @@ pub fn to_network(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
         Ok(Parsed::NotPoliced) => {
             return Verdict::new(Reason::AllowedNotPoliced, source, direction);
         }
+        // Only egress-isolated endpoints defer (`defer`): the source is isolated.
+        Ok(Parsed::NotIp) => return Verdict::new(Reason::DroppedNotIp, source, direction),
         Ok(Parsed::Policed) => {}
     }
     if pkt.frag == FRAG_LATER {

@@ -5,13 +5,26 @@
 //! - `to_pod`: tc egress of a pod's host veth, i.e. what the pod receives (its ingress).
 //! - `to_network`: tc egress of the node's uplink and tunnel devices, where Service traffic to
 //!   backends on other nodes gets its post-DNAT egress verdict.
-//! - `noop`: returns "ok"; the floor of the per-packet benchmark.
+//! - `noop`: returns what an allowed packet gets and does nothing else; the floor of the
+//!   per-packet benchmark.
 //!
 //! Each entry is thin: `decide` (parse → conntrack → identity and policy lookups) produces a
 //! [`Verdict`], and [`finish`] is the one exit that counts it per CPU, reports it on the EVENTS
-//! ring buffer when warranted and turns it into `TC_ACT_SHOT` or `TC_ACT_OK`.
-#![no_std]
+//! ring buffer when warranted and turns it into a tc action:
+//! - a drop is `TC_ACT_SHOT`: the packet is freed, nothing after us sees it;
+//! - anything else is `TC_ACT_UNSPEC` (-1), which is `TCX_NEXT` in TCX mode: "no verdict, go on".
+//!   The next program on the same hook runs (a CNI's own tc programs attached after ours on the
+//!   veth or the uplink: TCX links later in the chain, cls_bpf filters at a later priority, or
+//!   the clsact qdisc's filters behind the TCX chain); with none left the kernel delivers the
+//!   packet as with `TC_ACT_OK`. `TC_ACT_OK` would end the chain and skip them.
+// std exists only on the host, where this crate is merely checked (`cargo clippy --workspace`):
+// there it brings its own panic handler, which would clash with ours whenever feature
+// unification gives policy-common its `std` feature.
+#![cfg_attr(target_arch = "bpf", no_std)]
 #![no_main]
+// Map keys and values are handed to the helpers by reference, as the stack slot the helper
+// reads: a by-value argument would be one more copy for the optimiser to remove.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 mod conntrack;
 mod decide;
@@ -22,7 +35,7 @@ mod parse;
 mod policy;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -52,14 +65,19 @@ pub fn to_network(ctx: TcContext) -> i32 {
     finish(&ctx, &pkt, None, &verdict)
 }
 
+/// The benchmark's floor returns exactly what [`finish`] returns for an allowed packet, so that
+/// floor and scenarios end alike. The action is one immediate move whatever its value and
+/// BPF_PROG_TEST_RUN does nothing with it but report it, so the floor costs what it did when it
+/// returned `TC_ACT_OK`: figures stay comparable.
 #[classifier]
 pub fn noop(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 /// The one exit. `first` is a decision made earlier for the same packet (the deferred egress
 /// verdict of Service traffic at `to_pod`), counted and reported too; the packet's fate is
-/// `verdict`'s.
+/// `verdict`'s: `TC_ACT_SHOT` for a drop, else `TC_ACT_UNSPEC` so that programs after ours on
+/// the hook still run (see the module documentation).
 #[inline(always)]
 fn finish(ctx: &TcContext, pkt: &Packet, first: Option<Verdict>, verdict: &Verdict) -> i32 {
     if let Some(first) = first {
@@ -69,7 +87,7 @@ fn finish(ctx: &TcContext, pkt: &Packet, first: Option<Verdict>, verdict: &Verdi
     if verdict.reason.is_drop() {
         TC_ACT_SHOT
     } else {
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     }
 }
 
@@ -87,7 +105,7 @@ fn report(ctx: &TcContext, pkt: &Packet, verdict: &Verdict) {
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}

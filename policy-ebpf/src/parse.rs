@@ -7,10 +7,15 @@
 //!
 //! What is policed, and why the rest is not:
 //! - TCP, UDP and SCTP over IPv4 and IPv6: the only protocols NetworkPolicy rules can name.
-//! - ICMP, ICMPv6, ARP and every other ethertype or IP protocol pass as
-//!   [`Reason::AllowedNotPoliced`]: the API leaves their treatment undefined, and dropping them
-//!   breaks path-MTU discovery (ICMP "fragmentation needed" / ICMPv6 "packet too big") and IPv6
-//!   neighbour discovery. ESP is not policed either (its payload is opaque).
+//! - ICMP, ICMPv6, ARP and every other IP protocol pass as [`Reason::AllowedNotPoliced`]: the
+//!   API leaves their treatment undefined, and dropping them breaks path-MTU discovery (ICMP
+//!   "fragmentation needed" / ICMPv6 "packet too big"), IPv6 neighbour discovery and IPv4
+//!   address resolution. ESP is not policed either (its payload is opaque).
+//! - Every other ethertype ([`Parsed::NotIp`]: 802.1Q / 802.1ad VLAN tags, MPLS, PPPoE, …) is
+//!   judged by isolation alone: dropped as [`Reason::DroppedNotIp`] in a direction the endpoint
+//!   is isolated in, [`Reason::AllowedNotPoliced`] otherwise. Nothing behind such a header is
+//!   parsed, so an isolated pod cannot carry TCP or UDP past its policy inside a tag or a label
+//!   stack; no NetworkPolicy rule can allow them, as none can name them.
 //! - IPv6 extension headers are walked up to [`MAX_EXT_HEADERS`] deep (hop-by-hop, routing,
 //!   destination options, fragment, and AH so that TCP cannot hide behind it); a longer chain is
 //!   [`Reason::DroppedMalformed`] rather than a chance to smuggle ports past the policy.
@@ -27,6 +32,7 @@ use policy_common::{Addr, Reason, proto};
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
 
 /// IPv6 extension headers walked before giving up (malformed).
 pub const MAX_EXT_HEADERS: usize = 6;
@@ -90,8 +96,11 @@ impl Packet {
 
 /// What the parser found.
 pub enum Parsed {
-    /// Not TCP/UDP/SCTP over IP: passes unpoliced (see the module documentation).
+    /// ARP, or IP but not TCP/UDP/SCTP: passes unpoliced (see the module documentation).
     NotPoliced,
+    /// Neither IPv4, IPv6 nor ARP: dropped where the endpoint is isolated in the direction
+    /// judged, unpoliced elsewhere. `Packet` is left empty.
+    NotIp,
     /// `Packet` is filled in.
     Policed,
 }
@@ -151,13 +160,26 @@ const fn is_policed(protocol: u8) -> bool {
     matches!(protocol, proto::TCP | proto::UDP | proto::SCTP)
 }
 
+/// Whether the skb carries a VLAN tag outside its data (`skb->vlan_tci`, "accelerated"). The
+/// kernel moves the outer 802.1Q / 802.1ad tag of a received frame there before tc ingress, and
+/// a VLAN device leaves it there for a lower device that inserts tags itself (veth does) until
+/// after tc egress. The data then starts with the inner ethertype: without this check a tagged
+/// frame would be judged by the IP packet inside it. Only pod veths ask (`decide.rs`): on an
+/// uplink the tag belongs to the node's own network and the IP packet inside is what counts.
+#[inline(always)]
+pub fn vlan_tagged(ctx: &TcContext) -> bool {
+    // SAFETY: a field of the __sk_buff the kernel handed us.
+    unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).vlan_present) != 0 }
+}
+
 #[inline(always)]
 pub fn parse(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     let ethertype = be16(load(ctx, 12)?);
     match ethertype {
         ETH_P_IP => parse_v4(ctx, pkt),
         ETH_P_IPV6 => parse_v6(ctx, pkt),
-        _ => Ok(Parsed::NotPoliced),
+        ETH_P_ARP => Ok(Parsed::NotPoliced),
+        _ => Ok(Parsed::NotIp),
     }
 }
 

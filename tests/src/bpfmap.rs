@@ -1,6 +1,7 @@
 //! Pinned maps read with raw `bpf(2)` calls (`BPF_OBJ_GET`, `BPF_OBJ_GET_INFO_BY_FD`,
 //! `BPF_MAP_GET_NEXT_KEY`): an account of what the kernel holds that owes
 //! nothing to aya or to the agent's own map code, for tests that check what the agent reports.
+//! The raw call is shared with [`crate::tc_counter`].
 
 use std::{
     ffi::CString,
@@ -16,23 +17,23 @@ const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// `union bpf_attr`, as large as any command used here needs (and zeroed beyond).
 #[repr(C, align(8))]
-struct Attr([u8; 128]);
+pub(crate) struct Attr(pub(crate) [u8; 128]);
 
 impl Attr {
-    fn new() -> Attr {
+    pub(crate) fn new() -> Attr {
         Attr([0; 128])
     }
 
-    fn put_u32(&mut self, offset: usize, v: u32) {
+    pub(crate) fn put_u32(&mut self, offset: usize, v: u32) {
         self.0[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
     }
 
-    fn put_u64(&mut self, offset: usize, v: u64) {
+    pub(crate) fn put_u64(&mut self, offset: usize, v: u64) {
         self.0[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
     }
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
+pub(crate) fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid, initialised bpf_attr of the size passed; every pointer in it
     // refers to a live buffer of the size the command expects.
     let rc = unsafe {

@@ -12,6 +12,7 @@ pub mod packet;
 pub mod pod;
 pub mod scenario;
 pub mod sockets;
+pub mod tc_counter;
 pub mod testrun;
 pub mod topology;
 pub mod workload;

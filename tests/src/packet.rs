@@ -1,4 +1,6 @@
-//! Hand-built packets (Ethernet + IPv4/IPv6 + TCP/UDP/SCTP) for `BPF_PROG_TEST_RUN`.
+//! Hand-built packets (Ethernet + IPv4/IPv6 + TCP/UDP/SCTP) for `BPF_PROG_TEST_RUN`, and
+//! frames of other ethertypes: ARP, and built packets wrapped in a VLAN tag, an MPLS label or a
+//! PPPoE session header.
 
 use std::net::IpAddr;
 
@@ -224,4 +226,66 @@ fn checksum(bytes: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Ethertypes of the wrapped frames.
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+pub const ETH_P_MPLS_UC: u16 = 0x8847;
+pub const ETH_P_MPLS_MC: u16 = 0x8848;
+pub const ETH_P_PPP_SES: u16 = 0x8864;
+
+/// `frame` (an Ethernet frame) with a VLAN tag (`tpid` 0x8100 or 0x88a8, VLAN id `vid`)
+/// inserted after the MAC addresses; the original ethertype follows the tag.
+pub fn vlan_tagged(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
+    let mut p = frame[..12].to_vec();
+    p.extend_from_slice(&tpid.to_be_bytes());
+    p.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    p.extend_from_slice(&frame[12..]);
+    p
+}
+
+/// `frame`'s payload behind one MPLS label stack entry (`label`, bottom of stack, TTL 64),
+/// with `ethertype` 0x8847 (unicast) or 0x8848 (multicast).
+pub fn mpls(frame: &[u8], ethertype: u16, label: u32) -> Vec<u8> {
+    let mut p = frame[..12].to_vec();
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    let entry = ((label & 0xf_ffff) << 12) | (1 << 8) | 64;
+    p.extend_from_slice(&entry.to_be_bytes());
+    p.extend_from_slice(&frame[14..]);
+    p
+}
+
+/// `frame`'s IP packet in a PPPoE session (0x8864; PPP protocol 0x0021 for IPv4, 0x0057 for
+/// IPv6).
+pub fn pppoe_session(frame: &[u8], session: u16) -> Vec<u8> {
+    let ip = &frame[14..];
+    let ppp: u16 = if frame[12..14] == [0x86, 0xdd] {
+        0x0057
+    } else {
+        0x0021
+    };
+    let mut p = frame[..12].to_vec();
+    p.extend_from_slice(&ETH_P_PPP_SES.to_be_bytes());
+    p.extend_from_slice(&[0x11, 0x00]);
+    p.extend_from_slice(&session.to_be_bytes());
+    p.extend_from_slice(&((ip.len() + 2) as u16).to_be_bytes());
+    p.extend_from_slice(&ppp.to_be_bytes());
+    p.extend_from_slice(ip);
+    p
+}
+
+/// A broadcast ARP request (Ethernet, IPv4) for `target` from `sender`.
+pub fn arp_request(sender: std::net::Ipv4Addr, target: std::net::Ipv4Addr) -> Vec<u8> {
+    let mac = [0x02, 0, 0, 0, 0, 1];
+    let mut p = vec![0xff; 6];
+    p.extend_from_slice(&mac);
+    p.extend_from_slice(&0x0806u16.to_be_bytes());
+    // htype 1 (Ethernet), ptype IPv4, hlen 6, plen 4, op 1 (request)
+    p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&mac);
+    p.extend_from_slice(&sender.octets());
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&target.octets());
+    p
 }

@@ -176,3 +176,50 @@ pub fn udp_replies(ns: &NetNs, addr: SocketAddr) -> bool {
         matches!(socket.recv_from(&mut buf), Ok((4, from)) if from == addr && &buf[..4] == b"ping")
     })
 }
+
+/// Sends raw Ethernet frames (any ethertype, tags in the data) out of `ifname` inside `ns`
+/// through an `AF_PACKET` socket, which passes them to the device as they are. A frame that tc
+/// egress of `ifname` drops is not an error.
+pub fn send_frames(ns: &NetNs, ifname: &str, frames: &[Vec<u8>]) -> Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    ns.run(|| -> Result<()> {
+        let ifindex = crate::netns::ifindex(ifname)?;
+        // SAFETY: a plain socket(2) call; protocol 0 sends without receiving anything.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            anyhow::bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        for frame in frames {
+            anyhow::ensure!(frame.len() >= 14, "a frame of {} bytes", frame.len());
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            // skb->protocol: the frame's outer ethertype, in network order.
+            addr.sll_protocol = u16::from_be_bytes([frame[12], frame[13]]).to_be();
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            // SAFETY: `frame` and `addr` are live buffers of the lengths given.
+            let sent = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            if sent < 0 {
+                let e = std::io::Error::last_os_error();
+                // A frame dropped by tc egress of `ifname` itself is reported as ENOBUFS.
+                if e.raw_os_error() != Some(libc::ENOBUFS) {
+                    anyhow::bail!("sending on {ifname}: {e}");
+                }
+            }
+        }
+        Ok(())
+    })
+}

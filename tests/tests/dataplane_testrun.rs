@@ -5,7 +5,9 @@
 //! the loopback ifindex (what test runs see); POLICY, IPCACHE and SERVICES entries are written by
 //! hand through the map writer.
 
-use anyhow::Result;
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
 use policy_common::{
     Config, Direction, Reason, ct_flags, endpoint_flags, identity,
     program_names::{FROM_POD, TO_NETWORK, TO_POD},
@@ -13,8 +15,11 @@ use policy_common::{
 };
 use policy_tests::{
     fixture::{Fixture, policy_entry},
-    packet::{EXT_DSTOPTS, EXT_HOPOPTS, EXT_ROUTING, PacketSpec, TCP_ACK, TCP_FIN},
-    testrun::{TC_ACT_OK, TEST_IFINDEX},
+    packet::{
+        ETH_P_8021AD, ETH_P_8021Q, ETH_P_MPLS_MC, ETH_P_MPLS_UC, EXT_DSTOPTS, EXT_HOPOPTS,
+        EXT_ROUTING, PacketSpec, TCP_ACK, TCP_FIN, arp_request, mpls, pppoe_session, vlan_tagged,
+    },
+    testrun::{TC_ACT_UNSPEC, TEST_IFINDEX},
 };
 
 use Reason::*;
@@ -315,6 +320,140 @@ fn icmp_arp_and_other_protocols_are_not_policed() -> Result<()> {
     arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     arp.extend_from_slice(&[0; 20]);
     f.expect_bytes(TO_POD, &arp, 0, &[AllowedNotPoliced])?;
+    Ok(())
+}
+
+/// Frames of other ethertypes around `inner` (a packet the policy would allow): 802.1Q and
+/// 802.1ad VLAN tags, MPLS unicast and multicast, a PPPoE session, and an unknown ethertype.
+fn non_ip_frames(inner: &PacketSpec) -> Vec<(&'static str, Vec<u8>)> {
+    let bytes = inner.build();
+    let mut unknown = bytes.clone();
+    unknown[12..14].copy_from_slice(&0x88b5u16.to_be_bytes()); // IEEE local experimental
+    vec![
+        ("802.1Q", vlan_tagged(&bytes, ETH_P_8021Q, 100)),
+        ("802.1ad", vlan_tagged(&bytes, ETH_P_8021AD, 200)),
+        (
+            "802.1ad + 802.1Q",
+            vlan_tagged(&vlan_tagged(&bytes, ETH_P_8021Q, 100), ETH_P_8021AD, 200),
+        ),
+        ("MPLS", mpls(&bytes, ETH_P_MPLS_UC, 1000)),
+        ("MPLS multicast", mpls(&bytes, ETH_P_MPLS_MC, 1001)),
+        ("PPPoE", pppoe_session(&bytes, 7)),
+        ("0x88b5", unknown),
+    ]
+}
+
+/// Runs every non-IP frame around `inner` through `program` with `mark`, expecting `reason`
+/// for each.
+fn expect_non_ip(
+    f: &Fixture,
+    program: &'static str,
+    inner: &PacketSpec,
+    mark: u32,
+    reason: Reason,
+) -> Result<()> {
+    for (name, frame) in non_ip_frames(inner) {
+        f.expect_bytes(program, &frame, mark, &[reason])
+            .with_context(|| format!("{name} frame at {program}"))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn non_ip_frames_drop_in_isolated_directions_only() -> Result<()> {
+    for a in [V4, V6] {
+        let mut f = world("notip", &a)?;
+        let (egress, ingress, _) = ports(proto::UDP);
+        // What the policy allows, were it judged as IP: nothing inside the frames is.
+        let out = PacketSpec::udp(a.me, 40000, a.peer, egress);
+        let inbound = PacketSpec::udp(a.peer, 40001, a.me, ingress);
+        let arp = arp_request(Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 1));
+        // Unwrapped, the same packets are allowed by policy: the drops below are the wrapping's.
+        f.expect(FROM_POD, &out, 0, &[AllowedByPolicy])?;
+        f.expect(TO_POD, &inbound, 0, &[AllowedByPolicy])?;
+        for (flags, egress_isolated, ingress_isolated) in [
+            (BOTH, true, true),
+            (endpoint_flags::EGRESS_ISOLATED, true, false),
+            (endpoint_flags::INGRESS_ISOLATED, false, true),
+            (0, false, false),
+            // Not programmed changes nothing: these frames are no flows.
+            (endpoint_flags::NOT_PROGRAMMED | BOTH, true, true),
+            (endpoint_flags::NOT_PROGRAMMED, false, false),
+        ] {
+            f.endpoint(TEST_IFINDEX, EP, EP_IDENTITY, flags)?;
+            let verdict = |isolated| {
+                if isolated {
+                    DroppedNotIp
+                } else {
+                    AllowedNotPoliced
+                }
+            };
+            expect_non_ip(&f, FROM_POD, &out, 0, verdict(egress_isolated))
+                .with_context(|| format!("flags {flags:#x}"))?;
+            expect_non_ip(&f, TO_POD, &inbound, 0, verdict(ingress_isolated))
+                .with_context(|| format!("flags {flags:#x}"))?;
+            // ARP passes whatever the isolation, and so do ICMP and ICMPv6.
+            f.expect_bytes(FROM_POD, &arp, 0, &[AllowedNotPoliced])?;
+            f.expect_bytes(TO_POD, &arp, 0, &[AllowedNotPoliced])?;
+            let icmp = PacketSpec::new(proto::ICMP, V4.far, 0, V4.me, 0);
+            f.expect(TO_POD, &icmp, 0, &[AllowedNotPoliced])?;
+            f.expect(FROM_POD, &icmp.reply(), 0, &[AllowedNotPoliced])?;
+            let icmp6 = PacketSpec::new(proto::ICMPV6, V6.far, 0, V6.me, 0);
+            f.expect(TO_POD, &icmp6, 0, &[AllowedNotPoliced])?;
+            f.expect(FROM_POD, &icmp6.reply(), 0, &[AllowedNotPoliced])?;
+        }
+        // On the uplink, unmarked frames are not ours to judge; a marked one carries a deferred
+        // egress decision, which only egress-isolated endpoints make: not IP, it drops.
+        let mark = EP << MARK_SHIFT;
+        expect_non_ip(&f, TO_NETWORK, &out, 0, AllowedNotPoliced)?;
+        expect_non_ip(&f, TO_NETWORK, &out, mark, DroppedNotIp)?;
+        f.expect_bytes(TO_NETWORK, &arp, mark, &[AllowedNotPoliced])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn non_ip_frames_without_an_endpoint_fail_closed() -> Result<()> {
+    let f = Fixture::new("notip-noep")?;
+    let out = PacketSpec::udp(V4.me, 40000, V4.peer, 53);
+    expect_non_ip(&f, FROM_POD, &out, 0, DroppedEndpointNotProgrammed)?;
+    expect_non_ip(&f, TO_POD, &out.reply(), 0, DroppedEndpointNotProgrammed)?;
+    let arp = arp_request(Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 1));
+    f.expect_bytes(FROM_POD, &arp, 0, &[AllowedNotPoliced])?;
+    f.expect_bytes(TO_POD, &arp, 0, &[AllowedNotPoliced])?;
+    Ok(())
+}
+
+#[test]
+fn non_ip_drops_are_reported_as_events() -> Result<()> {
+    policy_tests::pin_to_cpu(0)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let _guard = runtime.enter();
+    let mut f = world("notip-events", &V4)?;
+    f.endpoint(
+        TEST_IFINDEX,
+        EP,
+        EP_IDENTITY,
+        endpoint_flags::EGRESS_ISOLATED,
+    )?;
+    let mut reader = f.dp.events()?;
+    let out = PacketSpec::udp(V4.me, 40000, V4.peer, 53);
+    let tagged = vlan_tagged(&out.build(), ETH_P_8021Q, 100);
+    f.expect_bytes(FROM_POD, &tagged, 0, &[DroppedNotIp])?;
+    // Not isolated: passes, and passing unpoliced is no event.
+    f.expect_bytes(TO_POD, &tagged, 0, &[AllowedNotPoliced])?;
+    let mut events = Vec::new();
+    reader.try_read(&mut events);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let ev = events[0];
+    assert_eq!(ev.reason, DroppedNotIp as u32);
+    assert_eq!(ev.endpoint, EP);
+    assert_eq!(ev.ifindex, TEST_IFINDEX);
+    assert_eq!(ev.direction, Direction::Egress as u8);
+    // Nothing behind the tag was parsed.
+    assert_eq!((ev.family, ev.protocol, ev.sport, ev.dport), (0, 0, 0, 0));
     Ok(())
 }
 
@@ -789,7 +928,7 @@ fn verdict_events_name_the_rule_and_are_rate_limited() -> Result<()> {
     assert_eq!(
         f.run(FROM_POD, &PacketSpec::udp(V4.me, 40000, V4.peer, 53), 0)?
             .action,
-        TC_ACT_OK
+        TC_ACT_UNSPEC
     );
     events.clear();
     reader.try_read(&mut events);

@@ -8,6 +8,12 @@
 //!   filter survives the agent by itself, and the next agent replaces it in place (netlink
 //!   `RTM_NEWTFILTER` without `NLM_F_EXCL` on the same priority/handle).
 //!
+//! Our programs return `TC_ACT_SHOT` for a drop and `TC_ACT_UNSPEC` (-1, `TCX_NEXT`) for
+//! everything else, never `TC_ACT_OK`: an allowed packet goes on to whatever runs after us on the
+//! hook (TCX links after ours; cls_bpf filters at a later priority than ours, `NL_PRIORITY`; and
+//! in TCX mode a clsact qdisc's filters, which the kernel runs behind the TCX chain), so a CNI's
+//! own tc programs keep working beside ours. With nothing after us the packet is delivered.
+//!
 //! Names are resolved in the calling thread's network namespace (netlink and TCX both take the
 //! ifindex there), so an agent running for a node namespace must attach from inside it.
 
@@ -29,7 +35,8 @@ use super::sys;
 use aya::programs::MultiProgLink as _;
 
 /// clsact filter priority and handle used by every hook (fixed so a restarted agent replaces its
-/// own filter instead of adding a second one).
+/// own filter instead of adding a second one). Priority 1 runs before any other filter; filters
+/// at higher numbers run after ours for every packet we do not drop.
 const NL_PRIORITY: u16 = 1;
 const NL_HANDLE: TcHandle = TcHandle::new(0, 0x5eb);
 
