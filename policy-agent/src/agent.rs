@@ -24,11 +24,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::{
+    audit,
     cli::Args,
     compiler::NodeContext,
     dataplane::{Dataplane, DataplaneError},
     endpoints::{Discovery, HostView, netlink::Netlink},
-    flowlog::{self, FlowContext},
+    flowlog::{self, AuditState, FlowContext, LogOptions},
     http::{self, HttpState, Status},
     metrics::{self, Metrics, endpoint_state},
     node::NodeSettings,
@@ -116,26 +117,34 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
         let _ = http_stop.wait_for(|s| *s).await;
     }));
 
-    let mut config = policy_common::Config::with_mark_mask(args.mark_mask);
-    config.events_allowed = u32::from(args.flow_log_allowed);
-    if !args.flow_log {
-        config.events_per_sec = 0;
-    }
+    let log = LogOptions {
+        flows: args.flow_log,
+        allowed: args.flow_log_allowed,
+    };
+    let config = event_config(
+        policy_common::Config::with_mark_mask(args.mark_mask),
+        log,
+        false,
+    );
     let mut dataplane =
         Dataplane::open(&args.bpffs_dir, config).map_err(|source| AgentError::Dataplane {
             dir: args.bpffs_dir.clone(),
             source,
         })?;
     info!(dir = %args.bpffs_dir.display(), mode = ?dataplane.attach_mode(), "dataplane open");
+    // The reader runs without --flow-log too: audit mode needs the events (the kernel sends
+    // none until a sync turns them on, see `event_config`).
     let flows = Arc::new(RwLock::new(FlowContext::default()));
-    if args.flow_log {
-        match dataplane.events() {
-            Ok(reader) => {
-                tokio::spawn(flowlog::run(reader, flows.clone(), metrics.clone()));
-            }
-            Err(e) => warn!(error = %e, "flow log unavailable"),
+    let flows = match dataplane.events() {
+        Ok(reader) => {
+            tokio::spawn(flowlog::run(reader, flows.clone(), metrics.clone(), log));
+            Some(flows)
         }
-    }
+        Err(e) => {
+            warn!(error = %e, "flow log and audit mode unavailable");
+            None
+        }
+    };
 
     let (updates_tx, updates) = mpsc::channel::<Update>(64);
     match &args.manifest_dir {
@@ -174,7 +183,8 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
         discovery,
         metrics: metrics.clone(),
         status,
-        flows: args.flow_log.then_some(flows),
+        flows,
+        log,
         last_problems: BTreeSet::new(),
         started: SystemTime::now(),
     };
@@ -257,6 +267,7 @@ struct Loop {
     metrics: Arc<Metrics>,
     status: Arc<RwLock<Status>>,
     flows: Option<Arc<RwLock<FlowContext>>>,
+    log: LogOptions,
     last_problems: BTreeSet<String>,
     started: SystemTime,
 }
@@ -372,7 +383,11 @@ impl Loop {
             node_name: self.settings.name.clone(),
             node_ips: self.settings.node_ips(&view),
         };
-        let compilation = self.syncer.compile(&self.store.cluster, &node);
+        // Audited policies are not enforced: the kernel gets the cluster without them.
+        let audited = audit::audited(&self.store.cluster);
+        let enforced = audit::enforced_view(&self.store.cluster);
+        let compilation = self.syncer.compile(&enforced, &node);
+        drop(enforced);
         let local = Syncer::<Dataplane>::local_pods(&compilation);
         let found = self.discovery.find(&view, &local);
         let present = view
@@ -388,16 +403,20 @@ impl Loop {
         self.metrics
             .compile_errors
             .set(compilation.errors.len() as i64);
-        self.metrics
-            .input_errors
-            .set(self.store.errors.len() as i64);
         self.record_endpoints(&report);
         self.record_maps();
 
+        let audit_errors = audit::annotation_errors(&self.store.cluster);
+        self.metrics
+            .input_errors
+            .set((self.store.errors.len() + audit_errors.len()) as i64);
         let mut errors: Vec<String> = self.store.errors.clone();
+        errors.extend(audit_errors);
         errors.extend(compilation.errors.iter().map(|e| self.store.describe(e)));
         errors.extend(report.problems.iter().cloned());
         self.log_problems(&errors);
+        // Before the status says enforced: events of flows opened after that are judged.
+        self.set_audit(audited);
         {
             let mut status = self.status_mut();
             status.revision = revision;
@@ -420,7 +439,6 @@ impl Loop {
                     .observe(latency.as_secs_f64());
             }
         }
-        self.refresh_flows();
         tracing::debug!(
             revision,
             complete = report.complete,
@@ -502,9 +520,38 @@ impl Loop {
         self.last_problems = now;
     }
 
-    fn refresh_flows(&self) {
+    /// Turns the kernel's allowed-flow events on while a policy is in audit (off again after),
+    /// and hands the flow log what it needs to name flows and judge them.
+    fn set_audit(&mut self, audited: BTreeSet<crate::model::ObjectKey>) {
+        let active = !audited.is_empty() && self.flows.is_some();
+        let current = self.syncer.enforcer().config();
+        let wanted = event_config(current, self.log, active);
+        if wanted != current {
+            match self.syncer.enforcer_mut().set_config(wanted) {
+                Ok(()) => info!(
+                    audit = active,
+                    allowed_events = wanted.events_allowed != 0,
+                    "verdict events reconfigured"
+                ),
+                Err(e) => warn!(error = %e, "writing CONFIG failed; audit sees drops only"),
+            }
+        }
+        let state = active.then(|| Arc::new(AuditState::new(&self.store.cluster, audited)));
+        self.refresh_flows(state);
+    }
+
+    fn refresh_flows(&self, audit: Option<Arc<AuditState>>) {
         let Some(flows) = &self.flows else { return };
+        if !self.log.flows && audit.is_none() {
+            // Nothing reads the events: keep the context small.
+            let mut ctx = flows.write().unwrap_or_else(|e| e.into_inner());
+            if ctx.audit.is_some() {
+                *ctx = FlowContext::default();
+            }
+            return;
+        }
         let mut ctx = FlowContext {
+            audit,
             rules: self
                 .syncer
                 .applied()
@@ -528,9 +575,74 @@ impl Loop {
     }
 }
 
+/// The event switches of CONFIG: drops with `--flow-log`, allowed new flows with
+/// `--flow-log-allowed`, and both (at the default rate limit, or the one `base` has) while a
+/// policy is in audit. Everything else of `base` is kept.
+pub fn event_config(
+    base: policy_common::Config,
+    log: LogOptions,
+    audit: bool,
+) -> policy_common::Config {
+    let mut config = base;
+    let rate = match base.events_per_sec {
+        0 => policy_common::Config::DEFAULT.events_per_sec,
+        n => n,
+    };
+    config.events_per_sec = if log.flows || audit { rate } else { 0 };
+    config.events_allowed = u32::from((log.flows && log.allowed) || audit);
+    config
+}
+
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy_common::Config;
+
+    #[test]
+    fn audit_turns_allowed_events_on_without_the_flow_log() {
+        let base = Config::with_mark_mask(0x00ff_0000);
+        let opts = |flows, allowed| LogOptions { flows, allowed };
+        let events = |c: Config| (c.events_per_sec, c.events_allowed);
+        assert_eq!(
+            events(event_config(base, opts(false, false), false)),
+            (0, 0)
+        );
+        assert_eq!(events(event_config(base, opts(false, true), false)), (0, 0));
+        assert_eq!(
+            events(event_config(base, opts(true, false), false)),
+            (1000, 0)
+        );
+        assert_eq!(
+            events(event_config(base, opts(true, true), false)),
+            (1000, 1)
+        );
+        assert_eq!(
+            events(event_config(base, opts(false, false), true)),
+            (1000, 1)
+        );
+        assert_eq!(
+            events(event_config(base, opts(true, false), true)),
+            (1000, 1)
+        );
+        // Off again when the last audited policy goes; the rest of CONFIG is untouched.
+        let on = event_config(base, opts(false, false), true);
+        let off = event_config(on, opts(false, false), false);
+        assert_eq!(events(off), (0, 0));
+        assert_eq!(off.mark_mask, 0x00ff_0000);
+        assert_eq!(off.ct_tcp_timeout_s, base.ct_tcp_timeout_s);
+        // A rate set elsewhere is kept.
+        let mut custom = base;
+        custom.events_per_sec = 50;
+        assert_eq!(
+            events(event_config(custom, opts(false, false), true)),
+            (50, 1)
+        );
     }
 }

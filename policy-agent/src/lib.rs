@@ -1,5 +1,6 @@
 //! policy-agent: compiles Kubernetes NetworkPolicy into eBPF maps and keeps them enforced.
 pub mod agent;
+pub mod audit;
 pub mod bpffs;
 pub mod cli;
 pub mod compiler;

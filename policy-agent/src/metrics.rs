@@ -33,6 +33,12 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    /// `would-drop` or `would-allow` ([`crate::audit::Finding::verdict`]).
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     pub stage: &'static str,
 }
@@ -77,6 +83,8 @@ pub struct Metrics {
     pub revision: Gauge,
     pub enforced_revision: Gauge,
     pub flow_events: Counter,
+    /// New flows whose verdict enforcing the audited policies would change.
+    pub audit_verdicts: Family<VerdictLabel, Counter>,
     /// Last absolute kernel counter per reason, to turn them into counter increments.
     last_packets: std::sync::Mutex<HashMap<u32, u64>>,
 }
@@ -106,6 +114,7 @@ impl Metrics {
             revision: Gauge::default(),
             enforced_revision: Gauge::default(),
             flow_events: Counter::default(),
+            audit_verdicts: Family::default(),
             last_packets: Default::default(),
             registry: Registry::default(),
         };
@@ -176,6 +185,14 @@ impl Metrics {
             "Verdict events read from the ring buffer",
             m.flow_events.clone(),
         );
+        registry.register(
+            "audit_verdicts",
+            "New flows whose verdict the NetworkPolicies in audit would change, by would-drop / would-allow",
+            m.audit_verdicts.clone(),
+        );
+        for verdict in ["would-drop", "would-allow"] {
+            let _ = m.audit_verdicts.get_or_create(&VerdictLabel { verdict });
+        }
         for state in endpoint_state::ALL {
             let _ = m.endpoints.get_or_create(&StateLabel { state });
         }

@@ -757,3 +757,84 @@ fn a_group_over_capacity_fails_only_its_endpoint_closed() {
         }
     }
 }
+
+/// The agent compiles the enforced view of a cluster with policies in audit: the same maps (and
+/// errors) as the cluster with those policies deleted, and not the same as with them enforced.
+#[test]
+fn the_enforced_view_compiles_as_if_audited_policies_were_deleted() {
+    use policy_agent::audit;
+    let mut c = base();
+    let annotate = |np: &mut k8s_openapi::api::networking::v1::NetworkPolicy| {
+        np.metadata.annotations = Some([(audit::ANNOTATION.to_owned(), "true".to_owned())].into());
+    };
+    let deny_all = json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]});
+    let allow_http = json!({"podSelector": {"matchLabels": {"app": "b"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}], "ports": [{"port": "http"}]}]});
+    let broken = json!({"podSelector": {}, "ingress": [{"ports": [{"port": 80, "endPort": 79}]}]});
+    c.policies.insert(
+        key("x", "allow-http"),
+        policy("x", "allow-http", allow_http),
+    );
+    let mut audited_deny = policy("x", "deny-all", deny_all.clone());
+    annotate(&mut audited_deny);
+    c.policies.insert(key("x", "deny-all"), audited_deny);
+    let mut audited_broken = policy("x", "broken", broken);
+    annotate(&mut audited_broken);
+    c.policies.insert(key("x", "broken"), audited_broken);
+    // Every policy of namespace y is in audit through its Namespace.
+    c.policies
+        .insert(key("y", "deny-all"), policy("y", "deny-all", deny_all));
+    let y = c.namespaces.get_mut("y").unwrap();
+    y.metadata.annotations = Some([(audit::ANNOTATION.to_owned(), "true".to_owned())].into());
+
+    let mut deleted = c.clone();
+    for k in [
+        key("x", "deny-all"),
+        key("x", "broken"),
+        key("y", "deny-all"),
+    ] {
+        deleted.policies.remove(&k);
+    }
+    assert_eq!(
+        audit::audited(&c),
+        [
+            key("x", "broken"),
+            key("x", "deny-all"),
+            key("y", "deny-all")
+        ]
+        .into()
+    );
+    for n in ["n1", "n2"] {
+        let view = audit::enforced_view(&c);
+        let (_, maps, errors) = compile(&view, n);
+        let (_, want_maps, want_errors) = compile(&deleted, n);
+        assert_eq!(maps, want_maps, "{n}");
+        assert_eq!(errors, want_errors, "{n}");
+        assert!(
+            errors.is_empty(),
+            "the audited broken policy is not compiled: {errors:?}"
+        );
+        let (_, all_maps, all_errors) = compile(&c, n);
+        assert_ne!(maps, all_maps, "{n}: audit changes what is enforced");
+        assert!(!all_errors.is_empty());
+    }
+    // x/b is isolated for ingress by x/allow-http only; x/a not at all.
+    let (_, maps, _) = compile(&audit::enforced_view(&c), "n1");
+    assert_eq!(maps.endpoints[&key("x", "a")].flags, 0);
+    assert_eq!(
+        maps.endpoints[&key("x", "b")].flags,
+        endpoint_flags::INGRESS_ISOLATED
+    );
+    // Removing the annotation enforces the policy again.
+    let mut enforced = c.clone();
+    enforced
+        .policies
+        .get_mut(&key("x", "deny-all"))
+        .unwrap()
+        .metadata
+        .annotations = None;
+    let (_, maps, _) = compile(&audit::enforced_view(&enforced), "n1");
+    assert_eq!(
+        maps.endpoints[&key("x", "a")].flags,
+        endpoint_flags::INGRESS_ISOLATED | endpoint_flags::EGRESS_ISOLATED
+    );
+}

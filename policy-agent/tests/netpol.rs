@@ -1018,3 +1018,126 @@ fn graph_json_is_the_dot_graph() {
         .unwrap();
     assert_eq!(db["isolated_ingress"], true);
 }
+
+/// Policies in audit: explain's verdict is the enforced one, the audit part says what enforcing
+/// them would change (would-drop naming the isolating policies, would-allow naming the rule), in
+/// the text and in the JSON.
+#[test]
+fn explain_shows_policies_in_audit_apart() {
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {kubernetes.io/metadata.name: x}, annotations: {policy-agent/audit: "true"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y, labels: {kubernetes.io/metadata.name: y}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+status: {phase: Running, podIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: y, labels: {app: b}}
+spec: {nodeName: n1, containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 81}]}]}
+status: {phase: Running, podIP: 10.0.0.2}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-ingress, namespace: x}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-ingress, namespace: y}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-a, namespace: y, annotations: {policy-agent/audit: "true"}}
+spec:
+  podSelector: {}
+  ingress: [{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: a}}}], ports: [{port: 80}]}]
+"#;
+    let state = state_of(yaml);
+    let cluster = state.cluster();
+    let (a, b) = (
+        flows::Target::Pod(ObjectKey::new("x", "a")),
+        flows::Target::Pod(ObjectKey::new("y", "b")),
+    );
+    // y/b -> x/a: allowed (x/deny-ingress is in audit through its namespace); would-drop.
+    let e = explain::explain(cluster, &b, &a, 80, Protocol::Tcp).unwrap();
+    assert!(e.allowed);
+    assert_eq!(e.ingress.outcome, "not-isolated");
+    assert!(e.ingress.policies.is_empty());
+    assert_eq!(e.ingress.audited, vec!["x/deny-ingress".to_string()]);
+    let audit = e.audit.as_ref().unwrap();
+    assert!(!audit.allowed);
+    assert_eq!(
+        audit.changes,
+        vec![explain::AuditChange {
+            direction: "ingress",
+            verdict: "would-drop",
+            policies: vec!["x/deny-ingress".into()],
+            rule: None,
+        }]
+    );
+    let text = explain::render(&e);
+    assert!(text.contains("ALLOWED"), "{text}");
+    assert!(
+        text.contains("audit: would-drop at ingress of the destination: x/deny-ingress"),
+        "{text}"
+    );
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(
+        json["audit"]["changes"][0]["verdict"], "would-drop",
+        "{json}"
+    );
+    assert_eq!(
+        json["ingress"]["audited"],
+        serde_json::json!(["x/deny-ingress"])
+    );
+
+    // x/a -> y/b:80 is denied by the enforced y/deny-ingress; y/allow-a (audit) would allow it.
+    let e = explain::explain(cluster, &a, &b, 80, Protocol::Tcp).unwrap();
+    assert!(!e.allowed);
+    assert_eq!(e.ingress.policies, vec!["y/deny-ingress".to_string()]);
+    assert_eq!(e.ingress.audited, vec!["y/allow-a".to_string()]);
+    let audit = e.audit.as_ref().unwrap();
+    assert!(audit.allowed);
+    assert_eq!(
+        audit.changes,
+        vec![explain::AuditChange {
+            direction: "ingress",
+            verdict: "would-allow",
+            policies: vec!["y/allow-a".into()],
+            rule: Some("ingress[0]".into()),
+        }]
+    );
+    let text = explain::render(&e);
+    assert!(text.contains("DENIED"), "{text}");
+    assert!(
+        text.contains("audit: would-allow at ingress of the destination: y/allow-a ingress[0]"),
+        "{text}"
+    );
+    // Port 81: denied either way; the audited policy is shown, and changes nothing.
+    let e = explain::explain(cluster, &a, &b, 81, Protocol::Tcp).unwrap();
+    assert!(!e.allowed);
+    let audit = e.audit.as_ref().unwrap();
+    assert!(!audit.allowed && audit.changes.is_empty());
+    assert!(explain::render(&e).contains("would not change this flow"));
+
+    // Without annotations there is no audit part and the verdicts are the enforced ones.
+    let plain = yaml
+        .replace(", annotations: {policy-agent/audit: \"true\"}", "")
+        .replace("annotations: {policy-agent/audit: \"true\"}", "");
+    let state = state_of(&plain);
+    let e = explain::explain(state.cluster(), &b, &a, 80, Protocol::Tcp).unwrap();
+    assert!(!e.allowed && e.audit.is_none());
+    assert!(serde_json::to_value(&e).unwrap().get("audit").is_none());
+    let e = explain::explain(state.cluster(), &a, &b, 80, Protocol::Tcp).unwrap();
+    assert!(e.allowed && e.audit.is_none());
+}

@@ -208,6 +208,17 @@ impl<'c> Evaluator<'c> {
         }
     }
 
+    /// One direction of [`Evaluator::evaluate`]: the source's egress or the destination's
+    /// ingress, the other one not computed.
+    pub fn evaluate_direction(&self, flow: &Flow, direction: Direction) -> DirectionVerdict {
+        let src = party(self.cluster, &flow.src);
+        let dst = party(self.cluster, &flow.dst);
+        match direction {
+            Direction::Egress => judge(self, &src, &dst, Direction::Egress, flow),
+            Direction::Ingress => judge(self, &dst, &src, Direction::Ingress, flow),
+        }
+    }
+
     fn node_owns(&self, node: &str, ip: &IpAddr) -> bool {
         let hosts = self
             .hosts

@@ -1,11 +1,17 @@
 //! `explain`: whether one flow is allowed, and why, per direction — computed by the reference
 //! evaluator ([`evaluator::evaluate`] for the verdict, [`evaluator::trace`] for the rules).
+//!
+//! Policies in audit ([`crate::audit`]) are not enforced, so the verdict is that of the cluster
+//! without them; what enforcing them would change is said apart ([`Explanation::audit`]).
 
 use policy_common::Direction;
 use serde::Serialize;
 
 use super::flows::{self, Target};
-use crate::evaluator::{self, Flow, LabelMiss, Outcome, PeerMiss, PortMiss, Protocol, RuleTrace};
+use crate::audit;
+use crate::evaluator::{
+    self, Evaluator, Flow, LabelMiss, Outcome, PeerMiss, PortMiss, Protocol, RuleTrace,
+};
 use crate::model::{Cluster, NAMESPACE_NAME_LABEL, ObjectKey};
 
 /// The JSON of `explain -o json` (one per port when the port is not given).
@@ -20,6 +26,33 @@ pub struct Explanation {
     pub ingress: Side,
     /// How the dataplane treats this flow beyond its first packet and what is not policy.
     pub notes: Vec<String>,
+    /// Present when a policy in audit isolates the source's egress or the destination's
+    /// ingress: what enforcing the audited policies would change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditExplanation>,
+}
+
+/// What enforcing the policies in audit would do to the flow.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuditExplanation {
+    /// The verdict were the audited policies enforced.
+    pub allowed: bool,
+    /// Per direction whose verdict they would change (empty: they change nothing here).
+    pub changes: Vec<AuditChange>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct AuditChange {
+    /// `egress` (of the source) or `ingress` (of the destination).
+    pub direction: &'static str,
+    /// `would-drop` or `would-allow`.
+    pub verdict: &'static str,
+    /// would-drop: the audited policies that would isolate with no rule allowing the flow;
+    /// would-allow: the audited policy whose rule would allow it.
+    pub policies: Vec<String>,
+    /// would-allow: that rule (`ingress[N]` / `egress[N]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 /// One direction: the source's egress or the destination's ingress.
@@ -31,8 +64,11 @@ pub struct Side {
     /// `not-policed` (not a pod), `self`, `host` (the pod's own node), `not-isolated`,
     /// `allowed-by-policy`, `denied`.
     pub outcome: &'static str,
-    /// The policies isolating the subject in this direction.
+    /// The policies isolating the subject in this direction (enforced ones: not those in audit).
     pub policies: Vec<String>,
+    /// The policies in audit that would isolate the subject in this direction.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audited: Vec<String>,
     pub allowed_by: Vec<RuleName>,
     /// When denied: the rule closest to allowing the flow, and what it lacks.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +101,13 @@ pub fn rule_name(r: &crate::compiler::RuleRef) -> RuleName {
     }
 }
 
+fn direction_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Egress => "egress",
+        Direction::Ingress => "ingress",
+    }
+}
+
 fn outcome_name(o: Outcome) -> &'static str {
     match o {
         Outcome::NotPolicied => "not-policed",
@@ -91,7 +134,22 @@ pub fn explain(
         protocol,
         port,
     };
+    let audited = audit::audited(cluster);
+    let full = Evaluator::new(cluster);
+    let enforced = audit::enforced_view(cluster);
+    let cluster: &Cluster = &enforced;
     let verdict = evaluator::evaluate(cluster, &flow);
+    let in_audit = |d: Direction| -> Vec<String> {
+        if audited.is_empty() {
+            return Vec::new();
+        }
+        full.evaluate_direction(&flow, d)
+            .isolating
+            .iter()
+            .filter(|k| audited.contains(k))
+            .map(ToString::to_string)
+            .collect()
+    };
     let side = |d: Direction| {
         let v = match d {
             Direction::Egress => &verdict.egress,
@@ -103,6 +161,7 @@ pub fn explain(
             allowed: v.outcome.allowed(),
             outcome: outcome_name(v.outcome),
             policies: v.isolating.iter().map(ToString::to_string).collect(),
+            audited: in_audit(d),
             allowed_by: v.allowing.iter().map(rule_name).collect(),
             nearest_miss: (v.outcome == Outcome::Denied)
                 .then(|| nearest_miss(&traces, &flow))
@@ -155,6 +214,32 @@ pub fn explain(
                 .into(),
         );
     }
+    let audit = (!egress.audited.is_empty() || !ingress.audited.is_empty()).then(|| {
+        let mut changes = Vec::new();
+        for (d, s) in [(Direction::Egress, &egress), (Direction::Ingress, &ingress)] {
+            if let Some(f) = audit::judge(&full, &audited, &flow, d, s.allowed) {
+                let (policies, rule) = match &f {
+                    audit::Finding::WouldDrop { policies } => {
+                        (policies.iter().map(ToString::to_string).collect(), None)
+                    }
+                    audit::Finding::WouldAllow { rule } => {
+                        let name = rule_name(rule);
+                        (vec![name.policy], Some(name.rule))
+                    }
+                };
+                changes.push(AuditChange {
+                    direction: direction_name(d),
+                    verdict: f.verdict(),
+                    policies,
+                    rule,
+                });
+            }
+        }
+        AuditExplanation {
+            allowed: full.evaluate(&flow).allowed,
+            changes,
+        }
+    });
     Ok(Explanation {
         from: from.to_string(),
         to: to.to_string(),
@@ -164,6 +249,7 @@ pub fn explain(
         egress,
         ingress,
         notes,
+        audit,
     })
 }
 
@@ -307,6 +393,9 @@ pub fn render(e: &Explanation) -> String {
         if s.isolated {
             out.push_str(&format!(" (isolated by {})", s.policies.join(", ")));
         }
+        if !s.audited.is_empty() {
+            out.push_str(&format!(" (in audit: {})", s.audited.join(", ")));
+        }
         out.push('\n');
         for r in &s.allowed_by {
             out.push_str(&format!("    allowed by {} {}\n", r.policy, r.rule));
@@ -323,6 +412,33 @@ pub fn render(e: &Explanation) -> String {
             out.push_str(
                 "    no rule allows it: the isolating policies have no rule for this direction\n",
             );
+        }
+    }
+    if let Some(a) = &e.audit {
+        if a.changes.is_empty() {
+            out.push_str("  audit: enforcing the policies in audit would not change this flow\n");
+        }
+        for c in &a.changes {
+            let side = match c.direction {
+                "egress" => "egress of the source",
+                _ => "ingress of the destination",
+            };
+            match &c.rule {
+                None => out.push_str(&format!(
+                    "  audit: would-drop at {side}: {} would isolate it and no rule allows it\n",
+                    c.policies.join(", ")
+                )),
+                Some(rule) => out.push_str(&format!(
+                    "  audit: would-allow at {side}: {} {rule} would allow it\n",
+                    c.policies.join(", ")
+                )),
+            }
+        }
+        if !a.changes.is_empty() {
+            out.push_str(&format!(
+                "  audit: enforced, the flow would be {}\n",
+                if a.allowed { "ALLOWED" } else { "DENIED" }
+            ));
         }
     }
     for n in &e.notes {

@@ -130,7 +130,7 @@ pub enum LabCommand {
         #[arg(long)]
         keep: bool,
     },
-    /// Show every agent's status (revision enforced, endpoints, errors).
+    /// Show every agent's status (revision enforced, endpoints, errors, source and audit counters).
     Status,
     /// (real-API mode) Stop or start one control-plane component: etcd, kube-apiserver,
     /// kube-controller-manager, kube-proxy-NODE.
@@ -349,6 +349,7 @@ pub fn main(args: LabArgs) -> Result<()> {
                         for line in metrics.lines().filter(|l| {
                             l.starts_with("policy_agent_source_")
                                 || l.starts_with("policy_agent_enforced_revision")
+                                || l.starts_with("policy_agent_audit_verdicts_total")
                         }) {
                             println!("  {line}");
                         }
