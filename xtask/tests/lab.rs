@@ -436,3 +436,103 @@ fn down_cleans_up_after_a_crash() {
     assert!(out.contains("is down"), "{out}");
     assert_eq!(remains(&lab.prefix), Vec::<String>::new());
 }
+
+/// Audit mode on the real dataplane: an audited default deny blocks nothing and reports each flow
+/// it would drop, naming the policy; without the annotation it denies exactly those flows.
+#[test]
+fn an_audited_policy_blocks_nothing_and_reports_what_it_would_drop() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('a'),
+    };
+    lab.ok(&["up", "--nodes", "2"]);
+    let dir = tempfile_dir("audit");
+    let pods = dir.join("pods.yaml");
+    let mut text = String::new();
+    for name in ["a", "b"] {
+        text.push_str(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{pod: {name}}}}}\n\
+             spec: {{nodeName: node-{n}, containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}\n---\n",
+            n = if name == "a" { 1 } else { 2 }
+        ));
+    }
+    std::fs::write(&pods, text).unwrap();
+    let policy = |audit: bool| {
+        let path = dir.join(format!("deny-{audit}.yaml"));
+        let annotations = if audit {
+            ", annotations: {policy-agent/audit: \"true\"}"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
+                 metadata: {{name: deny, namespace: x{annotations}}}\n\
+                 spec: {{podSelector: {{matchLabels: {{pod: b}}}}, policyTypes: [Ingress]}}\n"
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let pods = pods.to_str().unwrap().to_string();
+    lab.ok(&["apply", "-f", &pods, "-f", &policy(true)]);
+    let a_to_b = ["--from", "x/a", "--to", "x/b", "--port", "80"];
+    let b_to_a = ["--from", "x/b", "--to", "x/a", "--port", "80"];
+    assert!(lab.connected(&a_to_b), "audit must not enforce");
+    assert!(lab.connected(&b_to_a));
+    // The report: node-2's agent (x/b's node) names the policy for x/a → x/b, and only that flow.
+    let log_of = |node: &str| {
+        std::fs::read_to_string(state_dir(&lab.prefix).join(format!("logs/agent-{node}.log")))
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let would_drop = loop {
+        let lines: Vec<String> = log_of("node-2")
+            .lines()
+            .filter(|l| l.contains("would-drop"))
+            .map(str::to_string)
+            .collect();
+        if !lines.is_empty() || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(
+        !would_drop.is_empty(),
+        "no would-drop line:\n{}",
+        log_of("node-2")
+    );
+    for l in &would_drop {
+        assert!(
+            l.contains("x/deny") && l.contains("x/b") && l.contains("x/a"),
+            "{l}"
+        );
+    }
+    assert!(
+        !log_of("node-1").contains("would-drop"),
+        "x/b → x/a is not affected by the audited policy:\n{}",
+        log_of("node-1")
+    );
+    let status = lab.ok(&["status"]);
+    assert!(
+        status.lines().any(
+            |l| l.contains("audit_verdicts_total{verdict=\"would-drop\"}")
+                && !l.trim_end().ends_with(" 0")
+        ),
+        "{status}"
+    );
+    // Enforced: exactly the reported flow is denied now.
+    lab.ok(&["apply", "-f", &policy(false)]);
+    assert!(
+        !lab.connected(&a_to_b),
+        "the enforced policy denies what audit reported"
+    );
+    assert!(lab.connected(&b_to_a));
+}
+
+fn tempfile_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("xtask-lab-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
