@@ -533,7 +533,12 @@ impl Loop {
                     allowed_events = wanted.events_allowed != 0,
                     "verdict events reconfigured"
                 ),
-                Err(e) => warn!(error = %e, "writing CONFIG failed; audit sees drops only"),
+                Err(e) => warn!(
+                    error = %e,
+                    audit = active,
+                    "writing CONFIG failed; the kernel keeps its previous event settings, so audit \
+                     may see no flows (or only drops, with --flow-log)"
+                ),
             }
         }
         let state = active.then(|| Arc::new(AuditState::new(&self.store.cluster, audited)));
