@@ -175,7 +175,7 @@ pub fn describe(ev: &VerdictEvent, ctx: &FlowContext) -> Flow {
             .get(&(dst, ev.dport, ev.protocol))
             .map(ToString::to_string),
         policy: rule.map(|r| r.policy.to_string()),
-        rule: rule.map(rule_name),
+        rule: rule.map(RuleRef::rule_name),
     }
 }
 
@@ -328,18 +328,10 @@ fn log_flow(f: &Flow) {
 pub fn finding_names(finding: &Finding) -> (String, String) {
     let policies: Vec<String> = finding.policies().iter().map(ToString::to_string).collect();
     let rule = match finding {
-        Finding::WouldAllow { rule } => rule_name(rule),
+        Finding::WouldAllow { rule } => rule.rule_name(),
         Finding::WouldDrop { .. } => String::new(),
     };
     (policies.join(","), rule)
-}
-
-fn rule_name(r: &RuleRef) -> String {
-    let dir = match r.direction {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-    };
-    format!("{dir}[{}]", r.rule_index)
 }
 
 fn log_audit(f: &Flow, finding: &Finding) {

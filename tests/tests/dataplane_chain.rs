@@ -34,7 +34,6 @@ use policy_common::{
 use policy_tests::{
     bpffs::PinDir,
     fixture::Fixture,
-    netns::run_cmd,
     tc_counter::TcCounter,
     testrun::{TC_ACT_OK, TC_ACT_UNSPEC},
     topology::{Node, Pod},
@@ -147,19 +146,11 @@ fn clsact_chain(node: &Node, hook: &Hook<'_>) -> Result<Vec<String>> {
         TcAttachType::Ingress => "ingress",
         _ => "egress",
     };
-    let out = run_cmd(std::process::Command::new("ip").args([
-        "netns",
-        "exec",
-        node.ns.name(),
-        "tc",
-        "filter",
-        "show",
-        "dev",
-        hook.ifname(),
-        direction,
-    ]))?;
+    let out = node
+        .ns
+        .exec("tc", &["filter", "show", "dev", hook.ifname(), direction])?;
     // "filter protocol all pref 1 bpf chain 0 handle 0x5eb from_pod direct-action ..."
-    Ok(String::from_utf8_lossy(&out.stdout)
+    Ok(out
         .lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace().skip_while(|w| *w != "handle");

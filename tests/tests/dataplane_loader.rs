@@ -16,7 +16,6 @@ use policy_common::{
 use policy_tests::{
     bpffs::PinDir,
     fixture::policy_entry,
-    netns::run_cmd,
     sockets::{Connection, tcp_connects, tcp_echo_server, tcp_server},
     topology::{Node, Pod},
 };
@@ -241,18 +240,10 @@ fn clsact_fallback_attaches_and_replaces_its_own_filters() -> Result<()> {
         tcp_server(&server.ns, at(server.ip, 9090))?,
     ];
     let filters = |direction: &str| -> Result<usize> {
-        let out = run_cmd(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            node.ns.name(),
-            "tc",
-            "filter",
-            "show",
-            "dev",
-            &server.host_if,
-            direction,
-        ]))?;
-        Ok(String::from_utf8_lossy(&out.stdout)
+        let out = node
+            .ns
+            .exec("tc", &["filter", "show", "dev", &server.host_if, direction])?;
+        Ok(out
             .lines()
             .filter(|l| l.contains("bpf") && l.contains("handle"))
             .count())

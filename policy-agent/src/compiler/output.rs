@@ -51,6 +51,17 @@ pub struct RuleRef {
     pub rule_index: u32,
 }
 
+impl RuleRef {
+    /// The rule as a policy author names it: `ingress[i]` / `egress[i]`.
+    pub fn rule_name(&self) -> String {
+        let dir = match self.direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        format!("{dir}[{}]", self.rule_index)
+    }
+}
+
 /// Everything the dataplane of one node holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeMaps {

@@ -91,13 +91,9 @@ pub struct NearestMiss {
 }
 
 pub fn rule_name(r: &crate::compiler::RuleRef) -> RuleName {
-    let dir = match r.direction {
-        Direction::Ingress => "ingress",
-        Direction::Egress => "egress",
-    };
     RuleName {
         policy: r.policy.to_string(),
-        rule: format!("{dir}[{}]", r.rule_index),
+        rule: r.rule_name(),
     }
 }
 
