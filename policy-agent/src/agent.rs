@@ -11,6 +11,10 @@
 //!   enforced as they are.
 //! - SIGTERM / SIGINT stop the agent leaving programs, links and maps pinned (enforcement stays);
 //!   with `--cleanup-on-exit` everything is detached and unpinned instead.
+//! - Installation problems found before the agent started ([`Startup::unready`]) are logged at
+//!   error level and stay in `/status` errors; the agent enforces but `/readyz` stays 503. A
+//!   missing uplink is warned once per change (`crate::checks`), mark-mask conflicts with the
+//!   node's netfilter rules every time a new one appears (`crate::marks`).
 
 use std::{
     collections::BTreeSet,
@@ -21,16 +25,18 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     audit,
+    checks::{self, UplinkChange},
     cli::Args,
     compiler::NodeContext,
     dataplane::{Dataplane, DataplaneError},
     endpoints::{Discovery, HostView, netlink::Netlink},
     flowlog::{self, AuditState, FlowContext, LogOptions},
     http::{self, HttpState, Status},
+    marks,
     metrics::{self, Metrics, endpoint_state},
     node::NodeSettings,
     sources::{ClusterStore, SourceHealth, Update, kubernetes, manifest},
@@ -75,11 +81,24 @@ pub enum AgentError {
     },
 }
 
+/// What `main` found out before the agent started (while it was still single-threaded).
+#[derive(Clone, Debug, Default)]
+pub struct Startup {
+    /// Installation problems, each naming its fix: logged at error level, listed first in
+    /// `/status` errors, and `/readyz` answers 503 with them for as long as the agent runs.
+    pub unready: Vec<String>,
+}
+
 /// Runs the agent until SIGTERM / SIGINT.
-pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
+pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
+    for problem in &startup.unready {
+        error!(problem = %problem, "installation problem: enforcing, but never ready");
+    }
     let status = Arc::new(RwLock::new(Status {
         node: args.node_name.clone(),
+        errors: startup.unready.clone(),
+        unready: startup.unready.clone(),
         ..Default::default()
     }));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -116,6 +135,9 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
     let http_task = tokio::spawn(http::serve(listener, http_state, async move {
         let _ = http_stop.wait_for(|s| *s).await;
     }));
+
+    tokio::spawn(marks::watch(args.mark_mask, metrics.clone()));
+    checks::raise_memlock();
 
     let log = LogOptions {
         flows: args.flow_log,
@@ -186,6 +208,8 @@ pub async fn run(args: Args, log: Option<LogFilter>) -> Result<(), AgentError> {
         flows,
         log,
         last_problems: BTreeSet::new(),
+        unready: startup.unready,
+        uplinks_attached: None,
         started: SystemTime::now(),
     };
     lp.run(updates, interfaces, stop_rx).await;
@@ -269,6 +293,10 @@ struct Loop {
     flows: Option<Arc<RwLock<FlowContext>>>,
     log: LogOptions,
     last_problems: BTreeSet<String>,
+    /// [`Startup::unready`]: always first in `/status` errors.
+    unready: Vec<String>,
+    /// Devices that got `to_network` in the last sync (`None` before the first).
+    uplinks_attached: Option<usize>,
     started: SystemTime,
 }
 
@@ -397,6 +425,7 @@ impl Loop {
             .collect();
         let uplinks = self.settings.uplinks(&view, found.values());
         let report = self.syncer.write(&compilation, &found, &present, &uplinks);
+        self.record_uplinks(&uplinks, report.uplinks_attached);
         let elapsed = started.elapsed();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         self.metrics.syncs.inc();
@@ -421,7 +450,7 @@ impl Loop {
             let mut status = self.status_mut();
             status.revision = revision;
             status.endpoints = report.endpoints_enforced as u64;
-            status.errors = errors;
+            status.errors = self.unready.iter().cloned().chain(errors).collect();
             if report.complete {
                 status.enforced_revision = revision;
                 status.enforced_objects = objects;
@@ -486,6 +515,21 @@ impl Loop {
                 .get_or_create(&stage(metrics::stage::UPLINKS))
                 .inc();
         }
+    }
+
+    /// The uplink gauge, and a warning when no device carries `to_network` (once per change).
+    fn record_uplinks(&mut self, candidates: &[String], attached: usize) {
+        self.metrics.uplinks_attached.set(attached as i64);
+        match checks::uplink_change(self.uplinks_attached, attached) {
+            Some(UplinkChange::Missing) => warn!(
+                candidates = ?candidates,
+                "no uplink or tunnel device carries to_network: Service traffic of egress-isolated \
+                 pods to backends on other nodes leaves unchecked; name the devices with --uplink"
+            ),
+            Some(UplinkChange::Restored) => info!(attached, "uplinks carry to_network again"),
+            None => {}
+        }
+        self.uplinks_attached = Some(attached);
     }
 
     /// Map entries and pressure, counted in the kernel maps themselves (after every sync and

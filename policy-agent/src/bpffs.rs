@@ -17,9 +17,15 @@
 //!   agent: a warning says pins will not outlive it.
 //!
 //! Any other directory must already be on a bpffs.
+//!
+//! [`ensure`] says which of these happened ([`Outcome`]). In a Kubernetes pod ([`in_pod`]) a
+//! bpffs the agent had to mount itself is never the node's: its pins vanish with the container, so
+//! a restart loses enforcement until the new agent rebuilds it. The agent still enforces, but
+//! [`pod_problem`] keeps it unready and names the fix (the node's `/sys/fs/bpf` as a hostPath with
+//! `mountPropagation`).
 
 use std::{
-    ffi::CString,
+    ffi::{CString, OsString},
     fs, io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -138,9 +144,68 @@ fn join_mount_namespace(pid: &str) -> io::Result<()> {
     std::env::set_current_dir(cwd)
 }
 
+/// How [`ensure`] made the pin directory reachable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The pin directory (or its nearest existing ancestor) was already on a bpffs.
+    Present,
+    /// Joined the mount namespace of this process, which has a bpffs on `/sys/fs/bpf`.
+    Joined { pid: String },
+    /// Mounted a new bpffs instance on `/sys/fs/bpf`: nobody else sees it unless this mount
+    /// namespace is the host's.
+    Mounted,
+}
+
+impl Outcome {
+    /// What to log about it (nothing when the bpffs was already there).
+    pub fn note(&self) -> Option<String> {
+        match self {
+            Outcome::Present => None,
+            Outcome::Joined { pid } => Some(format!(
+                "joined the mount namespace of process {pid} to share its bpffs"
+            )),
+            Outcome::Mounted => Some(format!(
+                "mounted a new bpffs on {SYS_FS_BPF}; in a private mount namespace its pins do \
+                 not outlive this agent"
+            )),
+        }
+    }
+}
+
+/// Where a Kubernetes container finds its service account (client-go's in-cluster config).
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Whether this process runs in a Kubernetes pod, decided the way Kubernetes clients decide it:
+/// `KUBERNETES_SERVICE_HOST` set (and not empty), or a service account mounted at
+/// [`SERVICE_ACCOUNT_DIR`]. `env` reads a variable, `exists` tests a path.
+pub fn in_pod(env: impl Fn(&str) -> Option<OsString>, exists: impl Fn(&Path) -> bool) -> bool {
+    env("KUBERNETES_SERVICE_HOST").is_some_and(|v| !v.is_empty())
+        || exists(Path::new(SERVICE_ACCOUNT_DIR))
+}
+
+/// [`in_pod`] for this process.
+pub fn in_pod_now() -> bool {
+    in_pod(|k| std::env::var_os(k), Path::exists)
+}
+
+/// Why the agent must not report ready after `outcome`, when it runs in a pod: a bpffs it mounted
+/// itself is the container's own, and everything pinned there is lost on a restart. Outside a
+/// pod (the lab, `ip netns exec`) nothing is wrong.
+pub fn pod_problem(outcome: &Outcome, in_pod: bool) -> Option<String> {
+    (in_pod && *outcome == Outcome::Mounted).then(|| {
+        format!(
+            "bpffs: {SYS_FS_BPF} in this pod was not a bpffs, so the agent mounted a private one; \
+             its pins are lost when the container restarts (enforcement lapses until the next \
+             agent rebuilds it). Mount the node's bpffs into the pod: a hostPath volume with path \
+             {SYS_FS_BPF} (type Directory), mounted at {SYS_FS_BPF} with mountPropagation: \
+             HostToContainer, and bpffs mounted on the node (mount -t bpf bpf {SYS_FS_BPF})"
+        )
+    })
+}
+
 /// Makes sure `pin_dir` can be created on a bpffs shared with other agents; see the module
 /// documentation. Call before any thread is started.
-pub fn ensure(pin_dir: &Path) -> Result<Option<String>, BpffsError> {
+pub fn ensure(pin_dir: &Path) -> Result<Outcome, BpffsError> {
     let mut existing = pin_dir;
     while !existing.exists() {
         match existing.parent() {
@@ -149,7 +214,7 @@ pub fn ensure(pin_dir: &Path) -> Result<Option<String>, BpffsError> {
         }
     }
     if is_bpffs(existing) {
-        return Ok(None);
+        return Ok(Outcome::Present);
     }
     let root = Path::new(SYS_FS_BPF);
     if !pin_dir.starts_with(root) {
@@ -162,24 +227,84 @@ pub fn ensure(pin_dir: &Path) -> Result<Option<String>, BpffsError> {
         source,
     };
     fs::create_dir_all(root).map_err(io_err)?;
-    let note = match host_bpffs() {
+    let outcome = match host_bpffs() {
         Some(pid) if single_threaded() => {
             join_mount_namespace(&pid).map_err(io_err)?;
-            format!("joined the mount namespace of process {pid} to share its bpffs")
+            Outcome::Joined { pid }
         }
         _ => {
             mount_bpffs(SYS_FS_BPF).map_err(io_err)?;
-            format!(
-                "mounted a new bpffs on {SYS_FS_BPF}; in a private mount namespace its pins do \
-                 not outlive this agent"
-            )
+            Outcome::Mounted
         }
     };
     if is_bpffs(root) {
-        Ok(Some(note))
+        Ok(outcome)
     } else {
         Err(BpffsError::NotBpffs {
             path: root.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| {
+            vars.iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn a_pod_is_recognised_by_its_service_env_or_its_service_account() {
+        let none = |_: &Path| false;
+        assert!(in_pod(
+            env(&[("KUBERNETES_SERVICE_HOST", "10.96.0.1")]),
+            none
+        ));
+        assert!(!in_pod(env(&[]), none));
+        // An empty variable is not set (client-go's InClusterConfig treats it so).
+        assert!(!in_pod(env(&[("KUBERNETES_SERVICE_HOST", "")]), none));
+        let account = |p: &Path| p == Path::new(SERVICE_ACCOUNT_DIR);
+        assert!(in_pod(env(&[]), account));
+        let elsewhere = |p: &Path| p == Path::new("/var/run/secrets");
+        assert!(!in_pod(env(&[]), elsewhere));
+    }
+
+    #[test]
+    fn only_a_private_bpffs_in_a_pod_keeps_the_agent_unready() {
+        let joined = Outcome::Joined { pid: "1".into() };
+        for in_pod in [false, true] {
+            assert_eq!(pod_problem(&Outcome::Present, in_pod), None);
+            assert_eq!(pod_problem(&joined, in_pod), None);
+        }
+        // The lab (ip netns exec) mounts its own too, outside any pod: fine.
+        assert_eq!(pod_problem(&Outcome::Mounted, false), None);
+        let problem = pod_problem(&Outcome::Mounted, true).expect("a problem in a pod");
+        for part in ["private", "hostPath", "mountPropagation", "/sys/fs/bpf"] {
+            assert!(problem.contains(part), "{part} in {problem}");
+        }
+    }
+
+    #[test]
+    fn notes_say_what_was_done() {
+        assert_eq!(Outcome::Present.note(), None);
+        assert!(
+            Outcome::Joined { pid: "42".into() }
+                .note()
+                .is_some_and(|n| n.contains("process 42"))
+        );
+        assert!(
+            Outcome::Mounted
+                .note()
+                .is_some_and(|n| n.contains("mounted"))
+        );
     }
 }

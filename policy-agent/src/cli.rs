@@ -66,13 +66,16 @@ pub struct Args {
     pub node_ips: Vec<IpAddr>,
 
     /// Devices where post-DNAT egress decisions for Service traffic to other nodes are made (uplink
-    /// and tunnel devices). Default: the devices of the default routes, plus flannel.1 and
-    /// cilium/vxlan tunnels when present.
+    /// and tunnel devices). Default: the devices of the default routes and of routes through a
+    /// gateway, plus flannel's tunnels (flannel.1, flannel-v6.1, flannel-wg, flannel-wg-v6) when
+    /// present.
     #[arg(long = "uplink", env = "POLICY_AGENT_UPLINKS", value_delimiter = ',')]
     pub uplinks: Vec<String>,
 
     /// Bits of skb->mark used to carry the source endpoint of Service traffic to the post-DNAT
-    /// hook. Must not overlap kube-proxy's 0x4000 (masquerade) and 0x8000 (drop) bits.
+    /// hook. Must not overlap kube-proxy's 0x4000 (masquerade) and 0x8000 (drop) bits, nor marks
+    /// other netfilter rules of the node use (checked at run time: policy_agent_mark_mask_conflicts;
+    /// on k3s with kube-router's NetworkPolicy controller, 0x10000/0x20000: use 0xfff00000).
     #[arg(long, env = "POLICY_AGENT_MARK_MASK", default_value = "0x0fff0000", value_parser = parse_mask)]
     pub mark_mask: u32,
 

@@ -6,7 +6,8 @@
 //!   `enforced_revision` the latest whose maps are in the kernel; callers poll until
 //!   `enforced_revision` reaches what they wrote.
 //! - `GET /healthz`: 200 while the sync loop runs.
-//! - `GET /readyz`: 200 once a first complete sync has been enforced, 503 before.
+//! - `GET /readyz`: 200 once a first complete sync has been enforced, 503 before; 503 always
+//!   while an installation problem ([`Status::unready`]) stands, naming it and its fix.
 //! - `GET /metrics`: Prometheus text format.
 //!
 //! On `--control-socket` (a Unix socket, mode 0600 in a directory of mode 0700: only root on the
@@ -159,6 +160,7 @@ fn read(state: &HttpState) -> Status {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     status.source_errors = state.source.errors();
+    status.ready &= status.unready.is_empty();
     status
 }
 
@@ -168,7 +170,13 @@ async fn status(State(state): State<HttpState>) -> Json<Status> {
 
 async fn readyz(State(state): State<HttpState>) -> Response {
     let status = read(&state);
-    if !status.source_errors.is_empty() {
+    if !status.unready.is_empty() {
+        let text = format!(
+            "not ready (enforcing, but installed wrongly): {}",
+            status.unready.join("; ")
+        );
+        (StatusCode::SERVICE_UNAVAILABLE, text).into_response()
+    } else if !status.source_errors.is_empty() {
         let why = status.source_errors.join("; ");
         let text = if status.ready {
             format!("source unavailable, the last state stays enforced: {why}")
@@ -212,5 +220,52 @@ async fn put_log(State(state): State<HttpState>, body: String) -> Response {
     match log.set(body.trim()) {
         Ok(()) => (StatusCode::OK, log.current()).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    async fn get(state: &HttpState, path: &str) -> (StatusCode, String) {
+        let request = axum::http::Request::get(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router(state.clone()).oneshot(request).await.unwrap();
+        let code = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (code, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn an_installation_problem_keeps_readyz_failing_and_is_in_status() {
+        let problem = "bpffs: mount the node's /sys/fs/bpf".to_owned();
+        let state = HttpState {
+            status: Arc::new(RwLock::new(Status {
+                ready: true,
+                errors: vec![problem.clone()],
+                unready: vec![problem.clone()],
+                ..Default::default()
+            })),
+            metrics: Arc::new(Metrics::new()),
+            log: None,
+            source: SourceHealth::default(),
+        };
+        let (code, body) = get(&state, "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains(&problem), "{body}");
+        let (code, body) = get(&state, "/status").await;
+        assert_eq!(code, StatusCode::OK);
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(status["errors"][0], problem.as_str());
+        assert_eq!(status["ready"], false, "not ready on the wire either: {body}");
+
+        state.status.write().unwrap().unready.clear();
+        assert_eq!(
+            get(&state, "/readyz").await,
+            (StatusCode::OK, "ready".into())
+        );
     }
 }

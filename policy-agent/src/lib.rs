@@ -2,6 +2,7 @@
 pub mod agent;
 pub mod audit;
 pub mod bpffs;
+pub mod checks;
 pub mod cli;
 pub mod compiler;
 pub mod control;
@@ -10,6 +11,7 @@ pub mod endpoints;
 pub mod evaluator;
 pub mod flowlog;
 pub mod http;
+pub mod marks;
 pub mod metrics;
 pub mod model;
 pub mod netpol;

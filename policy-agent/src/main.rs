@@ -26,14 +26,21 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     // Before any thread exists: may join another mount namespace to reach the shared bpffs.
-    let bpffs = bpffs::ensure(&args.bpffs_dir);
+    let outcome = bpffs::ensure(&args.bpffs_dir);
     let log = telemetry::init(args.log_format, &args.log_level)?;
-    if let Some(note) = bpffs? {
+    let outcome = outcome?;
+    if let Some(note) = outcome.note() {
         tracing::info!("{note}");
     }
+    // In a pod, a bpffs of its own is not the node's: enforce, but never report ready.
+    let startup = agent::Startup {
+        unready: bpffs::pod_problem(&outcome, bpffs::in_pod_now())
+            .into_iter()
+            .collect(),
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(agent::run(args, Some(log)))?;
+        .block_on(agent::run(args, Some(log), startup))?;
     Ok(())
 }

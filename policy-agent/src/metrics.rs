@@ -85,6 +85,8 @@ pub struct Metrics {
     pub flow_events: Counter,
     /// New flows whose verdict enforcing the audited policies would change.
     pub audit_verdicts: Family<VerdictLabel, Counter>,
+    pub uplinks_attached: Gauge,
+    pub mark_mask_conflicts: Gauge,
     /// Last absolute kernel counter per reason, to turn them into counter increments.
     last_packets: std::sync::Mutex<HashMap<u32, u64>>,
 }
@@ -115,6 +117,8 @@ impl Metrics {
             enforced_revision: Gauge::default(),
             flow_events: Counter::default(),
             audit_verdicts: Family::default(),
+            uplinks_attached: Gauge::default(),
+            mark_mask_conflicts: Gauge::default(),
             last_packets: Default::default(),
             registry: Registry::default(),
         };
@@ -193,6 +197,16 @@ impl Metrics {
         for verdict in ["would-drop", "would-allow"] {
             let _ = m.audit_verdicts.get_or_create(&VerdictLabel { verdict });
         }
+        registry.register(
+            "uplinks_attached",
+            "Uplink and tunnel devices carrying to_network after the last sync; 0 = Service traffic of egress-isolated pods to backends on other nodes leaves unchecked",
+            m.uplinks_attached.clone(),
+        );
+        registry.register(
+            "mark_mask_conflicts",
+            "Netfilter rules (nft, iptables, ip6tables) using skb->mark bits of --mark-mask, at the last check",
+            m.mark_mask_conflicts.clone(),
+        );
         for state in endpoint_state::ALL {
             let _ = m.endpoints.get_or_create(&StateLabel { state });
         }

@@ -5,7 +5,8 @@
 //! namespace is a node address. The compiler adds the Node object's addresses (InternalIP, …)
 //! and the hostIPs local pods report, so a node whose address is not on an interface here (a NAT
 //! in front) is still recognised. Given uplinks (`--uplink`) win; otherwise the devices of default
-//! routes and of routes through a gateway, plus `flannel.1` — never a local pod's veth.
+//! routes and of routes through a gateway, plus flannel's tunnel devices (`flannel.1`,
+//! `flannel-v6.1`, `flannel-wg`, `flannel-wg-v6`) when present — never a local pod's veth.
 
 use std::{collections::BTreeSet, net::IpAddr};
 

@@ -132,6 +132,8 @@ pub struct Report {
     /// Map writes failed (fail-closed flags were set where they could be).
     pub maps_failed: bool,
     pub uplinks_failed: usize,
+    /// Uplink and tunnel devices that carry `to_network` after this sync.
+    pub uplinks_attached: usize,
 }
 
 /// Compiles and writes; owns the compiler, the number translation and the enforcer.
@@ -438,10 +440,13 @@ impl<E: Enforcer> Syncer<E> {
             if self.programmed.values().any(|p| &p.ifname == name) {
                 continue; // a pod's veth is never an uplink
             }
-            if let Err(e) = self.enforcer.attach_uplink(name) {
-                report.uplinks_failed += 1;
-                error!(interface = %name, error = %e, "attaching to uplink failed");
-                report.problems.push(format!("uplink {name}: {e}"));
+            match self.enforcer.attach_uplink(name) {
+                Ok(()) => report.uplinks_attached += 1,
+                Err(e) => {
+                    report.uplinks_failed += 1;
+                    error!(interface = %name, error = %e, "attaching to uplink failed");
+                    report.problems.push(format!("uplink {name}: {e}"));
+                }
             }
         }
         for (name, role) in self.enforcer.attached() {

@@ -38,6 +38,11 @@ pub struct Status {
     pub source_errors: Vec<String>,
     /// A complete sync has been enforced at least once and nothing keeps the agent unready.
     pub ready: bool,
+    /// Inside the agent only: installation problems that keep it unready whatever it enforces
+    /// (each also in `errors`), such as a bpffs that is not the node's. Not on the wire; `ready`
+    /// carries their effect.
+    #[serde(skip)]
+    pub unready: Vec<String>,
 }
 
 /// How many objects a state holds and their [`crate::digest`] sum.
@@ -112,6 +117,7 @@ mod tests {
             },
             source_errors: Vec::new(),
             ready: true,
+            unready: Vec::new(),
         };
         let text = serde_json::to_string(&status).unwrap();
         assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), status);

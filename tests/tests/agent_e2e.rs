@@ -2,7 +2,9 @@
 //! pods whose veth appears after their manifest (not enforced — and the revision not reported as
 //! enforced — until attached, then attached at once), pods changing address, pods vanishing
 //! (detached cleanly), invalid input (reported, fail-closed, the agent keeps enforcing), the HTTP
-//! endpoints, and `--cleanup-on-exit`. Needs root.
+//! endpoints, and `--cleanup-on-exit`. The installation checks: a private bpffs in a pod keeps
+//! the agent unready, netfilter rules using the mark mask's bits and a missing uplink are warned
+//! about and counted in `/metrics`. Needs root.
 
 mod agent_support;
 
@@ -13,10 +15,15 @@ use std::{
 };
 
 use agent_support::{
-    Agent, Status, apply_manifests, bridge_pod, connect_echo, echo_server, pod_yaml, ptp_pod,
+    Agent, Launch, Status, apply_manifests, bridge_pod, connect_echo, echo_server, pod_yaml,
+    ptp_pod,
 };
 use anyhow::{Result, bail};
-use policy_tests::{bpffs::PinDir, netns::NetNs, require_root};
+use policy_tests::{
+    bpffs::PinDir,
+    netns::{NetNs, unique_name},
+    require_root,
+};
 
 const NODE: &str = "node-1";
 const GW: &str = "10.253.1.1";
@@ -299,9 +306,19 @@ fn agent_follows_pods_and_reports() -> Result<()> {
         "policy_agent_endpoints{state=\"enforced\"} 4",
         "policy_agent_compile_errors",
         "policy_agent_enforced_revision 6",
+        // No default route and no tunnel in this node namespace: no uplink got to_network.
+        "policy_agent_uplinks_attached 0",
+        "policy_agent_mark_mask_conflicts 0",
     ] {
         assert!(metrics.contains(family), "{family} in\n{metrics}");
     }
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("no uplink or tunnel device carries to_network")
+            .count(),
+        1,
+        "warned once, not on every sync:\n{log}"
+    );
     // The TCP port is reachable by any pod that reaches the node: nothing there changes state.
     let (code, _) = agent.get(&node, "/loglevel")?;
     assert_eq!(code, 404, "/loglevel must not be served on the TCP port");
@@ -395,5 +412,215 @@ fn cleanup_on_exit_removes_enforcement() -> Result<()> {
         "no enforcement left behind"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// `KUBERNETES_SERVICE_HOST` set, as in every pod.
+const IN_A_POD: &[(&str, &str)] = &[("KUBERNETES_SERVICE_HOST", "10.96.0.1")];
+
+/// An agent "in a pod" whose `/sys/fs/bpf` is no bpffs and that can see no process with one: it
+/// mounts a private bpffs, enforces, and stays unready naming the fix. The same agent able to join
+/// the shared bpffs (as `ip netns exec` alone allows) is ready.
+///
+/// `ip netns exec` gives the agent a fresh sysfs, where `/sys/fs/bpf` is a plain directory. Left
+/// at that, the agent would join the mount namespace of its launcher (this test), which has the
+/// host's bpffs. `unshare --pid --fork --mount-proc` makes it PID 1 of a new PID namespace with
+/// its own `/proc`: no ancestor and no other mount namespace to join, so it really mounts its
+/// own, as a container without the hostPath would. `--kill-child` takes it down with `unshare`.
+#[test]
+fn a_private_bpffs_in_a_pod_keeps_the_agent_unready() -> Result<()> {
+    require_root();
+    let node = NetNs::new("bnode")?;
+    let client = NetNs::new("bclient")?;
+    let intruder = NetNs::new("bintruder")?;
+    let web = NetNs::new("bweb")?;
+    node.sh("sysctl -qw net.ipv4.ip_forward=1")?;
+    let gw = "10.253.3.1";
+    ptp_pod(&node, &client, "vclient", "10.253.3.2", gw)?;
+    ptp_pod(&node, &intruder, "vintruder", "10.253.3.3", gw)?;
+    ptp_pod(&node, &web, "vweb", "10.253.3.4", gw)?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir)?;
+    apply_manifests(
+        &dir,
+        &[
+            (
+                "client.yaml",
+                &pod_yaml("t", "client", "client", NODE, "10.253.3.2", PORT),
+            ),
+            (
+                "intruder.yaml",
+                &pod_yaml("t", "intruder", "intruder", NODE, "10.253.3.3", PORT),
+            ),
+            ("web.yaml", &protected_pod("web", "10.253.3.4")),
+            ("policy.yaml", POLICY),
+        ],
+        1,
+    )?;
+    // On the private bpffs only: never created in the host's.
+    let private_pins = std::path::Path::new("/sys/fs/bpf").join(unique_name("private"));
+    let mut agent = Agent::start_with(
+        &node,
+        NODE,
+        &dir,
+        &private_pins,
+        "127.0.0.1:9993".parse()?,
+        &tmp.path().join("log"),
+        Launch {
+            wrapper: &[
+                "unshare",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount-proc",
+            ],
+            env: IN_A_POD,
+            ..Launch::default()
+        },
+    )?;
+    agent.wait_enforced(&node, 1, Duration::from_secs(30))?;
+    // It enforces all the same.
+    let stop = Arc::new(AtomicBool::new(false));
+    let _server = echo_server(&web, addr("10.253.3.4"), stop.clone());
+    assert_protected(&client, &intruder, "10.253.3.4");
+    let (code, body) = agent.get(&node, "/readyz")?;
+    assert_eq!(code, 503, "{body}");
+    for part in ["bpffs", "private", "hostPath", "mountPropagation"] {
+        assert!(body.contains(part), "{part} in /readyz: {body}");
+    }
+    let s = agent.status(&node)?;
+    assert!(
+        s.errors.first().is_some_and(|e| body.contains(e.as_str())),
+        "/status errors carry the line of /readyz: {s:?}"
+    );
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"level\":\"ERROR\"") && l.contains("mountPropagation")),
+        "logged at error level:\n{log}"
+    );
+    assert!(log.contains("mounted a new bpffs"), "{log}");
+    assert!(
+        !private_pins.exists(),
+        "the pins went to the private bpffs, not the host's"
+    );
+    // Still unready later: no sync makes it ready.
+    apply_manifests(&dir, &[], 2)?;
+    agent.wait_enforced(&node, 2, Duration::from_secs(5))?;
+    assert_eq!(agent.get(&node, "/readyz")?.0, 503);
+    // SIGKILL to unshare; --kill-child passes it on to the agent.
+    agent.kill();
+    wait_until(
+        "the agent gone with unshare",
+        Duration::from_secs(5),
+        || Ok(agent.get(&node, "/healthz").is_err()),
+    )?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    // The same pod environment, where the shared bpffs can be joined: ready.
+    let pins = PinDir::new("podjoin")?;
+    let mut agent = Agent::start_with(
+        &node,
+        NODE,
+        &dir,
+        pins.path(),
+        "127.0.0.1:9995".parse()?,
+        &tmp.path().join("log2"),
+        Launch {
+            env: IN_A_POD,
+            ..Launch::default()
+        },
+    )?;
+    agent.wait_enforced(&node, 2, Duration::from_secs(30))?;
+    assert_eq!(agent.get(&node, "/readyz")?, (200, "ready".to_owned()));
+    assert!(agent.status(&node)?.errors.is_empty());
+    assert!(
+        pins.path().join("maps").exists(),
+        "pinned in the shared bpffs"
+    );
+    Ok(())
+}
+
+const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: t}\n";
+
+/// Netfilter rules of the node that use the mark mask's bits are named in a warning and counted
+/// (kube-proxy's 0x4000 is not); a tunnel device of the default set gets to_network, and losing it
+/// is warned about once.
+#[test]
+fn mark_mask_conflicts_and_uplinks_are_reported() -> Result<()> {
+    require_root();
+    let node = NetNs::new("mnode")?;
+    // Rules inside the test's own namespace: nft natively, iptables through iptables-nft.
+    node.sh("nft add table inet agenttest
+         nft add chain inet agenttest marks '{ type filter hook forward priority 0; }'
+         nft add rule inet agenttest marks meta mark set 0x10000
+         iptables -t mangle -A PREROUTING -j MARK --set-xmark 0x20000/0x20000
+         iptables -t nat -N KUBE-MARK-MASQ
+         iptables -t nat -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000")?;
+    // flannel's WireGuard device (a veth to another namespace stands in): an uplink by name.
+    let other = NetNs::new("mother")?;
+    policy_tests::netns::veth(&node, "flannel-wg", &other, "eth0")?;
+    let pins = PinDir::new("marks")?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir)?;
+    apply_manifests(&dir, &[("ns.yaml", NAMESPACE)], 1)?;
+    let mut agent = Agent::start(
+        &node,
+        NODE,
+        &dir,
+        pins.path(),
+        "127.0.0.1:9994".parse()?,
+        &tmp.path().join("log"),
+        &[],
+    )?;
+    agent.wait_enforced(&node, 1, Duration::from_secs(30))?;
+    wait_until(
+        "the mark-mask check in /metrics",
+        Duration::from_secs(10),
+        || {
+            let (_, m) = agent.get(&node, "/metrics")?;
+            Ok(m.contains("policy_agent_mark_mask_conflicts 2"))
+        },
+    )?;
+    let (_, metrics) = agent.get(&node, "/metrics")?;
+    assert!(
+        metrics.contains("policy_agent_uplinks_attached 1"),
+        "{metrics}"
+    );
+    assert!(pins.path().join("links/to_network:flannel-wg").exists());
+    let log = agent.log_text();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"level\":\"WARN\"") && l.contains("--mark-mask"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{log}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("nft inet agenttest chain marks") && w.contains("0x0fff0000")),
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w
+            .contains("iptables mangle: -A PREROUTING -j MARK --set-xmark 0x20000/0x20000")
+            && w.contains("0x00020000")),
+        "{warnings:#?}"
+    );
+    assert!(!log.contains("no uplink or tunnel device"), "{log}");
+
+    // The tunnel goes: warned once, and the gauge says so.
+    node.ip(&["link", "del", "flannel-wg"])?;
+    wait_until("no uplink in /metrics", Duration::from_secs(5), || {
+        let (_, m) = agent.get(&node, "/metrics")?;
+        Ok(m.contains("policy_agent_uplinks_attached 0"))
+    })?;
+    wait_until("the missing uplink warned", Duration::from_secs(5), || {
+        Ok(agent
+            .log_text()
+            .contains("no uplink or tunnel device carries to_network"))
+    })?;
     Ok(())
 }

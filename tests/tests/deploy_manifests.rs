@@ -809,7 +809,16 @@ fn overlays_fit_how_each_cluster_gets_the_image() {
                 );
             }
             "deploy/overlays/k3s" => {
-                assert_eq!(policy, Some("IfNotPresent"), "{dir}: imagePullPolicy")
+                assert_eq!(policy, Some("IfNotPresent"), "{dir}: imagePullPolicy");
+                // kube-router (k3s's NetworkPolicy controller, or the rules it leaves behind) marks
+                // 0x10000 and 0x20000, which the default mask covers.
+                let args = parse_agent(container);
+                assert_eq!(
+                    args.mark_mask & 0x3_0000,
+                    0,
+                    "{dir}: --mark-mask {:#x} overlaps kube-router's marks",
+                    args.mark_mask
+                );
             }
             other => panic!("no expectation for overlay {other}"),
         }

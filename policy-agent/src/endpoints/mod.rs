@@ -105,8 +105,8 @@ impl HostView {
     }
 
     /// Where traffic to other nodes and off-cluster leaves: devices of the default routes and of
-    /// routes through a gateway (other nodes' pod ranges on kind and in the lab), plus
-    /// `flannel.1` when present. Every family.
+    /// routes through a gateway (other nodes' pod ranges on kind and in the lab), plus the
+    /// [`TUNNEL_DEVICES`] present. Every family.
     pub fn uplinks(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .routes
@@ -116,14 +116,21 @@ impl HostView {
             .filter_map(|i| self.link(*i))
             .map(|l| l.name.clone())
             .collect();
-        if self.link_by_name("flannel.1").is_some() {
-            out.push("flannel.1".into());
-        }
+        out.extend(
+            TUNNEL_DEVICES
+                .iter()
+                .filter(|t| self.link_by_name(t).is_some())
+                .map(|t| t.to_string()),
+        );
         out.sort();
         out.dedup();
         out
     }
 }
+
+/// Tunnel devices that are uplinks whenever they exist: flannel's VXLAN devices (IPv4, IPv6) and
+/// its WireGuard backend's, whose routes to other nodes' pod ranges have no gateway.
+pub const TUNNEL_DEVICES: [&str; 4] = ["flannel.1", "flannel-v6.1", "flannel-wg", "flannel-wg-v6"];
 
 /// Finds pods' host-side interfaces.
 pub struct Discovery {
@@ -324,6 +331,7 @@ mod tests {
                 link(6, "cni0", "bridge"),
                 link(7, "flannel.1", "vxlan"),
                 link(8, "underlay", "veth"),
+                link(9, "flannel-wg", "wireguard"),
             ],
             addresses: vec![
                 Address {
@@ -394,6 +402,10 @@ mod tests {
 
     #[test]
     fn uplinks_are_default_route_devices_and_flannel() {
-        assert_eq!(view().uplinks(), ["eth0", "flannel.1", "underlay"]);
+        // flannel-wg's routes carry no gateway: it is an uplink by name, as flannel.1 is.
+        assert_eq!(
+            view().uplinks(),
+            ["eth0", "flannel-wg", "flannel.1", "underlay"]
+        );
     }
 }

@@ -111,6 +111,17 @@ pub fn agent_binary() -> &'static Path {
 /// The agent's `/status`.
 pub use policy_common::status::Status;
 
+/// How [`Agent::start_with`] runs the agent beyond [`Agent::start`]'s arguments.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Launch<'a> {
+    /// Flags after the standard ones.
+    pub extra: &'a [&'a str],
+    /// A command the agent runs under, inside `ip netns exec NODE` (`unshare …`).
+    pub wrapper: &'a [&'a str],
+    /// Environment variables set for the agent.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
 /// One agent process in a node namespace; killed on drop.
 pub struct Agent {
     child: Option<Child>,
@@ -133,10 +144,29 @@ impl Agent {
         log: &Path,
         extra: &[&str],
     ) -> Result<Agent> {
+        let launch = Launch {
+            extra,
+            ..Launch::default()
+        };
+        Self::start_with(node, node_name, manifests, pins, http, log, launch)
+    }
+
+    /// [`Agent::start`], run under `launch.wrapper` with `launch.env` set:
+    /// `ip netns exec NODE [wrapper…] policy-agent …`.
+    pub fn start_with(
+        node: &NetNs,
+        node_name: &str,
+        manifests: &Path,
+        pins: &Path,
+        http: SocketAddr,
+        log: &Path,
+        launch: Launch<'_>,
+    ) -> Result<Agent> {
         let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
         let control = log.with_extension("sock");
         let child = Command::new("ip")
             .args(["netns", "exec", node.name()])
+            .args(launch.wrapper)
             .arg(agent_binary())
             .args(["--node-name", node_name, "--manifest-dir"])
             .arg(manifests)
@@ -145,7 +175,8 @@ impl Agent {
             .args(["--http-addr", &http.to_string(), "--log-format", "json"])
             .arg("--control-socket")
             .arg(&control)
-            .args(extra)
+                        .args(launch.extra)
+            .envs(launch.env.iter().copied())
             .env("RUST_LOG", "info,policy_agent=debug")
             .stdout(out.try_clone()?)
             .stderr(out)
