@@ -35,6 +35,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError},
     endpoints::{Discovery, HostView, netlink::Netlink},
     flowlog::{self, AuditState, FlowContext, LogOptions},
+    flowstore::FlowStore,
     http::{self, HttpState, Status},
     marks,
     metrics::{self, Metrics, endpoint_state},
@@ -117,11 +118,15 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
         })?;
     let source_health =
         SourceHealth::new(metrics.source_errors.clone(), metrics.source_lists.clone());
+    let store = (args.flow_records > 0)
+        .then(|| Arc::new(FlowStore::new(&args.node_name, args.flow_records)));
     let http_state = HttpState {
         status: status.clone(),
         metrics: metrics.clone(),
         log,
         source: source_health.clone(),
+        flows: store.clone(),
+        http_flows: args.http_flows,
     };
     let mut control_stop = stop_rx.clone();
     let control_task = tokio::spawn(http::serve_control(
@@ -142,6 +147,7 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
     let log = LogOptions {
         flows: args.flow_log,
         allowed: args.flow_log_allowed,
+        records: args.flow_records > 0,
     };
     let config = event_config(
         policy_common::Config::with_mark_mask(args.mark_mask),
@@ -154,16 +160,22 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
             source,
         })?;
     info!(dir = %args.bpffs_dir.display(), mode = ?dataplane.attach_mode(), "dataplane open");
-    // The reader runs without --flow-log too: audit mode needs the events (the kernel sends
-    // none until a sync turns them on, see `event_config`).
+    // The reader runs without --flow-log too: the flow store and audit mode need the events
+    // (without either, the kernel sends none until a sync turns them on, see `event_config`).
     let flows = Arc::new(RwLock::new(FlowContext::default()));
     let flows = match dataplane.events() {
         Ok(reader) => {
-            tokio::spawn(flowlog::run(reader, flows.clone(), metrics.clone(), log));
+            tokio::spawn(flowlog::run(
+                reader,
+                flows.clone(),
+                metrics.clone(),
+                log,
+                store,
+            ));
             Some(flows)
         }
         Err(e) => {
-            warn!(error = %e, "flow log and audit mode unavailable");
+            warn!(error = %e, "flow log, flow records and audit mode unavailable");
             None
         }
     };
@@ -591,7 +603,7 @@ impl Loop {
 
     fn refresh_flows(&self, audit: Option<Arc<AuditState>>) {
         let Some(flows) = &self.flows else { return };
-        if !self.log.flows && audit.is_none() {
+        if !self.log.flows && !self.log.records && audit.is_none() {
             // Nothing reads the events: keep the context small.
             let mut ctx = flows.write().unwrap_or_else(|e| e.into_inner());
             if ctx.audit.is_some() {
@@ -625,8 +637,9 @@ impl Loop {
 }
 
 /// The event switches of CONFIG: drops with `--flow-log`, allowed new flows with
-/// `--flow-log-allowed`, and both (at the default rate limit, or the one `base` has) while a
-/// policy is in audit. Everything else of `base` is kept.
+/// `--flow-log-allowed`, and both (at the default rate limit, or the one `base` has) while flows
+/// are recorded (`--flow-records`, on by default) or a policy is in audit. Everything else of
+/// `base` is kept.
 pub fn event_config(
     base: policy_common::Config,
     log: LogOptions,
@@ -637,8 +650,12 @@ pub fn event_config(
         0 => policy_common::Config::DEFAULT.events_per_sec,
         n => n,
     };
-    config.events_per_sec = if log.flows || audit { rate } else { 0 };
-    config.events_allowed = u32::from((log.flows && log.allowed) || audit);
+    config.events_per_sec = if log.flows || log.records || audit {
+        rate
+    } else {
+        0
+    };
+    config.events_allowed = u32::from((log.flows && log.allowed) || log.records || audit);
     config
 }
 
@@ -657,8 +674,17 @@ mod tests {
     #[test]
     fn audit_turns_allowed_events_on_without_the_flow_log() {
         let base = Config::with_mark_mask(0x00ff_0000);
-        let opts = |flows, allowed| LogOptions { flows, allowed };
+        let opts = |flows, allowed| LogOptions {
+            flows,
+            allowed,
+            records: false,
+        };
         let events = |c: Config| (c.events_per_sec, c.events_allowed);
+        let recording = LogOptions {
+            records: true,
+            ..opts(false, false)
+        };
+        assert_eq!(events(event_config(base, recording, false)), (1000, 1));
         assert_eq!(
             events(event_config(base, opts(false, false), false)),
             (0, 0)

@@ -104,6 +104,18 @@ pub struct Args {
     #[arg(long, env = "POLICY_AGENT_FLOW_LOG_ALLOWED")]
     pub flow_log_allowed: bool,
 
+    /// How many recent flows (allowed and dropped) the agent keeps for `GET /flows`; 0 keeps
+    /// none and, without the flow log or audit, stops the kernel's verdict events.
+    #[arg(long, env = "POLICY_AGENT_FLOW_RECORDS", default_value_t = crate::flowstore::DEFAULT_CAPACITY)]
+    pub flow_records: usize,
+
+    /// Serve `GET /flows` on --http-addr as well as on the control socket. Anyone who reaches
+    /// that port (with hostNetwork: any pod that reaches the node) can then read this node's
+    /// flows; it is what `kubectl netpol flows --cluster` reads through the API server's pod
+    /// proxy.
+    #[arg(long, env = "POLICY_AGENT_HTTP_FLOWS")]
+    pub http_flows: bool,
+
     /// On shutdown, detach programs and remove pins instead of leaving enforcement in place.
     #[arg(long, env = "POLICY_AGENT_CLEANUP_ON_EXIT")]
     pub cleanup_on_exit: bool,

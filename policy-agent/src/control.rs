@@ -42,6 +42,8 @@ pub enum Request {
     Loglevel { filter: Option<String> },
     /// Print the agent's status (JSON).
     Status,
+    /// Print this node's recent flows, one JSON object per line, oldest first.
+    Flows(crate::flowstore::FlowQuery),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +54,18 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
+    #[error("agent at {addr}: {source}")]
+    Tcp {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("control socket {path}: malformed response: {what}")]
     Malformed { path: PathBuf, what: String },
     #[error("{method} {target}: HTTP {code}: {body}")]
     Refused {
         method: &'static str,
-        target: &'static str,
+        target: String,
         code: u16,
         body: String,
     },
@@ -66,11 +74,12 @@ pub enum ControlError {
 /// Runs one request; returns the body to print.
 pub fn run(args: &ControlArgs) -> Result<String, ControlError> {
     let (method, target, body) = match &args.request {
-        Request::Loglevel { filter: None } => ("GET", "/loglevel", None),
-        Request::Loglevel { filter: Some(f) } => ("PUT", "/loglevel", Some(f.as_str())),
-        Request::Status => ("GET", "/status", None),
+        Request::Loglevel { filter: None } => ("GET", "/loglevel".to_string(), None),
+        Request::Loglevel { filter: Some(f) } => ("PUT", "/loglevel".into(), Some(f.as_str())),
+        Request::Status => ("GET", "/status".into(), None),
+        Request::Flows(query) => ("GET", format!("/flows?{}", query.to_query_string()), None),
     };
-    let (code, text) = request(&args.control_socket, method, target, body)?;
+    let (code, text) = request(&args.control_socket, method, &target, body)?;
     if code != 200 {
         return Err(ControlError::Refused {
             method,
@@ -93,10 +102,51 @@ pub fn request(
         path: path.to_path_buf(),
         source,
     };
-    let mut stream = UnixStream::connect(path).map_err(io_err)?;
+    let stream = UnixStream::connect(path).map_err(io_err)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
+    exchange(stream, method, target, body).map_err(|e| match e {
+        Exchange::Io(source) => io_err(source),
+        Exchange::Malformed(what) => ControlError::Malformed {
+            path: path.to_path_buf(),
+            what,
+        },
+    })
+}
+
+/// One plain-HTTP request to `addr` (`host:port`), for an agent's `--http-addr`: the status code
+/// and the body.
+pub fn http_request(addr: &str, target: &str) -> Result<(u16, String), ControlError> {
+    let io_err = |source| ControlError::Tcp {
+        addr: addr.to_string(),
+        source,
+    };
+    let stream = std::net::TcpStream::connect(addr).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io_err)?;
+    exchange(stream, "GET", target, None).map_err(|e| match e {
+        Exchange::Io(source) => io_err(source),
+        Exchange::Malformed(what) => ControlError::Malformed {
+            path: PathBuf::from(addr),
+            what,
+        },
+    })
+}
+
+enum Exchange {
+    Io(io::Error),
+    Malformed(String),
+}
+
+/// Writes one request (`Connection: close`) and reads the response to the end.
+fn exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    target: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), Exchange> {
     let body = body.unwrap_or("");
     write!(
         stream,
@@ -104,13 +154,10 @@ pub fn request(
          Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
-    .map_err(io_err)?;
+    .map_err(Exchange::Io)?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(io_err)?;
-    parse_response(&raw).map_err(|what| ControlError::Malformed {
-        path: path.to_path_buf(),
-        what,
-    })
+    stream.read_to_end(&mut raw).map_err(Exchange::Io)?;
+    parse_response(&raw).map_err(Exchange::Malformed)
 }
 
 /// Status code and body of an HTTP/1.1 response read to the end of the connection.

@@ -28,6 +28,7 @@ use crate::{
     compiler::output::RuleRef,
     dataplane::EventReader,
     evaluator::{self, Evaluator, Peer, Protocol},
+    flowstore::{self, AuditNote, FlowStore},
     metrics::{Metrics, VerdictLabel},
     model::{Cluster, ObjectKey},
 };
@@ -80,13 +81,16 @@ impl AuditState {
     }
 }
 
-/// Which ordinary flow lines are written (audit lines always are).
+/// Which ordinary flow lines are written (audit lines always are), and whether flows are
+/// recorded for `/flows`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogOptions {
     /// `--flow-log`: drops.
     pub flows: bool,
     /// `--flow-log-allowed`: allowed new flows too.
     pub allowed: bool,
+    /// `--flow-records` is not 0: every event (allowed and dropped) goes to the flow store.
+    pub records: bool,
 }
 
 impl LogOptions {
@@ -97,13 +101,15 @@ impl LogOptions {
     }
 }
 
-/// One flow, described.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One flow, described (also the body of a [`crate::flowstore::FlowRecord`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Flow {
-    pub verdict: &'static str,
-    pub reason: &'static str,
+    /// `allowed`, `dropped` (or `unknown`).
+    pub verdict: String,
+    /// The kernel's reason ([`Reason::as_str`]).
+    pub reason: String,
     /// Seen from the local pod: `ingress` (to it) or `egress` (from it).
-    pub direction: &'static str,
+    pub direction: String,
     pub protocol: String,
     pub src: IpAddr,
     pub sport: u16,
@@ -114,10 +120,13 @@ pub struct Flow {
     /// The other side: `ns/name` for a pod, else its address.
     pub peer: String,
     /// The Service whose backend the destination is, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
     /// `ns/name` of the allowing policy, when a rule decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// `ingress[i]` / `egress[i]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
 }
 
@@ -154,9 +163,10 @@ pub fn describe(ev: &VerdictEvent, ctx: &FlowContext) -> Flow {
             Some(r) if r.is_drop() => "dropped",
             Some(_) => "allowed",
             None => "unknown",
-        },
-        reason: reason.map_or("unknown", Reason::as_str),
-        direction: if ingress { "ingress" } else { "egress" },
+        }
+        .into(),
+        reason: reason.map_or("unknown", Reason::as_str).into(),
+        direction: if ingress { "ingress" } else { "egress" }.into(),
         protocol: protocol_name(ev.protocol),
         src,
         sport: ev.sport,
@@ -247,7 +257,8 @@ fn same_state(a: &Option<Arc<AuditState>>, b: &Option<Arc<AuditState>>) -> bool 
 }
 
 /// Logs every event until the ring buffer fails: the ordinary line as `options` say, and the
-/// audit line of every event whose verdict the audited policies would change.
+/// audit line of every event whose verdict the audited policies would change; records each in
+/// `store` (with the audit finding, if any).
 ///
 /// Cost of audit: one [`Evaluator`] per audit state (that is, per sync while a policy is in
 /// audit), whose derived tables (node addresses, namespace labels, parsed CIDRs) are built on
@@ -260,6 +271,7 @@ pub async fn run(
     ctx: Arc<RwLock<FlowContext>>,
     metrics: Arc<Metrics>,
     options: LogOptions,
+    store: Option<Arc<FlowStore>>,
 ) {
     let mut batch = Vec::new();
     let mut pending = false;
@@ -282,11 +294,13 @@ pub async fn run(
                 pending = true;
                 break;
             }
+            let now = flowstore::now_ms();
             for ev in &batch {
                 let f = describe(ev, &ctx);
                 if options.logs(&f) {
                     log_flow(&f);
                 }
+                let mut note = None;
                 if let (Some(state), Some(full)) = (&state, &full)
                     && let Some(finding) = judge_event(ev, &ctx, state, full)
                 {
@@ -297,6 +311,15 @@ pub async fn run(
                         })
                         .inc();
                     log_audit(&f, &finding);
+                    let (policy, rule) = finding_names(&finding);
+                    note = Some(AuditNote {
+                        verdict: finding.verdict().into(),
+                        policy,
+                        rule,
+                    });
+                }
+                if let Some(store) = &store {
+                    store.push(now, f, note);
                 }
             }
         }
@@ -306,9 +329,9 @@ pub async fn run(
 fn log_flow(f: &Flow) {
     info!(
         target: "policy_agent::flow",
-        verdict = f.verdict,
-        reason = f.reason,
-        direction = f.direction,
+        verdict = %f.verdict,
+        reason = %f.reason,
+        direction = %f.direction,
         protocol = %f.protocol,
         src = %f.src,
         sport = f.sport,
@@ -339,7 +362,7 @@ fn log_audit(f: &Flow, finding: &Finding) {
     info!(
         target: "policy_agent::flow",
         verdict = finding.verdict(),
-        direction = f.direction,
+        direction = %f.direction,
         protocol = %f.protocol,
         src = %f.src,
         sport = f.sport,
@@ -350,7 +373,7 @@ fn log_audit(f: &Flow, finding: &Finding) {
         service = f.service.as_deref().unwrap_or(""),
         policy = %policy,
         rule = %rule,
-        kernel_verdict = f.verdict,
+        kernel_verdict = %f.verdict,
         "audit"
     );
 }
@@ -400,7 +423,7 @@ mod tests {
         ev.reason = Reason::DroppedPolicy as u32;
         ev.rule = 0;
         let f = describe(&ev, &ctx);
-        assert_eq!((f.verdict, f.policy), ("dropped", None));
+        assert_eq!((f.verdict.as_str(), f.policy), ("dropped", None));
     }
 
     fn event(
@@ -561,7 +584,11 @@ mod tests {
             ),
             &ctx,
         );
-        let opts = |flows, allowed| LogOptions { flows, allowed };
+        let opts = |flows, allowed| LogOptions {
+            flows,
+            allowed,
+            records: true,
+        };
         assert!(!opts(false, false).logs(&dropped));
         assert!(!opts(false, true).logs(&allowed));
         assert!(opts(true, false).logs(&dropped));

@@ -9,10 +9,15 @@
 //! - `GET /readyz`: 200 once a first complete sync has been enforced, 503 before; 503 always
 //!   while an installation problem ([`Status::unready`]) stands, naming it and its fix.
 //! - `GET /metrics`: Prometheus text format.
+//! - `GET /flows`, only with `--http-flows`: as on the control socket.
 //!
 //! On `--control-socket` (a Unix socket, mode 0600 in a directory of mode 0700: only root on the
 //! node, or in the agent's container, can connect; `policy-agent control …` is its client):
 //! - `GET /status`, as above.
+//! - `GET /flows?namespace=&pod=&verdict=&since=&limit=`: the recent flows of this node
+//!   ([`crate::flowstore`]), one JSON object per line, oldest first; 400 naming the field of a
+//!   bad query, 404 when the agent keeps none (`--flow-records 0`); empty when the kernel's
+//!   verdict events are unavailable (the agent warns at start).
 //! - `GET /loglevel` → the current log filter; `PUT /loglevel` with a filter (tracing
 //!   EnvFilter syntax) as body changes it at run time.
 
@@ -24,10 +29,15 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::{metrics::Metrics, sources::SourceHealth, telemetry::LogFilter};
+use crate::{
+    flowstore::{self, FlowQuery, FlowStore},
+    metrics::Metrics,
+    sources::SourceHealth,
+    telemetry::LogFilter,
+};
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -42,22 +52,32 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub log: Option<LogFilter>,
     pub source: SourceHealth,
+    /// The recent flows, when the agent keeps them.
+    pub flows: Option<Arc<FlowStore>>,
+    /// `--http-flows`: `/flows` on the TCP port too.
+    pub http_flows: bool,
 }
 
 /// The read-only routes of the TCP port.
 pub fn router(state: HttpState) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/status", get(status))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route("/metrics", get(metrics));
+    let router = if state.http_flows {
+        router.route("/flows", get(flows))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 /// The routes of the control socket.
 pub fn control_router(state: HttpState) -> Router {
     Router::new()
         .route("/status", get(status))
+        .route("/flows", get(flows))
         .route("/loglevel", get(get_log).put(put_log))
         .with_state(state)
 }
@@ -206,6 +226,40 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         .into_response()
 }
 
+async fn flows(
+    State(state): State<HttpState>,
+    query: Result<Query<FlowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Some(store) = &state.flows else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this agent keeps no flows (--flow-records 0)",
+        )
+            .into_response();
+    };
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("flows query: {e} (fields: namespace, pod, verdict, since, limit)"),
+            )
+                .into_response();
+        }
+    };
+    match store.query(&query, flowstore::now_ms()) {
+        Ok(records) => {
+            let mut body = String::new();
+            for r in &records {
+                body.push_str(&serde_json::to_string(r).expect("a record serializes"));
+                body.push('\n');
+            }
+            ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
 async fn get_log(State(state): State<HttpState>) -> Response {
     match &state.log {
         Some(log) => (StatusCode::OK, log.current()).into_response(),
@@ -252,6 +306,8 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             log: None,
             source: SourceHealth::default(),
+            flows: None,
+            http_flows: false,
         };
         let (code, body) = get(&state, "/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
@@ -267,5 +323,35 @@ mod tests {
             get(&state, "/readyz").await,
             (StatusCode::OK, "ready".into())
         );
+    }
+
+    #[tokio::test]
+    async fn flows_are_served_on_the_tcp_port_only_with_http_flows() {
+        let store = Arc::new(FlowStore::new("node-1", 10));
+        store.push(
+            flowstore::now_ms(),
+            crate::flowstore::tests::flow("dropped", "x/b", "x/a"),
+            None,
+        );
+        let mut state = HttpState {
+            status: Arc::new(RwLock::new(Status::default())),
+            metrics: Arc::new(Metrics::new()),
+            log: None,
+            source: SourceHealth::default(),
+            flows: Some(store),
+            http_flows: false,
+        };
+        assert_eq!(get(&state, "/flows").await.0, StatusCode::NOT_FOUND);
+        state.http_flows = true;
+        let (code, body) = get(&state, "/flows?namespace=x&verdict=dropped").await;
+        assert_eq!(code, StatusCode::OK);
+        let records = flowstore::parse_lines(&body).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].flow.endpoint, "x/b");
+        assert_eq!(get(&state, "/flows?verdict=allowed").await.1, "");
+        let (code, body) = get(&state, "/flows?since=soon").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(body.contains("field since"), "{body}");
+        assert_eq!(get(&state, "/flows?limit=x").await.0, StatusCode::BAD_REQUEST);
     }
 }

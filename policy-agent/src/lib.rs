@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod endpoints;
 pub mod evaluator;
 pub mod flowlog;
+pub mod flowstore;
 pub mod http;
 pub mod marks;
 pub mod metrics;

@@ -1,9 +1,13 @@
 //! `kubectl netpol`: explain, lint, what-if, graph and policy tests for the people who write
-//! NetworkPolicies, computed by the agent's own reference evaluator and compiler.
+//! NetworkPolicies, computed by the agent's own reference evaluator and compiler; the flows the
+//! agents recorded, and policies advised from them.
 //!
 //! Exit codes: 0 fine; 1 findings (lint errors or warnings), a denied flow (explain), changed
-//! flows (what-if) or wrong cells (test); 2 usage or input errors.
+//! flows (what-if), wrong cells (test) or observed flows the advice would deny (advise); 2 usage
+//! or input errors.
 
+pub mod advise;
+pub mod agents;
 pub mod expect;
 pub mod explain;
 pub mod flows;
@@ -24,8 +28,8 @@ use crate::evaluator::Protocol;
 #[derive(Parser, Debug)]
 #[command(
     name = "kubectl-netpol",
-    about = "Explain, lint, what-if, graph and test Kubernetes NetworkPolicies",
-    after_help = "Exit codes: 0 fine; 1 findings, a denied flow, changed flows or wrong cells; 2 usage or input errors."
+    about = "Explain, lint, what-if, graph and test Kubernetes NetworkPolicies; read the flows the agents saw and advise policies from them",
+    after_help = "Exit codes: 0 fine; 1 findings, a denied flow, changed flows, wrong cells or an advice that denies an observed flow; 2 usage or input errors."
 )]
 pub struct Cli {
     /// Files or directories of YAML (Namespaces, Pods, Services, NetworkPolicies, workloads'
@@ -49,6 +53,25 @@ pub struct Cli {
 pub enum Output {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdviseOutput {
+    Yaml,
+    Json,
+}
+
+/// Where `flows` and `advise` read the agents (besides --lab and --cluster).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Read this agent: a control socket (a path, or unix:PATH) or HOST:PORT of an agent run
+    /// with --http-flows; repeatable. Default: the agents of --lab, or of --cluster through the
+    /// API server's pod proxy.
+    #[arg(long)]
+    agent: Vec<String>,
+    /// With --cluster: the namespace of the agent's pods.
+    #[arg(long, default_value = "policy-agent")]
+    agent_namespace: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -100,6 +123,37 @@ pub enum Command {
         /// Only pods of this namespace and their peers.
         #[arg(long)]
         namespace: Option<String>,
+    },
+    /// Recent flows the agents recorded (allowed and dropped, with policy and rule), oldest
+    /// first: a table, or (-o json) one JSON object per line.
+    Flows {
+        #[command(flatten)]
+        query: crate::flowstore::FlowQuery,
+        #[command(flatten)]
+        agents: AgentArgs,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Least-privilege NetworkPolicies (one per workload, ingress and egress) from observed flows.
+    Advise {
+        /// Only advise workloads of this namespace.
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Only flows of the last DURATION (90s, 5m, 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Learn from these flows (JSON lines, as `flows -o json` writes them; `-` for stdin)
+        /// instead of asking the agents; repeatable. (`-f` names the state, as everywhere.)
+        #[arg(long)]
+        flows: Vec<PathBuf>,
+        #[command(flatten)]
+        agents: AgentArgs,
+        /// Emit the policies in audit mode (annotated policy-agent/audit: "true"), to watch
+        /// them before they are enforced.
+        #[arg(long)]
+        audit: bool,
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
+        output: AdviseOutput,
     },
     /// Check expected connectivity (truth tables or JSON) against the policies.
     Test {
@@ -161,15 +215,135 @@ fn write(out: &mut dyn Write, text: &str) -> Result<(), UsageError> {
         .map_err(|e| usage(e.to_string()))
 }
 
+/// Where `flows` and `advise` read the agents' flows.
+fn flow_source(cli: &Cli, agents: &AgentArgs) -> Result<agents::FlowSource, UsageError> {
+    if !agents.agent.is_empty() {
+        return Ok(agents::FlowSource::Agents(agents.agent.clone()));
+    }
+    match (&cli.lab, cli.cluster) {
+        (Some(prefix), _) => Ok(agents::FlowSource::Lab(prefix.clone())),
+        (None, true) => Ok(agents::FlowSource::Cluster {
+            kubeconfig: cli.kubeconfig.clone(),
+            namespace: agents.agent_namespace.clone(),
+        }),
+        (None, false) => Err(usage(
+            "say where the agents are: --lab [PREFIX], --cluster or --agent SOCKET|HOST:PORT",
+        )),
+    }
+}
+
+fn fetch(
+    source: &agents::FlowSource,
+    query: &crate::flowstore::FlowQuery,
+) -> Result<Vec<crate::flowstore::FlowRecord>, UsageError> {
+    agents::fetch(source, query).map_err(|e| usage(e.to_string()))
+}
+
 /// Runs one command against the state, writing to `out`; returns the exit code (0 or 1).
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, UsageError> {
-    let state = state::load(&source(cli)?)?;
-    run_on(&state, &cli.command, out)
+    match &cli.command {
+        Command::Flows {
+            query,
+            agents,
+            output,
+        } => {
+            let records = fetch(&flow_source(cli, agents)?, query)?;
+            match output {
+                Output::Json => {
+                    for r in &records {
+                        let line = serde_json::to_string(r).map_err(|e| usage(e.to_string()))?;
+                        write(out, &format!("{line}\n"))?;
+                    }
+                }
+                Output::Text => write(out, &agents::table(&records))?,
+            }
+            Ok(0)
+        }
+        Command::Advise {
+            namespace,
+            since,
+            flows,
+            agents,
+            audit,
+            output,
+        } => {
+            let state = state::load(&source(cli)?)?;
+            let query = crate::flowstore::FlowQuery {
+                since: since.clone(),
+                ..Default::default()
+            };
+            let records = if flows.is_empty() {
+                fetch(&flow_source(cli, agents)?, &query)?
+            } else {
+                read_flows(flows, &query)?
+            };
+            let options = advise::AdviseOptions {
+                namespace: namespace.clone(),
+                audit: *audit,
+            };
+            let advice = advise::advise(state.cluster(), &records, &options);
+            match output {
+                AdviseOutput::Json => json(
+                    out,
+                    &serde_json::json!({ "policies": advice.policies, "advice": advice }),
+                )?,
+                AdviseOutput::Yaml => {
+                    write(out, &advise::yaml(&advice.policies))?;
+                    eprintln!(
+                        "kubectl-netpol: {} policies from {} observed flow(s)",
+                        advice.policies.len(),
+                        advice.flows_used
+                    );
+                    for (why, n) in &advice.skipped {
+                        eprintln!("  skipped {n} record(s): {why}");
+                    }
+                    for u in &advice.unadvised {
+                        eprintln!("  not advised: {u}");
+                    }
+                    for d in &advice.denied {
+                        eprintln!("  OBSERVED BUT DENIED by the advice: {d}");
+                    }
+                }
+            }
+            Ok(u8::from(!advice.denied.is_empty()))
+        }
+        command => {
+            let state = state::load(&source(cli)?)?;
+            run_on(&state, command, out)
+        }
+    }
+}
+
+/// Flow records from files of JSON lines (`-`: stdin), filtered by `query`'s `since`.
+fn read_flows(
+    paths: &[PathBuf],
+    query: &crate::flowstore::FlowQuery,
+) -> Result<Vec<crate::flowstore::FlowRecord>, UsageError> {
+    let since = query.validate().map_err(|e| usage(e.to_string()))?;
+    let after = since.map_or(0, |d| {
+        crate::flowstore::now_ms().saturating_sub(d.as_millis() as u64)
+    });
+    let mut all = Vec::new();
+    for path in paths {
+        let text = if path.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())
+        } else {
+            std::fs::read_to_string(path)
+        }
+        .map_err(|e| usage(format!("reading {}: {e}", path.display())))?;
+        let records = crate::flowstore::parse_lines(&text)
+            .map_err(|e| usage(format!("{}: {e}", path.display())))?;
+        all.extend(records.into_iter().filter(|r| r.time_ms >= after));
+    }
+    Ok(all)
 }
 
 pub fn run_on(state: &State, command: &Command, out: &mut dyn Write) -> Result<u8, UsageError> {
     let cluster = state.cluster();
     match command {
+        Command::Flows { .. } | Command::Advise { .. } => {
+            Err(usage("flows and advise read the agents, not only the state"))
+        }
         Command::Explain {
             from,
             to,

@@ -294,16 +294,7 @@ fn from_cluster(kubeconfig: Option<&Path>, netns: Option<&Path>) -> Result<State
 /// A lab's state: its manifest directory, or (real-API mode) its API server, reached from the
 /// lab's control-plane network namespace.
 fn from_lab(prefix: &str) -> Result<State, LoadError> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let cwd = std::env::current_dir().ok()?;
-            cwd.ancestors()
-                .map(|d| d.join("target"))
-                .find(|t| t.join("lab").is_dir())
-        })
-        .unwrap_or_else(|| PathBuf::from("target"));
-    let dir = target.join("lab").join(prefix);
+    let dir = lab_dir(prefix);
     let kubeconfig = dir.join("kube").join("admin.kubeconfig");
     if kubeconfig.exists() {
         let netns = PathBuf::from(format!("/run/netns/{prefix}-cp"));
@@ -317,4 +308,19 @@ fn from_lab(prefix: &str) -> Result<State, LoadError> {
         });
     }
     load(&Source::Files(vec![manifests]))
+}
+
+/// The state directory of lab `prefix`: under `$CARGO_TARGET_DIR`, else the `target` directory
+/// of the working directory or one of its parents that holds labs.
+pub fn lab_dir(prefix: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let cwd = std::env::current_dir().ok()?;
+            cwd.ancestors()
+                .map(|d| d.join("target"))
+                .find(|t| t.join("lab").is_dir())
+        })
+        .unwrap_or_else(|| PathBuf::from("target"));
+    target.join("lab").join(prefix)
 }
