@@ -681,6 +681,12 @@ mod tests {
         assert!(yaml.contains("cidr: 192.0.2.10/32"), "{yaml}");
         assert!(yaml.contains("k8s-app: kube-dns"), "DNS egress: {yaml}");
         assert_eq!(yaml.matches("kind: NetworkPolicy").count(), 3);
+        // The advice lints clean.
+        let findings: Vec<_> = crate::netpol::lint::lint(&after)
+            .into_iter()
+            .filter(|f| f.object.contains("advised-"))
+            .collect();
+        assert!(findings.is_empty(), "{findings:#?}");
     }
 
     #[test]

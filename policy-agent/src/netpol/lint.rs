@@ -412,7 +412,7 @@ fn peer_matches_nothing(
     let Some(classes) = index.peer_classes(&key.namespace, peer) else {
         return;
     };
-    if !classes.is_empty() {
+    if !classes.is_empty() || selects_assumed_dns(index.cluster, key, peer) {
         return;
     }
     if let Some(sel) = &peer.namespace_selector {
@@ -831,6 +831,22 @@ fn dns_pods(cluster: &Cluster) -> Vec<ObjectKey> {
         })
         .map(|(k, _)| k.clone())
         .collect()
+}
+
+/// Whether `peer` selects the cluster DNS that `missing-dns` assumes when the state has none
+/// (kube-system pods labelled k8s-app=kube-dns): the allow that finding asks for is no
+/// `peer-matches-nothing`.
+fn selects_assumed_dns(cluster: &Cluster, policy: &ObjectKey, peer: &NetworkPolicyPeer) -> bool {
+    let pod: Labels = [("k8s-app".to_string(), "kube-dns".to_string())].into();
+    let namespace: Labels = [(NAMESPACE_NAME_LABEL.to_string(), "kube-system".to_string())].into();
+    let in_namespace = match &peer.namespace_selector {
+        None => policy.namespace == "kube-system",
+        Some(s) => evaluator::selector_matches(s, &namespace),
+    };
+    peer.ip_block.is_none()
+        && in_namespace
+        && evaluator::selector_matches(&peer.pod_selector.clone().unwrap_or_default(), &pod)
+        && dns_pods(cluster).is_empty()
 }
 
 fn missing_dns(index: &Index<'_>, out: &mut Vec<Finding>) {
