@@ -190,7 +190,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         }
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit_ms = match &rest[..unit_len] {
             "ms" => 1,
             "s" => 1000,
@@ -327,10 +329,7 @@ pub(crate) mod tests {
             store.push(t, flow("allowed", "x/a", "y/b"), None);
         }
         let all = store.query(&FlowQuery::default(), 10).unwrap();
-        assert_eq!(
-            all.iter().map(|r| r.time_ms).collect::<Vec<_>>(),
-            [2, 3, 4]
-        );
+        assert_eq!(all.iter().map(|r| r.time_ms).collect::<Vec<_>>(), [2, 3, 4]);
         assert_eq!(all[0].node, "node-1");
         let none = FlowStore::new("node-1", 0);
         none.push(1, flow("allowed", "x/a", "y/b"), None);
@@ -434,10 +433,10 @@ pub(crate) mod tests {
         let line = serde_json::to_string(&r).unwrap();
         assert!(line.contains("\"verdict\":\"allowed\""), "{line}");
         assert!(!line.contains("audit"), "{line}");
-        assert_eq!(parse_lines(&format!("{line}\n\n{line}\n")).unwrap(), [
-            r.clone(),
-            r
-        ]);
+        assert_eq!(
+            parse_lines(&format!("{line}\n\n{line}\n")).unwrap(),
+            [r.clone(), r]
+        );
         assert!(parse_lines("{").unwrap_err().starts_with("line 1:"));
         let q = FlowQuery {
             pod: Some("x/a b".into()),

@@ -316,7 +316,10 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         let status: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(status["errors"][0], problem.as_str());
-        assert_eq!(status["ready"], false, "not ready on the wire either: {body}");
+        assert_eq!(
+            status["ready"], false,
+            "not ready on the wire either: {body}"
+        );
 
         state.status.write().unwrap().unready.clear();
         assert_eq!(
@@ -352,6 +355,9 @@ mod tests {
         let (code, body) = get(&state, "/flows?since=soon").await;
         assert_eq!(code, StatusCode::BAD_REQUEST);
         assert!(body.contains("field since"), "{body}");
-        assert_eq!(get(&state, "/flows?limit=x").await.0, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            get(&state, "/flows?limit=x").await.0,
+            StatusCode::BAD_REQUEST
+        );
     }
 }

@@ -536,3 +536,210 @@ fn tempfile_dir(tag: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// The rollout path on the real dataplane: the agents record the flows of the three-tier example
+/// (`kubectl netpol flows`), `advise` turns them into policies, and once those are applied every
+/// observed flow still connects while unobserved flows between the same pods do not — and the
+/// drops are in the flow record.
+#[test]
+fn advice_from_recorded_flows_allows_exactly_the_observed_flows() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('v'),
+    };
+    lab.ok(&["up", "--nodes", "2"]);
+    let examples = root().join("deploy/examples");
+    let path = |p: &str| examples.join(p).to_str().unwrap().to_string();
+    lab.ok(&[
+        "apply",
+        "-f",
+        &path("lab"),
+        "-f",
+        &path("00-namespaces.yaml"),
+        "-f",
+        &path("10-shop-pods.yaml"),
+    ]);
+    let observed: [&[&str]; 4] = [
+        &[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/backend",
+            "--port",
+            "http",
+            "--via",
+            "service",
+        ],
+        &[
+            "--from",
+            "shop/backend",
+            "--to",
+            "shop/database",
+            "--port",
+            "postgres",
+        ],
+        &[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "kube-system/coredns",
+            "--port",
+            "53",
+            "--protocol",
+            "UDP",
+        ],
+        &["--from", "ext", "--to", "shop/frontend", "--port", "http"],
+    ];
+    let unobserved: [&[&str]; 5] = [
+        &[
+            "--from",
+            "shop/backend",
+            "--to",
+            "shop/frontend",
+            "--port",
+            "http",
+        ],
+        &[
+            "--from",
+            "shop/frontend",
+            "--to",
+            "shop/database",
+            "--port",
+            "postgres",
+        ],
+        &[
+            "--from",
+            "shop/database",
+            "--to",
+            "shop/backend",
+            "--port",
+            "http",
+        ],
+        &[
+            "--from",
+            "default/debug",
+            "--to",
+            "shop/frontend",
+            "--port",
+            "http",
+        ],
+        &["--from", "ext", "--to", "shop/backend", "--port", "http"],
+    ];
+    for probe in observed {
+        assert!(lab.connected(probe), "no policy yet: {probe:?}");
+    }
+    let p = lab.prefix.as_str();
+    // The record: both halves of frontend → backend (the ingress at backend, named by pod).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let flows = loop {
+        let out = netpol(&["--lab", p, "flows", "-o", "json", "--namespace", "shop"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let seen = text.lines().any(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["endpoint"] == "shop/backend"
+                && v["peer"] == "shop/frontend"
+                && v["direction"] == "ingress"
+        });
+        if seen || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let records: Vec<Value> = flows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|v| v["endpoint"] == "shop/backend"
+            && v["peer"] == "shop/frontend"
+            && v["verdict"] == "allowed"
+            && v["dport"] == 8080),
+        "frontend → backend recorded at backend:\n{flows}"
+    );
+    assert!(
+        records
+            .iter()
+            .any(|v| v["endpoint"] == "shop/database" && v["peer"] == "shop/backend"),
+        "{flows}"
+    );
+    assert!(
+        records.iter().all(|v| v["verdict"] == "allowed"),
+        "nothing dropped yet:\n{flows}"
+    );
+    let table = netpol(&["--lab", p, "flows", "--pod", "shop/database"]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.starts_with("TIME") && table.contains("shop/backend") && !table.contains("frontend"),
+        "{table}"
+    );
+
+    // Advise from every recorded flow, apply, lint.
+    let dir = tempfile_dir("advise");
+    let all = netpol(&["--lab", p, "flows", "-o", "json"]);
+    assert!(all.status.success());
+    let flow_file = dir.join("flows.jsonl");
+    std::fs::write(&flow_file, &all.stdout).unwrap();
+    let advice = netpol(&["--lab", p, "advise", "--flows", flow_file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&advice.stderr);
+    assert!(advice.status.success(), "advise: {stderr}");
+    let yaml = String::from_utf8(advice.stdout).unwrap();
+    for name in [
+        "advised-frontend",
+        "advised-backend",
+        "advised-database",
+        "advised-kube-dns",
+    ] {
+        assert!(yaml.contains(name), "{name}:\n{yaml}\n{stderr}");
+    }
+    assert!(
+        !yaml.contains("10.244."),
+        "peers by selector, never by pod IP:\n{yaml}"
+    );
+    let advice_file = dir.join("advice.yaml");
+    std::fs::write(&advice_file, &yaml).unwrap();
+    lab.ok(&["apply", "-f", advice_file.to_str().unwrap()]);
+    let lint = netpol(&["--lab", p, "lint"]);
+    assert!(
+        lint.status.success(),
+        "the advice lints clean:\n{}",
+        String::from_utf8_lossy(&lint.stdout)
+    );
+    for probe in observed {
+        assert!(lab.connected(probe), "observed, so advised: {probe:?}");
+    }
+    for probe in unobserved {
+        assert!(
+            !lab.connected(probe),
+            "never observed, so denied: {probe:?}"
+        );
+    }
+    // The drops are recorded too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = netpol(&[
+            "--lab",
+            p,
+            "flows",
+            "-o",
+            "json",
+            "--verdict",
+            "dropped",
+            "--pod",
+            "shop/database",
+        ]);
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.lines().any(|l| l.contains("shop/frontend")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "frontend → database drop not recorded:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}

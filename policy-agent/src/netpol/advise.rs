@@ -12,8 +12,10 @@
 //!   its workload's selector (and, in another namespace, `kubernetes.io/metadata.name`), never
 //!   by address; any other address (off-cluster, another node) is an `ipBlock` of that one
 //!   address. Flows from the subject's own node and a pod's traffic to itself are always
-//!   allowed and give no rule; a flow to a Service ClusterIP is learnt from its DNAT'ed half,
-//!   which names the backend.
+//!   allowed and give no rule. The source's half of a flow through a Service names the
+//!   ClusterIP: it is paired with the backend's ingress half of the same source address and port
+//!   (DNAT keeps both), or, when no agent recorded that half, stands for every backend of the
+//!   Service.
 //! - Egress to the cluster DNS (`kube-system` pods `k8s-app=kube-dns`, UDP and TCP 53) is always
 //!   included: lookups are cached and easily missed while flows are watched.
 //! - The observed flows are the allowed ones (a flow the kernel dropped did not happen); with
@@ -215,7 +217,10 @@ impl Index {
             if i == w || other.namespace != me.namespace {
                 continue;
             }
-            if me.labels.iter().all(|(k, v)| other.labels.get(k) == Some(v))
+            if me
+                .labels
+                .iter()
+                .all(|(k, v)| other.labels.get(k) == Some(v))
                 && let Some(extra) = other.labels.keys().find(|k| !me.labels.contains_key(*k))
             {
                 absent.insert(extra.clone());
@@ -303,82 +308,190 @@ fn owned_by_node(cluster: &Cluster, node: Option<&str>, ip: IpAddr) -> bool {
 /// Advises policies for `cluster` from `records`.
 pub fn advise(cluster: &Cluster, records: &[FlowRecord], options: &AdviseOptions) -> Advice {
     let index = Index::new(cluster);
-    let mut advice = Advice {
-        unadvised: index.unadvised.clone(),
-        ..Default::default()
+    let mut learner = Learner {
+        cluster,
+        index: &index,
+        options,
+        rules: BTreeMap::new(),
+        observed: BTreeSet::new(),
+        advice: Advice {
+            unadvised: index.unadvised.clone(),
+            ..Default::default()
+        },
     };
-    let mut skip = |why: &str| *advice.skipped.entry(why.into()).or_default() += 1;
-    let mut rules: BTreeMap<usize, Rules> = BTreeMap::new();
-    let mut observed: BTreeSet<(IpAddr, IpAddr, Protocol, u16)> = BTreeSet::new();
+    // The other half of a connection through a Service: the backend's ingress record of the
+    // same source address and port (DNAT keeps the source).
+    let backend_half: BTreeMap<(IpAddr, u16, &str), (IpAddr, u16)> = records
+        .iter()
+        .map(|r| &r.flow)
+        .filter(|f| f.verdict == "allowed" && f.direction == "ingress")
+        .filter(|f| index.by_ip.contains_key(&f.dst))
+        .map(|f| ((f.src, f.sport, f.protocol.as_str()), (f.dst, f.dport)))
+        .collect();
     for r in records {
         let f = &r.flow;
         if f.verdict != "allowed" {
-            skip("not allowed by the kernel (did not happen)");
+            learner.skip("not allowed by the kernel (did not happen)");
             continue;
         }
         let Some(protocol) = Protocol::parse(&f.protocol) else {
-            skip("not TCP, UDP or SCTP");
+            learner.skip("not TCP, UDP or SCTP");
             continue;
         };
-        let ingress = f.direction == "ingress";
-        let (subject_ip, peer_ip) = if ingress { (f.dst, f.src) } else { (f.src, f.dst) };
-        if index.service_ips.contains(&f.dst) {
-            skip("to a Service ClusterIP (learnt from the half that names the backend)");
-            continue;
+        // (destination, port) pairs: a Service ClusterIP stands for the backend it reached.
+        let destinations = if index.service_ips.contains(&f.dst) {
+            match backend_half.get(&(f.src, f.sport, f.protocol.as_str())) {
+                Some(&half) => vec![half],
+                None => service_backends(cluster, f.dst, f.dport, protocol),
+            }
+        } else {
+            vec![(f.dst, f.dport)]
+        };
+        if destinations.is_empty() {
+            learner.skip("to a Service ClusterIP that selects no pod");
         }
-        let Some(subject) = index.by_ip.get(&subject_ip) else {
-            skip("the local end is no pod of the state");
+        for (dst, port) in destinations {
+            learner.learn(f.direction == "ingress", f.src, dst, protocol, port);
+        }
+    }
+    let Learner {
+        rules,
+        observed,
+        mut advice,
+        ..
+    } = learner;
+    for (w, r) in &rules {
+        advice.policies.push(policy(&index, *w, r, options));
+    }
+    advice
+        .denied
+        .extend(check(cluster, &advice.policies, &observed));
+    advice.denied.sort();
+    advice.denied.dedup();
+    advice
+}
+
+/// The backends `(pod address, target port)` a connection to a Service's `cluster_ip:port`
+/// can reach: the pods its selector picks, with the target port resolved on each (a name by the
+/// pod's container ports).
+fn service_backends(
+    cluster: &Cluster,
+    cluster_ip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+) -> Vec<(IpAddr, u16)> {
+    let ip = cluster_ip.to_string();
+    let mut out = Vec::new();
+    for (key, service) in &cluster.services {
+        let Some(spec) = &service.spec else { continue };
+        let has_ip = spec.cluster_ip.as_deref() == Some(ip.as_str())
+            || spec.cluster_ips.iter().flatten().any(|c| *c == ip);
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty() && has_ip) else {
             continue;
         };
-        if options
+        for sp in spec.ports.iter().flatten() {
+            let sp_protocol = Protocol::parse_defaulted(sp.protocol.as_deref());
+            if sp.port != i32::from(port) || sp_protocol != Some(protocol) {
+                continue;
+            }
+            for (pk, pod) in &cluster.pods {
+                if pk.namespace != key.namespace
+                    || pod.host_network
+                    || pod.terminated
+                    || !selector.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                {
+                    continue;
+                }
+                let target = match &sp.target_port {
+                    None => Some(port),
+                    Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                    Some(IntOrString::String(name)) => pod
+                        .named_port_fields()
+                        .find(|(n, p, _)| n == name && *p == protocol)
+                        .map(|(_, _, n)| n),
+                };
+                if let Some(target) = target {
+                    out.extend(
+                        pod.ips
+                            .iter()
+                            .filter(|a| a.is_ipv4() == cluster_ip.is_ipv4())
+                            .map(|a| (*a, target)),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Accumulates the rules of each workload from observed halves of flows.
+struct Learner<'a> {
+    cluster: &'a Cluster,
+    index: &'a Index,
+    options: &'a AdviseOptions,
+    rules: BTreeMap<usize, Rules>,
+    /// Every observed flow `(src, dst, protocol, port)`, for the check.
+    observed: BTreeSet<(IpAddr, IpAddr, Protocol, u16)>,
+    advice: Advice,
+}
+
+impl Learner<'_> {
+    fn skip(&mut self, why: &str) {
+        *self.advice.skipped.entry(why.into()).or_default() += 1;
+    }
+
+    /// One observed half of a flow into the rules of its local workload: the destination's
+    /// for `ingress`, the source's otherwise.
+    fn learn(&mut self, ingress: bool, src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) {
+        let index = self.index;
+        let (subject_ip, peer_ip) = if ingress { (dst, src) } else { (src, dst) };
+        let Some(subject) = index.by_ip.get(&subject_ip) else {
+            self.skip("the local end is no pod of the state");
+            return;
+        };
+        if self
+            .options
             .namespace
             .as_deref()
             .is_some_and(|ns| ns != subject.namespace)
         {
-            skip("outside --namespace");
-            continue;
+            self.skip("outside --namespace");
+            return;
         }
         let Some(&w) = index.of_pod.get(subject) else {
-            skip("the local pod cannot be advised");
-            continue;
+            self.skip("the local pod cannot be advised");
+            return;
         };
-        observed.insert((f.src, f.dst, protocol, f.dport));
-        let entry = rules.entry(w).or_default();
-        entry.flows += 1;
-        advice.flows_used += 1;
+        self.observed.insert((src, dst, protocol, port));
+        self.advice.flows_used += 1;
+        self.rules.entry(w).or_default().flows += 1;
         let peer = match index.by_ip.get(&peer_ip) {
-            Some(p) if p == subject => continue,
+            Some(p) if p == subject => return,
             Some(p) => match index.of_pod.get(p) {
                 Some(&pw) => RulePeer::Workload(pw),
                 None => {
-                    advice
+                    self.advice
                         .denied
                         .push(format!("{p}: a peer without stable labels gets no rule"));
-                    continue;
+                    return;
                 }
             },
             None => {
-                let node = cluster.pods[subject].node_name.as_deref();
-                if owned_by_node(cluster, node, peer_ip) {
-                    continue;
+                let node = self.cluster.pods[subject].node_name.as_deref();
+                if owned_by_node(self.cluster, node, peer_ip) {
+                    return;
                 }
                 RulePeer::Address(peer_ip)
             }
         };
+        let entry = self.rules.entry(w).or_default();
         let side = if ingress {
             &mut entry.ingress
         } else {
             &mut entry.egress
         };
-        side.entry(peer).or_default().insert((protocol, f.dport));
+        side.entry(peer).or_default().insert((protocol, port));
     }
-    for (w, r) in &rules {
-        advice.policies.push(policy(&index, *w, r, options));
-    }
-    advice.denied.extend(check(cluster, &advice.policies, &observed));
-    advice.denied.sort();
-    advice.denied.dedup();
-    advice
 }
 
 fn policy(index: &Index, w: usize, rules: &Rules, options: &AdviseOptions) -> NetworkPolicy {
@@ -392,10 +505,15 @@ fn policy(index: &Index, w: usize, rules: &Rules, options: &AdviseOptions) -> Ne
         })
         .collect();
     let egress = std::iter::once(dns_rule())
-        .chain(rules.egress.iter().map(|(peer, set)| NetworkPolicyEgressRule {
-            to: Some(vec![index.peer(w, peer)]),
-            ports: Some(ports(set)),
-        }))
+        .chain(
+            rules
+                .egress
+                .iter()
+                .map(|(peer, set)| NetworkPolicyEgressRule {
+                    to: Some(vec![index.peer(w, peer)]),
+                    ports: Some(ports(set)),
+                }),
+        )
         .collect();
     let mut annotations = BTreeMap::from([(
         "policy-agent/advised-from".to_string(),
@@ -629,7 +747,10 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(names, ["db/advised-pg", "shop/advised-api", "shop/advised-web"]);
+        assert_eq!(
+            names,
+            ["db/advised-pg", "shop/advised-api", "shop/advised-web"]
+        );
         assert!(
             advice.unadvised.iter().any(|u| u.starts_with("shop/bare")),
             "{:?}",
@@ -652,10 +773,19 @@ mod tests {
         assert!(allowed(&after, "10.244.1.5", "10.244.1.6", 5432));
         assert!(allowed(&after, "10.244.1.5", "192.0.2.10", 443));
         // Unobserved between the same pods: denied.
-        assert!(!allowed(&after, "10.244.1.2", "10.244.1.5", 81), "other port");
+        assert!(
+            !allowed(&after, "10.244.1.2", "10.244.1.5", 81),
+            "other port"
+        );
         assert!(!allowed(&after, "10.244.1.5", "10.244.1.2", 80), "reverse");
-        assert!(!allowed(&after, "10.244.1.2", "10.244.1.6", 5432), "skips a tier");
-        assert!(!allowed(&after, "10.244.1.5", "192.0.2.11", 443), "other address");
+        assert!(
+            !allowed(&after, "10.244.1.2", "10.244.1.6", 5432),
+            "skips a tier"
+        );
+        assert!(
+            !allowed(&after, "10.244.1.5", "192.0.2.11", 443),
+            "other address"
+        );
         // The canary has labels beyond web's: web's selector leaves it out, so it is not
         // granted web's egress (and has no policy: it took part in no flow).
         assert!(
@@ -676,7 +806,10 @@ mod tests {
         // pg in another namespace: api's egress names its namespace; pod-name label dropped.
         let yaml = yaml(&advice.policies);
         assert!(yaml.contains("kubernetes.io/metadata.name: db"), "{yaml}");
-        assert!(!yaml.contains("statefulset.kubernetes.io/pod-name"), "{yaml}");
+        assert!(
+            !yaml.contains("statefulset.kubernetes.io/pod-name"),
+            "{yaml}"
+        );
         assert!(!yaml.contains("pod-template-hash"), "{yaml}");
         assert!(yaml.contains("cidr: 192.0.2.10/32"), "{yaml}");
         assert!(yaml.contains("k8s-app: kube-dns"), "DNS egress: {yaml}");
@@ -687,6 +820,34 @@ mod tests {
             .filter(|f| f.object.contains("advised-"))
             .collect();
         assert!(findings.is_empty(), "{findings:#?}");
+    }
+
+    #[test]
+    fn a_flow_through_a_service_names_its_backend() {
+        let mut c = cluster();
+        c.services.insert(
+            ObjectKey::new("shop", "api"),
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "api", "namespace": "shop"},
+                "spec": {"clusterIP": "10.96.0.20", "selector": {"app": "api"},
+                         "ports": [{"port": 8080, "targetPort": 80}]},
+            }))
+            .unwrap(),
+        );
+        let mut to_service = record("egress", "10.244.1.2", "10.96.0.20", 8080, "allowed");
+        // Only the source's half: the Service's backends stand in for the one it reached.
+        let advice = advise(&c, &[to_service.clone()], &AdviseOptions::default());
+        let yaml = yaml(&advice.policies);
+        assert!(yaml.contains("port: 80\n"), "{yaml}");
+        assert!(!yaml.contains("8080") && !yaml.contains("10.96."), "{yaml}");
+        // With the backend's half (same source port) the pair is exact.
+        to_service.flow.sport = 41000;
+        let mut backend = record("ingress", "10.244.1.2", "10.244.1.5", 80, "allowed");
+        backend.flow.sport = 41000;
+        let advice = advise(&c, &[to_service, backend], &AdviseOptions::default());
+        assert!(advice.denied.is_empty(), "{:?}", advice.denied);
+        assert_eq!(advice.flows_used, 2);
+        assert_eq!(advice.policies.len(), 2, "web's egress and api's ingress");
     }
 
     #[test]

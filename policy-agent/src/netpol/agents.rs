@@ -173,7 +173,11 @@ fn from_cluster(
         let list = pods
             .list(&kube::api::ListParams::default().labels(AGENT_SELECTOR))
             .await
-            .map_err(|e| kube_err(&format!("listing pods {AGENT_SELECTOR} in {namespace}: {e}")))?;
+            .map_err(|e| {
+                kube_err(&format!(
+                    "listing pods {AGENT_SELECTOR} in {namespace}: {e}"
+                ))
+            })?;
         if list.items.is_empty() {
             return Err(kube_err(&format!(
                 "no pod labelled {AGENT_SELECTOR} in namespace {namespace} (--agent-namespace?)"

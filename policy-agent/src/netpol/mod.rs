@@ -341,9 +341,9 @@ fn read_flows(
 pub fn run_on(state: &State, command: &Command, out: &mut dyn Write) -> Result<u8, UsageError> {
     let cluster = state.cluster();
     match command {
-        Command::Flows { .. } | Command::Advise { .. } => {
-            Err(usage("flows and advise read the agents, not only the state"))
-        }
+        Command::Flows { .. } | Command::Advise { .. } => Err(usage(
+            "flows and advise read the agents, not only the state",
+        )),
         Command::Explain {
             from,
             to,

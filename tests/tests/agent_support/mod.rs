@@ -175,7 +175,7 @@ impl Agent {
             .args(["--http-addr", &http.to_string(), "--log-format", "json"])
             .arg("--control-socket")
             .arg(&control)
-                        .args(launch.extra)
+            .args(launch.extra)
             .envs(launch.env.iter().copied())
             .env("RUST_LOG", "info,policy_agent=debug")
             .stdout(out.try_clone()?)
