@@ -17,7 +17,9 @@
 //!   (DNAT keeps both), or, when no agent recorded that half, stands for every backend of the
 //!   Service.
 //! - Egress to the cluster DNS (`kube-system` pods `k8s-app=kube-dns`, UDP and TCP 53) is always
-//!   included: lookups are cached and easily missed while flows are watched.
+//!   included: lookups are cached and easily missed while flows are watched (an observed rule it
+//!   covers is left out). Workloads of `kube-system` are advised only with `--namespace
+//!   kube-system`: its policies would decide the whole cluster's DNS.
 //! - The observed flows are the allowed ones (a flow the kernel dropped did not happen); with
 //!   audited policies, flows they would drop were allowed and count.
 //! - Every observed flow is checked against the advised state with the evaluator; one it would
@@ -51,6 +53,10 @@ pub const VOLATILE_LABELS: &[&str] = &[
     "batch.kubernetes.io/job-completion-index",
     "controller-uid",
 ];
+
+/// The cluster's own namespace: its workloads (the DNS among them) are advised only when asked
+/// for by name.
+const SYSTEM_NAMESPACE: &str = "kube-system";
 
 /// Labels whose value names a workload, in order of preference.
 const NAME_LABELS: &[&str] = &["app.kubernetes.io/name", "app", "k8s-app", "name"];
@@ -282,17 +288,21 @@ fn ports(set: &PortSet) -> Vec<NetworkPolicyPort> {
 }
 
 /// The cluster DNS peer: kube-system pods labelled `k8s-app=kube-dns`, UDP and TCP 53.
+fn dns_ports() -> PortSet {
+    [(Protocol::Udp, 53), (Protocol::Tcp, 53)].into()
+}
+
 fn dns_rule() -> NetworkPolicyEgressRule {
     NetworkPolicyEgressRule {
         to: Some(vec![NetworkPolicyPeer {
-            namespace_selector: Some(namespace_selector("kube-system")),
+            namespace_selector: Some(namespace_selector(SYSTEM_NAMESPACE)),
             pod_selector: Some(LabelSelector {
                 match_labels: Some([("k8s-app".to_string(), "kube-dns".to_string())].into()),
                 match_expressions: None,
             }),
             ip_block: None,
         }]),
-        ports: Some(ports(&[(Protocol::Udp, 53), (Protocol::Tcp, 53)].into())),
+        ports: Some(ports(&dns_ports())),
     }
 }
 
@@ -449,14 +459,16 @@ impl Learner<'_> {
             self.skip("the local end is no pod of the state");
             return;
         };
-        if self
-            .options
-            .namespace
-            .as_deref()
-            .is_some_and(|ns| ns != subject.namespace)
-        {
-            self.skip("outside --namespace");
-            return;
+        match self.options.namespace.as_deref() {
+            Some(ns) if ns != subject.namespace => {
+                self.skip("outside --namespace");
+                return;
+            }
+            None if subject.namespace == SYSTEM_NAMESPACE => {
+                self.skip("in kube-system (advised only with --namespace kube-system)");
+                return;
+            }
+            _ => {}
         }
         let Some(&w) = index.of_pod.get(subject) else {
             self.skip("the local pod cannot be advised");
@@ -504,11 +516,22 @@ fn policy(index: &Index, w: usize, rules: &Rules, options: &AdviseOptions) -> Ne
             ports: Some(ports(set)),
         })
         .collect();
+    let dns_ports = dns_ports();
+    let covered_by_dns = |peer: &RulePeer, set: &PortSet| match peer {
+        RulePeer::Workload(p) => {
+            let p = &index.workloads[*p];
+            p.namespace == SYSTEM_NAMESPACE
+                && p.labels.get("k8s-app").is_some_and(|v| v == "kube-dns")
+                && set.is_subset(&dns_ports)
+        }
+        RulePeer::Address(_) => false,
+    };
     let egress = std::iter::once(dns_rule())
         .chain(
             rules
                 .egress
                 .iter()
+                .filter(|(peer, set)| !covered_by_dns(peer, set))
                 .map(|(peer, set)| NetworkPolicyEgressRule {
                     to: Some(vec![index.peer(w, peer)]),
                     ports: Some(ports(set)),
