@@ -118,6 +118,7 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
         })?;
     let source_health =
         SourceHealth::new(metrics.source_errors.clone(), metrics.source_lists.clone());
+    let (explain_tx, explain_rx) = mpsc::channel::<http::ExplainRequest>(8);
     let store = (args.flow_records > 0)
         .then(|| Arc::new(FlowStore::new(&args.node_name, args.flow_records)));
     let http_state = HttpState {
@@ -127,6 +128,7 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
         source: source_health.clone(),
         flows: store.clone(),
         http_flows: args.http_flows,
+        explain: Some(explain_tx),
     };
     let mut control_stop = stop_rx.clone();
     let control_task = tokio::spawn(http::serve_control(
@@ -224,7 +226,7 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
         uplinks_attached: None,
         started: SystemTime::now(),
     };
-    lp.run(updates, interfaces, stop_rx).await;
+    lp.run(updates, interfaces, explain_rx, stop_rx).await;
 
     let _ = http_task.await;
     let _ = control_task.await;
@@ -283,6 +285,7 @@ fn watch_interfaces() -> io::Result<mpsc::Receiver<()>> {
 
 enum Wake {
     Update(Update),
+    Explain(http::ExplainRequest),
     Interfaces,
     Retry,
     Tick,
@@ -322,6 +325,7 @@ impl Loop {
         &mut self,
         mut updates: mpsc::Receiver<Update>,
         mut interfaces: mpsc::Receiver<()>,
+        mut explains: mpsc::Receiver<http::ExplainRequest>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -335,6 +339,7 @@ impl Loop {
                     None => { source_open = false; warn!("source stopped; keeping the last state"); continue }
                 },
                 Some(()) = interfaces.recv() => Wake::Interfaces,
+                Some(req) = explains.recv() => Wake::Explain(req),
                 _ = sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
                 _ = tick.tick() => Wake::Tick,
                 _ = maps_tick.tick() => Wake::MapTick,
@@ -348,6 +353,11 @@ impl Loop {
                 }
                 Wake::MapTick => {
                     tokio::task::block_in_place(|| self.record_maps());
+                    continue;
+                }
+                Wake::Explain(req) => {
+                    let answer = tokio::task::block_in_place(|| self.explain(&req.query));
+                    let _ = req.reply.send(answer);
                     continue;
                 }
                 Wake::Update(u) => self.take(u),
@@ -395,6 +405,92 @@ impl Loop {
         self.have_state = true;
         self.metrics.revision.set(self.store.revision as i64);
         self.status_mut().revision = self.store.revision;
+    }
+
+    /// `/explain`: the flow judged from the kernel maps read back now, per direction this node
+    /// decides, beside the evaluator on the enforced view of the state (audited policies left
+    /// out, as the compiler leaves them out).
+    fn explain(&self, q: &crate::live::ExplainQuery) -> Result<crate::live::LiveExplain, String> {
+        use crate::evaluator::{self, Evaluator, Peer, Protocol};
+        use crate::live::{self, KernelEndpoint, LiveDirection};
+        use crate::netpol::flows;
+        use policy_common::{Direction, Reason};
+        let cluster = audit::enforced_view(&self.store.cluster);
+        let protocol = Protocol::parse_defaulted(q.protocol.as_deref())
+            .ok_or_else(|| format!("protocol {:?}: expected TCP, UDP or SCTP", q.protocol))?;
+        let from = flows::parse_target(&cluster, &q.from).map_err(|e| format!("from: {e}"))?;
+        let to = flows::parse_target(&cluster, &q.to).map_err(|e| format!("to: {e}"))?;
+        let dst = flows::peer(&cluster, &to, None).map_err(|e| format!("to: {e}"))?;
+        let family = dst.ip().map(|ip| flows::IpFamily::from_ip(&ip));
+        let src = flows::peer(&cluster, &from, family).map_err(|e| format!("from: {e}"))?;
+        let (Some(src_ip), Some(dst_ip)) = (src.ip(), dst.ip()) else {
+            return Err("both ends need an address".into());
+        };
+        let flow = evaluator::Flow {
+            src: src.clone(),
+            dst: dst.clone(),
+            protocol,
+            port: q.port,
+        };
+        let view = self
+            .syncer
+            .enforcer()
+            .kernel_view()
+            .map_err(|e| format!("reading the kernel maps: {e}"))?;
+        let rules = self
+            .syncer
+            .applied()
+            .map(|m| m.rules.clone())
+            .unwrap_or_default();
+        let ev = Evaluator::new(&cluster);
+        let mut directions = Vec::new();
+        for (direction, local, peer_ip) in [
+            (Direction::Egress, &src, dst_ip),
+            (Direction::Ingress, &dst, src_ip),
+        ] {
+            let pod: &crate::model::ObjectKey = match local {
+                Peer::Pod { pod, .. } => pod,
+                _ => continue,
+            };
+            let Some(programmed) = self.syncer.programmed().get(pod) else {
+                continue;
+            };
+            let kernel_ep = view.endpoints.get(&programmed.ifindex);
+            let ids = view.identities(peer_ip);
+            let kernel = match kernel_ep {
+                Some(_) if src_ip == dst_ip => live::self_traffic(),
+                Some(ep) => {
+                    let (reason, rule) = view.judge(ep, direction, ids, protocol.number(), q.port);
+                    live::decision(reason, rule, &rules)
+                }
+                None => live::decision(Reason::DroppedEndpointNotProgrammed, 0, &rules),
+            };
+            let verdict = ev.evaluate_direction(&flow, direction);
+            let evaluator = live::evaluator_decision(&verdict);
+            directions.push(LiveDirection {
+                direction: match direction {
+                    Direction::Ingress => "ingress".into(),
+                    Direction::Egress => "egress".into(),
+                },
+                endpoint: pod.to_string(),
+                ifindex: programmed.ifindex,
+                kernel_endpoint: kernel_ep.map(|ep| KernelEndpoint {
+                    id: ep.id,
+                    identity: ep.identity,
+                    flags: live::flag_names(ep.flags),
+                }),
+                peer: peer_ip,
+                peer_identity: ids.identity,
+                peer_cidr_identity: ids.cidr_identity,
+                agrees: kernel.allowed == evaluator.allowed,
+                kernel,
+                evaluator,
+            });
+        }
+        Ok(crate::live::LiveExplain {
+            node: self.settings.name.clone(),
+            directions,
+        })
     }
 
     fn status_mut(&self) -> std::sync::RwLockWriteGuard<'_, Status> {

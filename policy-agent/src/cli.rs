@@ -109,10 +109,10 @@ pub struct Args {
     #[arg(long, env = "POLICY_AGENT_FLOW_RECORDS", default_value_t = crate::flowstore::DEFAULT_CAPACITY)]
     pub flow_records: usize,
 
-    /// Serve `GET /flows` on --http-addr as well as on the control socket. Anyone who reaches
-    /// that port (with hostNetwork: any pod that reaches the node) can then read this node's
-    /// flows; it is what `kubectl netpol flows --cluster` reads through the API server's pod
-    /// proxy.
+    /// Serve `GET /flows` and `GET /explain` on --http-addr as well as on the control socket.
+    /// Anyone who reaches that port (with hostNetwork: any pod that reaches the node) can then
+    /// read this node's flows and explain flows against its maps; it is what `kubectl netpol
+    /// flows --cluster` and `explain --live --cluster` read through the API server's pod proxy.
     #[arg(long, env = "POLICY_AGENT_HTTP_FLOWS")]
     pub http_flows: bool,
 

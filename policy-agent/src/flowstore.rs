@@ -208,7 +208,8 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(total)
 }
 
-fn encode(v: &str) -> String {
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn encode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

@@ -9,7 +9,7 @@
 //! - `GET /readyz`: 200 once a first complete sync has been enforced, 503 before; 503 always
 //!   while an installation problem ([`Status::unready`]) stands, naming it and its fix.
 //! - `GET /metrics`: Prometheus text format.
-//! - `GET /flows`, only with `--http-flows`: as on the control socket.
+//! - `GET /flows` and `GET /explain`, only with `--http-flows`: as on the control socket.
 //!
 //! On `--control-socket` (a Unix socket, mode 0600 in a directory of mode 0700: only root on the
 //! node, or in the agent's container, can connect; `policy-agent control …` is its client):
@@ -18,6 +18,8 @@
 //!   ([`crate::flowstore`]), one JSON object per line, oldest first; 400 naming the field of a
 //!   bad query, 404 when the agent keeps none (`--flow-records 0`); empty when the kernel's
 //!   verdict events are unavailable (the agent warns at start).
+//! - `GET /explain?from=&to=&port=&protocol=`: the flow judged from this node's kernel maps
+//!   beside the evaluator ([`crate::live`]), as JSON; 400 names what cannot be explained.
 //! - `GET /loglevel` → the current log filter; `PUT /loglevel` with a filter (tracing
 //!   EnvFilter syntax) as body changes it at run time.
 
@@ -31,6 +33,7 @@ use std::{
 
 use crate::{
     flowstore::{self, FlowQuery, FlowStore},
+    live::{ExplainQuery, LiveExplain},
     metrics::Metrics,
     sources::SourceHealth,
     telemetry::LogFilter,
@@ -56,6 +59,15 @@ pub struct HttpState {
     pub flows: Option<Arc<FlowStore>>,
     /// `--http-flows`: `/flows` on the TCP port too.
     pub http_flows: bool,
+    /// Where `/explain` asks the sync loop (which owns the dataplane).
+    pub explain: Option<tokio::sync::mpsc::Sender<ExplainRequest>>,
+}
+
+/// One `/explain` question for the sync loop, and where its answer goes.
+#[derive(Debug)]
+pub struct ExplainRequest {
+    pub query: ExplainQuery,
+    pub reply: tokio::sync::oneshot::Sender<Result<LiveExplain, String>>,
 }
 
 /// The read-only routes of the TCP port.
@@ -66,7 +78,9 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     let router = if state.http_flows {
-        router.route("/flows", get(flows))
+        router
+            .route("/flows", get(flows))
+            .route("/explain", get(explain))
     } else {
         router
     };
@@ -78,6 +92,7 @@ pub fn control_router(state: HttpState) -> Router {
     Router::new()
         .route("/status", get(status))
         .route("/flows", get(flows))
+        .route("/explain", get(explain))
         .route("/loglevel", get(get_log).put(put_log))
         .with_state(state)
 }
@@ -260,6 +275,42 @@ async fn flows(
     }
 }
 
+async fn explain(
+    State(state): State<HttpState>,
+    query: Result<Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let query = match query {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("explain query: {e} (fields: from, to, port, protocol)"),
+            )
+                .into_response();
+        }
+    };
+    let Some(tx) = &state.explain else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this agent has no dataplane to explain from",
+        )
+            .into_response();
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if tx.send(ExplainRequest { query, reply }).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the sync loop is not running",
+        )
+            .into_response();
+    }
+    match answer.await {
+        Ok(Ok(live)) => Json(live).into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, e).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the sync loop stopped").into_response(),
+    }
+}
+
 async fn get_log(State(state): State<HttpState>) -> Response {
     match &state.log {
         Some(log) => (StatusCode::OK, log.current()).into_response(),
@@ -308,6 +359,7 @@ mod tests {
             source: SourceHealth::default(),
             flows: None,
             http_flows: false,
+            explain: None,
         };
         let (code, body) = get(&state, "/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
@@ -343,6 +395,7 @@ mod tests {
             source: SourceHealth::default(),
             flows: Some(store),
             http_flows: false,
+            explain: None,
         };
         assert_eq!(get(&state, "/flows").await.0, StatusCode::NOT_FOUND);
         state.http_flows = true;

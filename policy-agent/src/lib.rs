@@ -12,6 +12,7 @@ pub mod evaluator;
 pub mod flowlog;
 pub mod flowstore;
 pub mod http;
+pub mod live;
 pub mod marks;
 pub mod metrics;
 pub mod model;

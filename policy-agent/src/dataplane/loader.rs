@@ -123,6 +123,18 @@ impl Dataplane {
         Ok(dataplane)
     }
 
+    /// What the kernel maps hold now, read back entry by entry (not the record of what this
+    /// process wrote): for `/explain`.
+    pub fn kernel_view(&self) -> Result<crate::live::KernelView, DataplaneError> {
+        let shadow = Shadow::read(&self.ebpf)?;
+        Ok(crate::live::KernelView {
+            endpoints: shadow.endpoints,
+            ipcache_v4: shadow.ipcache_v4,
+            ipcache_v6: shadow.ipcache_v6,
+            policy: shadow.policy,
+        })
+    }
+
     /// The bpffs directory everything is pinned under.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir

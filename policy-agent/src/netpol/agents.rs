@@ -62,6 +62,46 @@ pub fn fetch(source: &FlowSource, query: &FlowQuery) -> Result<Vec<FlowRecord>, 
     query.validate()?;
     let target = format!("/flows?{}", query.to_query_string());
     let mut all = Vec::new();
+    for (agent, body) in get_all(source, &target)? {
+        all.extend(
+            flowstore::parse_lines(&body).map_err(|why| FetchError::Malformed { agent, why })?,
+        );
+    }
+    all.sort_by_key(|r| r.time_ms);
+    if let Some(limit) = query.limit {
+        let skip = all.len().saturating_sub(limit);
+        all.drain(..skip);
+    }
+    Ok(all)
+}
+
+/// Every agent's `/explain` answer for `query` ([`crate::live`]), node by node.
+pub fn explain(
+    source: &FlowSource,
+    query: &crate::live::ExplainQuery,
+) -> Result<Vec<crate::live::LiveExplain>, FetchError> {
+    let mut target = format!(
+        "/explain?from={}&to={}&port={}",
+        flowstore::encode(&query.from),
+        flowstore::encode(&query.to),
+        query.port
+    );
+    if let Some(p) = &query.protocol {
+        target.push_str(&format!("&protocol={}", flowstore::encode(p)));
+    }
+    get_all(source, &target)?
+        .into_iter()
+        .map(|(agent, body)| {
+            serde_json::from_str(&body).map_err(|e| FetchError::Malformed {
+                agent,
+                why: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// `GET target` on every agent of `source`: (agent, body) of each 200 answer.
+fn get_all(source: &FlowSource, target: &str) -> Result<Vec<(String, String)>, FetchError> {
     match source {
         FlowSource::Lab(prefix) => {
             let dir = super::state::lab_dir(prefix).join("control");
@@ -72,26 +112,14 @@ pub fn fetch(source: &FlowSource, query: &FlowQuery) -> Result<Vec<FlowRecord>, 
                     dir: dir.display().to_string(),
                 });
             }
-            for socket in sockets {
-                all.extend(from_socket(&socket, &target)?);
-            }
+            sockets.iter().map(|s| from_socket(s, target)).collect()
         }
-        FlowSource::Agents(agents) => {
-            for agent in agents {
-                all.extend(from_agent(agent, &target)?);
-            }
-        }
+        FlowSource::Agents(agents) => agents.iter().map(|a| from_agent(a, target)).collect(),
         FlowSource::Cluster {
             kubeconfig,
             namespace,
-        } => all = from_cluster(kubeconfig.as_deref(), namespace, &target)?,
+        } => from_cluster(kubeconfig.as_deref(), namespace, target),
     }
-    all.sort_by_key(|r| r.time_ms);
-    if let Some(limit) = query.limit {
-        let skip = all.len().saturating_sub(limit);
-        all.drain(..skip);
-    }
-    Ok(all)
 }
 
 fn lab_sockets(dir: &Path) -> Vec<PathBuf> {
@@ -106,38 +134,40 @@ fn lab_sockets(dir: &Path) -> Vec<PathBuf> {
     sockets
 }
 
-fn records(agent: &str, code: u16, body: String) -> Result<Vec<FlowRecord>, FetchError> {
+/// The body of a 200 answer, else the refusal naming the agent.
+fn answer(agent: String, code: u16, body: String) -> Result<(String, String), FetchError> {
     if code != 200 {
-        let hint = if code == 404 {
-            " (an agent serves /flows on its HTTP port only with --http-flows, and keeps none with \
-             --flow-records 0)"
-        } else {
-            ""
-        };
-        return Err(FetchError::Refused {
-            agent: agent.into(),
-            code,
-            body: body.trim().into(),
-            hint,
-        });
+        return Err(refused(agent, code, &body));
     }
-    flowstore::parse_lines(&body).map_err(|why| FetchError::Malformed {
-        agent: agent.into(),
-        why,
-    })
+    Ok((agent, body))
 }
 
-fn from_socket(socket: &Path, target: &str) -> Result<Vec<FlowRecord>, FetchError> {
+fn refused(agent: String, code: u16, body: &str) -> FetchError {
+    let hint = if code == 404 {
+        " (an agent serves /flows and /explain on its HTTP port only with --http-flows, and \
+         keeps no flows with --flow-records 0)"
+    } else {
+        ""
+    };
+    FetchError::Refused {
+        agent,
+        code,
+        body: body.trim().into(),
+        hint,
+    }
+}
+
+fn from_socket(socket: &Path, target: &str) -> Result<(String, String), FetchError> {
     let agent = socket.display().to_string();
     let (code, body) =
         control::request(socket, "GET", target, None).map_err(|source| FetchError::Control {
             agent: agent.clone(),
             source,
         })?;
-    records(&agent, code, body)
+    answer(agent, code, body)
 }
 
-fn from_agent(agent: &str, target: &str) -> Result<Vec<FlowRecord>, FetchError> {
+fn from_agent(agent: &str, target: &str) -> Result<(String, String), FetchError> {
     if let Some(path) = agent.strip_prefix("unix:") {
         return from_socket(Path::new(path), target);
     }
@@ -151,14 +181,14 @@ fn from_agent(agent: &str, target: &str) -> Result<Vec<FlowRecord>, FetchError> 
             agent: agent.into(),
             source,
         })?;
-    records(agent, code, body)
+    answer(agent.into(), code, body)
 }
 
 fn from_cluster(
     kubeconfig: Option<&Path>,
     namespace: &str,
     target: &str,
-) -> Result<Vec<FlowRecord>, FetchError> {
+) -> Result<Vec<(String, String)>, FetchError> {
     use k8s_openapi::api::core::v1::Pod;
     let kube_err = |e: &dyn std::fmt::Display| FetchError::Kubernetes(e.to_string());
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -199,18 +229,9 @@ fn from_cluster(
                 .body(Vec::new())
                 .map_err(|e| kube_err(&e))?;
             match client.request_text(request).await {
-                Ok(body) => all.extend(records(&agent, 200, body)?),
+                Ok(body) => all.push((agent, body)),
                 Err(kube::Error::Api(status)) => {
-                    return Err(FetchError::Refused {
-                        agent,
-                        code: status.code,
-                        body: status.message,
-                        hint: if status.code == 404 {
-                            " (the agents serve /flows on their HTTP port only with --http-flows)"
-                        } else {
-                            ""
-                        },
-                    });
+                    return Err(refused(agent, status.code, &status.message));
                 }
                 Err(e) => return Err(kube_err(&format!("{agent}: {e}"))),
             }

@@ -99,6 +99,12 @@ pub enum Command {
         protocol: Option<String>,
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: Output,
+        /// Answer from the kernel maps of the nodes that host the ends (each agent's /explain),
+        /// beside the evaluator; a difference is reported as a bug (MISMATCH, exit 1).
+        #[arg(long)]
+        live: bool,
+        #[command(flatten)]
+        agents: AgentArgs,
     },
     /// Findings about the policies, each with a code, a severity, the object, the field and a fix.
     Lint {
@@ -307,6 +313,56 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, UsageError> {
             }
             Ok(u8::from(!advice.denied.is_empty()))
         }
+        Command::Explain {
+            from,
+            to,
+            port,
+            protocol,
+            output,
+            live: true,
+            agents,
+        } => {
+            let state = state::load(&source(cli)?)?;
+            let cluster = state.cluster();
+            let target = flows::parse_target(cluster, to).map_err(usage)?;
+            let ports = ports_of(cluster, &target, port.as_deref(), protocol.as_deref())?;
+            let agents = flow_source(cli, agents)?;
+            let mut all = Vec::new();
+            for (port, protocol) in ports {
+                let query = crate::live::ExplainQuery {
+                    from: from.clone(),
+                    to: to.clone(),
+                    port,
+                    protocol: Some(protocol.as_str().into()),
+                };
+                let nodes = agents::explain(&agents, &query).map_err(|e| usage(e.to_string()))?;
+                all.push((query, nodes));
+            }
+            let answered = |(_, nodes): &(_, Vec<crate::live::LiveExplain>)| {
+                nodes.iter().any(|n| !n.directions.is_empty())
+            };
+            if !all.iter().all(answered) {
+                return Err(usage(format!(
+                    "no agent hosts {from} or {to} (explain --live answers for pods with an endpoint)"
+                )));
+            }
+            let directions = || all.iter().flat_map(|(_, n)| n).flat_map(|n| &n.directions);
+            let fine = directions().all(|d| d.agrees && d.kernel.allowed);
+            match output {
+                Output::Json => json(
+                    out,
+                    &all.iter()
+                        .map(|(q, nodes)| serde_json::json!({"query": q, "nodes": nodes}))
+                        .collect::<Vec<_>>(),
+                )?,
+                Output::Text => {
+                    for (q, nodes) in &all {
+                        write(out, &crate::live::render(q, nodes))?;
+                    }
+                }
+            }
+            Ok(u8::from(!fine))
+        }
         command => {
             let state = state::load(&source(cli)?)?;
             run_on(&state, command, out)
@@ -344,12 +400,16 @@ pub fn run_on(state: &State, command: &Command, out: &mut dyn Write) -> Result<u
         Command::Flows { .. } | Command::Advise { .. } => Err(usage(
             "flows and advise read the agents, not only the state",
         )),
+        Command::Explain { live: true, .. } => {
+            Err(usage("explain --live reads the agents: use run"))
+        }
         Command::Explain {
             from,
             to,
             port,
             protocol,
             output,
+            ..
         } => {
             let from = flows::parse_target(cluster, from).map_err(usage)?;
             let to = flows::parse_target(cluster, to).map_err(usage)?;
