@@ -718,6 +718,37 @@ fn advice_from_recorded_flows_allows_exactly_the_observed_flows() {
             "never observed, so denied: {probe:?}"
         );
     }
+    // explain --live: the kernel maps of the nodes hosting the ends agree with the evaluator,
+    // and with what the probes saw.
+    for (from, to, port, connected) in [
+        ("shop/frontend", "shop/backend", "8080", true),
+        ("shop/backend", "shop/database", "5432", true),
+        ("shop/backend", "shop/frontend", "8080", false),
+        ("shop/frontend", "shop/database", "5432", false),
+        ("default/debug", "shop/frontend", "8080", false),
+    ] {
+        let out = netpol(&[
+            "--lab", p, "explain", "--live", "--from", from, "--to", to, "--port", port, "-o",
+            "json",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        let directions: Vec<&Value> = v[0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|n| n["directions"].as_array().unwrap())
+            .collect();
+        // Both ends are pods with an endpoint: one direction each (default/debug too).
+        assert_eq!(directions.len(), 2, "{from} -> {to}: {text}");
+        for d in &directions {
+            assert_eq!(d["agrees"], true, "{from} -> {to}: {text}");
+        }
+        let allowed = directions.iter().all(|d| d["kernel"]["allowed"] == true);
+        assert_eq!(allowed, connected, "{from} -> {to}: {text}");
+        assert_eq!(out.status.success(), connected, "exit code: {text}");
+    }
     // The drops are recorded too.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
