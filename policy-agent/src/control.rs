@@ -44,6 +44,8 @@ pub enum Request {
     Status,
     /// Print this node's recent flows, one JSON object per line, oldest first.
     Flows(crate::flowstore::FlowQuery),
+    /// Explain one flow from this node's kernel maps beside the evaluator (JSON).
+    Explain(crate::live::ExplainQuery),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,7 @@ pub fn run(args: &ControlArgs) -> Result<String, ControlError> {
         Request::Loglevel { filter: Some(f) } => ("PUT", "/loglevel".into(), Some(f.as_str())),
         Request::Status => ("GET", "/status".into(), None),
         Request::Flows(query) => ("GET", format!("/flows?{}", query.to_query_string()), None),
+        Request::Explain(query) => ("GET", query.target(), None),
     };
     let (code, text) = request(&args.control_socket, method, &target, body)?;
     if code != 200 {

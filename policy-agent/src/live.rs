@@ -36,15 +36,40 @@ pub struct KernelView {
     pub policy: BTreeMap<PolicyEntryKey, PolicyValue>,
 }
 
-/// The query of `GET /explain`: a flow between two ends (`NS/POD`, `node/NAME` or an address).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The query of `GET /explain`: a flow between two ends (`NS/POD`, `node/NAME` or an address);
+/// also the flags of `policy-agent control explain`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 pub struct ExplainQuery {
+    /// NS/POD, node/NAME or an address.
+    #[arg(long)]
     pub from: String,
+    /// NS/POD, node/NAME or an address.
+    #[arg(long)]
     pub to: String,
+    /// The destination port (a number).
+    #[arg(long)]
     pub port: u16,
-    /// `TCP` (default), `UDP` or `SCTP`.
+    /// TCP (default), UDP or SCTP.
+    #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
+}
+
+impl ExplainQuery {
+    /// The request target: `/explain?from=…&to=…&port=…[&protocol=…]`.
+    pub fn target(&self) -> String {
+        use crate::flowstore::encode;
+        let mut target = format!(
+            "/explain?from={}&to={}&port={}",
+            encode(&self.from),
+            encode(&self.to),
+            self.port
+        );
+        if let Some(p) = &self.protocol {
+            target.push_str(&format!("&protocol={}", encode(p)));
+        }
+        target
+    }
 }
 
 /// The answer of one node: one entry per direction this node decides (the egress of a local

@@ -66,6 +66,11 @@ pub struct Args {
     /// The CNI chain with `--api kube`: kindnet's ptp, or flannel's bridge on cni0.
     #[arg(long, value_enum, env = "LAB_CNI", default_value_t = crate::lab::kube::CniShape::Ptp)]
     pub cni: crate::lab::kube::CniShape,
+    /// After each step's probes, ask every agent to explain every cell from its kernel maps
+    /// (`policy-agent control explain`): each direction must agree with the evaluator, and the
+    /// verdict with the expected cell.
+    #[arg(long)]
+    pub live_explain: bool,
     /// What enforces (with `--api kube`): policy-agent, or the reference implementation.
     #[arg(long, value_enum, default_value_t = crate::lab::kube::Enforcer::PolicyAgent)]
     pub enforcer: crate::lab::kube::Enforcer,
@@ -125,6 +130,9 @@ struct CaseResult {
     /// Matrices that needed the second pass.
     retried: Vec<String>,
     converge_ms: Vec<u128>,
+    /// Flows explained from the kernel maps (`--live-explain`), and how many of them disagreed.
+    live_compared: usize,
+    live_wrong: usize,
 }
 
 impl CaseResult {
@@ -200,7 +208,7 @@ pub fn main(args: Args) -> Result<()> {
         for case in &selected {
             let t = Instant::now();
             println!("[{:>2}] {} / {}", case.id, case.describe, case.name);
-            let r = run_case(&mut lab, case, &args.pods, timeout);
+            let r = run_case(&mut lab, case, &args.pods, timeout, args.live_explain);
             report_case(&r, t.elapsed());
             results.push((case.id, r));
         }
@@ -275,6 +283,14 @@ pub fn main(args: Args) -> Result<()> {
         cases_took.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
+    if args.live_explain {
+        let compared: usize = results.iter().map(|(_, r)| r.live_compared).sum();
+        let wrong: usize = results.iter().map(|(_, r)| r.live_wrong).sum();
+        println!(
+            "explain --live: {} of {compared} flows explained from the kernel maps agree with the evaluator and the expected verdict",
+            compared - wrong
+        );
+    }
     println!(
         "{passed}/{} cases passed",
         if results.len() == total {
@@ -320,7 +336,7 @@ fn pods_of(case: &Case, model: &str) -> Vec<String> {
     }
 }
 
-fn run_case(lab: &mut Lab, case: &Case, model: &str, timeout: Duration) -> CaseResult {
+fn run_case(lab: &mut Lab, case: &Case, model: &str, timeout: Duration, live: bool) -> CaseResult {
     let mut r = CaseResult::default();
     let pods = pods_of(case, model);
     if let Err(e) = setup(lab, case, &pods, timeout, &mut r) {
@@ -340,9 +356,18 @@ fn run_case(lab: &mut Lab, case: &Case, model: &str, timeout: Duration) -> CaseR
                 return r;
             }
         }
-        if let Err(e) = check_step(lab, n, step, &pods, computed, timeout, &mut r) {
-            r.errors.push(format!("step {n}: {e:#}"));
-            return r;
+        match check_step(lab, n, step, &pods, computed, timeout, &mut r) {
+            Err(e) => {
+                r.errors.push(format!("step {n}: {e:#}"));
+                return r;
+            }
+            Ok(expected) if live => {
+                if let Err(e) = check_live(lab, n, &expected, &mut r) {
+                    r.errors.push(format!("step {n}: explain --live: {e:#}"));
+                    return r;
+                }
+            }
+            Ok(_) => {}
         }
     }
     r
@@ -687,7 +712,7 @@ fn check_step(
     computed: &[Computed],
     timeout: Duration,
     r: &mut CaseResult,
-) -> Result<()> {
+) -> Result<Vec<(u16, Protocol, Table)>> {
     let mut expected = Vec::new();
     let mut specs = Vec::new();
     for pc in &step.probes {
@@ -770,6 +795,70 @@ fn check_step(
         match via {
             Via::Service => r.service_failures.push(msg),
             Via::Pod => r.pod_failures.push(msg),
+        }
+    }
+    Ok(expected)
+}
+
+/// `--live-explain`: every cell of the step explained by every agent from its kernel maps. The
+/// nodes hosting the ends answer one direction each; each must agree with the agent's evaluator,
+/// and both together with the expected cell. A disagreement is a failure of the case.
+fn check_live(
+    lab: &Lab,
+    n: usize,
+    expected: &[(u16, Protocol, Table)],
+    r: &mut CaseResult,
+) -> Result<()> {
+    let bin = lab
+        .state
+        .agent_bin
+        .clone()
+        .ok_or_else(|| anyhow!("the lab runs no agent binary of its own"))?;
+    let sockets: Vec<PathBuf> = lab
+        .state
+        .nodes
+        .iter()
+        .map(|node| lab.paths.control_socket(&node.name))
+        .collect();
+    for (port, protocol, want) in expected {
+        for ((from, to), allowed) in &want.cells {
+            if from == to {
+                continue;
+            }
+            let mut directions = Vec::new();
+            for socket in &sockets {
+                let out = std::process::Command::new(&bin)
+                    .arg("control")
+                    .arg("--control-socket")
+                    .arg(socket)
+                    .args(["explain", "--from", from, "--to", to])
+                    .args(["--port", &port.to_string(), "--protocol", protocol.as_str()])
+                    .output()
+                    .with_context(|| format!("running {}", bin.display()))?;
+                if !out.status.success() {
+                    bail!(
+                        "{from} -> {to} {protocol}/{port} at {}: {}",
+                        socket.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                let v: Value = serde_json::from_slice(&out.stdout)
+                    .with_context(|| format!("the answer of {}", socket.display()))?;
+                directions.extend(v["directions"].as_array().cloned().unwrap_or_default());
+            }
+            r.live_compared += 1;
+            let kernel_allows = directions.iter().all(|d| d["kernel"]["allowed"] == true);
+            let agree = directions.iter().all(|d| d["agrees"] == true);
+            if directions.len() != 2 || !agree || kernel_allows != *allowed {
+                r.live_wrong += 1;
+                r.errors.push(format!(
+                    "step {n} explain --live {from} -> {to} {protocol}/{port}: expected {}, the kernel maps say {}, {} direction(s), evaluator agreement {agree}: {}",
+                    if *allowed { "allowed" } else { "denied" },
+                    if kernel_allows { "allowed" } else { "denied" },
+                    directions.len(),
+                    serde_json::to_string(&directions).unwrap_or_default()
+                ));
+            }
         }
     }
     Ok(())

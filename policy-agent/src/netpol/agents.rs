@@ -80,16 +80,7 @@ pub fn explain(
     source: &FlowSource,
     query: &crate::live::ExplainQuery,
 ) -> Result<Vec<crate::live::LiveExplain>, FetchError> {
-    let mut target = format!(
-        "/explain?from={}&to={}&port={}",
-        flowstore::encode(&query.from),
-        flowstore::encode(&query.to),
-        query.port
-    );
-    if let Some(p) = &query.protocol {
-        target.push_str(&format!("&protocol={}", flowstore::encode(p)));
-    }
-    get_all(source, &target)?
+    get_all(source, &query.target())?
         .into_iter()
         .map(|(agent, body)| {
             serde_json::from_str(&body).map_err(|e| FetchError::Malformed {
