@@ -72,7 +72,10 @@ fn main() -> Result<()> {
             // The suite on the manifest directory, then on the real control plane with
             // kube-proxy in both of its Linux modes.
             let suite = ["run", "--quiet", "--package", "xtask", "--", "conformance"];
-            cargo(&suite)?;
+            // On the manifest directory every cell is also explained from the kernel maps.
+            let mut live = suite.to_vec();
+            live.push("--live-explain");
+            cargo(&live)?;
             for proxy in ["iptables", "nftables"] {
                 let mut args = suite.to_vec();
                 args.extend(["--api", "kube", "--kube-proxy", proxy]);
