@@ -83,6 +83,9 @@ async fn serve_agent_router(listener: tokio::net::TcpListener) -> Result<()> {
         metrics: metrics.clone(),
         log: None,
         source: SourceHealth::new(metrics.source_errors.clone(), metrics.source_lists.clone()),
+        flows: None,
+        http_flows: false,
+        explain: None,
     };
     http::serve(listener, state, std::future::pending()).await?;
     Ok(())
