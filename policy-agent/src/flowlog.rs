@@ -61,18 +61,7 @@ pub struct AuditState {
 
 impl AuditState {
     pub fn new(cluster: &Cluster, audited: BTreeSet<ObjectKey>) -> Self {
-        let service_ips = cluster
-            .services
-            .values()
-            .filter_map(|s| s.spec.as_ref())
-            .flat_map(|spec| {
-                spec.cluster_ips
-                    .iter()
-                    .flatten()
-                    .chain(spec.cluster_ip.iter())
-                    .filter_map(|ip| ip.parse().ok())
-            })
-            .collect();
+        let service_ips = crate::model::service_cluster_ips(cluster).collect();
         AuditState {
             cluster: cluster.clone(),
             audited,

@@ -131,6 +131,22 @@ pub struct BadAddress {
     pub value: String,
 }
 
+/// Every Service ClusterIP of the state (`spec.clusterIPs`, then `spec.clusterIP`), parsed;
+/// `None`, headless and unparsable values are skipped.
+pub fn service_cluster_ips(cluster: &Cluster) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+    cluster
+        .services
+        .values()
+        .filter_map(|s| s.spec.as_ref())
+        .flat_map(|spec| {
+            spec.cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|ip| ip.parse().ok())
+        })
+}
+
 /// Labels of namespace `ns` as selectors see them: the object's labels plus
 /// [`NAMESPACE_NAME_LABEL`]` = ns`, which the API server guarantees (and which wins over any other
 /// value). A namespace without an object (pods or policies referencing it before it is seen) has
