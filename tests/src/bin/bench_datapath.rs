@@ -13,7 +13,11 @@
 //!   pod identity / an ipBlock containing a non-pod address / an endPort range. "New" is made
 //!   real by a conntrack timeout of 0, so every run misses conntrack, judges the flow and writes
 //!   its entry;
-//! - denied: a new flow no rule allows (every policy probe misses).
+//! - denied: a new flow no rule allows (every policy probe misses);
+//! - new_reported: new_identity with the allowed-flow events on (`events_allowed`, as the agent
+//!   runs with its flow record, at the default rate limit): what reporting costs a new flow. No
+//!   reader drains the ring buffer here, so past the rate limit and a full buffer this is the
+//!   cost of the limiter and of a failed reserve, which is what a flood of new flows pays.
 //!
 //! Each is measured with 10, 1,000 and 10,000 POLICY entries spread over 100 endpoints and
 //! 4,000 identities, and always 100,000 IPv4 CIDR prefixes (lengths /8../32) in the IPCACHE
@@ -255,6 +259,7 @@ struct Figures {
     new_cidr: BTreeMap<usize, Sample>,
     new_port_range: BTreeMap<usize, Sample>,
     denied: BTreeMap<usize, Sample>,
+    new_reported: BTreeMap<usize, Sample>,
 }
 
 impl Figures {
@@ -275,6 +280,7 @@ impl Figures {
             "new_cidr": by_count(&self.new_cidr),
             "new_port_range": by_count(&self.new_port_range),
             "denied": by_count(&self.denied),
+            "new_reported": by_count(&self.new_reported),
             "established_by_policies": by_count(&self.established),
         })
     }
@@ -353,6 +359,16 @@ fn main() -> Result<()> {
                 table.insert(policies, measure(&f, FROM_POD, &spec, want, &args)?);
             }
         }
+        if wanted("new_reported") {
+            let mut reporting = new_flow_config();
+            reporting.events_allowed = 1;
+            f.dp.set_config(reporting)?;
+            let spec = PacketSpec::tcp(ME, 40005, PEER_ADDR, 80);
+            figures.new_reported.insert(
+                policies,
+                measure(&f, FROM_POD, &spec, TC_ACT_UNSPEC, &args)?,
+            );
+        }
     }
 
     if filtered {
@@ -365,6 +381,7 @@ fn main() -> Result<()> {
             ("new_cidr", &figures.new_cidr),
             ("new_port_range", &figures.new_port_range),
             ("denied", &figures.denied),
+            ("new_reported", &figures.new_reported),
         ] {
             for (policies, sample) in table {
                 println!("{name:<16}{policies:>6} policies  {}", cell(sample));
@@ -394,6 +411,7 @@ fn main() -> Result<()> {
             ("new_cidr", &figures.new_cidr),
             ("new_port_range", &figures.new_port_range),
             ("denied", &figures.denied),
+            ("new_reported", &figures.new_reported),
         ] {
             print!("{name:<16}");
             for count in POLICY_COUNTS {
@@ -401,6 +419,12 @@ fn main() -> Result<()> {
             }
             println!();
         }
+        print!("{:<16}", "reported/new");
+        for count in POLICY_COUNTS {
+            let ratio = figures.new_reported[&count].median / figures.new_identity[&count].median;
+            print!("{:>14}", format!("{ratio:.2}"));
+        }
+        println!();
     }
     Ok(())
 }
