@@ -297,3 +297,79 @@ fn bridge_cni_and_nftables_kube_proxy() {
         "one pod port on node-1's cni0: {links}"
     );
 }
+
+/// Audit mode, the flow record and `explain --live` with the state in the real API server: an
+/// audited deny blocks nothing, the record of the flow it would drop names it (read back with
+/// `kubectl netpol flows`), the kernel maps explain the flow as the evaluator does, and once the
+/// annotation is gone the flow is denied.
+#[test]
+fn audit_flows_and_live_explain_through_the_real_api_server() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('u'),
+    };
+    lab.ok(&["up", "--api", "kube"]);
+    let app = APP.replace(
+        "metadata: {name: deny-all, namespace: x}",
+        "metadata: {name: deny-all, namespace: x, annotations: {policy-agent/audit: \"true\"}}",
+    );
+    lab.ok(&["apply", "-f", &write(&lab, "audited", &app)]);
+    assert_eq!(a_to_b(&lab), (true, true), "audit must not enforce");
+    let p = lab.prefix.as_str();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let flows = loop {
+        let out = netpol(&["--lab", p, "flows", "-o", "json", "--verdict", "would-drop"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        if !text.is_empty() || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let records: Vec<serde_json::Value> = flows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["endpoint"] == "x/b"
+            && r["peer"] == "x/a"
+            && r["node"] == "node-2"
+            && r["verdict"] == "allowed"
+            && r["audit"]["policy"] == "x/deny-all"),
+        "the would-drop of x/a -> x/b, recorded at x/b:\n{flows}"
+    );
+    let live = |want: bool| {
+        let out = netpol(&[
+            "--lab", p, "explain", "--live", "--from", "x/a", "--to", "x/b", "--port", "80", "-o",
+            "json",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        let directions: Vec<serde_json::Value> = v[0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|n| n["directions"].as_array().unwrap().clone())
+            .collect();
+        assert_eq!(directions.len(), 2, "{text}");
+        assert!(directions.iter().all(|d| d["agrees"] == true), "{text}");
+        let ingress = directions
+            .iter()
+            .find(|d| d["direction"] == "ingress")
+            .unwrap();
+        assert_eq!(ingress["kernel"]["allowed"], want, "{text}");
+    };
+    live(true);
+    lab.ok(&["apply", "-f", &write(&lab, "enforced", APP)]);
+    assert_eq!(
+        a_to_b(&lab),
+        (false, false),
+        "enforced once the annotation is gone"
+    );
+    live(false);
+}
