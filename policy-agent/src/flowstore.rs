@@ -283,12 +283,27 @@ impl FlowStore {
             .filter(|r| query.matches(r, after_ms))
             .cloned()
             .collect();
-        if let Some(limit) = query.limit {
-            let skip = picked.len().saturating_sub(limit);
-            picked.drain(..skip);
-        }
+        keep_newest(&mut picked, query.limit);
         Ok(picked)
     }
+}
+
+/// Keeps the last `limit` records (the newest, for records oldest first).
+pub fn keep_newest(records: &mut Vec<FlowRecord>, limit: Option<usize>) {
+    if let Some(limit) = limit {
+        let skip = records.len().saturating_sub(limit);
+        records.drain(..skip);
+    }
+}
+
+/// Records as JSON lines, one object per line (what [`parse_lines`] reads).
+pub fn to_lines(records: &[FlowRecord]) -> String {
+    let mut out = String::new();
+    for r in records {
+        out.push_str(&serde_json::to_string(r).expect("a record serializes"));
+        out.push('\n');
+    }
+    out
 }
 
 /// Reads JSON lines of [`FlowRecord`]s (what `/flows` and `kubectl netpol flows -o json` write);

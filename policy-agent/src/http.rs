@@ -263,14 +263,11 @@ async fn flows(
         }
     };
     match store.query(&query, flowstore::now_ms()) {
-        Ok(records) => {
-            let mut body = String::new();
-            for r in &records {
-                body.push_str(&serde_json::to_string(r).expect("a record serializes"));
-                body.push('\n');
-            }
-            ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
-        }
+        Ok(records) => (
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            flowstore::to_lines(&records),
+        )
+            .into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
     }
 }

@@ -68,10 +68,7 @@ pub fn fetch(source: &FlowSource, query: &FlowQuery) -> Result<Vec<FlowRecord>, 
         );
     }
     all.sort_by_key(|r| r.time_ms);
-    if let Some(limit) = query.limit {
-        let skip = all.len().saturating_sub(limit);
-        all.drain(..skip);
-    }
+    flowstore::keep_newest(&mut all, query.limit);
     Ok(all)
 }
 

@@ -255,12 +255,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, UsageError> {
         } => {
             let records = fetch(&flow_source(cli, agents)?, query)?;
             match output {
-                Output::Json => {
-                    for r in &records {
-                        let line = serde_json::to_string(r).map_err(|e| usage(e.to_string()))?;
-                        write(out, &format!("{line}\n"))?;
-                    }
-                }
+                Output::Json => write(out, &crate::flowstore::to_lines(&records))?,
                 Output::Text => write(out, &agents::table(&records))?,
             }
             Ok(0)
