@@ -466,6 +466,7 @@ fn enforce_kube(base: usize, changes: usize) -> Result<Value> {
         api: kube::ApiMode::Kube,
         kube_proxy: kube::ProxyMode::Iptables,
         cni: kube::CniShape::Ptp,
+        kubelet: false,
     };
     let mut lab = Lab::up(prefix, &opts)?;
     let result = (|| -> Result<Value> {

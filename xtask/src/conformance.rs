@@ -181,6 +181,7 @@ pub fn main(args: Args) -> Result<()> {
             api: args.api,
             kube_proxy: args.kube_proxy,
             cni: args.cni,
+            kubelet: false,
         },
     )?;
     let mut cases_took = Duration::ZERO;

@@ -9,6 +9,15 @@
 //! systemd), it builds with the Go toolchain installed here, kind ships node images for it, and
 //! the agent's `k8s-openapi` feature (`v1_34`) matches it.
 //!
+//! The nodes of `lab up --kubelet` and `cargo xtask e2e` come from the same module: kubelet,
+//! kube-scheduler, the upstream e2e suite (`e2e.test`, a `go test -c` of `k8s.io/kubernetes/test/e2e`)
+//! with its runner `ginkgo`, and `agnhost`, the suite's server and client image.
+//!
+//! `e2e.test` is a test binary (`go test -c k8s.io/kubernetes/test/e2e`): its test-only
+//! requirements are in `go.mod` because they were added with `go get -t
+//! k8s.io/kubernetes/test/e2e@v1.34.4`; `go mod tidy` would prune them (it follows the tests of
+//! the module's own packages only), so after a tidy they are re-added the same way.
+//!
 //! The cache directory is keyed by a digest of `go.mod` and `go.sum`, so a changed pin builds
 //! anew and an unchanged one is found in milliseconds.
 
@@ -32,10 +41,21 @@ pub struct Set {
     module: &'static str,
     /// What the cache directory is called (before the digest of `go.mod` and `go.sum`).
     name: &'static str,
-    /// Binary name → the Go main package it is built from.
-    binaries: &'static [(&'static str, &'static str)],
+    /// Binary name → the Go package it is built from, and how.
+    binaries: &'static [(&'static str, &'static str, Build)],
     /// Stamp the Kubernetes release into `k8s.io/component-base/version`.
     stamp: bool,
+}
+
+/// How a binary is built from its package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    /// `go build` of a main package.
+    Main,
+    /// `go build` with cgo off: a static binary for an image with nothing else in it.
+    Static,
+    /// `go test -c`: a test package's test binary (the upstream e2e suite).
+    Test,
 }
 
 /// The control plane and kube-proxy, built by `cargo xtask setup`.
@@ -43,14 +63,46 @@ pub const KUBERNETES: Set = Set {
     module: ".",
     name: KUBERNETES_VERSION,
     binaries: &[
-        ("etcd", "go.etcd.io/etcd/server/v3"),
-        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+        ("etcd", "go.etcd.io/etcd/server/v3", Build::Main),
+        (
+            "kube-apiserver",
+            "k8s.io/kubernetes/cmd/kube-apiserver",
+            Build::Main,
+        ),
         (
             "kube-controller-manager",
             "k8s.io/kubernetes/cmd/kube-controller-manager",
+            Build::Main,
         ),
-        ("kube-proxy", "k8s.io/kubernetes/cmd/kube-proxy"),
-        ("kubectl", "k8s.io/kubernetes/cmd/kubectl"),
+        (
+            "kube-proxy",
+            "k8s.io/kubernetes/cmd/kube-proxy",
+            Build::Main,
+        ),
+        ("kubectl", "k8s.io/kubernetes/cmd/kubectl", Build::Main),
+    ],
+    stamp: true,
+};
+
+/// Real nodes and the upstream suite (`lab up --kubelet`, `cargo xtask e2e`), also built by
+/// `cargo xtask setup`.
+pub const NODE: Set = Set {
+    module: ".",
+    name: "v1.34.4-node",
+    binaries: &[
+        (
+            "kube-scheduler",
+            "k8s.io/kubernetes/cmd/kube-scheduler",
+            Build::Main,
+        ),
+        ("kubelet", "k8s.io/kubernetes/cmd/kubelet", Build::Main),
+        (
+            "agnhost",
+            "k8s.io/kubernetes/test/images/agnhost",
+            Build::Static,
+        ),
+        ("ginkgo", "github.com/onsi/ginkgo/v2/ginkgo", Build::Main),
+        ("e2e.test", "k8s.io/kubernetes/test/e2e", Build::Test),
     ],
     stamp: true,
 };
@@ -63,6 +115,7 @@ pub const PEER: Set = Set {
     binaries: &[(
         "kube-network-policies",
         "sigs.k8s.io/kube-network-policies/cmd",
+        Build::Main,
     )],
     stamp: false,
 };
@@ -91,7 +144,7 @@ impl Set {
         if self
             .binaries
             .iter()
-            .all(|(name, _)| dir.join(name).is_file())
+            .all(|(name, _, _)| dir.join(name).is_file())
         {
             Ok(Binaries { dir })
         } else {
@@ -135,7 +188,7 @@ impl Set {
         std::fs::create_dir_all(&staging)
             .with_context(|| format!("creating {}", staging.display()))?;
         let started = Instant::now();
-        let names: Vec<&str> = self.binaries.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = self.binaries.iter().map(|(n, _, _)| *n).collect();
         eprintln!(
             "setup: building {} ({}) from tests/kube/{} into {}",
             self.name,
@@ -143,20 +196,26 @@ impl Set {
             self.module,
             dir.display()
         );
-        for (name, package) in self.binaries {
+        for &(name, package, build) in self.binaries {
             let mut cmd = Command::new(go()?);
             cmd.current_dir(self.module_dir())
                 .env("GOTOOLCHAIN", "local")
                 .env("GOFLAGS", "-mod=readonly -buildvcs=false")
-                .args(["build", "-trimpath"])
-                .arg(if self.stamp {
-                    ldflags()
-                } else {
-                    "-ldflags=-s -w".into()
-                })
-                .arg("-o")
-                .arg(staging.join(name))
-                .arg(package);
+                .args(match build {
+                    Build::Main | Build::Static => &["build", "-trimpath"][..],
+                    Build::Test => &["test", "-c", "-trimpath"][..],
+                });
+            if build == Build::Static {
+                cmd.env("CGO_ENABLED", "0");
+            }
+            cmd.arg(if self.stamp {
+                ldflags()
+            } else {
+                "-ldflags=-s -w".into()
+            })
+            .arg("-o")
+            .arg(staging.join(name))
+            .arg(package);
             exec(&mut cmd).with_context(|| format!("building {name} from {package}"))?;
         }
         if dir.exists() {
@@ -204,4 +263,9 @@ fn ldflags() -> String {
 /// Builds the Kubernetes binaries unless the cache has them.
 pub fn ensure() -> Result<Binaries> {
     KUBERNETES.ensure()
+}
+
+/// Builds the node binaries and the e2e suite unless the cache has them.
+pub fn ensure_node() -> Result<Binaries> {
+    NODE.ensure()
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod conformance;
+mod e2e;
 mod fuzz;
 mod kube;
 mod lab;
@@ -38,6 +39,9 @@ enum Cmd {
     Lab(lab::LabArgs),
     /// The 48 upstream Kubernetes Netpol e2e cases on the lab, via Services and via pod IPs.
     Conformance(conformance::Args),
+    /// The upstream NetworkPolicy e2e suite (ginkgo, e2e.test) against the DaemonSet installed
+    /// from deploy/overlays on real nodes (kubelet, containerd), then teardown.
+    E2e(e2e::Args),
     /// The property tests over and over with fresh seeds and more cases (default 10 minutes).
     Fuzz(fuzz::Args),
     /// Benchmarks: datapath, throughput against an nftables baseline, control plane.
@@ -54,6 +58,10 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => setup::run(),
+        Cmd::E2e(args) => {
+            setup::run()?;
+            e2e::run(&args)
+        }
         Cmd::Demo => {
             setup::run()?;
             lab::demo::run(&lab::demo::DemoArgs::default())
@@ -81,7 +89,8 @@ fn main() -> Result<()> {
                 args.extend(["--api", "kube", "--kube-proxy", proxy]);
                 cargo(&args)?;
             }
-            Ok(())
+            // The upstream NetworkPolicy suite against the DaemonSet on real kubelets.
+            cargo(&["run", "--quiet", "--package", "xtask", "--", "e2e"])
         }
         Cmd::Lint => lint(),
         Cmd::Lab(args) => lab::main(args),

@@ -1,5 +1,5 @@
 //! Machine setup for building and testing: apt packages, the rust-src component, bpf-linker, a
-//! mounted bpffs and the Kubernetes components built from Go modules ([`crate::kube`]). Every
+//! mounted bpffs and the Kubernetes components (control plane, nodes, the e2e suite) built from Go modules ([`crate::kube`]). Every
 //! step first checks whether it is already done, so a second run takes seconds.
 
 use std::process::{Command, Stdio};
@@ -30,6 +30,13 @@ const APT_PACKAGES: &[&str] = &[
     "graphviz",
     // The deploy tests lint the kind scripts.
     "shellcheck",
+    // Real nodes (`lab up --kubelet`, `cargo xtask e2e`): the container runtime, and umoci to
+    // assemble the images without a registry or a container engine; gcc builds the pause binary.
+    "containerd",
+    "runc",
+    "umoci",
+    "gcc",
+    "libc6-dev",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -42,6 +49,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     crate::kube::ensure()?;
+    crate::kube::ensure_node()?;
     eprintln!("setup: ready in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -147,6 +147,9 @@ pub struct UpOptions {
     pub kube_proxy: super::kube::ProxyMode,
     /// The CNI chain of the real-API mode's pods.
     pub cni: super::kube::CniShape,
+    /// Real kubelets and containerd run the nodes (real-API mode only); the agent binary goes
+    /// into the DaemonSet's image instead of running as a lab process.
+    pub kubelet: bool,
 }
 
 impl UpOptions {
@@ -181,6 +184,7 @@ impl UpOptions {
             api,
             kube_proxy,
             cni,
+            kubelet: false,
         })
     }
 }
@@ -298,7 +302,7 @@ impl Lab {
         if opts.cni != super::kube::CniShape::Ptp && opts.api != super::kube::ApiMode::Kube {
             bail!("--cni bridge needs --api kube (the manifest mode wires pods itself)");
         }
-        let agent_bin = match &opts.agent {
+        let mut agent_bin = match &opts.agent {
             AgentChoice::Build => Some(agent::build()?),
             AgentChoice::Binary(p) => {
                 if !p.is_file() {
@@ -315,6 +319,16 @@ impl Lab {
                 }
                 None
             }
+        };
+        let image_bin = if opts.kubelet {
+            if opts.api != super::kube::ApiMode::Kube {
+                bail!("--kubelet needs --api kube (kubelets register with the API server)");
+            }
+            Some(agent_bin.take().context(
+                "--kubelet needs the agent binary for the DaemonSet's image (not --no-agent)",
+            )?)
+        } else {
+            None
         };
         if agent_bin.is_some() && !net::is_mountpoint(Path::new("/sys/fs/bpf")) {
             net::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
@@ -355,14 +369,14 @@ impl Lab {
             converge_timeout: Duration::from_secs(30),
             _lock: lock,
         };
-        if let Err(e) = lab.build(opts) {
+        if let Err(e) = lab.build(opts, image_bin.as_deref()) {
             let _ = teardown(&lab.names, &lab.paths);
             return Err(e);
         }
         Ok(lab)
     }
 
-    fn build(&mut self, opts: &UpOptions) -> Result<()> {
+    fn build(&mut self, opts: &UpOptions, image_bin: Option<&Path>) -> Result<()> {
         let n = &self.names;
         // Underlay router with the node bridge.
         let ul = n.underlay_ns();
@@ -486,6 +500,7 @@ impl Lab {
                 opts.kube_proxy,
                 matches!(opts.agent, AgentChoice::KubeNetworkPolicies),
                 opts.cni,
+                image_bin,
             )?;
             if let Some(bin) = self.state.agent_bin.clone() {
                 for i in 0..self.state.nodes.len() {
@@ -759,6 +774,11 @@ impl Removed {
 }
 
 /// Stops and removes everything of the lab with this prefix. Works without a state file.
+/// cgroups of this lab's real nodes left behind (none after [`down`]).
+pub fn node_cgroups_left(prefix: &str) -> Vec<PathBuf> {
+    super::nodes::cgroups_left(&Names::new(prefix))
+}
+
 pub fn down(prefix: &str) -> Result<Removed> {
     topo::check_prefix(prefix)?;
     let paths = Paths::new(prefix);
@@ -811,6 +831,8 @@ fn teardown(names: &Names, paths: &Paths) -> Removed {
     removed.processes = pids.len();
     // Agents get a chance to exit cleanly; responders just go.
     net::terminate(&pids, libc::SIGTERM, Duration::from_secs(3));
+    // Real nodes: containers outside the lab's namespaces, found by the nodes' cgroups.
+    removed.processes += super::nodes::remove_cgroups(names);
     let mut namespaces: Vec<String> = net::list_netns()
         .into_iter()
         .filter(|ns| names.owns_netns(ns))

@@ -116,6 +116,9 @@ pub struct KubeState {
     /// kube-network-policies enforces instead of policy-agent.
     #[serde(default)]
     pub peer_enforcer: bool,
+    /// Real kubelets and containerd run the pods ([`super::nodes`]), not the lab.
+    #[serde(default)]
+    pub kubelet: bool,
     #[serde(default)]
     pub cni: CniShape,
 }
@@ -133,18 +136,24 @@ pub struct Component {
 }
 
 /// Files of the control plane, under the lab's state directory.
-struct Files {
+pub(super) struct Files {
     dir: PathBuf,
 }
 
 impl Files {
-    fn of(lab: &Lab) -> Files {
+    pub(super) fn of(lab: &Lab) -> Files {
         Files {
             dir: lab.paths.dir.join("kube"),
         }
     }
-    fn path(&self, name: &str) -> PathBuf {
+    pub(super) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+    /// The bearer token of a node's kubelet (user `system:node:<node>` in `system:nodes`, as the
+    /// Node authorizer expects).
+    pub(super) fn node_token(&self, node: &str) -> Result<String> {
+        let p = self.path(&format!("node-{node}.token"));
+        std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
     }
     /// kubectl and the control-plane components reach the API server on the control plane's
     /// loopback; the nodes through the node network.
@@ -166,7 +175,7 @@ pub fn agent_kubeconfig(lab: &Lab) -> PathBuf {
     Files::of(lab).agent_kubeconfig()
 }
 
-fn kubeconfig_text(server: &str, ca: &Path, token: &str) -> String {
+pub(super) fn kubeconfig_text(server: &str, ca: &Path, token: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: lab\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\n",
         ca.display()
@@ -178,9 +187,9 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
         .context("generating the lab's certificates with openssl")
 }
 
-/// A CA, the API server's serving certificate, the service-account signing key and an admin
-/// token, new for every lab.
-fn make_credentials(files: &Files) -> Result<String> {
+/// A CA, the API server's serving certificate, its client certificate for kubelets, the
+/// service-account signing key, an admin token and a token per node, new for every lab.
+fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
     let d = &files.dir;
     std::fs::create_dir_all(d)?;
     let ec = [
@@ -241,6 +250,43 @@ fn make_credentials(files: &Files) -> Result<String> {
             "apiserver.crt",
         ],
     )?;
+    // The API server's identity towards kubelets (exec, logs, port-forward); the kubelets
+    // authorize it through the API server (Webhook mode), as system:masters.
+    let mut client = vec!["req", "-new"];
+    client.extend(ec);
+    client.extend([
+        "-keyout",
+        "kubelet-client.key",
+        "-out",
+        "kubelet-client.csr",
+        "-subj",
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+    ]);
+    openssl(d, &client)?;
+    std::fs::write(
+        d.join("kubelet-client.ext"),
+        "extendedKeyUsage=clientAuth\n",
+    )?;
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "kubelet-client.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "kubelet-client.ext",
+            "-out",
+            "kubelet-client.crt",
+        ],
+    )?;
     openssl(
         d,
         &[
@@ -254,14 +300,22 @@ fn make_credentials(files: &Files) -> Result<String> {
         ],
     )?;
     openssl(d, &["ec", "-in", "sa.key", "-pubout", "-out", "sa.pub"])?;
-    let token: String = net::random_bytes::<16>()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(
-        d.join("tokens.csv"),
-        format!("{token},lab-admin,lab-admin,system:masters\n"),
-    )?;
+    let new_token = || -> String {
+        net::random_bytes::<16>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let token = new_token();
+    let mut tokens = format!("{token},lab-admin,lab-admin,system:masters\n");
+    for node in nodes {
+        let t = new_token();
+        tokens.push_str(&format!(
+            "{t},system:node:{node},system:node:{node},system:nodes\n"
+        ));
+        std::fs::write(files.path(&format!("node-{node}.token")), &t)?;
+    }
+    std::fs::write(d.join("tokens.csv"), tokens)?;
     let ca = d.join("ca.crt");
     std::fs::write(
         files.admin_kubeconfig(),
@@ -349,13 +403,27 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The API server's `gitVersion`.
+    pub fn server_version(&self) -> &str {
+        &self.kube().server_version
+    }
+
+    /// `program` in the control-plane namespace with `KUBECONFIG` naming the admin kubeconfig,
+    /// as a client of the cluster (the e2e suite) runs.
+    pub fn control_plane_command(&self, program: &Path) -> Result<Command> {
+        let mut cmd = Command::new(program);
+        cmd.env("KUBECONFIG", Files::of(self).admin_kubeconfig());
+        net::set_netns(&mut cmd, &self.names.control_plane_ns(), NetnsMode::Net)?;
+        Ok(cmd)
+    }
+
     fn trace(&self, what: &str, since: Instant) {
         if std::env::var_os("LAB_TRACE").is_some() {
             eprintln!("[lab] {what}: {} ms", since.elapsed().as_millis());
         }
     }
 
-    fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
+    pub(super) fn kubectl_json(&self, args: &[&str]) -> Result<Value> {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
         let text = self.kubectl(&all, None)?;
@@ -364,11 +432,14 @@ impl Lab {
 
     /// Starts the control plane, registers the nodes, installs the agent's RBAC and starts
     /// kube-proxy on every node. Called by `up` after the node namespaces exist.
+    /// With `kubelet` (the agent binary for the image), real kubelets and containerd run the
+    /// nodes and kube-scheduler binds pods ([`super::nodes`]).
     pub(crate) fn kube_up(
         &mut self,
         proxy_mode: ProxyMode,
         peer: bool,
         cni: CniShape,
+        kubelet: Option<&Path>,
     ) -> Result<()> {
         if peer {
             nft_queue_supported(&self.state.nodes[0].netns)?;
@@ -425,7 +496,8 @@ impl Lab {
                 format!("route add default via {}", topo::NODE_GATEWAY),
             ],
         )?;
-        make_credentials(&files)?;
+        let node_names: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+        make_credentials(&files, &node_names)?;
         self.state.kube = Some(KubeState {
             proxy_mode,
             bin_dir: bins.dir.clone(),
@@ -433,6 +505,7 @@ impl Lab {
             components: BTreeMap::new(),
             peer_enforcer: peer,
             cni,
+            kubelet: kubelet.is_some(),
         });
         let d = &files.dir;
         // etcd
@@ -478,6 +551,10 @@ impl Lab {
             format!("--service-account-key-file={}", p("sa.pub")),
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--allow-privileged=true".into(),
+            // Kubelets are reached at their node address, as kind's API server does.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--kubelet-client-certificate={}", p("kubelet-client.crt")),
+            format!("--kubelet-client-key={}", p("kubelet-client.key")),
             "--profiling=false".into(),
             format!("--cert-dir={}", p("apiserver-certs")),
             "--v=1".into(),
@@ -499,11 +576,15 @@ impl Lab {
             .to_string();
         // kube-controller-manager: EndpointSlices, namespaces, service accounts, garbage collection.
         // Without kubelets there are no node heartbeats: the node lifecycle controller would taint
-        // every node unreachable and evict the pods, so it is off.
+        // every node unreachable and evict the pods, so it is off unless real kubelets run.
         let mut kcm = Command::new(bins.path("kube-controller-manager"));
         kcm.args([
             format!("--kubeconfig={}", files.admin_kubeconfig().display()),
-            "--controllers=*,-node-lifecycle-controller".into(),
+            if kubelet.is_some() {
+                "--controllers=*".into()
+            } else {
+                "--controllers=*,-node-lifecycle-controller".into()
+            },
             "--leader-elect=false".into(),
             "--use-service-account-credentials=false".into(),
             format!("--service-account-private-key-file={}", p("sa.key")),
@@ -518,6 +599,18 @@ impl Lab {
             "--v=1".into(),
         ]);
         self.add_component("kube-controller-manager", &cp, kcm, false)?;
+        if kubelet.is_some() {
+            let node_bins = crate::kube::ensure_node()?;
+            let mut sched = Command::new(node_bins.path("kube-scheduler"));
+            sched.args([
+                format!("--kubeconfig={}", files.admin_kubeconfig().display()),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--profiling=false".into(),
+                "--v=1".into(),
+            ]);
+            self.add_component("kube-scheduler", &cp, sched, false)?;
+        }
         self.register_nodes()?;
         // The agent's identity and permissions, exactly as the DaemonSet installs them
         // (`LAB_AGENT_RBAC` names another file instead of deploy/base/rbac.yaml, for tests of
@@ -587,6 +680,9 @@ impl Lab {
                 )?;
             }
         }
+        if let Some(agent_bin) = kubelet {
+            self.start_nodes(agent_bin)?;
+        }
         self.wait_service_account("default")?;
         Ok(())
     }
@@ -639,6 +735,10 @@ impl Lab {
             });
             self.kubectl(&["apply", "-f", "-"], Some(&obj.to_string()))
                 .with_context(|| format!("registering Node {}", node.name))?;
+            if self.kube().kubelet {
+                // The node's kubelet reports its status.
+                continue;
+            }
             let now = now_rfc3339();
             let status = json!({"status": {
                 "addresses": [{"type": "InternalIP", "address": node.ip.to_string()},
@@ -701,12 +801,18 @@ impl Lab {
         self.add_component(&name, &netns, cmd, true)
     }
 
-    fn component_log(&self, name: &str) -> PathBuf {
+    pub(super) fn component_log(&self, name: &str) -> PathBuf {
         self.paths.logs().join(format!("{name}.log"))
     }
 
     /// Starts a component and remembers how, so that it can be stopped and started again.
-    fn add_component(&mut self, name: &str, netns: &str, cmd: Command, sysfs: bool) -> Result<()> {
+    pub(super) fn add_component(
+        &mut self,
+        name: &str,
+        netns: &str,
+        cmd: Command,
+        sysfs: bool,
+    ) -> Result<()> {
         let argv: Vec<String> = std::iter::once(cmd.get_program())
             .chain(cmd.get_args())
             .map(|a| a.to_string_lossy().into_owned())
@@ -1135,6 +1241,9 @@ impl Lab {
     /// nodes (CNI ADD, responders, status), tears down deleted or terminating ones (CNI DEL) and
     /// confirms their deletion. Returns whether anything changed.
     pub(crate) fn kubelet_sync(&mut self) -> Result<bool> {
+        if self.kube().kubelet {
+            return Ok(false);
+        }
         let mut pods = self.list_pods()?;
         let mut changed = false;
         // Scheduler: least-loaded node first, as the manifest mode spreads pods.
@@ -1262,7 +1371,7 @@ impl Lab {
             .collect()
     }
 
-    fn cni_config(&self, node: &cluster::NodeState) -> Value {
+    pub(super) fn cni_config(&self, node: &cluster::NodeState) -> Value {
         let ipam = json!({
             "type": "host-local",
             "dataDir": Files::of(self).cni_state(&node.name),

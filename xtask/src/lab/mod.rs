@@ -5,10 +5,12 @@ mod agent;
 mod apply;
 mod cluster;
 pub mod demo;
+mod images;
 mod knp;
 pub mod kube;
 
 mod net;
+mod nodes;
 mod objects;
 mod probe;
 mod query;
@@ -24,7 +26,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 
-pub use cluster::{AgentChoice, Lab, UpOptions, down};
+pub use cluster::{AgentChoice, Lab, UpOptions, down, node_cgroups_left};
 pub use objects::{Kind, ObjRef, parse_doc, parse_text, read_docs};
 pub use probe::{Outcome, Protocol, Via};
 pub use query::ProbeSpec;
@@ -79,6 +81,12 @@ pub enum LabCommand {
         /// What enforces NetworkPolicy (with `--api kube`, kube-network-policies may instead).
         #[arg(long, value_enum, default_value_t = kube::Enforcer::PolicyAgent, conflicts_with_all = ["agent_bin", "no_agent"])]
         enforcer: kube::Enforcer,
+        /// Real kubelets and containerd on the nodes, and kube-scheduler (with `--api kube`):
+        /// pods come from the API server, the agent from the DaemonSet (`kubectl apply -k
+        /// deploy/overlays/…`, image `policy-agent:dev` already on every node). `lab probe`
+        /// needs the lab's own pods; use `lab kubectl exec` here.
+        #[arg(long, conflicts_with_all = ["no_agent", "enforcer"])]
+        kubelet: bool,
     },
     /// Create or replace the objects in YAML/JSON files or directories, like `kubectl apply`.
     Apply {
@@ -176,6 +184,7 @@ pub fn main(args: LabArgs) -> Result<()> {
             kube_proxy,
             cni,
             enforcer,
+            kubelet,
         } => {
             let agent = match (agent_bin, no_agent) {
                 _ if enforcer == kube::Enforcer::KubeNetworkPolicies => {
@@ -191,6 +200,7 @@ pub fn main(args: LabArgs) -> Result<()> {
                 api,
                 kube_proxy,
                 cni,
+                kubelet,
             };
             let mut lab = Lab::up(prefix, &opts)?;
             lab.converge_timeout = timeout;
