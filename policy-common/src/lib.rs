@@ -78,6 +78,20 @@ pub mod program_names {
     /// Returns what an allowed packet gets (`TC_ACT_UNSPEC`) and does nothing else: the floor of
     /// the per-packet benchmark.
     pub const NOOP: &str = "noop";
+    /// Reference programs of the per-packet benchmark (never loaded by the agent): the work a
+    /// verdict cannot avoid, on the same maps. Each parses the packet as the real programs do,
+    /// then: one CONNTRACK lookup;
+    pub const REF_CT_LOOKUP: &str = "ref_ct_lookup";
+    /// one CONNTRACK insert (LRU);
+    pub const REF_LRU_INSERT: &str = "ref_lru_insert";
+    /// one IPCACHE_V4 longest-prefix lookup of the destination;
+    pub const REF_LPM_LOOKUP: &str = "ref_lpm_lookup";
+    /// the sequence a new allowed flow cannot avoid: CONNTRACK miss, the peer's identities, one
+    /// POLICY probe (with the identity the allowing rule names), CONNTRACK insert.
+    pub const REF_NEW_FLOW: &str = "ref_new_flow";
+    /// The endpoint the reference programs key CONNTRACK and POLICY with (they look up no
+    /// endpoint): the benchmark's measured endpoint.
+    pub const REF_ENDPOINT: u32 = 7;
 }
 
 /// Capacities of the maps. The agent reports pressure against these.

@@ -50,7 +50,7 @@ pub const fn opposite(direction: Direction) -> Direction {
 
 /// The canonical key of `pkt`'s flow at `endpoint`, and whether `pkt` goes from `a` to `b`.
 #[inline(always)]
-fn key(endpoint: u32, pkt: &Packet) -> (CtKey, bool) {
+pub(crate) fn key(endpoint: u32, pkt: &Packet) -> (CtKey, bool) {
     let forward = if pkt.sport != pkt.dport {
         pkt.sport < pkt.dport
     } else {

@@ -6,7 +6,7 @@
 //! - `to_network`: tc egress of the node's uplink and tunnel devices, where Service traffic to
 //!   backends on other nodes gets its post-DNAT egress verdict.
 //! - `noop`: returns what an allowed packet gets and does nothing else; the floor of the
-//!   per-packet benchmark.
+//!   per-packet benchmark. `ref_*` (`reference`): the benchmark's references of unavoidable work.
 //!
 //! Each entry is thin: `decide` (parse → conntrack → identity and policy lookups) produces a
 //! [`Verdict`], and [`finish`] is the one exit that counts it per CPU, reports it on the EVENTS
@@ -33,6 +33,7 @@ mod fragments;
 mod maps;
 mod parse;
 mod policy;
+mod reference;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},

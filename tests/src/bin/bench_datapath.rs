@@ -19,6 +19,14 @@
 //!   reader drains the ring buffer here, so past the rate limit and a full buffer this is the
 //!   cost of the limiter and of a failed reserve, which is what a flood of new flows pays.
 //!
+//! References (`ref_*` programs of the object, never loaded by the agent), measured in the same
+//! run on the same maps, and each real case reported as a ratio to its reference of unavoidable
+//! work: `ct_lookup` (parse + one CONNTRACK lookup; established's reference), `lru_insert`
+//! (parse + one CONNTRACK insert), `lpm_lookup` (parse + one IPCACHE_V4 lookup among the loaded
+//! prefixes), and `new_flow_*` (parse, CONNTRACK lookup, the peer's identities, one POLICY probe,
+//! CONNTRACK insert) on each new-flow scenario's packet. `ratio` is real / reference per policy
+//! count; `growth` is each case at 10,000 policies over the same case at 10.
+//!
 //! Each is measured with 10, 1,000 and 10,000 POLICY entries spread over 100 endpoints and
 //! 4,000 identities, and always 100,000 IPv4 CIDR prefixes (lengths /8../32) in the IPCACHE
 //! besides the pod addresses.
@@ -30,7 +38,9 @@ use ipnetwork::Ipv4Network;
 use policy_agent::compiler::output::MapDiff;
 use policy_common::{
     Config, Direction, IdentityPair, PolicyValue, endpoint_flags, identity,
-    program_names::{FROM_POD, NOOP},
+    program_names::{
+        FROM_POD, NOOP, REF_CT_LOOKUP, REF_ENDPOINT, REF_LPM_LOOKUP, REF_LRU_INSERT, REF_NEW_FLOW,
+    },
     proto,
 };
 use policy_tests::{
@@ -42,7 +52,8 @@ use policy_tests::{
 const POLICY_COUNTS: [usize; 3] = [10, 1_000, 10_000];
 const CIDR_PREFIXES: usize = 100_000;
 
-const EP: u32 = 7;
+/// The measured endpoint, the one the reference programs key their lookups with.
+const EP: u32 = REF_ENDPOINT;
 const PEER: u32 = 5000;
 const CIDR_ID: u32 = identity::CIDR_MIN + 7;
 const ME: &str = "10.0.0.7";
@@ -260,7 +271,17 @@ struct Figures {
     new_port_range: BTreeMap<usize, Sample>,
     denied: BTreeMap<usize, Sample>,
     new_reported: BTreeMap<usize, Sample>,
+    /// Reference programs by name.
+    reference: BTreeMap<&'static str, BTreeMap<usize, Sample>>,
 }
+
+/// Each real case and the reference it is a ratio to.
+const RATIOS: [(&str, &str); 4] = [
+    ("established", "ct_lookup"),
+    ("new_identity", "new_flow_identity"),
+    ("new_cidr", "new_flow_cidr"),
+    ("new_port_range", "new_flow_port_range"),
+];
 
 impl Figures {
     /// The JSON object of one statistic.
@@ -282,7 +303,59 @@ impl Figures {
             "denied": by_count(&self.denied),
             "new_reported": by_count(&self.new_reported),
             "established_by_policies": by_count(&self.established),
+            "reference": serde_json::Value::Object(
+                self.reference
+                    .iter()
+                    .map(|(name, m)| (name.to_string(), by_count(m)))
+                    .collect(),
+            ),
         })
+    }
+
+    fn case(&self, name: &str) -> &BTreeMap<usize, Sample> {
+        match name {
+            "established" => &self.established,
+            "new_identity" => &self.new_identity,
+            "new_cidr" => &self.new_cidr,
+            "new_port_range" => &self.new_port_range,
+            "denied" => &self.denied,
+            "new_reported" => &self.new_reported,
+            other => &self.reference[other],
+        }
+    }
+
+    /// Medians: each real case over its reference, per policy count.
+    fn ratios(&self) -> BTreeMap<&'static str, BTreeMap<usize, f64>> {
+        RATIOS
+            .iter()
+            .map(|&(case, reference)| {
+                let real = self.case(case);
+                let base = &self.reference[reference];
+                let r = real
+                    .iter()
+                    .filter_map(|(n, s)| Some((*n, s.median / base.get(n)?.median)))
+                    .collect();
+                (case, r)
+            })
+            .collect()
+    }
+
+    /// Medians: each case at the most policies over the same case at the fewest.
+    fn growth(&self) -> BTreeMap<&'static str, f64> {
+        let (first, last) = (POLICY_COUNTS[0], POLICY_COUNTS[POLICY_COUNTS.len() - 1]);
+        [
+            "established",
+            "new_identity",
+            "new_cidr",
+            "new_port_range",
+            "denied",
+        ]
+        .into_iter()
+        .filter_map(|case| {
+            let m = self.case(case);
+            Some((case, m.get(&last)?.median / m.get(&first)?.median))
+        })
+        .collect()
     }
 }
 
@@ -359,6 +432,51 @@ fn main() -> Result<()> {
                 table.insert(policies, measure(&f, FROM_POD, &spec, want, &args)?);
             }
         }
+        // The references, after the real programs (their inserts leave entries the real
+        // programs would otherwise find).
+        if wanted("reference") {
+            f.dp.set_config(Config::DEFAULT)?;
+            for name in [REF_CT_LOOKUP, REF_LRU_INSERT, REF_LPM_LOOKUP, REF_NEW_FLOW] {
+                f.dp.load_unpinned(name)?;
+            }
+            let refs = [
+                ("ct_lookup", REF_CT_LOOKUP, est.clone()),
+                (
+                    "lru_insert",
+                    REF_LRU_INSERT,
+                    PacketSpec::tcp(ME, 40011, PEER_ADDR, 80),
+                ),
+                (
+                    "lpm_lookup",
+                    REF_LPM_LOOKUP,
+                    PacketSpec::tcp(ME, 40012, WORLD_ADDR, 443),
+                ),
+                (
+                    "new_flow_identity",
+                    REF_NEW_FLOW,
+                    PacketSpec::tcp(ME, 40013, PEER_ADDR, 80),
+                ),
+                (
+                    "new_flow_cidr",
+                    REF_NEW_FLOW,
+                    PacketSpec::tcp(ME, 40014, WORLD_ADDR, 443),
+                ),
+                (
+                    "new_flow_port_range",
+                    REF_NEW_FLOW,
+                    PacketSpec::tcp(ME, 40015, PEER_ADDR, 8070),
+                ),
+            ];
+            for (name, program, spec) in refs {
+                let sample = measure(&f, program, &spec, TC_ACT_UNSPEC, &args)?;
+                figures
+                    .reference
+                    .entry(name)
+                    .or_default()
+                    .insert(policies, sample);
+            }
+            f.dp.set_config(new_flow_config())?;
+        }
         if wanted("new_reported") {
             let mut reporting = new_flow_config();
             reporting.events_allowed = 1;
@@ -394,6 +512,8 @@ fn main() -> Result<()> {
         // The figures asked for are medians; the minimums ride along under "min".
         let mut out = figures.json(|s| s.median);
         out["min"] = figures.json(|s| s.min);
+        out["ratio"] = serde_json::json!(figures.ratios());
+        out["growth"] = serde_json::json!(figures.growth());
         out["cidr_prefixes"] = serde_json::json!(CIDR_PREFIXES);
         out["unit"] = serde_json::json!("ns/packet");
         println!("{out}");
@@ -425,6 +545,28 @@ fn main() -> Result<()> {
             print!("{:>14}", format!("{ratio:.2}"));
         }
         println!();
+        println!("references (unavoidable work)");
+        for (name, table) in &figures.reference {
+            print!("{name:<22}");
+            for count in POLICY_COUNTS {
+                print!("{:>14}", cell(&table[&count]));
+            }
+            println!();
+        }
+        println!("ratio, real / reference (median)");
+        for (case, by_count) in figures.ratios() {
+            print!("{case:<22}");
+            for count in POLICY_COUNTS {
+                print!("{:>14}", format!("{:.2}", by_count[&count]));
+            }
+            println!();
+        }
+        let growth: Vec<String> = figures
+            .growth()
+            .iter()
+            .map(|(case, g)| format!("{case} {g:.2}"))
+            .collect();
+        println!("growth 10 -> 10,000 policies: {}", growth.join(", "));
     }
     Ok(())
 }
