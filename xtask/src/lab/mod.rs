@@ -224,6 +224,12 @@ pub fn main(args: LabArgs) -> Result<()> {
                     kube::API_PORT,
                     k.proxy_mode.as_str()
                 );
+                if k.kubelet {
+                    println!(
+                        "real nodes: kube-scheduler, and containerd + kubelet on every node; install the agent with \
+                         `cargo xtask lab --prefix {prefix} kubectl apply -k deploy/overlays/kind` (image policy-agent:dev is on every node)"
+                    );
+                }
             }
             print!("{}", lab.get_text(Some(query::Resource::Nodes)));
             println!("{c}");
