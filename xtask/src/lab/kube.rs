@@ -182,6 +182,15 @@ pub(super) fn kubeconfig_text(server: &str, ca: &Path, token: &str) -> String {
     )
 }
 
+/// openssl req arguments for a new unencrypted P-256 key.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     net::run(Command::new("openssl").current_dir(dir).args(args))
         .context("generating the lab's certificates with openssl")
@@ -192,15 +201,8 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
     let d = &files.dir;
     std::fs::create_dir_all(d)?;
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
+    ca.extend(NEW_KEY);
     ca.extend([
         "-keyout",
         "ca.key",
@@ -212,80 +214,22 @@ fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
         "/CN=lab-ca",
     ]);
     openssl(d, &ca)?;
-    let mut csr = vec!["req", "-new"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "apiserver.key",
-        "-out",
-        "apiserver.csr",
-        "-subj",
-        "/CN=kube-apiserver",
-    ]);
-    openssl(d, &csr)?;
     let service_ip = Ipv4Addr::from(u32::from(topo::SERVICE_CIDR.0) + 1);
-    std::fs::write(
-        d.join("apiserver.ext"),
-        format!(
+    signed_cert(
+        d,
+        "apiserver",
+        "/CN=kube-apiserver",
+        &format!(
             "subjectAltName=IP:{CONTROL_PLANE_IP},IP:127.0.0.1,IP:{service_ip},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
         ),
     )?;
-    openssl(
-        d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "apiserver.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-extfile",
-            "apiserver.ext",
-            "-out",
-            "apiserver.crt",
-        ],
-    )?;
     // The API server's identity towards kubelets (exec, logs, port-forward); the kubelets
     // authorize it through the API server (Webhook mode), as system:masters.
-    let mut client = vec!["req", "-new"];
-    client.extend(ec);
-    client.extend([
-        "-keyout",
-        "kubelet-client.key",
-        "-out",
-        "kubelet-client.csr",
-        "-subj",
-        "/O=system:masters/CN=kube-apiserver-kubelet-client",
-    ]);
-    openssl(d, &client)?;
-    std::fs::write(
-        d.join("kubelet-client.ext"),
-        "extendedKeyUsage=clientAuth\n",
-    )?;
-    openssl(
+    signed_cert(
         d,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "kubelet-client.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-extfile",
-            "kubelet-client.ext",
-            "-out",
-            "kubelet-client.crt",
-        ],
+        "kubelet-client",
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+        "extendedKeyUsage=clientAuth\n",
     )?;
     openssl(
         d,
@@ -330,6 +274,42 @@ fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
         ),
     )?;
     Ok(token)
+}
+
+/// `<name>.key` and `<name>.crt`, a P-256 key and a certificate for `subject` signed by the
+/// lab's CA, with the X.509 extensions `ext` (openssl extfile syntax).
+fn signed_cert(d: &Path, name: &str, subject: &str, ext: &str) -> Result<()> {
+    let (key, csr, crt, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.ext"),
+    );
+    let mut req = vec!["req", "-new"];
+    req.extend(NEW_KEY);
+    req.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+    openssl(d, &req)?;
+    std::fs::write(d.join(&extfile), ext)?;
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            &extfile,
+            "-out",
+            &crt,
+        ],
+    )
 }
 
 fn wait_tcp(
