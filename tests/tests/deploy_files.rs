@@ -22,6 +22,7 @@ const TOOL_FLAGS: &[(&str, &str)] = &[
     ("--disable-network-policy", "k3s server"),
     ("--focus", "ginkgo"),
     ("--skip", "ginkgo"),
+    ("--flavor", "cargo xtask e2e"),
 ];
 
 fn kind_image() -> String {

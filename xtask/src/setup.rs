@@ -30,14 +30,12 @@ const APT_PACKAGES: &[&str] = &[
     "graphviz",
     // The deploy tests lint the kind scripts.
     "shellcheck",
-    // Real nodes (`lab up --kubelet`, `cargo xtask e2e`): the container runtime, and umoci to
-    // assemble the images without a registry or a container engine; gcc builds the pause binary.
-    "containerd",
-    "runc",
-    "umoci",
-    "gcc",
-    "libc6-dev",
 ];
+
+/// Debian packages of the real nodes (`lab up --kubelet`, `cargo xtask e2e`): the container
+/// runtime, umoci to assemble the images without a registry or a container engine, and gcc with
+/// the static C library for the pause binary.
+const NODE_PACKAGES: &[&str] = &["containerd", "runc", "umoci", "gcc", "libc6-dev"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
@@ -74,6 +72,7 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
 fn apt_packages() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
+        .chain(NODE_PACKAGES)
         .copied()
         .filter(|pkg| {
             output("dpkg-query", &["-W", "-f=${Status}", pkg])
