@@ -223,7 +223,7 @@ fn markdown(r: &Value) -> String {
         };
         format!("{} ({})", pick(d), pick(&d["min"]))
     };
-    s += "| datapath (ns/packet, BPF_PROG_TEST_RUN, 100k CIDR prefixes loaded; median (min)) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
+    s += "| datapath (ns/packet, BPF_PROG_TEST_RUN, 100k IPv4 and 100k IPv6 CIDR prefixes loaded; median (min)) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
     s += &format!(
         "| floor (program returning OK) | {} | | |\n| established flow | {} | | |\n",
         cell(&["floor"]),
@@ -234,6 +234,9 @@ fn markdown(r: &Value) -> String {
         ("new_cidr", "new flow, allowed by CIDR"),
         ("new_port_range", "new flow, allowed by port range"),
         ("denied", "new flow, denied"),
+        ("established_v6", "IPv6: established flow"),
+        ("new_identity_v6", "IPv6: new flow, allowed by identity"),
+        ("new_cidr_v6", "IPv6: new flow, allowed by CIDR"),
     ] {
         s += &format!(
             "| {label} | {} | {} | {} |\n",
@@ -248,6 +251,15 @@ fn markdown(r: &Value) -> String {
         ("new_identity", "new, identity / unavoidable sequence"),
         ("new_cidr", "new, CIDR / unavoidable sequence"),
         ("new_port_range", "new, port range / unavoidable sequence"),
+        (
+            "established_v6",
+            "IPv6: established / (parse + CONNTRACK lookup)",
+        ),
+        (
+            "new_identity_v6",
+            "IPv6: new, identity / unavoidable sequence",
+        ),
+        ("new_cidr_v6", "IPv6: new, CIDR / unavoidable sequence"),
     ] {
         let ratio = |n: &str| num(&r["datapath_ratio"][k][n]);
         s += &format!(

@@ -27,14 +27,18 @@
 //! CONNTRACK insert) on each new-flow scenario's packet. `ratio` is real / reference per policy
 //! count; `growth` is each case at 10,000 policies over the same case at 10.
 //!
+//! IPv6: `established_v6`, `new_identity_v6` and `new_cidr_v6` are the same flows between the
+//! pods' IPv6 addresses (and an IPv6 world prefix carrying the same CIDR identity), allowed by the
+//! same POLICY entries, with their references on the same packets.
+//!
 //! Each is measured with 10, 1,000 and 10,000 POLICY entries spread over 100 endpoints and
-//! 4,000 identities, and always 100,000 IPv4 CIDR prefixes (lengths /8../32) in the IPCACHE
-//! besides the pod addresses.
+//! 4,000 identities, and always 100,000 IPv4 and 100,000 IPv6 CIDR prefixes (/8../32, /16../64)
+//! in the IPCACHE besides the pod addresses.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use policy_agent::compiler::output::MapDiff;
 use policy_common::{
     Config, Direction, IdentityPair, PolicyValue, endpoint_flags, identity,
@@ -61,6 +65,11 @@ const PEER_ADDR: &str = "10.0.3.9";
 /// Inside `WORLD_NET`, which carries CIDR_ID.
 const WORLD_ADDR: &str = "203.0.113.77";
 const WORLD_NET: &str = "203.0.113.0/24";
+const ME6: &str = "fd00:10::7";
+const PEER_ADDR6: &str = "fd00:10:3::9";
+/// Inside `WORLD_NET6`, which carries CIDR_ID as `WORLD_NET` does.
+const WORLD_ADDR6: &str = "2001:db8:77::77";
+const WORLD_NET6: &str = "2001:db8:77::/48";
 
 struct Args {
     json: bool,
@@ -154,12 +163,44 @@ fn cidr_prefixes(rng: &mut Rng) -> BTreeMap<Ipv4Network, IdentityPair> {
     out
 }
 
+/// 100,000 distinct IPv6 prefixes (/16../64) in 2000::/4, clear of 2001::/16 (the measured world
+/// prefix is in it).
+fn cidr_prefixes_v6(rng: &mut Rng) -> BTreeMap<Ipv6Network, IdentityPair> {
+    let mut out = BTreeMap::new();
+    let mut n = 0u32;
+    while out.len() < CIDR_PREFIXES {
+        let len = 16 + rng.below(49) as u8;
+        let top = 0x2000 | rng.below(0x1000) as u128;
+        let addr =
+            ((top << 112) | ((rng.next() as u128) << 48)) & (u128::MAX << (128 - len as u32));
+        // 2001::/16 holds the measured world prefix.
+        if top == 0x2001 {
+            continue;
+        }
+        n += 1;
+        let net = Ipv6Network::new(addr.into(), len).expect("valid prefix length");
+        out.insert(
+            net,
+            IdentityPair {
+                identity: identity::WORLD,
+                cidr_identity: identity::CIDR_MIN + 200_000 + n,
+            },
+        );
+    }
+    out
+}
+
 /// A dataplane holding `policies` POLICY entries (the measured ones included) and the IPCACHE.
-fn setup(policies: usize, cidrs: &BTreeMap<Ipv4Network, IdentityPair>) -> Result<Fixture> {
+fn setup(
+    policies: usize,
+    cidrs: &BTreeMap<Ipv4Network, IdentityPair>,
+    cidrs6: &BTreeMap<Ipv6Network, IdentityPair>,
+) -> Result<Fixture> {
     let mut f = Fixture::new("bench")?;
     f.endpoint(TEST_IFINDEX, EP, 1000, endpoint_flags::EGRESS_ISOLATED)?;
     let mut diff = MapDiff {
         ipcache_v4_upsert: cidrs.clone(),
+        ipcache_v6_upsert: cidrs6.clone(),
         ..MapDiff::default()
     };
     let pair = |identity| IdentityPair {
@@ -170,13 +211,16 @@ fn setup(policies: usize, cidrs: &BTreeMap<Ipv4Network, IdentityPair>) -> Result
         .insert(format!("{ME}/32").parse()?, pair(1000));
     diff.ipcache_v4_upsert
         .insert(format!("{PEER_ADDR}/32").parse()?, pair(PEER));
-    diff.ipcache_v4_upsert.insert(
-        WORLD_NET.parse()?,
-        IdentityPair {
-            identity: identity::WORLD,
-            cidr_identity: CIDR_ID,
-        },
-    );
+    let world = IdentityPair {
+        identity: identity::WORLD,
+        cidr_identity: CIDR_ID,
+    };
+    diff.ipcache_v4_upsert.insert(WORLD_NET.parse()?, world);
+    diff.ipcache_v6_upsert
+        .insert(format!("{ME6}/128").parse()?, pair(1000));
+    diff.ipcache_v6_upsert
+        .insert(format!("{PEER_ADDR6}/128").parse()?, pair(PEER));
+    diff.ipcache_v6_upsert.insert(WORLD_NET6.parse()?, world);
     // Pod addresses of the other identities.
     for i in 0..4000u32 {
         let addr = std::net::Ipv4Addr::from(0x0a01_0000 + i);
@@ -271,16 +315,22 @@ struct Figures {
     new_port_range: BTreeMap<usize, Sample>,
     denied: BTreeMap<usize, Sample>,
     new_reported: BTreeMap<usize, Sample>,
+    established_v6: BTreeMap<usize, Sample>,
+    new_identity_v6: BTreeMap<usize, Sample>,
+    new_cidr_v6: BTreeMap<usize, Sample>,
     /// Reference programs by name.
     reference: BTreeMap<&'static str, BTreeMap<usize, Sample>>,
 }
 
 /// Each real case and the reference it is a ratio to.
-const RATIOS: [(&str, &str); 4] = [
+const RATIOS: [(&str, &str); 7] = [
     ("established", "ct_lookup"),
     ("new_identity", "new_flow_identity"),
     ("new_cidr", "new_flow_cidr"),
     ("new_port_range", "new_flow_port_range"),
+    ("established_v6", "ct_lookup_v6"),
+    ("new_identity_v6", "new_flow_identity_v6"),
+    ("new_cidr_v6", "new_flow_cidr_v6"),
 ];
 
 impl Figures {
@@ -303,6 +353,9 @@ impl Figures {
             "denied": by_count(&self.denied),
             "new_reported": by_count(&self.new_reported),
             "established_by_policies": by_count(&self.established),
+            "established_v6": by_count(&self.established_v6),
+            "new_identity_v6": by_count(&self.new_identity_v6),
+            "new_cidr_v6": by_count(&self.new_cidr_v6),
             "reference": serde_json::Value::Object(
                 self.reference
                     .iter()
@@ -320,6 +373,9 @@ impl Figures {
             "new_port_range" => &self.new_port_range,
             "denied" => &self.denied,
             "new_reported" => &self.new_reported,
+            "established_v6" => &self.established_v6,
+            "new_identity_v6" => &self.new_identity_v6,
+            "new_cidr_v6" => &self.new_cidr_v6,
             other => &self.reference[other],
         }
     }
@@ -349,6 +405,9 @@ impl Figures {
             "new_cidr",
             "new_port_range",
             "denied",
+            "established_v6",
+            "new_identity_v6",
+            "new_cidr_v6",
         ]
         .into_iter()
         .filter_map(|case| {
@@ -365,6 +424,7 @@ fn main() -> Result<()> {
     policy_tests::pin_to_cpu(0)?;
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let cidrs = cidr_prefixes(&mut rng);
+    let cidrs6 = cidr_prefixes_v6(&mut rng);
     let mut figures = Figures::default();
 
     let filtered = args.policies.is_some() || args.only.is_some();
@@ -373,8 +433,10 @@ fn main() -> Result<()> {
         if args.policies.is_some_and(|n| n != policies) {
             continue;
         }
-        eprintln!("loading {policies} policies and {CIDR_PREFIXES} CIDR prefixes...");
-        let mut f = setup(policies, &cidrs)?;
+        eprintln!(
+            "loading {policies} policies and {CIDR_PREFIXES} IPv4 and {CIDR_PREFIXES} IPv6 CIDR prefixes..."
+        );
+        let mut f = setup(policies, &cidrs, &cidrs6)?;
         if policies == POLICY_COUNTS[0] || filtered {
             f.dp.load_unpinned(NOOP)?;
             figures.floor = measure(
@@ -398,6 +460,20 @@ fn main() -> Result<()> {
             figures
                 .established
                 .insert(policies, measure(&f, FROM_POD, &est, TC_ACT_UNSPEC, &args)?);
+        }
+        let flow6 = PacketSpec::tcp(ME6, 40000, PEER_ADDR6, 80);
+        f.expect(
+            FROM_POD,
+            &flow6,
+            0,
+            &[policy_common::Reason::AllowedByPolicy],
+        )?;
+        let est6 = flow6.flags(TCP_ACK);
+        if wanted("established_v6") {
+            figures.established_v6.insert(
+                policies,
+                measure(&f, FROM_POD, &est6, TC_ACT_UNSPEC, &args)?,
+            );
         }
 
         f.dp.set_config(new_flow_config())?;
@@ -425,6 +501,18 @@ fn main() -> Result<()> {
                 &mut figures.denied,
                 PacketSpec::tcp(ME, 40004, PEER_ADDR, 9),
                 TC_ACT_SHOT,
+            ),
+            (
+                "new_identity_v6",
+                &mut figures.new_identity_v6,
+                PacketSpec::tcp(ME6, 40001, PEER_ADDR6, 80),
+                TC_ACT_UNSPEC,
+            ),
+            (
+                "new_cidr_v6",
+                &mut figures.new_cidr_v6,
+                PacketSpec::tcp(ME6, 40002, WORLD_ADDR6, 443),
+                TC_ACT_UNSPEC,
             ),
         ];
         for (name, table, spec, want) in cases {
@@ -466,6 +554,17 @@ fn main() -> Result<()> {
                     REF_NEW_FLOW,
                     PacketSpec::tcp(ME, 40015, PEER_ADDR, 8070),
                 ),
+                ("ct_lookup_v6", REF_CT_LOOKUP, est6.clone()),
+                (
+                    "new_flow_identity_v6",
+                    REF_NEW_FLOW,
+                    PacketSpec::tcp(ME6, 40013, PEER_ADDR6, 80),
+                ),
+                (
+                    "new_flow_cidr_v6",
+                    REF_NEW_FLOW,
+                    PacketSpec::tcp(ME6, 40014, WORLD_ADDR6, 443),
+                ),
             ];
             for (name, program, spec) in refs {
                 let sample = measure(&f, program, &spec, TC_ACT_UNSPEC, &args)?;
@@ -500,6 +599,9 @@ fn main() -> Result<()> {
             ("new_port_range", &figures.new_port_range),
             ("denied", &figures.denied),
             ("new_reported", &figures.new_reported),
+            ("established_v6", &figures.established_v6),
+            ("new_identity_v6", &figures.new_identity_v6),
+            ("new_cidr_v6", &figures.new_cidr_v6),
         ] {
             for (policies, sample) in table {
                 println!("{name:<16}{policies:>6} policies  {}", cell(sample));
@@ -519,7 +621,7 @@ fn main() -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "ns per packet, median (min) of {} kernel runs x {} packets; {CIDR_PREFIXES} CIDR prefixes loaded",
+            "ns per packet, median (min) of {} kernel runs x {} packets; {CIDR_PREFIXES} IPv4 and {CIDR_PREFIXES} IPv6 CIDR prefixes loaded",
             args.rounds, args.repeat
         );
         println!("{:<16}{:>14}{:>14}{:>14}", "policies", 10, 1000, 10000);
@@ -532,6 +634,9 @@ fn main() -> Result<()> {
             ("new_port_range", &figures.new_port_range),
             ("denied", &figures.denied),
             ("new_reported", &figures.new_reported),
+            ("established_v6", &figures.established_v6),
+            ("new_identity_v6", &figures.new_identity_v6),
+            ("new_cidr_v6", &figures.new_cidr_v6),
         ] {
             print!("{name:<16}");
             for count in POLICY_COUNTS {
