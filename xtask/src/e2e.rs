@@ -162,6 +162,8 @@ struct Summary {
 }
 
 fn suite(lab: &Lab, args: &Args, bins: &kube::Binaries, report_dir: &Path) -> Result<Summary> {
+    let focus = regex::Regex::new(&args.focus)
+        .with_context(|| format!("--focus {:?} is not a regular expression", args.focus))?;
     let log = report_dir.join("ginkgo.log");
     let out = std::fs::File::create(&log)?;
     let mut cmd = lab.control_plane_command(&bins.path("ginkgo"))?;
@@ -198,9 +200,8 @@ fn suite(lab: &Lab, args: &Args, bins: &kube::Binaries, report_dir: &Path) -> Re
     let report = std::fs::read_to_string(&junit)
         .with_context(|| format!("ginkgo wrote no JUnit report ({})", junit.display()))?;
     let cases = junit_cases(&report);
-    let focus = regex_lite(&args.focus);
     let mut not_run = 0;
-    for c in cases.iter().filter(|c| focus(&c.name)) {
+    for c in cases.iter().filter(|c| focus.is_match(&c.name)) {
         if let Some(reason) = &c.skipped {
             not_run += 1;
             println!("not run: {} — {reason}", c.name);
@@ -212,7 +213,7 @@ fn suite(lab: &Lab, args: &Args, bins: &kube::Binaries, report_dir: &Path) -> Re
     }
     let ran = cases
         .iter()
-        .filter(|c| focus(&c.name) && c.skipped.is_none())
+        .filter(|c| focus.is_match(&c.name) && c.skipped.is_none())
         .count();
     Ok(Summary {
         line: format!(
@@ -294,11 +295,6 @@ fn unescape(s: &str) -> String {
         .replace("&amp;", "&")
 }
 
-/// ginkgo's focus as a substring test; only plain words and `a|b` alternatives are supported.
-fn regex_lite(focus: &str) -> impl Fn(&str) -> bool + '_ {
-    move |name: &str| focus.split('|').any(|f| name.contains(f))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,8 +315,8 @@ mod tests {
         assert_eq!(cases[1].skipped.as_deref(), Some("skipped - filtered out"));
         assert!(cases[2].failed);
         assert_eq!(cases[3].skipped.as_deref(), Some("skipped"));
-        let netpol = regex_lite("Netpol");
-        assert_eq!(cases.iter().filter(|c| netpol(&c.name)).count(), 3);
+        let netpol = regex::Regex::new("Netpol").unwrap();
+        assert_eq!(cases.iter().filter(|c| netpol.is_match(&c.name)).count(), 3);
     }
 
     #[test]
