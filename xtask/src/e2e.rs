@@ -162,8 +162,11 @@ struct Summary {
 }
 
 fn suite(lab: &Lab, args: &Args, bins: &kube::Binaries, report_dir: &Path) -> Result<Summary> {
-    let focus = regex::Regex::new(&args.focus)
-        .with_context(|| format!("--focus {:?} is not a regular expression", args.focus))?;
+    let pattern = |flag: &str, re: &str| {
+        regex::Regex::new(re)
+            .with_context(|| format!("--{flag} {re:?} is not a regular expression"))
+    };
+    let (focus, skip) = (pattern("focus", &args.focus)?, pattern("skip", &args.skip)?);
     let log = report_dir.join("ginkgo.log");
     let out = std::fs::File::create(&log)?;
     let mut cmd = lab.control_plane_command(&bins.path("ginkgo"))?;
@@ -200,30 +203,65 @@ fn suite(lab: &Lab, args: &Args, bins: &kube::Binaries, report_dir: &Path) -> Re
     let report = std::fs::read_to_string(&junit)
         .with_context(|| format!("ginkgo wrote no JUnit report ({})", junit.display()))?;
     let cases = junit_cases(&report);
-    let mut not_run = 0;
-    for c in cases.iter().filter(|c| focus.is_match(&c.name)) {
-        if let Some(reason) = &c.skipped {
-            not_run += 1;
-            println!("not run: {} — {reason}", c.name);
-        }
+    let tally = Tally::of(&cases, &focus, &skip);
+    for c in &tally.by_skip {
+        println!(
+            "not run (--skip): {} — {}",
+            c.name,
+            c.skipped.as_deref().unwrap_or_default()
+        );
+    }
+    for c in &tally.at_run_time {
+        println!(
+            "NOT RUN, skipped at run time: {} — {}",
+            c.name,
+            c.skipped.as_deref().unwrap_or_default()
+        );
     }
     let failed: Vec<&Case> = cases.iter().filter(|c| c.failed).collect();
     for c in &failed {
         println!("FAILED: {}", c.name);
     }
-    let ran = cases
-        .iter()
-        .filter(|c| focus.is_match(&c.name) && c.skipped.is_none())
-        .count();
+    let (ran, not_run, at_run_time) = (
+        tally.ran,
+        tally.by_skip.len() + tally.at_run_time.len(),
+        tally.at_run_time.len(),
+    );
     Ok(Summary {
         line: format!(
-            "{ran} Netpol specs ran, {} failed, {not_run} not run, in {:.0} s (ginkgo exit {})",
+            "{ran} Netpol specs ran, {} failed, {not_run} not run ({at_run_time} of them skipped at run time), in {:.0} s (ginkgo exit {})",
             failed.len(),
             t.elapsed().as_secs_f64(),
             status.code().unwrap_or(-1)
         ),
-        success: status.success() && failed.is_empty() && ran > 0,
+        success: status.success() && failed.is_empty() && ran > 0 && at_run_time == 0,
     })
+}
+
+/// The focused specs of a report: how many ran, which `--skip` left out, and which were skipped
+/// at run time (a feature the cluster lacks, a failed precondition) — the last fail the run.
+struct Tally<'a> {
+    ran: usize,
+    by_skip: Vec<&'a Case>,
+    at_run_time: Vec<&'a Case>,
+}
+
+impl<'a> Tally<'a> {
+    fn of(cases: &'a [Case], focus: &regex::Regex, skip: &regex::Regex) -> Tally<'a> {
+        let mut t = Tally {
+            ran: 0,
+            by_skip: Vec::new(),
+            at_run_time: Vec::new(),
+        };
+        for c in cases.iter().filter(|c| focus.is_match(&c.name)) {
+            match (&c.skipped, skip.is_match(&c.name)) {
+                (None, _) => t.ran += 1,
+                (Some(_), true) => t.by_skip.push(c),
+                (Some(_), false) => t.at_run_time.push(c),
+            }
+        }
+        t
+    }
 }
 
 /// ginkgo's closing lines: `Ran 45 of 7144 Specs in …`, `SUCCESS!`/`FAIL!`, the counts.
@@ -316,7 +354,16 @@ mod tests {
         assert!(cases[2].failed);
         assert_eq!(cases[3].skipped.as_deref(), Some("skipped"));
         let netpol = regex::Regex::new("Netpol").unwrap();
-        assert_eq!(cases.iter().filter(|c| netpol.is_match(&c.name)).count(), 3);
+        let sctp = regex::Regex::new("Feature:SCTPConnectivity").unwrap();
+        let t = Tally::of(&cases, &netpol, &sctp);
+        assert_eq!(t.ran, 2, "the passed and the failed spec ran");
+        assert_eq!(t.by_skip.len(), 1);
+        assert!(t.at_run_time.is_empty());
+        // Skipped without --skip naming it: skipped at run time.
+        let nothing = regex::Regex::new("no spec has this name").unwrap();
+        let t = Tally::of(&cases, &netpol, &nothing);
+        assert_eq!(t.at_run_time.len(), 1);
+        assert!(t.at_run_time[0].name.contains("SCTPConnectivity"));
     }
 
     #[test]
