@@ -306,18 +306,27 @@ fn new_flow_config() -> Config {
     config
 }
 
+/// The real cases, in the order they are printed.
+const CASES: [&str; 9] = [
+    "established",
+    "new_identity",
+    "new_cidr",
+    "new_port_range",
+    "denied",
+    "new_reported",
+    "established_v6",
+    "new_identity_v6",
+    "new_cidr_v6",
+];
+
+/// A case not measured in this run (`--only`, `--policies`).
+static NOT_MEASURED: BTreeMap<usize, Sample> = BTreeMap::new();
+
 #[derive(Default)]
 struct Figures {
     floor: Sample,
-    established: BTreeMap<usize, Sample>,
-    new_identity: BTreeMap<usize, Sample>,
-    new_cidr: BTreeMap<usize, Sample>,
-    new_port_range: BTreeMap<usize, Sample>,
-    denied: BTreeMap<usize, Sample>,
-    new_reported: BTreeMap<usize, Sample>,
-    established_v6: BTreeMap<usize, Sample>,
-    new_identity_v6: BTreeMap<usize, Sample>,
-    new_cidr_v6: BTreeMap<usize, Sample>,
+    /// Real cases by name ([`CASES`]), then by policy count.
+    cases: BTreeMap<&'static str, BTreeMap<usize, Sample>>,
     /// Reference programs by name.
     reference: BTreeMap<&'static str, BTreeMap<usize, Sample>>,
 }
@@ -344,40 +353,33 @@ impl Figures {
             )
         };
         let last = POLICY_COUNTS[POLICY_COUNTS.len() - 1];
-        serde_json::json!({
+        let mut out = serde_json::json!({
             "floor": stat(&self.floor),
-            "established": stat(&self.established[&last]),
-            "new_identity": by_count(&self.new_identity),
-            "new_cidr": by_count(&self.new_cidr),
-            "new_port_range": by_count(&self.new_port_range),
-            "denied": by_count(&self.denied),
-            "new_reported": by_count(&self.new_reported),
-            "established_by_policies": by_count(&self.established),
-            "established_v6": by_count(&self.established_v6),
-            "new_identity_v6": by_count(&self.new_identity_v6),
-            "new_cidr_v6": by_count(&self.new_cidr_v6),
+            "established": stat(&self.case("established")[&last]),
+            "established_by_policies": by_count(self.case("established")),
             "reference": serde_json::Value::Object(
                 self.reference
                     .iter()
                     .map(|(name, m)| (name.to_string(), by_count(m)))
                     .collect(),
             ),
-        })
+        });
+        for name in CASES.iter().filter(|&&n| n != "established") {
+            out[*name] = by_count(self.case(name));
+        }
+        out
     }
 
+    fn record(&mut self, case: &'static str, policies: usize, sample: Sample) {
+        self.cases.entry(case).or_default().insert(policies, sample);
+    }
+
+    /// A real case or a reference, by name.
     fn case(&self, name: &str) -> &BTreeMap<usize, Sample> {
-        match name {
-            "established" => &self.established,
-            "new_identity" => &self.new_identity,
-            "new_cidr" => &self.new_cidr,
-            "new_port_range" => &self.new_port_range,
-            "denied" => &self.denied,
-            "new_reported" => &self.new_reported,
-            "established_v6" => &self.established_v6,
-            "new_identity_v6" => &self.new_identity_v6,
-            "new_cidr_v6" => &self.new_cidr_v6,
-            other => &self.reference[other],
-        }
+        self.cases
+            .get(name)
+            .or_else(|| self.reference.get(name))
+            .unwrap_or(&NOT_MEASURED)
     }
 
     /// Medians: each real case over its reference, per policy count.
@@ -386,7 +388,7 @@ impl Figures {
             .iter()
             .map(|&(case, reference)| {
                 let real = self.case(case);
-                let base = &self.reference[reference];
+                let base = self.case(reference);
                 let r = real
                     .iter()
                     .filter_map(|(n, s)| Some((*n, s.median / base.get(n)?.median)))
@@ -399,22 +401,14 @@ impl Figures {
     /// Medians: each case at the most policies over the same case at the fewest.
     fn growth(&self) -> BTreeMap<&'static str, f64> {
         let (first, last) = (POLICY_COUNTS[0], POLICY_COUNTS[POLICY_COUNTS.len() - 1]);
-        [
-            "established",
-            "new_identity",
-            "new_cidr",
-            "new_port_range",
-            "denied",
-            "established_v6",
-            "new_identity_v6",
-            "new_cidr_v6",
-        ]
-        .into_iter()
-        .filter_map(|case| {
-            let m = self.case(case);
-            Some((case, m.get(&last)?.median / m.get(&first)?.median))
-        })
-        .collect()
+        CASES
+            .into_iter()
+            .filter(|&case| case != "new_reported")
+            .filter_map(|case| {
+                let m = self.case(case);
+                Some((case, m.get(&last)?.median / m.get(&first)?.median))
+            })
+            .collect()
     }
 }
 
@@ -457,9 +451,8 @@ fn main() -> Result<()> {
         )?;
         let est = flow.flags(TCP_ACK);
         if wanted("established") {
-            figures
-                .established
-                .insert(policies, measure(&f, FROM_POD, &est, TC_ACT_UNSPEC, &args)?);
+            let sample = measure(&f, FROM_POD, &est, TC_ACT_UNSPEC, &args)?;
+            figures.record("established", policies, sample);
         }
         let flow6 = PacketSpec::tcp(ME6, 40000, PEER_ADDR6, 80);
         f.expect(
@@ -470,54 +463,47 @@ fn main() -> Result<()> {
         )?;
         let est6 = flow6.flags(TCP_ACK);
         if wanted("established_v6") {
-            figures.established_v6.insert(
-                policies,
-                measure(&f, FROM_POD, &est6, TC_ACT_UNSPEC, &args)?,
-            );
+            let sample = measure(&f, FROM_POD, &est6, TC_ACT_UNSPEC, &args)?;
+            figures.record("established_v6", policies, sample);
         }
 
         f.dp.set_config(new_flow_config())?;
         let cases = [
             (
                 "new_identity",
-                &mut figures.new_identity,
                 PacketSpec::tcp(ME, 40001, PEER_ADDR, 80),
                 TC_ACT_UNSPEC,
             ),
             (
                 "new_cidr",
-                &mut figures.new_cidr,
                 PacketSpec::tcp(ME, 40002, WORLD_ADDR, 443),
                 TC_ACT_UNSPEC,
             ),
             (
                 "new_port_range",
-                &mut figures.new_port_range,
                 PacketSpec::tcp(ME, 40003, PEER_ADDR, 8070),
                 TC_ACT_UNSPEC,
             ),
             (
                 "denied",
-                &mut figures.denied,
                 PacketSpec::tcp(ME, 40004, PEER_ADDR, 9),
                 TC_ACT_SHOT,
             ),
             (
                 "new_identity_v6",
-                &mut figures.new_identity_v6,
                 PacketSpec::tcp(ME6, 40001, PEER_ADDR6, 80),
                 TC_ACT_UNSPEC,
             ),
             (
                 "new_cidr_v6",
-                &mut figures.new_cidr_v6,
                 PacketSpec::tcp(ME6, 40002, WORLD_ADDR6, 443),
                 TC_ACT_UNSPEC,
             ),
         ];
-        for (name, table, spec, want) in cases {
+        for (name, spec, want) in cases {
             if wanted(name) {
-                table.insert(policies, measure(&f, FROM_POD, &spec, want, &args)?);
+                let sample = measure(&f, FROM_POD, &spec, want, &args)?;
+                figures.record(name, policies, sample);
             }
         }
         // The references, after the real programs (their inserts leave entries the real
@@ -581,10 +567,8 @@ fn main() -> Result<()> {
             reporting.events_allowed = 1;
             f.dp.set_config(reporting)?;
             let spec = PacketSpec::tcp(ME, 40005, PEER_ADDR, 80);
-            figures.new_reported.insert(
-                policies,
-                measure(&f, FROM_POD, &spec, TC_ACT_UNSPEC, &args)?,
-            );
+            let sample = measure(&f, FROM_POD, &spec, TC_ACT_UNSPEC, &args)?;
+            figures.record("new_reported", policies, sample);
         }
     }
 
@@ -592,17 +576,8 @@ fn main() -> Result<()> {
         let cell = |s: &Sample| format!("{:.0} ({:.0})", s.median, s.min);
         println!("ns per packet, median (min)");
         println!("{:<16}{}", "floor (noop)", cell(&figures.floor));
-        for (name, table) in [
-            ("established", &figures.established),
-            ("new_identity", &figures.new_identity),
-            ("new_cidr", &figures.new_cidr),
-            ("new_port_range", &figures.new_port_range),
-            ("denied", &figures.denied),
-            ("new_reported", &figures.new_reported),
-            ("established_v6", &figures.established_v6),
-            ("new_identity_v6", &figures.new_identity_v6),
-            ("new_cidr_v6", &figures.new_cidr_v6),
-        ] {
+        for name in CASES {
+            let table = figures.case(name);
             for (policies, sample) in table {
                 println!("{name:<16}{policies:>6} policies  {}", cell(sample));
             }
@@ -627,17 +602,8 @@ fn main() -> Result<()> {
         println!("{:<16}{:>14}{:>14}{:>14}", "policies", 10, 1000, 10000);
         let cell = |s: &Sample| format!("{:.0} ({:.0})", s.median, s.min);
         println!("{:<16}{:>14}", "floor (noop)", cell(&figures.floor));
-        for (name, table) in [
-            ("established", &figures.established),
-            ("new_identity", &figures.new_identity),
-            ("new_cidr", &figures.new_cidr),
-            ("new_port_range", &figures.new_port_range),
-            ("denied", &figures.denied),
-            ("new_reported", &figures.new_reported),
-            ("established_v6", &figures.established_v6),
-            ("new_identity_v6", &figures.new_identity_v6),
-            ("new_cidr_v6", &figures.new_cidr_v6),
-        ] {
+        for name in CASES {
+            let table = figures.case(name);
             print!("{name:<16}");
             for count in POLICY_COUNTS {
                 print!("{:>14}", cell(&table[&count]));
@@ -646,7 +612,8 @@ fn main() -> Result<()> {
         }
         print!("{:<16}", "reported/new");
         for count in POLICY_COUNTS {
-            let ratio = figures.new_reported[&count].median / figures.new_identity[&count].median;
+            let ratio = figures.case("new_reported")[&count].median
+                / figures.case("new_identity")[&count].median;
             print!("{:>14}", format!("{ratio:.2}"));
         }
         println!();
