@@ -71,15 +71,15 @@ pub fn run(as_json: bool) -> Result<()> {
     ])?;
 
     let mut datapath = run_json("bench_datapath", &["--json"])?;
-    // Each real case over its reference of unavoidable work, and growth with the policy count.
-    let datapath_ratio = datapath
-        .as_object_mut()
-        .and_then(|o| o.remove("ratio"))
-        .unwrap_or(Value::Null);
-    let datapath_growth = datapath
-        .as_object_mut()
-        .and_then(|o| o.remove("growth"))
-        .unwrap_or(Value::Null);
+    // Each real case over its reference of unavoidable work, and growth with the policy count,
+    // move to keys of their own.
+    let mut take = |key: &str| {
+        datapath
+            .as_object_mut()
+            .and_then(|o| o.remove(key))
+            .unwrap_or(Value::Null)
+    };
+    let (datapath_ratio, datapath_growth) = (take("ratio"), take("growth"));
     let throughput = run_json(
         "bench_throughput",
         &[

@@ -153,7 +153,7 @@ fn kubernetes_source() -> Result<PathBuf> {
 }
 
 /// One image as an OCI archive at `out`.
-pub fn build(image: &Image, out: &Path) -> Result<()> {
+fn build(image: &Image, out: &Path) -> Result<()> {
     let work = out.with_extension("work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;

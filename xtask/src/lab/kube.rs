@@ -579,8 +579,8 @@ impl Lab {
             "--v=1".into(),
         ]);
         self.add_component("kube-controller-manager", &cp, kcm, false)?;
-        if kubelet.is_some() {
-            let node_bins = crate::kube::ensure_node()?;
+        let node_bins = kubelet.map(|_| crate::kube::ensure_node()).transpose()?;
+        if let Some(node_bins) = &node_bins {
             let mut sched = Command::new(node_bins.path("kube-scheduler"));
             sched.args([
                 format!("--kubeconfig={}", files.admin_kubeconfig().display()),
@@ -660,8 +660,8 @@ impl Lab {
                 )?;
             }
         }
-        if let Some(agent_bin) = kubelet {
-            self.start_nodes(agent_bin)?;
+        if let (Some(agent_bin), Some(node_bins)) = (kubelet, &node_bins) {
+            self.start_nodes(agent_bin, node_bins)?;
         }
         self.wait_service_account("default")?;
         Ok(())

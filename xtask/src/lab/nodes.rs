@@ -55,13 +55,16 @@ pub fn component(node: &str) -> String {
 impl Lab {
     /// Builds the images, starts containerd and the kubelet on every node, and waits until every
     /// node is Ready and schedulable.
-    pub(crate) fn start_nodes(&mut self, agent_bin: &Path) -> Result<()> {
-        let node_bins = crate::kube::ensure_node()?;
-        let built = images::build_all(&self.paths.dir.join("images"), agent_bin, &node_bins)?;
+    pub(crate) fn start_nodes(
+        &mut self,
+        agent_bin: &Path,
+        node_bins: &crate::kube::Binaries,
+    ) -> Result<()> {
+        let built = images::build_all(&self.paths.dir.join("images"), agent_bin, node_bins)?;
         let files = Files::of(self);
         for node in self.state.nodes.clone() {
             let dir = self.paths.dir.join("nodes").join(&node.name);
-            let script = self.write_node_files(&node, &dir, &files, &built, &node_bins)?;
+            let script = self.write_node_files(&node, &dir, &files, &built, node_bins)?;
             create_cgroups(&node.netns)?;
             let mut cmd = Command::new("unshare");
             cmd.args(["--mount", "--propagation", "private", "/bin/sh"])
