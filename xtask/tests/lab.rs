@@ -630,26 +630,17 @@ fn advice_from_recorded_flows_allows_exactly_the_observed_flows() {
     }
     let p = lab.prefix.as_str();
     // The record: both halves of frontend → backend (the ingress at backend, named by pod).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let flows = loop {
-        let out = netpol(&["--lab", p, "flows", "-o", "json", "--namespace", "shop"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        let seen = text.lines().any(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v["endpoint"] == "shop/backend"
-                && v["peer"] == "shop/frontend"
-                && v["direction"] == "ingress"
-        });
-        if seen || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let flows = netpol_until(
+        &["--lab", p, "flows", "-o", "json", "--namespace", "shop"],
+        |text| {
+            text.lines().any(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                v["endpoint"] == "shop/backend"
+                    && v["peer"] == "shop/frontend"
+                    && v["direction"] == "ingress"
+            })
+        },
+    );
     let records: Vec<Value> = flows
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -316,20 +316,10 @@ fn audit_flows_and_live_explain_through_the_real_api_server() {
     lab.ok(&["apply", "-f", &write(&lab, "audited", &app)]);
     assert_eq!(a_to_b(&lab), (true, true), "audit must not enforce");
     let p = lab.prefix.as_str();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let flows = loop {
-        let out = netpol(&["--lab", p, "flows", "-o", "json", "--verdict", "would-drop"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        if !text.is_empty() || std::time::Instant::now() > deadline {
-            break text;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    let flows = netpol_until(
+        &["--lab", p, "flows", "-o", "json", "--verdict", "would-drop"],
+        |text| !text.is_empty(),
+    );
     let records: Vec<serde_json::Value> = flows
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

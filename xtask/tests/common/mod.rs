@@ -65,6 +65,25 @@ pub fn netpol(args: &[&str]) -> std::process::Output {
         .expect("cargo runs")
 }
 
+/// `kubectl netpol ARGS` (a successful run each time) until `done` holds for its output or ten
+/// seconds have passed; the last output. Flow records reach the agents' stores asynchronously.
+pub fn netpol_until(args: &[&str], done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = netpol(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        if done(&text) || std::time::Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 pub struct LabGuard {
     pub prefix: String,
 }
