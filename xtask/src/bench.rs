@@ -205,6 +205,16 @@ fn num(v: &Value) -> String {
     }
 }
 
+/// A markdown row with one cell per policy count of the datapath benchmark.
+fn policy_row(label: &str, cell: impl Fn(&str) -> String) -> String {
+    format!(
+        "| {label} | {} | {} | {} |\n",
+        cell("10"),
+        cell("1000"),
+        cell("10000")
+    )
+}
+
 fn markdown(r: &Value) -> String {
     let d = &r["datapath_ns"];
     let mut s = format!(
@@ -238,12 +248,7 @@ fn markdown(r: &Value) -> String {
         ("new_identity_v6", "IPv6: new flow, allowed by identity"),
         ("new_cidr_v6", "IPv6: new flow, allowed by CIDR"),
     ] {
-        s += &format!(
-            "| {label} | {} | {} | {} |\n",
-            cell(&[k, "10"]),
-            cell(&[k, "1000"]),
-            cell(&[k, "10000"])
-        );
+        s += &policy_row(label, |n| cell(&[k, n]));
     }
     s += "\n| ratio to the reference of unavoidable work (median) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
     for (k, label) in [
@@ -261,13 +266,7 @@ fn markdown(r: &Value) -> String {
         ),
         ("new_cidr_v6", "IPv6: new, CIDR / unavoidable sequence"),
     ] {
-        let ratio = |n: &str| num(&r["datapath_ratio"][k][n]);
-        s += &format!(
-            "| {label} | {} | {} | {} |\n",
-            ratio("10"),
-            ratio("1000"),
-            ratio("10000")
-        );
+        s += &policy_row(label, |n| num(&r["datapath_ratio"][k][n]));
     }
     let t = &r["throughput"];
     s += "\n| pods in namespaces, 1,000 policies | conn/s same node | conn/s cross node | Gb/s same node | Gb/s cross node |\n|---|---|---|---|---|\n";
