@@ -15,6 +15,10 @@
 //!   error level and stay in `/status` errors; the agent enforces but `/readyz` stays 503. A
 //!   missing uplink is warned once per change (`crate::checks`), mark-mask conflicts with the
 //!   node's netfilter rules every time a new one appears (`crate::marks`).
+//! - With `--cni-socket`, a pod's CNI ADD ([`crate::cni`]) wakes the loop at once (no debounce):
+//!   the pod's announced addresses stand in for `status.podIPs`, and the ADD is answered after
+//!   the sync that enforced the endpoint, or at its deadline with the reason. With
+//!   `--cni-conf-dir`, a task keeps the plugin chained in the node's CNI configuration.
 
 use std::{
     collections::BTreeSet,
@@ -41,6 +45,7 @@ use crate::{
     metrics::{self, Metrics, endpoint_state},
     node::NodeSettings,
     sources::{ClusterStore, SourceHealth, Update, kubernetes, manifest},
+    cni::pending::Announcements,
     sync::{Report, Syncer},
     telemetry::LogFilter,
 };
@@ -55,6 +60,12 @@ pub enum AgentError {
     },
     #[error("binding the control socket {path}: {source}")]
     ControlSocket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("binding the CNI socket {path}: {source}")]
+    CniSocket {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -131,9 +142,9 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
         explain: Some(explain_tx),
     };
     let mut control_stop = stop_rx.clone();
-    let control_task = tokio::spawn(http::serve_control(
+    let control_task = tokio::spawn(http::serve_unix(
         control,
-        http_state.clone(),
+        http::control_router(http_state.clone()),
         async move {
             let _ = control_stop.wait_for(|s| *s).await;
         },
@@ -142,6 +153,40 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
     let http_task = tokio::spawn(http::serve(listener, http_state, async move {
         let _ = http_stop.wait_for(|s| *s).await;
     }));
+
+    let cni_requests = match &args.cni_socket {
+        Some(path) => {
+            let socket = http::bind_control(path).map_err(|source| AgentError::CniSocket {
+                path: path.clone(),
+                source,
+            })?;
+            let (tx, rx) = mpsc::channel::<http::CniMessage>(64);
+            let state = http::CniState {
+                status: status.clone(),
+                requests: tx,
+            };
+            let mut cni_stop = stop_rx.clone();
+            tokio::spawn(http::serve_unix(
+                socket,
+                http::cni_router(state),
+                async move {
+                    let _ = cni_stop.wait_for(|s| *s).await;
+                },
+            ));
+            info!(socket = %path.display(), "serving the chained CNI plugin");
+            if let Some(conf_dir) = &args.cni_conf_dir {
+                let install = crate::cni::chain::Install {
+                    conf_dir: conf_dir.clone(),
+                    bin_dir: args.cni_bin_dir.clone(),
+                    socket: path.clone(),
+                    timeout_seconds: args.cni_timeout_seconds,
+                };
+                tokio::spawn(keep_chained(install, metrics.clone()));
+            }
+            Some(rx)
+        }
+        None => None,
+    };
 
     tokio::spawn(marks::watch(args.mark_mask, metrics.clone()));
     checks::raise_memlock();
@@ -225,8 +270,11 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
         unready: startup.unready,
         uplinks_attached: None,
         started: SystemTime::now(),
+        announcements: Announcements::default(),
+        last_errors: Vec::new(),
     };
-    lp.run(updates, interfaces, explain_rx, stop_rx).await;
+    lp.run(updates, interfaces, explain_rx, cni_requests, stop_rx)
+        .await;
 
     let _ = http_task.await;
     let _ = control_task.await;
@@ -283,9 +331,59 @@ fn watch_interfaces() -> io::Result<mpsc::Receiver<()>> {
     Ok(rx)
 }
 
+/// Keeps `policy-agent-cni` installed and chained (see [`crate::cni::chain`]).
+async fn keep_chained(install: crate::cni::chain::Install, metrics: Arc<Metrics>) {
+    use crate::cni::chain;
+    if let Some(bin_dir) = install.bin_dir.clone() {
+        let copied = tokio::task::spawn_blocking(move || {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            chain::install_binary(&exe, &bin_dir)
+                .map(|copied| (copied, bin_dir))
+                .map_err(|e| crate::telemetry::error_chain(&e))
+        })
+        .await;
+        match copied {
+            Ok(Ok((copied, dir))) => info!(dir = %dir.display(), copied, "CNI plugin binary in place"),
+            Ok(Err(e)) => error!(error = %e, "installing the CNI plugin binary failed"),
+            Err(e) => error!(error = %e, "installing the CNI plugin binary failed"),
+        }
+    }
+    let mut first = true;
+    let mut last_error = None;
+    loop {
+        let inst = install.clone();
+        let outcome = tokio::task::spawn_blocking(move || chain::ensure(&inst)).await;
+        match outcome {
+            Ok(Ok(done)) => {
+                metrics.cni_chained.set(1);
+                if done.repaired && first {
+                    info!(file = %done.file.display(), "CNI plugin chained");
+                } else if done.repaired {
+                    metrics.cni_chain_repairs.inc();
+                    warn!(file = %done.file.display(), "CNI configuration rewritten without the plugin; chained again");
+                }
+                last_error = None;
+            }
+            Ok(Err(e)) => {
+                metrics.cni_chained.set(0);
+                let text = crate::telemetry::error_chain(&e);
+                if last_error.as_ref() != Some(&text) {
+                    error!(error = %text, "new pods may start before their endpoint is enforced: the CNI plugin is not chained");
+                }
+                last_error = Some(text);
+            }
+            Err(e) => error!(error = %e, "CNI chain check failed"),
+        }
+        first = false;
+        tokio::time::sleep(crate::cni::chain::RECHECK).await;
+    }
+}
+
 enum Wake {
     Update(Update),
     Explain(http::ExplainRequest),
+    Cni(http::CniMessage),
+    CniDeadline,
     Interfaces,
     Retry,
     Tick,
@@ -313,6 +411,10 @@ struct Loop {
     /// Devices that got `to_network` in the last sync (`None` before the first).
     uplinks_attached: Option<usize>,
     started: SystemTime,
+    /// Pods announced by the chained CNI plugin, and their waiting ADDs.
+    announcements: Announcements,
+    /// Every problem the last sync reported (what a refused ADD quotes).
+    last_errors: Vec<String>,
 }
 
 const RETRY: Duration = Duration::from_secs(1);
@@ -326,6 +428,7 @@ impl Loop {
         mut updates: mpsc::Receiver<Update>,
         mut interfaces: mpsc::Receiver<()>,
         mut explains: mpsc::Receiver<http::ExplainRequest>,
+        mut cni: Option<mpsc::Receiver<http::CniMessage>>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut retry_at: Option<tokio::time::Instant> = None;
@@ -340,6 +443,8 @@ impl Loop {
                 },
                 Some(()) = interfaces.recv() => Wake::Interfaces,
                 Some(req) = explains.recv() => Wake::Explain(req),
+                Some(m) = recv_some(&mut cni) => Wake::Cni(m),
+                _ = sleep_until(self.cni_deadline()) => Wake::CniDeadline,
                 _ = sleep_until(retry_at), if retry_at.is_some() => Wake::Retry,
                 _ = tick.tick() => Wake::Tick,
                 _ = maps_tick.tick() => Wake::MapTick,
@@ -358,6 +463,25 @@ impl Loop {
                 Wake::Explain(req) => {
                     let answer = tokio::task::block_in_place(|| self.explain(&req.query));
                     let _ = req.reply.send(answer);
+                    continue;
+                }
+                Wake::CniDeadline => {
+                    self.announcements.answer(
+                        self.syncer.programmed(),
+                        &self.last_errors,
+                        Instant::now(),
+                    );
+                    continue;
+                }
+                Wake::Cni(http::CniMessage::Detach(d)) => self.announcements.detach(&d),
+                Wake::Cni(http::CniMessage::Attach(a)) => {
+                    self.metrics.cni_attaches.inc();
+                    self.announcements.announce(a, Instant::now());
+                    // A pod waits for this sync: no debounce.
+                    if self.have_state {
+                        let complete = tokio::task::block_in_place(|| self.sync());
+                        retry_at = (!complete).then(|| tokio::time::Instant::now() + RETRY);
+                    }
                     continue;
                 }
                 Wake::Update(u) => self.take(u),
@@ -522,6 +646,9 @@ impl Loop {
         // Audited policies are not enforced: the kernel gets the cluster without them.
         let audited = audit::audited(&self.store.cluster);
         let enforced = audit::enforced_view(&self.store.cluster);
+        let enforced =
+            self.announcements
+                .overlay(enforced, &self.settings.name, Instant::now());
         let compilation = self.syncer.compile(&enforced, &node);
         drop(enforced);
         let local = Syncer::<Dataplane>::local_pods(&compilation);
@@ -552,6 +679,7 @@ impl Loop {
         errors.extend(compilation.errors.iter().map(|e| self.store.describe(e)));
         errors.extend(report.problems.iter().cloned());
         self.log_problems(&errors);
+        self.answer_cni(errors.clone());
         // Before the status says enforced: events of flows opened after that are judged.
         self.set_audit(audited);
         {
@@ -584,6 +712,30 @@ impl Loop {
             "sync"
         );
         report.complete
+    }
+
+    /// Answers the ADDs this sync satisfied (or whose deadline passed), quoting `errors`.
+    fn answer_cni(&mut self, errors: Vec<String>) {
+        self.last_errors = errors;
+        if self.announcements.is_empty() {
+            return;
+        }
+        let answered = self.announcements.answer(
+            self.syncer.programmed(),
+            &self.last_errors,
+            Instant::now(),
+        );
+        for waited in answered.enforced {
+            self.metrics.cni_attach_duration.observe(waited.as_secs_f64());
+        }
+        self.metrics.cni_refusals.inc_by(answered.refused as u64);
+    }
+
+    /// When the next waiting ADD runs out of time.
+    fn cni_deadline(&self) -> Option<tokio::time::Instant> {
+        self.announcements
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
     }
 
     fn record_endpoints(&self, report: &Report) {
@@ -753,6 +905,14 @@ pub fn event_config(
     };
     config.events_allowed = u32::from((log.flows && log.allowed) || log.records || audit);
     config
+}
+
+/// The next message of an optional channel; never, without one.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -119,6 +119,28 @@ pub struct Args {
     /// On shutdown, detach programs and remove pins instead of leaving enforcement in place.
     #[arg(long, env = "POLICY_AGENT_CLEANUP_ON_EXIT")]
     pub cleanup_on_exit: bool,
+
+    /// Serve the chained CNI plugin (`policy-agent-cni`) on this Unix socket: a pod's CNI ADD
+    /// returns once its endpoint is enforced. A path on the node (mode 0600, root only).
+    #[arg(long, env = "POLICY_AGENT_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+
+    /// Keep `policy-agent-cni` chained at the end of the node's CNI configuration list in this
+    /// directory (the first configuration file by name, as the runtime picks it), re-adding it
+    /// when the CNI rewrites the file. The entry names --cni-socket: mount it at the same path
+    /// as on the node.
+    #[arg(long, env = "POLICY_AGENT_CNI_CONF_DIR", requires = "cni_socket")]
+    pub cni_conf_dir: Option<PathBuf>,
+
+    /// Install the plugin binary (a copy of this executable named policy-agent-cni) into this
+    /// directory, where the runtime looks for CNI plugins.
+    #[arg(long, env = "POLICY_AGENT_CNI_BIN_DIR", requires = "cni_conf_dir")]
+    pub cni_bin_dir: Option<PathBuf>,
+
+    /// How long a pod's CNI ADD waits for its endpoint before failing (the kubelet then retries
+    /// the sandbox).
+    #[arg(long, env = "POLICY_AGENT_CNI_TIMEOUT_SECONDS", default_value_t = crate::cni::DEFAULT_TIMEOUT_SECONDS)]
+    pub cni_timeout_seconds: u64,
 }
 
 fn parse_mask(s: &str) -> Result<u32, String> {

@@ -101,14 +101,23 @@ pub fn request(
     target: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), ControlError> {
+    request_within(path, method, target, body, Duration::from_secs(10))
+}
+
+/// [`request`], waiting at most `timeout` for the response.
+pub fn request_within(
+    path: &Path,
+    method: &str,
+    target: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), ControlError> {
     let io_err = |source| ControlError::Connect {
         path: path.to_path_buf(),
         source,
     };
     let stream = UnixStream::connect(path).map_err(io_err)?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io_err)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     exchange(stream, method, target, body).map_err(|e| match e {
         Exchange::Io(source) => io_err(source),
         Exchange::Malformed(what) => ControlError::Malformed {

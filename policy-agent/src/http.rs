@@ -22,6 +22,9 @@
 //!   beside the evaluator ([`crate::live`]), as JSON; 400 names what cannot be explained.
 //! - `GET /loglevel` → the current log filter; `PUT /loglevel` with a filter (tracing
 //!   EnvFilter syntax) as body changes it at run time.
+//!
+//! On `--cni-socket` (the same permissions; a path on the node, for the chained CNI plugin):
+//! see [`cni_router`].
 
 use std::{
     fs, io,
@@ -32,6 +35,7 @@ use std::{
 };
 
 use crate::{
+    cni,
     flowstore::{self, FlowQuery, FlowStore},
     live::{ExplainQuery, LiveExplain},
     metrics::Metrics,
@@ -43,7 +47,7 @@ use axum::{
     extract::{Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 
 /// What `/status` reports (the definition lab and tests share).
@@ -108,17 +112,92 @@ pub async fn serve(
         .await
 }
 
-/// Serves the control socket until `shutdown` completes, then removes the socket file.
-pub async fn serve_control(
-    control: ControlListener,
-    state: HttpState,
+/// Serves `router` on a Unix socket (the control socket, the CNI socket) until `shutdown`
+/// completes, then removes the socket file.
+pub async fn serve_unix(
+    socket: ControlListener,
+    router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let served = axum::serve(control.listener, control_router(state))
+    let served = axum::serve(socket.listener, router)
         .with_graceful_shutdown(shutdown)
         .await;
-    let _ = fs::remove_file(&control.path);
+    let _ = fs::remove_file(&socket.path);
     served
+}
+
+/// What the CNI socket's handlers share.
+#[derive(Clone)]
+pub struct CniState {
+    pub status: Arc<RwLock<Status>>,
+    /// Where ADD and DEL go: the sync loop, which owns the announcements.
+    pub requests: tokio::sync::mpsc::Sender<CniMessage>,
+}
+
+/// A CNI request for the sync loop.
+pub enum CniMessage {
+    Attach(cni::pending::Attach),
+    Detach(cni::DetachRequest),
+}
+
+/// The routes of the CNI socket (`--cni-socket`), for `policy-agent-cni` ([`crate::cni`]):
+/// - `POST /cni/attach` with an [`cni::AttachRequest`]: 200 with an [`cni::AttachReply`] once
+///   the pod's endpoint is enforced; 503 with the reason when the agent gives up at the request's
+///   deadline; 400 for a body that does not parse.
+/// - `POST /cni/detach` with a [`cni::DetachRequest`]: 200.
+/// - `POST /cni/status`: 200 once a first complete sync is enforced, 503 before.
+pub fn cni_router(state: CniState) -> Router {
+    Router::new()
+        .route(cni::ATTACH_PATH, post(cni_attach))
+        .route(cni::DETACH_PATH, post(cni_detach))
+        .route(cni::STATUS_PATH, post(cni_status))
+        .with_state(state)
+}
+
+async fn cni_attach(State(state): State<CniState>, body: String) -> Response {
+    let request: cni::AttachRequest = match serde_json::from_str(&body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("attach request: {e}")).into_response(),
+    };
+    let pod = format!("{}/{}", request.namespace, request.name);
+    let wait = std::time::Duration::from_millis(request.timeout_ms.saturating_add(1000));
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let attach = cni::pending::Attach { request, reply };
+    if state.requests.send(CniMessage::Attach(attach)).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping").into_response();
+    }
+    match tokio::time::timeout(wait, answer).await {
+        Ok(Ok(Ok(reply))) => Json(reply).into_response(),
+        Ok(Ok(Err(reason))) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        Ok(Err(_)) | Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("pod {pod}: the sync loop did not answer within {} ms", wait.as_millis()),
+        )
+            .into_response(),
+    }
+}
+
+async fn cni_detach(State(state): State<CniState>, body: String) -> Response {
+    match serde_json::from_str::<cni::DetachRequest>(&body) {
+        Ok(r) => {
+            let _ = state.requests.send(CniMessage::Detach(r)).await;
+            (StatusCode::OK, "").into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("detach request: {e}")).into_response(),
+    }
+}
+
+async fn cni_status(State(state): State<CniState>) -> Response {
+    let ready = state.status.read().map(|s| s.ready).unwrap_or(false);
+    if ready {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy-agent has not enforced its first complete sync yet",
+        )
+            .into_response()
+    }
 }
 
 /// Binds the server's address (before anything else starts, so a port clash fails fast).

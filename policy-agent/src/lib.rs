@@ -4,6 +4,7 @@ pub mod audit;
 pub mod bpffs;
 pub mod checks;
 pub mod cli;
+pub mod cni;
 pub mod compiler;
 pub mod control;
 pub mod dataplane;

@@ -1,10 +1,18 @@
 //! `policy-agent`: enforces Kubernetes NetworkPolicy with eBPF on this node. See `agent` for
 //! what runs, `cli` for the flags; `policy-agent control …` is the client of a running agent's
-//! control socket (`control`).
+//! control socket (`control`); run as `policy-agent-cni` it is the chained CNI plugin (`cni`).
 use clap::Parser;
-use policy_agent::{agent, bpffs, cli::Args, control, telemetry};
+use policy_agent::{agent, bpffs, cli::Args, cni, control, telemetry};
 
 fn main() -> std::process::ExitCode {
+    // Installed as the chained CNI plugin under this name (see `cni`).
+    if std::env::args_os()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_owned()))
+        .is_some_and(|n| n == cni::PLUGIN_TYPE)
+    {
+        return cni::plugin::main();
+    }
     let result = if std::env::args_os().nth(1).is_some_and(|a| a == "control") {
         control::run(&control::ControlArgs::parse_from(
             std::env::args_os().skip(1),

@@ -87,6 +87,13 @@ pub struct Metrics {
     pub audit_verdicts: Family<VerdictLabel, Counter>,
     pub uplinks_attached: Gauge,
     pub mark_mask_conflicts: Gauge,
+    /// 1 while `policy-agent-cni` is chained in the node's CNI configuration (with
+    /// `--cni-conf-dir`).
+    pub cni_chained: Gauge,
+    pub cni_chain_repairs: Counter,
+    pub cni_attaches: Counter,
+    pub cni_refusals: Counter,
+    pub cni_attach_duration: Histogram,
     /// Last absolute kernel counter per reason, to turn them into counter increments.
     last_packets: std::sync::Mutex<HashMap<u32, u64>>,
 }
@@ -119,6 +126,11 @@ impl Metrics {
             audit_verdicts: Family::default(),
             uplinks_attached: Gauge::default(),
             mark_mask_conflicts: Gauge::default(),
+            cni_chained: Gauge::default(),
+            cni_chain_repairs: Counter::default(),
+            cni_attaches: Counter::default(),
+            cni_refusals: Counter::default(),
+            cni_attach_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             last_packets: Default::default(),
             registry: Registry::default(),
         };
@@ -206,6 +218,31 @@ impl Metrics {
             "mark_mask_conflicts",
             "Netfilter rules (nft, iptables, ip6tables) using skb->mark bits of --mark-mask, at the last check",
             m.mark_mask_conflicts.clone(),
+        );
+        registry.register(
+            "cni_chained",
+            "1 while policy-agent-cni is the last plugin of the node's CNI configuration (--cni-conf-dir); 0 = new pods may send before their endpoint is enforced",
+            m.cni_chained.clone(),
+        );
+        registry.register(
+            "cni_chain_repairs",
+            "Times the node's CNI configuration was found rewritten without policy-agent-cni and chained again",
+            m.cni_chain_repairs.clone(),
+        );
+        registry.register(
+            "cni_attaches",
+            "CNI ADDs received from policy-agent-cni",
+            m.cni_attaches.clone(),
+        );
+        registry.register(
+            "cni_refusals",
+            "CNI ADDs answered with an error (endpoint not enforced by the deadline): the pod's sandbox fails and is retried",
+            m.cni_refusals.clone(),
+        );
+        registry.register(
+            "cni_attach_duration_seconds",
+            "From a CNI ADD reaching the agent to its endpoint enforced (the start-up delay the chained plugin adds)",
+            m.cni_attach_duration.clone(),
         );
         for state in endpoint_state::ALL {
             let _ = m.endpoints.get_or_create(&StateLabel { state });

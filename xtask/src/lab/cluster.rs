@@ -116,6 +116,11 @@ impl Paths {
     pub fn control_socket(&self, node: &str) -> PathBuf {
         self.dir.join("control").join(format!("{node}.sock"))
     }
+    /// Where `node`'s agent serves the chained CNI plugin (the real-API mode's pods go through
+    /// it).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.dir.join("cni").join(format!("{node}.sock"))
+    }
 }
 
 fn target_dir() -> PathBuf {
@@ -540,7 +545,9 @@ impl Lab {
         cmd.arg("--node-name").arg(&node.name);
         if self.is_kube() {
             cmd.arg("--kubeconfig")
-                .arg(super::kube::agent_kubeconfig(self));
+                .arg(super::kube::agent_kubeconfig(self))
+                .arg("--cni-socket")
+                .arg(self.paths.cni_socket(&node.name));
         } else {
             cmd.arg("--manifest-dir").arg(self.paths.manifests());
         }

@@ -50,6 +50,8 @@ pub const API_PORT: u16 = 6443;
 pub const PEER_SETTLE: Duration = Duration::from_millis(1000);
 /// Where the real CNI plugins are (Debian's containernetworking-plugins).
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The agent's chained CNI plugin (its binary under this name).
+pub const CNI_CHAINED: &str = "policy-agent-cni";
 
 /// Where the cluster state lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -662,6 +664,8 @@ impl Lab {
         }
         if let (Some(agent_bin), Some(node_bins)) = (kubelet, &node_bins) {
             self.start_nodes(agent_bin, node_bins)?;
+        } else {
+            self.write_cni_chain()?;
         }
         self.wait_service_account("default")?;
         Ok(())
@@ -1390,6 +1394,68 @@ impl Lab {
         })
     }
 
+    /// The CNI binary directory of the lab's pods: Debian's plugins and, when the lab runs
+    /// agents, `policy-agent-cni` (the agent's binary under that name), as on a node.
+    pub(super) fn cni_bin_dir(&self) -> PathBuf {
+        self.paths.dir.join("cni").join("bin")
+    }
+
+    /// Writes [`Self::cni_bin_dir`] and, per node, `cni/<node>.conflist`: the chain the lab runs
+    /// for that node's pods (after loopback), for anything that plays the runtime the same way.
+    fn write_cni_chain(&self) -> Result<()> {
+        let bin = self.cni_bin_dir();
+        std::fs::create_dir_all(&bin)?;
+        let mut targets: Vec<(String, PathBuf)> = std::fs::read_dir(CNI_BIN_DIR)
+            .with_context(|| format!("the CNI plugins ({CNI_BIN_DIR}, containernetworking-plugins)"))?
+            .filter_map(Result::ok)
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        if let Some(agent) = &self.state.agent_bin {
+            targets.push((CNI_CHAINED.to_string(), agent.clone()));
+        }
+        for (name, target) in targets {
+            let link = bin.join(&name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(&target, &link)
+                .with_context(|| format!("linking {} to {}", link.display(), target.display()))?;
+        }
+        for node in &self.state.nodes {
+            let mut plugins = vec![self.cni_config(node)];
+            plugins.extend(self.cni_chained(node, None));
+            let first = plugins[0].as_object_mut().expect("a plugin configuration");
+            let name = first.remove("name").unwrap_or(Value::Null);
+            let version = first.remove("cniVersion").unwrap_or(Value::Null);
+            for p in plugins.iter_mut().skip(1) {
+                let o = p.as_object_mut().expect("a plugin configuration");
+                o.remove("name");
+                o.remove("cniVersion");
+            }
+            let list = json!({"cniVersion": version, "name": name, "plugins": plugins});
+            std::fs::write(
+                self.paths.dir.join("cni").join(format!("{}.conflist", node.name)),
+                serde_json::to_string_pretty(&list)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The configuration of the chained plugin after [`Self::cni_config`]'s (with the result it
+    /// follows, for ADD), when the lab runs agents.
+    fn cni_chained(&self, node: &cluster::NodeState, prev: Option<&Value>) -> Option<Value> {
+        self.state.agent_bin.as_ref()?;
+        let mut conf = json!({
+            "cniVersion": "0.4.0",
+            "name": self.cni_config(node)["name"],
+            "type": CNI_CHAINED,
+            "socket": self.paths.cni_socket(&node.name),
+            "timeoutSeconds": 10,
+        });
+        if let Some(prev) = prev {
+            conf["prevResult"] = prev.clone();
+        }
+        Some(conf)
+    }
+
     /// Runs one CNI plugin in the node's namespace with the CNI protocol; returns its result.
     fn cni(
         &self,
@@ -1400,7 +1466,8 @@ impl Lab {
         ifname: &str,
     ) -> Result<Value> {
         let plugin = config["type"].as_str().unwrap_or_default().to_string();
-        let mut cmd = Command::new(Path::new(CNI_BIN_DIR).join(&plugin));
+        let bin_dir = self.cni_bin_dir();
+        let mut cmd = Command::new(bin_dir.join(&plugin));
         cmd.env("CNI_COMMAND", command)
             .env(
                 "CNI_CONTAINERID",
@@ -1408,7 +1475,7 @@ impl Lab {
             )
             .env("CNI_NETNS", net::netns_path(&pod.netns))
             .env("CNI_IFNAME", ifname)
-            .env("CNI_PATH", CNI_BIN_DIR)
+            .env("CNI_PATH", &bin_dir)
             .env(
                 "CNI_ARGS",
                 format!(
@@ -1543,6 +1610,11 @@ impl Lab {
         let lo = json!({"cniVersion": "0.4.0", "name": "lo", "type": "loopback"});
         self.cni(&node, "ADD", &lo, &p, "lo")?;
         let result = self.cni(&node, "ADD", &self.cni_config(&node), &p, "eth0")?;
+        // Chained after it, as the agent chains itself on a real node: ADD returns once the
+        // agent enforces the pod, so the responders below start under policy.
+        if let Some(chained) = self.cni_chained(&node, Some(&result)) {
+            self.cni(&node, "ADD", &chained, &p, "eth0")?;
+        }
         let addr = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
@@ -1596,6 +1668,11 @@ impl Lab {
         let Some(node) = self.state.nodes.iter().find(|n| n.number == p.node) else {
             return;
         };
+        if let Some(chained) = self.cni_chained(node, None)
+            && let Err(e) = self.cni(node, "DEL", &chained, p, "eth0")
+        {
+            eprintln!("warning: {e:#}");
+        }
         if let Err(e) = self.cni(node, "DEL", &self.cni_config(node), p, "eth0") {
             eprintln!("warning: {e:#}");
         }
