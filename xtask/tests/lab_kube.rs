@@ -6,6 +6,8 @@
 mod common;
 
 use common::*;
+use serde_json::{Value, json};
+use std::process::Command;
 
 const APP: &str = "
 apiVersion: v1
@@ -362,4 +364,344 @@ fn audit_flows_and_live_explain_through_the_real_api_server() {
         "enforced once the annotation is gone"
     );
     live(false);
+}
+
+// ---- the chained CNI plugin: no window for a new pod ----------------------------------------
+
+const WINDOW: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: w}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: open}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-egress, namespace: w}
+spec: {podSelector: {}, policyTypes: [Egress]}
+";
+
+/// Pods bound to node-1 that the lab does not run (created with `lab kubectl`, which starts
+/// nothing): the test plays their runtime.
+const WINDOW_PODS: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: quick, namespace: open}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: first, namespace: w}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unchained, namespace: w}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost}]}
+";
+
+/// Runs `f` on a thread inside network namespace `name` (sockets made there stay there).
+fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a descriptor we own, on this thread only.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// One pod sandbox the test makes as containerd would: a network namespace, then the lab's CNI
+/// chain for node-1 (`cni/node-1.conflist`, plugins from `cni/bin`), ADD plugin by plugin with
+/// each result as the next one's `prevResult` (as libcni runs a list); DEL in reverse on drop.
+struct Sandbox {
+    state: std::path::PathBuf,
+    node_ns: String,
+    netns: String,
+    pod: (String, String),
+    list: Value,
+    added: usize,
+}
+
+/// A plugin's outcome: success, stdout as JSON, how long it ran.
+struct Ran {
+    ok: bool,
+    out: Value,
+    took: std::time::Duration,
+}
+
+impl Sandbox {
+    fn new(lab: &LabGuard, namespace: &str, name: &str, chained: bool) -> Self {
+        let state = state_dir(&lab.prefix);
+        let st: Value =
+            serde_json::from_slice(&std::fs::read(state.join("state.json")).unwrap()).unwrap();
+        let node_ns = st["nodes"][0]["netns"].as_str().unwrap().to_string();
+        let mut list: Value = serde_json::from_slice(
+            &std::fs::read(state.join("cni").join("node-1.conflist")).unwrap(),
+        )
+        .unwrap();
+        let plugins = list["plugins"].as_array_mut().unwrap();
+        assert_eq!(plugins.last().unwrap()["type"], "policy-agent-cni", "{plugins:?}");
+        if !chained {
+            plugins.pop();
+        }
+        let netns = format!("{}-tpod-{name}", lab.prefix);
+        let out = Command::new("ip").args(["netns", "add", &netns]).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        Self {
+            state,
+            node_ns,
+            netns,
+            pod: (namespace.into(), name.into()),
+            list,
+            added: 0,
+        }
+    }
+
+    fn plugin(&self, i: usize, command: &str, prev: Option<&Value>) -> Ran {
+        let mut conf = self.list["plugins"][i].clone();
+        conf["cniVersion"] = self.list["cniVersion"].clone();
+        conf["name"] = self.list["name"].clone();
+        if let Some(prev) = prev {
+            conf["prevResult"] = prev.clone();
+        }
+        let bin = self.state.join("cni").join("bin");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node_ns])
+            .arg(bin.join(conf["type"].as_str().unwrap()))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("test-{}", self.netns))
+            .env("CNI_NETNS", format!("/run/netns/{}", self.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &bin)
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+                    self.pod.0, self.pod.1
+                ),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!(
+            "CNI {command} {} for {}/{}: {} in {took:?}; {}{}",
+            conf["type"],
+            self.pod.0,
+            self.pod.1,
+            out.status,
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ran {
+            ok: out.status.success(),
+            out: serde_json::from_str(&text).unwrap_or(Value::Null),
+            took,
+        }
+    }
+
+    /// ADD through the chain; each plugin's outcome, stopping at the first failure.
+    fn add(&mut self) -> Vec<Ran> {
+        let mut prev: Option<Value> = None;
+        let mut ran = Vec::new();
+        for i in 0..self.list["plugins"].as_array().unwrap().len() {
+            let r = self.plugin(i, "ADD", prev.as_ref());
+            self.added = i + 1;
+            let ok = r.ok;
+            prev = Some(r.out.clone());
+            ran.push(r);
+            if !ok {
+                break;
+            }
+        }
+        ran
+    }
+
+    /// The address the chain gave the pod.
+    fn ip(ran: &[Ran]) -> String {
+        let a = ran[0].out["ips"][0]["address"].as_str().unwrap();
+        a.split('/').next().unwrap().to_string()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for i in (0..self.added).rev() {
+            let _ = self.plugin(i, "DEL", None);
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+    }
+}
+
+/// Counts UDP datagrams reaching `ext` on `port`, per sender (the payload names it).
+struct Receiver {
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Receiver {
+    fn start(ext_ns: &str, port: u16) -> Self {
+        let socket = in_netns(ext_ns, move || {
+            let s = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_millis(50)))
+                .unwrap();
+            s
+        });
+        let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, st) = (counts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = socket.recv(&mut buf) {
+                    let tag = String::from_utf8_lossy(&buf[..n]);
+                    let tag = tag.split(' ').next().unwrap_or_default().to_string();
+                    *c.lock().unwrap().entry(tag).or_insert(0) += 1;
+                }
+            }
+        });
+        Self { counts, stop }
+    }
+
+    fn count(&self, tag: &str) -> u64 {
+        self.counts.lock().unwrap().get(tag).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A UDP socket made in the pod's namespace before its network exists, so that it sends the
+/// instant ADD returns.
+fn pod_socket(netns: &str) -> std::net::UdpSocket {
+    in_netns(netns, || std::net::UdpSocket::bind(("0.0.0.0", 0)).unwrap())
+}
+
+/// Sends `tag N` to ext:`port` every millisecond for `ms` milliseconds; how many left.
+fn blast(socket: &std::net::UdpSocket, tag: &str, port: u16, ms: u64) -> u64 {
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    let mut sent = 0;
+    while std::time::Instant::now() < until {
+        if socket
+            .send_to(format!("{tag} {sent}").as_bytes(), ("203.0.113.10", port))
+            .is_ok()
+        {
+            sent += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    sent
+}
+
+#[test]
+fn a_new_pod_sends_nothing_before_its_endpoint_is_enforced() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('w'),
+    };
+    lab.ok(&["up", "--api", "kube", "--nodes", "1"]);
+    lab.ok(&["apply", "-f", &write(&lab, "window", WINDOW)]);
+    lab.ok(&["kubectl", "create", "-f", &write(&lab, "window-pods", WINDOW_PODS)]);
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let rx = Receiver::start(&format!("{}-ext", lab.prefix), port);
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // Unrestricted: the chain adds only the agent's sync to the start, and traffic flows (the
+    // receiver works).
+    let mut quick = Sandbox::new(&lab, "open", "quick", true);
+    let socket = pod_socket(&quick.netns);
+    let ran = quick.add();
+    assert!(ran.iter().all(|r| r.ok), "the chain failed for open/quick");
+    let sent = blast(&socket, "quick", port, 500);
+    settle();
+    assert!(rx.count("quick") > 0, "nothing of {sent} reached ext from open/quick");
+    eprintln!(
+        "figure: open/quick (no policy): ptp ADD {:?}, policy-agent-cni ADD {:?}; {} of {sent} \
+         datagrams arrived",
+        ran[0].took,
+        ran[1].took,
+        rx.count("quick")
+    );
+
+    // Default-deny egress, through the chain: nothing from the first instant on.
+    let mut first = Sandbox::new(&lab, "w", "first", true);
+    let socket = pod_socket(&first.netns);
+    let ran = first.add();
+    assert!(ran.iter().all(|r| r.ok), "the chain failed for w/first");
+    let sent = blast(&socket, "first", port, 1000);
+    settle();
+    assert!(sent > 500, "the sender could not send: {sent}");
+    assert_eq!(rx.count("first"), 0, "w/first leaked {} of {sent} datagrams", rx.count("first"));
+    eprintln!(
+        "figure: w/first (default-deny egress, chained): 0 of {sent} datagrams passed; \
+         policy-agent-cni ADD {:?}",
+        ran[1].took
+    );
+
+    // The same without the chained plugin: the window the plugin closes. The agent cannot
+    // know the pod until the API reports its address, so everything passes until then.
+    let mut unchained = Sandbox::new(&lab, "w", "unchained", false);
+    let socket = pod_socket(&unchained.netns);
+    let ran = unchained.add();
+    assert!(ran.iter().all(|r| r.ok) && ran.len() == 1);
+    let sent = blast(&socket, "unchained", port, 500);
+    settle();
+    let leaked = rx.count("unchained");
+    assert!(leaked > 0, "without the plugin the window should be open (0 of {sent} passed)");
+    let ip = Sandbox::ip(&ran);
+    let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+    lab.ok(&[
+        "kubectl", "patch", "pod", "unchained", "-n", "w", "--subresource=status",
+        "--type=merge", "-p", &status.to_string(),
+    ]);
+    // Once the status reaches the agent the pod is enforced: a quiet half second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let closed = loop {
+        let before = rx.count("unchained");
+        blast(&socket, "unchained", port, 500);
+        settle();
+        if rx.count("unchained") == before {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+    };
+    assert!(closed, "w/unchained was never enforced after its status was written");
+    eprintln!("figure: w/unchained (no plugin): {leaked} of {sent} datagrams passed before the API reported the pod");
+
+    // Fail closed: a sandbox of a pod the agent never learns of gets a CNI error at the
+    // deadline, naming why.
+    let mut ghost = Sandbox::new(&lab, "w", "ghost", true);
+    ghost.list["plugins"][1]["timeoutSeconds"] = json!(1);
+    let ran = ghost.add();
+    assert!(ran[0].ok);
+    let last = ran.last().unwrap();
+    assert!(!last.ok, "ADD for an unknown pod succeeded");
+    assert_eq!(last.out["code"], 100, "{}", last.out);
+    let msg = last.out["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains("w/ghost not enforced within"), "{msg}");
+    assert!(msg.contains("no endpoint"), "{msg}");
 }

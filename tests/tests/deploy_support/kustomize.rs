@@ -173,18 +173,23 @@ fn merge_keyed_list(
     let Value::Array(existing) = base else {
         return Err(format!("{path}: patching a list onto a non-list"));
     };
-    // kustomize puts patch items the list lacks first, in patch order, before the existing ones.
-    let mut added = Vec::new();
+    // kustomize puts the patch's items first, in patch order (merged into the existing item of
+    // the same key, if any), then the existing items the patch does not name.
+    let mut merged = Vec::new();
     for item in items {
         let id = item
             .get(key)
             .ok_or_else(|| format!("{path}: patch item without merge key {key}"))?;
-        match existing.iter_mut().find(|e| e.get(key) == Some(id)) {
-            Some(target) => strategic_merge(target, item, &format!("{path}[{key}={id}]"))?,
-            None => added.push(item.clone()),
+        match existing.iter().position(|e| e.get(key) == Some(id)) {
+            Some(i) => {
+                let mut target = existing.remove(i);
+                strategic_merge(&mut target, item, &format!("{path}[{key}={id}]"))?;
+                merged.push(target);
+            }
+            None => merged.push(item.clone()),
         }
     }
-    existing.splice(0..0, added);
+    existing.splice(0..0, merged);
     Ok(())
 }
 

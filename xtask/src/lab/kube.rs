@@ -344,7 +344,7 @@ impl Lab {
         self.state.kube.is_some()
     }
 
-    fn kube(&self) -> &KubeState {
+    pub(super) fn kube(&self) -> &KubeState {
         self.state
             .kube
             .as_ref()

@@ -35,7 +35,7 @@ use super::{
     agent,
     cluster::{Lab, NodeState},
     images,
-    kube::{API_PORT, CNI_BIN_DIR, CONTROL_PLANE_IP, Files},
+    kube::{API_PORT, CNI_BIN_DIR, CONTROL_PLANE_IP, CniShape, Files},
     topology::{self as topo, Names},
 };
 
@@ -86,6 +86,7 @@ impl Lab {
     ) -> Result<PathBuf> {
         let cni_dir = dir.join("cni");
         std::fs::create_dir_all(&cni_dir)?;
+        let paths = NodeCniPaths::of(self.kube().cni);
         let p = |name: &str| dir.join(name).display().to_string();
         let containerd = format!(
             r#"version = 2
@@ -107,13 +108,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{CNI_BIN_DIR}"
-    conf_dir = "{cni}"
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
 "#,
             root = p("containerd/root"),
             state = p("containerd/state"),
             pause = built.pause,
-            cni = cni_dir.display(),
+            bin = paths.bin,
+            conf = paths.conf,
         );
         std::fs::write(dir.join("containerd.toml"), containerd)?;
         // The same chain the lab's own kubelet invokes (kindnet's ptp or flannel's bridge, with
@@ -185,6 +187,17 @@ echo $$ > {CGROUP_FS}/pids/{cg}/cgroup.procs
 mount --make-rshared /
 mount -t tmpfs -o mode=0755 lab-node-run /run
 mkdir -p /run/netns /run/containerd
+# The CNI directories where {flavor} has them, writable for the DaemonSet (which chains its
+# plugin there) without touching the machine's own: an overlay on each top directory (its
+# upper layer under this node's state), and Debian's plugins as the lower layer of bin_dir.
+overlay() {{
+  mkdir -p "$2/upper" "$2/work"
+  mount -t overlay lab-node -o "lowerdir=$3,upperdir=$2/upper,workdir=$2/work" "$1"
+}}
+{tops}
+mkdir -p '{conf}' '{bin}'
+overlay '{bin}' '{dir}/overlay/cni-bin' '{CNI_BIN_DIR}'
+cp '{dir}/cni/10-lab.conflist' '{conf}/{conf_file}'
 umount -l /sys/fs/bpf 2>/dev/null || true
 mount -t bpf bpf /sys/fs/bpf
 containerd --config '{dir}/containerd.toml' >> '{containerd_log}' 2>&1 &
@@ -200,6 +213,17 @@ exec '{kubelet}' --config='{dir}/kubelet.yaml' --kubeconfig='{dir}/kubeconfig' \
   --hostname-override={name} --node-ip={ip} --v=1
 "#,
             name = node.name,
+            flavor = paths.flavor,
+            tops = paths
+                .tops
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("overlay {t} '{}/overlay/top-{i}' {t}", dir.display()))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            conf = paths.conf,
+            bin = paths.bin,
+            conf_file = paths.conf_file,
             cg = node.netns,
             dir = dir.display(),
             archives = archives.join(" "),
@@ -385,5 +409,38 @@ mod tests {
             "node-1"
         ));
         assert!(!node_ready(&list("True", Value::Null), "node-2"));
+    }
+}
+
+/// Where the node's runtime finds its CNI configuration and plugins: kind's places for the
+/// point-to-point shape (kindnet), k3s's for the bridge (flannel) — the host paths of the
+/// DaemonSet's CNI volumes in `deploy/`.
+struct NodeCniPaths {
+    flavor: &'static str,
+    conf: &'static str,
+    bin: &'static str,
+    conf_file: &'static str,
+    /// Existing directories that get an overlay so the two above can be made.
+    tops: &'static [&'static str],
+}
+
+impl NodeCniPaths {
+    fn of(shape: CniShape) -> Self {
+        match shape {
+            CniShape::Ptp => Self {
+                flavor: "kind",
+                conf: "/etc/cni/net.d",
+                bin: "/opt/cni/bin",
+                conf_file: "10-kindnet.conflist",
+                tops: &["/etc", "/opt"],
+            },
+            CniShape::Bridge => Self {
+                flavor: "k3s",
+                conf: "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+                bin: "/var/lib/rancher/k3s/data/cni",
+                conf_file: "10-flannel.conflist",
+                tops: &["/var/lib"],
+            },
+        }
     }
 }
