@@ -9,7 +9,9 @@
 //!   the suite's image manifest names;
 //! - the agent: what the `Dockerfile` produces (`/usr/local/bin/policy-agent` with glibc and
 //!   libgcc_s, nothing else), from the host's copies of those libraries instead of a distroless
-//!   base, at the reference the DaemonSet names (`policy-agent:dev`).
+//!   base, at the reference the DaemonSet names (`policy-agent:dev`);
+//! - first-packet (`first-packet.c`, static): a pod that sends UDP from its first instant, for
+//!   the new-pod check of `cargo xtask e2e`.
 
 use std::{
     path::{Path, PathBuf},
@@ -34,11 +36,15 @@ pub struct Image {
 /// What a node's containerd imports.
 #[derive(Clone, Debug)]
 pub struct Built {
-    /// OCI archives: pause, agnhost, the agent.
+    /// OCI archives: pause, agnhost, the agent, first-packet.
     pub archives: Vec<PathBuf>,
     /// The pause image's reference (containerd's `sandbox_image`).
     pub pause: String,
 }
+
+/// A pod that sends from its first instant (`first-packet.c`), for the new-pod check of
+/// `cargo xtask e2e`.
+pub const FIRST_PACKET_IMAGE: &str = "lab.local/first-packet:1";
 
 /// The images a node needs, as OCI archives under `dir`.
 pub fn build_all(dir: &Path, agent_bin: &Path, node_bins: &crate::kube::Binaries) -> Result<Built> {
@@ -52,6 +58,16 @@ pub fn build_all(dir: &Path, agent_bin: &Path, node_bins: &crate::kube::Binaries
             .arg(source.join("build/pause/linux/pause.c")),
     )
     .context("compiling the upstream pause.c (gcc, static glibc from libc6-dev)")?;
+    let first_packet_src = dir.join("first-packet.c");
+    std::fs::write(&first_packet_src, include_str!("first-packet.c"))?;
+    let first_packet_bin = dir.join("first-packet");
+    net::run(
+        Command::new("gcc")
+            .args(["-Os", "-static", "-Wall", "-o"])
+            .arg(&first_packet_bin)
+            .arg(&first_packet_src),
+    )
+    .context("compiling first-packet.c (gcc, static glibc from libc6-dev)")?;
     let manifest = std::fs::read_to_string(source.join("test/utils/image/manifest.go"))
         .context("reading the e2e suite's image manifest")?;
     let images = [
@@ -72,6 +88,11 @@ pub fn build_all(dir: &Path, agent_bin: &Path, node_bins: &crate::kube::Binaries
             files: vec![(node_bins.path("agnhost"), "/agnhost".into())],
         },
         agent_image(agent_bin)?,
+        Image {
+            reference: FIRST_PACKET_IMAGE.into(),
+            entrypoint: "/first-packet".into(),
+            files: vec![(first_packet_bin, "/first-packet".into())],
+        },
     ];
     let archives = images
         .iter()

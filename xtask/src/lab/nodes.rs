@@ -444,3 +444,150 @@ impl NodeCniPaths {
         }
     }
 }
+
+/// What [`Lab::first_packets`] counted.
+#[derive(Clone, Debug)]
+pub struct FirstPackets {
+    /// Datagrams each sender sent, as it logged.
+    pub sent: u64,
+    /// Of the default-deny pod's: how many reached `ext`.
+    pub denied_passed: u64,
+    /// Of the unrestricted pod's: how many reached `ext` (shows the receiver hears pods).
+    pub open_arrived: u64,
+}
+
+const FIRST_PACKET_PORT: u16 = 39999;
+const FIRST_PACKET_MS: u64 = 2000;
+
+impl Lab {
+    /// New pods that send from their first instant (the `first-packet` image): one in a
+    /// namespace whose policy denies all egress, one in a namespace without policy, each sending
+    /// UDP to `ext` for two seconds from the moment its container starts. Counts what arrives
+    /// at `ext`, then removes both namespaces.
+    pub fn first_packets(&self) -> Result<FirstPackets> {
+        use std::{
+            collections::BTreeMap,
+            net::UdpSocket,
+            sync::{
+                Arc, Mutex,
+                atomic::{AtomicBool, Ordering},
+            },
+        };
+        let socket = super::net::in_netns(&self.names.ext_ns(), || {
+            UdpSocket::bind((topo::EXT_IP, FIRST_PACKET_PORT))
+        })??;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let counts = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let receiver = {
+            let (counts, stop) = (counts.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        let tag = text.split(' ').next().unwrap_or_default().to_string();
+                        *counts.lock().unwrap_or_else(|e| e.into_inner()).entry(tag).or_default() += 1;
+                    }
+                }
+            })
+        };
+        let pod = |ns: &str, name: &str| {
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"restartPolicy": "Never", "containers": [{
+                    "name": "send", "image": images::FIRST_PACKET_IMAGE, "imagePullPolicy": "Never",
+                    "args": [topo::EXT_IP.to_string(), FIRST_PACKET_PORT.to_string(),
+                             FIRST_PACKET_MS.to_string()],
+                }]},
+            })
+        };
+        let docs = [
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "first-packet-deny"}}),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "first-packet-open"}}),
+            json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": "deny-egress", "namespace": "first-packet-deny"},
+                "spec": {"podSelector": {}, "policyTypes": ["Egress"]},
+            }),
+            pod("first-packet-deny", "sender-deny"),
+            pod("first-packet-open", "sender-open"),
+        ];
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": docs});
+        let outcome = (|| -> Result<u64> {
+            self.kubectl(&["apply", "-f", "-"], Some(&list.to_string()))?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut sent = Vec::new();
+            for (ns, name) in [
+                ("first-packet-deny", "sender-deny"),
+                ("first-packet-open", "sender-open"),
+            ] {
+                loop {
+                    let logs = self
+                        .kubectl(&["logs", "-n", ns, name], None)
+                        .unwrap_or_default();
+                    if let Some(n) = logs
+                        .lines()
+                        .find_map(|l| l.strip_prefix("first-packet: sent "))
+                        .and_then(|l| l.split(',').next())
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                    {
+                        sent.push(n);
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        let described = self
+                            .kubectl(&["describe", "pod", "-n", ns, name], None)
+                            .unwrap_or_default();
+                        bail!("pod {ns}/{name} did not finish sending within 120 s:\n{described}");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+            Ok(sent.into_iter().min().unwrap_or(0))
+        })();
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let _ = receiver.join();
+        let _ = self.kubectl(
+            &["delete", "namespace", "first-packet-deny", "first-packet-open", "--wait=false"],
+            None,
+        );
+        let sent = outcome?;
+        let counts = counts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Ok(FirstPackets {
+            sent,
+            denied_passed: counts.get("sender-deny").copied().unwrap_or(0),
+            open_arrived: counts.get("sender-open").copied().unwrap_or(0),
+        })
+    }
+
+    /// `policy_agent_cni_attach_duration_seconds` summed over every node's agent: (seconds,
+    /// count).
+    pub fn cni_attach_totals(&self) -> Result<(f64, u64)> {
+        let mut attach = (0.0, 0);
+        for node in &self.state.nodes {
+            let (_, text) = super::net::in_netns(&node.netns, || {
+                agent::http_get(
+                    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9965),
+                    "/metrics",
+                    Duration::from_secs(2),
+                )
+            })??;
+            for line in text.lines() {
+                let value = |name: &str| {
+                    line.strip_prefix(name)
+                        .and_then(|v| v.trim().parse::<f64>().ok())
+                };
+                if let Some(v) = value("policy_agent_cni_attach_duration_seconds_sum ") {
+                    attach.0 += v;
+                }
+                if let Some(v) = value("policy_agent_cni_attach_duration_seconds_count ") {
+                    attach.1 += v as u64;
+                }
+            }
+        }
+        Ok(attach)
+    }
+}
