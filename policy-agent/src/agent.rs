@@ -35,6 +35,7 @@ use crate::{
     audit,
     checks::{self, UplinkChange},
     cli::Args,
+    cni::pending::Announcements,
     compiler::NodeContext,
     dataplane::{Dataplane, DataplaneError},
     endpoints::{Discovery, HostView, netlink::Netlink},
@@ -45,7 +46,6 @@ use crate::{
     metrics::{self, Metrics, endpoint_state},
     node::NodeSettings,
     sources::{ClusterStore, SourceHealth, Update, kubernetes, manifest},
-    cni::pending::Announcements,
     sync::{Report, Syncer},
     telemetry::LogFilter,
 };
@@ -343,7 +343,9 @@ async fn keep_chained(install: crate::cni::chain::Install, metrics: Arc<Metrics>
         })
         .await;
         match copied {
-            Ok(Ok((copied, dir))) => info!(dir = %dir.display(), copied, "CNI plugin binary in place"),
+            Ok(Ok((copied, dir))) => {
+                info!(dir = %dir.display(), copied, "CNI plugin binary in place")
+            }
             Ok(Err(e)) => error!(error = %e, "installing the CNI plugin binary failed"),
             Err(e) => error!(error = %e, "installing the CNI plugin binary failed"),
         }
@@ -646,9 +648,9 @@ impl Loop {
         // Audited policies are not enforced: the kernel gets the cluster without them.
         let audited = audit::audited(&self.store.cluster);
         let enforced = audit::enforced_view(&self.store.cluster);
-        let enforced =
-            self.announcements
-                .overlay(enforced, &self.settings.name, Instant::now());
+        let enforced = self
+            .announcements
+            .overlay(enforced, &self.settings.name, Instant::now());
         let compilation = self.syncer.compile(&enforced, &node);
         drop(enforced);
         let local = Syncer::<Dataplane>::local_pods(&compilation);
@@ -720,13 +722,13 @@ impl Loop {
         if self.announcements.is_empty() {
             return;
         }
-        let answered = self.announcements.answer(
-            self.syncer.programmed(),
-            &self.last_errors,
-            Instant::now(),
-        );
+        let answered =
+            self.announcements
+                .answer(self.syncer.programmed(), &self.last_errors, Instant::now());
         for waited in answered.enforced {
-            self.metrics.cni_attach_duration.observe(waited.as_secs_f64());
+            self.metrics
+                .cni_attach_duration
+                .observe(waited.as_secs_f64());
         }
         self.metrics.cni_refusals.inc_by(answered.refused as u64);
     }

@@ -163,7 +163,12 @@ async fn cni_attach(State(state): State<CniState>, body: String) -> Response {
     let wait = std::time::Duration::from_millis(request.timeout_ms.saturating_add(1000));
     let (reply, answer) = tokio::sync::oneshot::channel();
     let attach = cni::pending::Attach { request, reply };
-    if state.requests.send(CniMessage::Attach(attach)).await.is_err() {
+    if state
+        .requests
+        .send(CniMessage::Attach(attach))
+        .await
+        .is_err()
+    {
         return (StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping").into_response();
     }
     match tokio::time::timeout(wait, answer).await {
@@ -171,7 +176,10 @@ async fn cni_attach(State(state): State<CniState>, body: String) -> Response {
         Ok(Ok(Err(reason))) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
         Ok(Err(_)) | Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("pod {pod}: the sync loop did not answer within {} ms", wait.as_millis()),
+            format!(
+                "pod {pod}: the sync loop did not answer within {} ms",
+                wait.as_millis()
+            ),
         )
             .into_response(),
     }

@@ -447,12 +447,19 @@ impl Sandbox {
         )
         .unwrap();
         let plugins = list["plugins"].as_array_mut().unwrap();
-        assert_eq!(plugins.last().unwrap()["type"], "policy-agent-cni", "{plugins:?}");
+        assert_eq!(
+            plugins.last().unwrap()["type"],
+            "policy-agent-cni",
+            "{plugins:?}"
+        );
         if !chained {
             plugins.pop();
         }
         let netns = format!("{}-tpod-{name}", lab.prefix);
-        let out = Command::new("ip").args(["netns", "add", &netns]).output().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{out:?}");
         Self {
             state,
@@ -548,7 +555,9 @@ impl Drop for Sandbox {
         for i in (0..self.added).rev() {
             let _ = self.plugin(i, "DEL", None);
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
     }
 }
 
@@ -623,7 +632,12 @@ fn a_new_pod_sends_nothing_before_its_endpoint_is_enforced() {
     };
     lab.ok(&["up", "--api", "kube", "--nodes", "1"]);
     lab.ok(&["apply", "-f", &write(&lab, "window", WINDOW)]);
-    lab.ok(&["kubectl", "create", "-f", &write(&lab, "window-pods", WINDOW_PODS)]);
+    lab.ok(&[
+        "kubectl",
+        "create",
+        "-f",
+        &write(&lab, "window-pods", WINDOW_PODS),
+    ]);
     let port = 40000 + (std::process::id() % 20000) as u16;
     let rx = Receiver::start(&format!("{}-ext", lab.prefix), port);
     let settle = || std::thread::sleep(std::time::Duration::from_millis(300));
@@ -636,7 +650,10 @@ fn a_new_pod_sends_nothing_before_its_endpoint_is_enforced() {
     assert!(ran.iter().all(|r| r.ok), "the chain failed for open/quick");
     let sent = blast(&socket, "quick", port, 500);
     settle();
-    assert!(rx.count("quick") > 0, "nothing of {sent} reached ext from open/quick");
+    assert!(
+        rx.count("quick") > 0,
+        "nothing of {sent} reached ext from open/quick"
+    );
     eprintln!(
         "figure: open/quick (no policy): ptp ADD {:?}, policy-agent-cni ADD {:?}; {} of {sent} \
          datagrams arrived",
@@ -653,7 +670,12 @@ fn a_new_pod_sends_nothing_before_its_endpoint_is_enforced() {
     let sent = blast(&socket, "first", port, 1000);
     settle();
     assert!(sent > 500, "the sender could not send: {sent}");
-    assert_eq!(rx.count("first"), 0, "w/first leaked {} of {sent} datagrams", rx.count("first"));
+    assert_eq!(
+        rx.count("first"),
+        0,
+        "w/first leaked {} of {sent} datagrams",
+        rx.count("first")
+    );
     eprintln!(
         "figure: w/first (default-deny egress, chained): 0 of {sent} datagrams passed; \
          policy-agent-cni ADD {:?}",
@@ -669,12 +691,23 @@ fn a_new_pod_sends_nothing_before_its_endpoint_is_enforced() {
     let sent = blast(&socket, "unchained", port, 500);
     settle();
     let leaked = rx.count("unchained");
-    assert!(leaked > 0, "without the plugin the window should be open (0 of {sent} passed)");
+    assert!(
+        leaked > 0,
+        "without the plugin the window should be open (0 of {sent} passed)"
+    );
     let ip = Sandbox::ip(&ran);
     let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
     lab.ok(&[
-        "kubectl", "patch", "pod", "unchained", "-n", "w", "--subresource=status",
-        "--type=merge", "-p", &status.to_string(),
+        "kubectl",
+        "patch",
+        "pod",
+        "unchained",
+        "-n",
+        "w",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
     ]);
     // Once the status reaches the agent the pod is enforced: a quiet half second.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -689,8 +722,13 @@ fn a_new_pod_sends_nothing_before_its_endpoint_is_enforced() {
             break false;
         }
     };
-    assert!(closed, "w/unchained was never enforced after its status was written");
-    eprintln!("figure: w/unchained (no plugin): {leaked} of {sent} datagrams passed before the API reported the pod");
+    assert!(
+        closed,
+        "w/unchained was never enforced after its status was written"
+    );
+    eprintln!(
+        "figure: w/unchained (no plugin): {leaked} of {sent} datagrams passed before the API reported the pod"
+    );
 
     // Fail closed: a sandbox of a pod the agent never learns of gets a CNI error at the
     // deadline, naming why.

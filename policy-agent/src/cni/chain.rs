@@ -172,7 +172,10 @@ pub fn uninstall(conf_dir: &Path) -> Result<Vec<PathBuf>, ChainError> {
     let mut changed = Vec::new();
     let mut files: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
     files.sort();
-    for file in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "conflist")) {
+    for file in files
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+    {
         let text = fs::read_to_string(&file).map_err(|source| ChainError::Write {
             file: file.clone(),
             source,
@@ -275,7 +278,11 @@ mod tests {
         assert!(with_entry(conf, &e).unwrap_err().contains(".conflist"));
         assert!(with_entry("{", &e).unwrap_err().contains("not JSON"));
         let only_ours = json!({"name": "x", "plugins": [e]}).to_string();
-        assert!(with_entry(&only_ours, &e).unwrap_err().contains("nothing creates"));
+        assert!(
+            with_entry(&only_ours, &e)
+                .unwrap_err()
+                .contains("nothing creates")
+        );
     }
 
     #[test]
@@ -306,7 +313,11 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 3, "{names:?}");
         assert_eq!(uninstall(dir.path()).unwrap(), vec![first.file.clone()]);
-        assert_eq!(fs::read_to_string(&first.file).unwrap().contains(PLUGIN_TYPE), false);
+        assert!(
+            !fs::read_to_string(&first.file)
+                .unwrap()
+                .contains(PLUGIN_TYPE)
+        );
     }
 
     #[test]
@@ -322,6 +333,9 @@ mod tests {
         assert!(install_binary(&src, &bin).unwrap());
         let target = bin.join(PLUGIN_TYPE);
         assert_eq!(fs::read(&target).unwrap(), b"v2");
-        assert_eq!(fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
     }
 }

@@ -287,7 +287,10 @@ mod tests {
         // Bound here, no address in the API yet; b elsewhere; c unannounced.
         let c = cluster(&[("a", "n1", &[]), ("b", "n2", &[]), ("c", "n1", &[])]);
         let view = a.overlay(Cow::Borrowed(&c), "n1", t0);
-        assert_eq!(&*view.pods[&ObjectKey::new("x", "a")].ips, &["10.244.1.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            &*view.pods[&ObjectKey::new("x", "a")].ips,
+            &["10.244.1.5".parse::<IpAddr>().unwrap()]
+        );
         assert!(view.pods[&ObjectKey::new("x", "c")].ips.is_empty());
         // Another node's agent lends nothing.
         let view = a.overlay(Cow::Borrowed(&c), "n2", t0);
@@ -295,7 +298,10 @@ mod tests {
         // A stale status (a previous sandbox's address) is overridden too.
         let stale = cluster(&[("a", "n1", &["10.244.1.4"])]);
         let view = a.overlay(Cow::Borrowed(&stale), "n1", t0);
-        assert_eq!(view.pods[&ObjectKey::new("x", "a")].ips[0].to_string(), "10.244.1.5");
+        assert_eq!(
+            view.pods[&ObjectKey::new("x", "a")].ips[0].to_string(),
+            "10.244.1.5"
+        );
         // The API caught up: the announcement goes.
         let caught = cluster(&[("a", "n1", &["10.244.1.5"])]);
         let _ = a.overlay(Cow::Borrowed(&caught), "n1", t0);
@@ -357,7 +363,11 @@ mod tests {
             t0,
         );
         assert!(rx.try_recv().is_err());
-        a.answer(&programmed("a", "veth-a", 0), &[], t0 + Duration::from_millis(7));
+        a.answer(
+            &programmed("a", "veth-a", 0),
+            &[],
+            t0 + Duration::from_millis(7),
+        );
         let reply = rx.try_recv().unwrap().unwrap();
         assert_eq!((reply.ifname.as_str(), reply.waited_ms), ("veth-a", 7));
         assert_eq!(a.next_deadline(), None);
@@ -370,8 +380,11 @@ mod tests {
             },
             t0,
         );
-        let problems = ["Pod x/b: no host interface carries 10.244.1.6; not enforced until it appears".to_string(),
-            "Pod x/bb: unrelated".to_string()];
+        let problems = [
+            "Pod x/b: no host interface carries 10.244.1.6; not enforced until it appears"
+                .to_string(),
+            "Pod x/bb: unrelated".to_string(),
+        ];
         a.answer(&BTreeMap::new(), &problems, t0 + Duration::from_millis(499));
         assert!(rx.try_recv().is_err());
         a.answer(&BTreeMap::new(), &problems, t0 + Duration::from_millis(500));

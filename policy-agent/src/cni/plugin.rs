@@ -196,8 +196,9 @@ pub fn run(inv: &Invocation, stdin: &str, agent: &dyn Agent) -> Outcome {
 
 fn invoke(inv: &Invocation, stdin: &str, agent: &dyn Agent) -> Result<String, PluginError> {
     if inv.command == "VERSION" {
-        return Ok(json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS})
-            .to_string());
+        return Ok(
+            json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS}).to_string(),
+        );
     }
     let conf: NetConf = serde_json::from_str(stdin).map_err(|e| PluginError::Decode {
         what: e.to_string(),
@@ -226,7 +227,10 @@ fn invoke(inv: &Invocation, stdin: &str, agent: &dyn Agent) -> Result<String, Pl
                 .expect("serializable");
                 // Best effort: the agent forgets the pod when the API deletes it anyway.
                 if let Err(e) = agent.post(&socket, DETACH_PATH, &body, Duration::from_secs(2)) {
-                    eprintln!("policy-agent-cni: DEL: {}", crate::telemetry::error_chain(&e));
+                    eprintln!(
+                        "policy-agent-cni: DEL: {}",
+                        crate::telemetry::error_chain(&e)
+                    );
                 }
             }
             Ok(String::new())
@@ -437,7 +441,10 @@ mod tests {
                 name: "a".into(),
                 container_id: "c0ffee".into(),
                 netns: "/var/run/netns/cni-1".into(),
-                ips: vec!["10.244.1.5".parse().unwrap(), "fd00:10:244:1::5".parse().unwrap()],
+                ips: vec![
+                    "10.244.1.5".parse().unwrap(),
+                    "fd00:10:244:1::5".parse().unwrap()
+                ],
                 host_interfaces: vec!["veth1234".into()],
                 timeout_ms: 3000,
             }
@@ -477,8 +484,7 @@ mod tests {
 
         let mut no_pod = inv("ADD");
         no_pod.args.remove("K8S_POD_NAME");
-        let e: Value =
-            serde_json::from_str(&run(&no_pod, CONF, &fake(ok_reply())).stdout).unwrap();
+        let e: Value = serde_json::from_str(&run(&no_pod, CONF, &fake(ok_reply())).stdout).unwrap();
         assert_eq!(e["code"], 4);
     }
 

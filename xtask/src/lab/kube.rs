@@ -1406,7 +1406,9 @@ impl Lab {
         let bin = self.cni_bin_dir();
         std::fs::create_dir_all(&bin)?;
         let mut targets: Vec<(String, PathBuf)> = std::fs::read_dir(CNI_BIN_DIR)
-            .with_context(|| format!("the CNI plugins ({CNI_BIN_DIR}, containernetworking-plugins)"))?
+            .with_context(|| {
+                format!("the CNI plugins ({CNI_BIN_DIR}, containernetworking-plugins)")
+            })?
             .filter_map(Result::ok)
             .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
             .collect();
@@ -1432,7 +1434,10 @@ impl Lab {
             }
             let list = json!({"cniVersion": version, "name": name, "plugins": plugins});
             std::fs::write(
-                self.paths.dir.join("cni").join(format!("{}.conflist", node.name)),
+                self.paths
+                    .dir
+                    .join("cni")
+                    .join(format!("{}.conflist", node.name)),
                 serde_json::to_string_pretty(&list)?,
             )?;
         }

@@ -487,7 +487,11 @@ impl Lab {
                     if let Ok(n) = socket.recv(&mut buf) {
                         let text = String::from_utf8_lossy(&buf[..n]);
                         let tag = text.split(' ').next().unwrap_or_default().to_string();
-                        *counts.lock().unwrap_or_else(|e| e.into_inner()).entry(tag).or_default() += 1;
+                        *counts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(tag)
+                            .or_default() += 1;
                     }
                 }
             })
@@ -551,7 +555,13 @@ impl Lab {
         stop.store(true, Ordering::Relaxed);
         let _ = receiver.join();
         let _ = self.kubectl(
-            &["delete", "namespace", "first-packet-deny", "first-packet-open", "--wait=false"],
+            &[
+                "delete",
+                "namespace",
+                "first-packet-deny",
+                "first-packet-open",
+                "--wait=false",
+            ],
             None,
         );
         let sent = outcome?;
