@@ -279,6 +279,21 @@ pub async fn run(args: Args, log: Option<LogFilter>, startup: Startup) -> Result
     let _ = http_task.await;
     let _ = control_task.await;
     if args.cleanup_on_exit {
+        // Unchained first: once the agent is gone no pod could start on this node otherwise.
+        if let Some(conf_dir) = &args.cni_conf_dir {
+            let removed = crate::cni::run(&crate::cni::CniArgs {
+                command: crate::cni::CniCommand::Uninstall {
+                    cni_conf_dir: conf_dir.clone(),
+                    cni_bin_dir: args.cni_bin_dir.clone(),
+                },
+            });
+            match removed {
+                Ok(text) => info!(done = %text, "CNI plugin removed (--cleanup-on-exit)"),
+                Err(e) => {
+                    error!(error = %crate::telemetry::error_chain(&e), "removing the CNI plugin failed: remove policy-agent-cni from the node's CNI configuration by hand")
+                }
+            }
+        }
         info!("removing programs, links and maps (--cleanup-on-exit)");
         lp.syncer
             .into_enforcer()

@@ -5,15 +5,21 @@ use clap::Parser;
 use policy_agent::{agent, bpffs, cli::Args, cni, control, telemetry};
 
 fn main() -> std::process::ExitCode {
-    // Installed as the chained CNI plugin under this name (see `cni`).
+    // Installed as the chained CNI plugin under this name (see `cni`); `policy-agent-cni cni …`
+    // still reaches the maintenance commands.
     if std::env::args_os()
         .next()
         .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_owned()))
         .is_some_and(|n| n == cni::PLUGIN_TYPE)
+        && std::env::args_os().nth(1).is_none_or(|a| a != "cni")
     {
         return cni::plugin::main();
     }
-    let result = if std::env::args_os().nth(1).is_some_and(|a| a == "control") {
+    let result = if std::env::args_os().nth(1).is_some_and(|a| a == "cni") {
+        cni::run(&cni::CniArgs::parse_from(std::env::args_os().skip(1)))
+            .map(|text| println!("{text}"))
+            .map_err(anyhow::Error::from)
+    } else if std::env::args_os().nth(1).is_some_and(|a| a == "control") {
         control::run(&control::ControlArgs::parse_from(
             std::env::args_os().skip(1),
         ))

@@ -445,7 +445,7 @@ fn ports_and_probes_match_the_agents_http_server() {
 }
 
 #[test]
-fn mounts_give_the_agent_bpffs_pod_network_namespaces_and_its_control_socket() {
+fn mounts_give_the_agent_bpffs_pod_network_namespaces_its_control_socket_and_the_cni_directories() {
     for dir in KUSTOMIZATIONS {
         let ds = daemonset(&render(dir));
         let spec = pod_spec(&ds);
@@ -551,6 +551,42 @@ fn mounts_give_the_agent_bpffs_pod_network_namespaces_and_its_control_socket() {
             volume(&control.name).empty_dir.is_some(),
             "{dir}: the control socket's directory is an emptyDir"
         );
+
+        // The chained CNI plugin: its socket's directory is the node's, at the same path (the
+        // chain entry names it and the runtime runs the plugin on the node); the CNI directories
+        // are the node's, writable, where this flavour's runtime reads them.
+        let (want_conf, want_bin) = if dir.ends_with("k3s") {
+            (
+                "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+                "/var/lib/rancher/k3s/data/cni",
+            )
+        } else {
+            ("/etc/cni/net.d", "/opt/cni/bin")
+        };
+        let host_of = |path: &std::path::Path, what: &str| {
+            let m = mounts
+                .iter()
+                .find(|m| std::path::Path::new(&m.mount_path) == path)
+                .unwrap_or_else(|| panic!("{dir}: no mount at {} for {what}", path.display()));
+            assert_ne!(m.read_only, Some(true), "{dir}: {what} is written");
+            volume(&m.name)
+                .host_path
+                .as_ref()
+                .unwrap_or_else(|| panic!("{dir}: {what} is not a hostPath"))
+                .path
+                .clone()
+        };
+        let cni_socket = args.cni_socket.as_ref().expect("--cni-socket is set");
+        let socket_dir = cni_socket.parent().expect("--cni-socket has a directory");
+        assert_eq!(
+            host_of(socket_dir, "--cni-socket"),
+            socket_dir.display().to_string(),
+            "{dir}: the CNI socket is at the node's path"
+        );
+        let conf = args.cni_conf_dir.as_ref().expect("--cni-conf-dir is set");
+        assert_eq!(host_of(conf, "--cni-conf-dir"), want_conf, "{dir}");
+        let bin = args.cni_bin_dir.as_ref().expect("--cni-bin-dir is set");
+        assert_eq!(host_of(bin, "--cni-bin-dir"), want_bin, "{dir}");
 
         assert_eq!(
             spec.host_pid, None,

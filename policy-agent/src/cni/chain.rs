@@ -10,7 +10,8 @@
 //!
 //! The entry stays when the agent stops: a pod created while no agent runs on the node waits
 //! (its ADD fails, the kubelet retries) instead of starting unpoliced. To uninstall, remove the
-//! entry first: `policy-agent cni uninstall --cni-conf-dir DIR` (see the deploy README).
+//! entry first: `policy-agent cni uninstall --cni-conf-dir DIR [--cni-bin-dir DIR]` (see the
+//! deploy README).
 
 use std::{
     fs,

@@ -79,3 +79,58 @@ pub struct DetachRequest {
     pub name: String,
     pub container_id: String,
 }
+
+/// `policy-agent cni …`: maintenance of the chain on a node.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "policy-agent cni")]
+pub struct CniArgs {
+    #[command(subcommand)]
+    pub command: CniCommand,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum CniCommand {
+    /// Remove policy-agent-cni from every configuration list in the directory (and its binary),
+    /// before removing the DaemonSet: otherwise new pods on the node wait for an agent that no
+    /// longer runs.
+    Uninstall {
+        /// The node's CNI configuration directory (kind: /etc/cni/net.d; k3s:
+        /// /var/lib/rancher/k3s/agent/etc/cni/net.d).
+        #[arg(long)]
+        cni_conf_dir: std::path::PathBuf,
+        /// The node's CNI binary directory, to remove the plugin binary from.
+        #[arg(long)]
+        cni_bin_dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// Runs a `policy-agent cni` command; returns what to print.
+pub fn run(args: &CniArgs) -> Result<String, chain::ChainError> {
+    match &args.command {
+        CniCommand::Uninstall {
+            cni_conf_dir,
+            cni_bin_dir,
+        } => {
+            let changed = chain::uninstall(cni_conf_dir)?;
+            let mut out: Vec<String> = changed
+                .iter()
+                .map(|f| format!("removed policy-agent-cni from {}", f.display()))
+                .collect();
+            if let Some(dir) = cni_bin_dir {
+                let bin = dir.join(PLUGIN_TYPE);
+                match std::fs::remove_file(&bin) {
+                    Ok(()) => out.push(format!("removed {}", bin.display())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(chain::ChainError::Write { file: bin, source }),
+                }
+            }
+            if out.is_empty() {
+                out.push(format!(
+                    "policy-agent-cni is not chained in {}",
+                    cni_conf_dir.display()
+                ));
+            }
+            Ok(out.join("\n"))
+        }
+    }
+}

@@ -181,16 +181,18 @@ pub fn run(inv: &Invocation, stdin: &str, agent: &dyn Agent) -> Outcome {
             stdout,
             success: true,
         },
-        Err(e) => Outcome {
-            stdout: json!({
-                "cniVersion": version,
-                "code": e.code(),
-                "msg": e.to_string(),
-                "details": crate::telemetry::error_chain(&e),
-            })
-            .to_string(),
-            success: false,
-        },
+        Err(e) => {
+            let msg = e.to_string();
+            let mut out = json!({"cniVersion": version, "code": e.code(), "msg": msg});
+            let chain = crate::telemetry::error_chain(&e);
+            if chain != msg {
+                out["details"] = Value::String(chain);
+            }
+            Outcome {
+                stdout: out.to_string(),
+                success: false,
+            }
+        }
     }
 }
 
