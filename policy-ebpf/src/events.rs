@@ -2,11 +2,21 @@
 //! one-second windows). A full ring buffer or an exhausted budget loses the event, never the
 //! verdict: the per-CPU counters still count every packet.
 //!
+//! Waking the agent's reader costs a context switch on the node. A drop wakes it as soon as the
+//! reader has caught up (the kernel's default); an allowed new flow (flow records, audit) wakes it
+//! only once [`WAKEUP_BACKLOG`] bytes are waiting, so that a burst of new connections costs one
+//! wakeup per batch instead of one per connection. The reader drains at least every 100 ms
+//! without a wakeup (`policy-agent/src/dataplane/stats.rs`), which bounds how late such a record
+//! arrives.
+//!
 //! The budget runs on the coarse clock (tick resolution is plenty for one-second windows, and it
 //! costs a fraction of `bpf_ktime_get_ns`, which only an event that is actually sent pays for
 //! its timestamp): under a flood of drops nearly every packet is over budget.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+};
 use policy_common::{Config, VerdictEvent, addr_octets};
 
 use crate::decide::Verdict;
@@ -14,6 +24,9 @@ use crate::maps::{EVENT_RATE, EVENTS};
 use crate::parse::Packet;
 
 const WINDOW_NS: u64 = 1_000_000_000;
+
+/// Waiting bytes from which an allowed flow's record wakes the reader: 64 records.
+const WAKEUP_BACKLOG: u64 = 64 * core::mem::size_of::<VerdictEvent>() as u64;
 
 #[inline(always)]
 fn within_budget(config: &Config, now: u64) -> bool {
@@ -64,5 +77,11 @@ pub fn emit(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &Config) {
         _pad: 0,
         _pad2: 0,
     });
-    entry.submit(0);
+    let wake =
+        if verdict.reason.is_drop() || EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= WAKEUP_BACKLOG {
+            0
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        };
+    entry.submit(wake);
 }

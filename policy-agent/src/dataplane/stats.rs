@@ -158,19 +158,34 @@ fn count_keys<K>(
 }
 
 /// Reads [`VerdictEvent`]s from the EVENTS ring buffer.
+/// How often [`EventReader::read`] drains the ring buffer when no wakeup came.
+pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct EventReader {
     fd: AsyncFd<RingBuf<MapData>>,
 }
 
 impl EventReader {
     /// Waits until at least one event is available, then appends everything available to `out`.
+    /// The programs wake the reader for drops and for batches of allowed flows only
+    /// (`policy-ebpf/src/events.rs`): every [`DRAIN_INTERVAL`] it looks without a wakeup.
     pub async fn read(&mut self, out: &mut Vec<VerdictEvent>) -> io::Result<usize> {
         loop {
-            let mut guard = self.fd.readable_mut().await?;
-            let n = drain(guard.get_inner_mut(), out);
-            guard.clear_ready();
-            if n > 0 {
-                return Ok(n);
+            match tokio::time::timeout(DRAIN_INTERVAL, self.fd.readable_mut()).await {
+                Ok(guard) => {
+                    let mut guard = guard?;
+                    let n = drain(guard.get_inner_mut(), out);
+                    guard.clear_ready();
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                }
+                Err(_) => {
+                    let n = drain(self.fd.get_mut(), out);
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                }
             }
         }
     }
