@@ -285,10 +285,13 @@ fn markdown(r: &Value) -> String {
         );
     }
     s += &format!(
-        "\nRatios: new connections ours/none {}, ours/nftables {}; bulk ours/none {}.\n",
+        "\nRatios: new connections ours/none {}, ours/nftables {}; bulk ours/none {}. Added per \
+         connection (µs): same node {}, cross node {}.\n",
         num(&t["crr_ratio_vs_none"]),
         num(&t["crr_ratio_vs_nft"]),
-        num(&t["stream_ratio_vs_none"])
+        num(&t["stream_ratio_vs_none"]),
+        num(&t["added_us_per_connection"]["same_node"]),
+        num(&t["added_us_per_connection"]["cross_node"])
     );
     let c = &r["control_plane"];
     s += "\n| control plane | 10k pods × 1k policies | 50k pods × 5k policies |\n|---|---|---|\n";

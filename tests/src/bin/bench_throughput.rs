@@ -254,6 +254,15 @@ fn main() -> Result<()> {
     );
 
     let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+    // Connections run one after another, so a rate's inverse is the time one connection takes:
+    // what enforcement adds per connection is the difference of those times.
+    let added_us = |with: f64, without: f64| {
+        if with > 0.0 && without > 0.0 {
+            (1.0 / with - 1.0 / without) * 1e6
+        } else {
+            0.0
+        }
+    };
     let fig = |f: Figures| {
         json!({"crr_same_node": f.crr_same, "crr_cross_node": f.crr_cross,
                "stream_gbps_same_node": f.stream_same, "stream_gbps_cross_node": f.stream_cross})
@@ -264,6 +273,10 @@ fn main() -> Result<()> {
         "rounds": o.rounds,
         "none": fig(none), "ours": fig(ours), "nft": fig(nft),
         "agent_initial_enforce_ms": converge.as_secs_f64() * 1e3,
+        "added_us_per_connection": {
+            "same_node": added_us(ours.crr_same, none.crr_same),
+            "cross_node": added_us(ours.crr_cross, none.crr_cross),
+        },
         "crr_ratio_vs_none": ratio(ours.crr_same + ours.crr_cross, none.crr_same + none.crr_cross),
         "crr_ratio_vs_nft": ratio(ours.crr_same + ours.crr_cross, nft.crr_same + nft.crr_cross),
         "stream_ratio_vs_none": ratio(ours.stream_same + ours.stream_cross, none.stream_same + none.stream_cross),
