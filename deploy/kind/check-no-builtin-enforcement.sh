@@ -23,9 +23,14 @@ k run server --image="${agnhost}" --labels=app=server --port=8080 -- netexec --h
 k run client --image="${agnhost}" --labels=app=client -- pause
 k wait --for=condition=Ready pod/server pod/client --timeout=180s
 server_ip="$(k get pod server -o jsonpath='{.status.podIP}')"
+# host:port, with brackets around an IPv6 address (IPv6-only clusters; on dual-stack ones podIP is the first family).
+case "${server_ip}" in
+*:*) server="[${server_ip}]:8080" ;;
+*) server="${server_ip}:8080" ;;
+esac
 
 # Baseline: the client reaches the server with no policy at all.
-k exec client -- /agnhost connect "${server_ip}:8080" --timeout=5s --protocol=tcp
+k exec client -- /agnhost connect "${server}" --timeout=5s --protocol=tcp
 
 k apply -f - <<EOF
 apiVersion: networking.k8s.io/v1
@@ -40,7 +45,7 @@ spec:
 EOF
 sleep 15
 
-if ! k exec client -- /agnhost connect "${server_ip}:8080" --timeout=5s --protocol=tcp; then
+if ! k exec client -- /agnhost connect "${server}" --timeout=5s --protocol=tcp; then
 	echo "check-no-builtin-enforcement: a deny-all policy took effect before policy-agent was installed:" >&2
 	echo "something else enforces NetworkPolicy (kindnet's embedded controller?); run prepare-cluster.sh" >&2
 	exit 1

@@ -121,22 +121,32 @@ fn assert_in_order(text: &str, needles: &[&str], what: &str) {
 
 #[test]
 fn kind_cluster_has_one_control_plane_two_workers_and_kindnet() {
-    let config = &yaml_file(&repo_path("deploy/kind/cluster.yaml"))[0];
-    assert_eq!(config["kind"], "Cluster");
-    assert_eq!(config["apiVersion"], "kind.x-k8s.io/v1alpha4");
-    let roles: Vec<&str> = config["nodes"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .map(|n| n["role"].as_str().expect("role"))
-        .collect();
-    assert_eq!(roles, ["control-plane", "worker", "worker"]);
-    assert_ne!(
-        config["networking"]["disableDefaultCNI"], true,
-        "kindnet's ptp pod networking is what the agent attaches to"
-    );
-    assert_eq!(config["networking"]["kubeProxyMode"], "iptables");
+    for (file, family) in KIND_CONFIGS {
+        let config = &yaml_file(&repo_path(file))[0];
+        assert_eq!(config["kind"], "Cluster", "{file}");
+        assert_eq!(config["apiVersion"], "kind.x-k8s.io/v1alpha4", "{file}");
+        let roles: Vec<&str> = config["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["role"].as_str().expect("role"))
+            .collect();
+        assert_eq!(roles, ["control-plane", "worker", "worker"], "{file}");
+        assert_ne!(
+            config["networking"]["disableDefaultCNI"], true,
+            "{file}: kindnet's ptp pod networking is what the agent attaches to"
+        );
+        assert_eq!(config["networking"]["kubeProxyMode"], "iptables", "{file}");
+        assert_eq!(config["networking"]["ipFamily"], family, "{file}");
+    }
 }
+
+/// The kind configurations, one per IP family, and the family each sets.
+const KIND_CONFIGS: [(&str, &str); 3] = [
+    ("deploy/kind/cluster.yaml", "ipv4"),
+    ("deploy/kind/cluster-ipv6.yaml", "ipv6"),
+    ("deploy/kind/cluster-dual.yaml", "dual"),
+];
 
 #[test]
 fn k3s_configuration_disables_the_embedded_policy_controller() {
@@ -377,7 +387,7 @@ fn workflow_is_consistent_with_the_repository() {
             "https://dl.k8s.io/${K8S_VERSION}/kubernetes-test-linux-amd64.tar.gz",
             "kubernetes/test/bin/ginkgo kubernetes/test/bin/e2e.test",
             "kind create cluster --name \"${KIND_CLUSTER_NAME}\" --image \"${KIND_NODE_IMAGE}\"",
-            "--config deploy/kind/cluster.yaml",
+            "--config \"${{ matrix.kind-config }}\"",
             "deploy/kind/prepare-cluster.sh \"${KIND_CLUSTER_NAME}\"",
             "deploy/kind/check-no-builtin-enforcement.sh \"${KIND_CLUSTER_NAME}\"",
             "kind load docker-image \"${IMAGE}\" --name \"${KIND_CLUSTER_NAME}\"",
@@ -387,6 +397,27 @@ fn workflow_is_consistent_with_the_repository() {
             "--provider=local",
         ],
         WORKFLOW,
+    );
+
+    // One netpol job per IP family, each on its own kind configuration.
+    let matrix: Vec<(String, String)> = workflow["jobs"]["netpol"]["strategy"]["matrix"]["include"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{WORKFLOW}: the netpol job has no matrix of IP families"))
+        .iter()
+        .map(|m| {
+            (
+                m["kind-config"].as_str().expect("kind-config").to_owned(),
+                m["ip-family"].as_str().expect("ip-family").to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = KIND_CONFIGS
+        .iter()
+        .map(|(f, fam)| (f.to_string(), fam.to_string()))
+        .collect();
+    assert_eq!(
+        matrix, want,
+        "{WORKFLOW}: the netpol matrix and deploy/kind's configurations"
     );
 
     let lab = &workflow["jobs"]["lab"];
