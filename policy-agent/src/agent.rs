@@ -350,18 +350,15 @@ fn watch_interfaces() -> io::Result<mpsc::Receiver<()>> {
 async fn keep_chained(install: crate::cni::chain::Install, metrics: Arc<Metrics>) {
     use crate::cni::chain;
     if let Some(bin_dir) = install.bin_dir.clone() {
+        let dir = bin_dir.clone();
         let copied = tokio::task::spawn_blocking(move || {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            chain::install_binary(&exe, &bin_dir)
-                .map(|copied| (copied, bin_dir))
-                .map_err(|e| crate::telemetry::error_chain(&e))
+            chain::install_binary(&exe, &bin_dir).map_err(|e| crate::telemetry::error_chain(&e))
         })
-        .await;
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         match copied {
-            Ok(Ok((copied, dir))) => {
-                info!(dir = %dir.display(), copied, "CNI plugin binary in place")
-            }
-            Ok(Err(e)) => error!(error = %e, "installing the CNI plugin binary failed"),
+            Ok(copied) => info!(dir = %dir.display(), copied, "CNI plugin binary in place"),
             Err(e) => error!(error = %e, "installing the CNI plugin binary failed"),
         }
     }

@@ -171,21 +171,13 @@ impl EventReader {
     /// (`policy-ebpf/src/events.rs`): every [`DRAIN_INTERVAL`] it looks without a wakeup.
     pub async fn read(&mut self, out: &mut Vec<VerdictEvent>) -> io::Result<usize> {
         loop {
-            match tokio::time::timeout(DRAIN_INTERVAL, self.fd.readable_mut()).await {
-                Ok(guard) => {
-                    let mut guard = guard?;
-                    let n = drain(guard.get_inner_mut(), out);
-                    guard.clear_ready();
-                    if n > 0 {
-                        return Ok(n);
-                    }
-                }
-                Err(_) => {
-                    let n = drain(self.fd.get_mut(), out);
-                    if n > 0 {
-                        return Ok(n);
-                    }
-                }
+            // Readiness cleared before draining: anything submitted after it signals again.
+            if let Ok(guard) = tokio::time::timeout(DRAIN_INTERVAL, self.fd.readable_mut()).await {
+                guard?.clear_ready();
+            }
+            let n = drain(self.fd.get_mut(), out);
+            if n > 0 {
+                return Ok(n);
             }
         }
     }

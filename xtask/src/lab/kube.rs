@@ -53,6 +53,22 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The agent's chained CNI plugin (its binary under this name).
 pub const CNI_CHAINED: &str = "policy-agent-cni";
 
+/// Plugin configurations (each with its own `cniVersion` and `name`, as the lab runs them one
+/// by one) as one configuration list: the first one's version and name, the plugins without.
+pub(super) fn conflist(mut plugins: Vec<Value>) -> Value {
+    let mut version = Value::Null;
+    let mut name = Value::Null;
+    for (i, p) in plugins.iter_mut().enumerate() {
+        let o = p.as_object_mut().expect("a CNI plugin configuration");
+        let (v, n) = (o.remove("cniVersion"), o.remove("name"));
+        if i == 0 {
+            version = v.unwrap_or(Value::Null);
+            name = n.unwrap_or(Value::Null);
+        }
+    }
+    json!({"cniVersion": version, "name": name, "plugins": plugins})
+}
+
 /// Where the cluster state lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -1424,15 +1440,7 @@ impl Lab {
         for node in &self.state.nodes {
             let mut plugins = vec![self.cni_config(node)];
             plugins.extend(self.cni_chained(node, None));
-            let first = plugins[0].as_object_mut().expect("a plugin configuration");
-            let name = first.remove("name").unwrap_or(Value::Null);
-            let version = first.remove("cniVersion").unwrap_or(Value::Null);
-            for p in plugins.iter_mut().skip(1) {
-                let o = p.as_object_mut().expect("a plugin configuration");
-                o.remove("name");
-                o.remove("cniVersion");
-            }
-            let list = json!({"cniVersion": version, "name": name, "plugins": plugins});
+            let list = conflist(plugins);
             std::fs::write(
                 self.paths
                     .dir

@@ -120,11 +120,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         std::fs::write(dir.join("containerd.toml"), containerd)?;
         // The same chain the lab's own kubelet invokes (kindnet's ptp or flannel's bridge, with
         // host-local), as a conflist; containerd runs loopback itself.
-        let mut plugin = self.cni_config(node);
-        let plugin_obj = plugin.as_object_mut().expect("a CNI plugin configuration");
-        let name = plugin_obj.remove("name").unwrap_or(Value::Null);
-        let version = plugin_obj.remove("cniVersion").unwrap_or(Value::Null);
-        let list = json!({"cniVersion": version, "name": name, "plugins": [plugin]});
+        let list = super::kube::conflist(vec![self.cni_config(node)]);
         std::fs::write(cni_dir.join("10-lab.conflist"), list.to_string())?;
         let ca = files.path("ca.crt").display().to_string();
         std::fs::write(
