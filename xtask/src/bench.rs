@@ -525,6 +525,7 @@ fn enforce_kube(base: usize, changes: usize) -> Result<Value> {
         kube_proxy: kube::ProxyMode::Iptables,
         cni: kube::CniShape::Ptp,
         kubelet: false,
+        ip_family: Default::default(),
     };
     let mut lab = Lab::up(prefix, &opts)?;
     let result = (|| -> Result<Value> {

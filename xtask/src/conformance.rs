@@ -14,7 +14,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -24,7 +24,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::lab::{
-    self, AgentChoice, Kind, Lab, ObjRef, Outcome, ProbeSpec, Protocol, Table, UpOptions, Via,
+    self, AgentChoice, Family, Kind, Lab, ObjRef, Outcome, ProbeSpec, Protocol, Table, UpOptions,
+    Via,
 };
 
 /// The catalogue shipped with the repository.
@@ -74,6 +75,11 @@ pub struct Args {
     /// What enforces (with `--api kube`): policy-agent, or the reference implementation.
     #[arg(long, value_enum, default_value_t = crate::lab::kube::Enforcer::PolicyAgent)]
     pub enforcer: crate::lab::kube::Enforcer,
+    /// The lab's address families. Every matrix is probed in each family of the lab (pod IPs
+    /// and ClusterIPs of that family); ipBlock CIDRs come from the pods' addresses of the
+    /// family probed, and in a dual-stack lab an ipBlock peer is written once per family.
+    #[arg(long, value_enum, env = "LAB_IP_FAMILY", default_value_t = Default::default())]
+    pub ip_family: crate::lab::IpFamily,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +188,7 @@ pub fn main(args: Args) -> Result<()> {
             kube_proxy: args.kube_proxy,
             cni: args.cni,
             kubelet: false,
+            ip_family: args.ip_family,
         },
     )?;
     let mut cases_took = Duration::ZERO;
@@ -203,6 +210,15 @@ pub fn main(args: Args) -> Result<()> {
                 "cluster state in the agents' manifest directory; Services through the lab's nftables DNAT"
             ),
         }
+        println!(
+            "address families: {} (probed: {})",
+            args.ip_family.as_str(),
+            families(&lab)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let cases_started = Instant::now();
         let timeout = Duration::from_millis(args.timeout_ms);
         let mut results = Vec::new();
@@ -229,6 +245,7 @@ pub fn main(args: Args) -> Result<()> {
         ),
         None => "manifest directory, lab DNAT".to_string(),
     };
+    let control_plane = format!("{control_plane}, {}", args.ip_family.as_str());
     drop(lab);
     if !args.keep {
         lab::down(&args.prefix)?;
@@ -433,12 +450,15 @@ fn setup(
             let protocol =
                 Protocol::parse(proto).ok_or_else(|| anyhow!("unknown protocol {proto}"))?;
             for via in [Via::Service, Via::Pod] {
-                specs.push(ProbeSpec {
-                    port: Some(port.to_string()),
-                    protocol: Some(protocol),
-                    via,
-                    ..Default::default()
-                });
+                for &family in families(lab) {
+                    specs.push(ProbeSpec {
+                        port: Some(port.to_string()),
+                        protocol: Some(protocol),
+                        via,
+                        family: Some(family),
+                        ..Default::default()
+                    });
+                }
             }
         }
     }
@@ -453,9 +473,10 @@ fn setup(
             .filter(|o| !o.connected)
             .map(|o| {
                 format!(
-                    "{} -> {} {}/{} via {}",
+                    "{} -> {} ({}) {}/{} via {}",
                     o.from,
                     o.to,
+                    o.to_ip,
                     o.protocol,
                     o.port,
                     o.via.as_str()
@@ -497,7 +518,8 @@ fn act(lab: &mut Lab, action: &Value, r: &mut CaseResult) -> Result<()> {
                 .as_str()
                 .ok_or_else(|| anyhow!("no namespace"))?;
             let name = action["name"].as_str().ok_or_else(|| anyhow!("no name"))?;
-            let spec = resolve_placeholders(&action["spec"], &|key| lab.pod_ip(key))?;
+            let spec =
+                ip_blocks_per_family(&action["spec"], families(lab), &|key, f| lab.pod_ip(key, f))?;
             let exists = lab.state.policies.contains_key(&format!("{ns}/{name}"));
             if op == "create" && exists {
                 bail!("policy {ns}/{name} already exists");
@@ -579,10 +601,44 @@ fn act(lab: &mut Lab, action: &Value, r: &mut CaseResult) -> Result<()> {
     }
 }
 
+/// Resolves a policy spec's placeholders for the lab's families. Single-stack: from the pods'
+/// addresses of that family. Dual-stack: every ipBlock peer that holds a placeholder becomes one
+/// peer per family, each resolved from that family's addresses — an IPv4 block never matches an
+/// IPv6 address, so each family's probes see exactly the verdicts of the single-stack policy.
+fn ip_blocks_per_family(
+    v: &Value,
+    families: &[Family],
+    ip_of: &dyn Fn(&str, Family) -> Option<IpAddr>,
+) -> Result<Value> {
+    let resolve = |x: &Value, f: Family| resolve_placeholders(x, &|k| ip_of(k, f));
+    Ok(match v {
+        Value::Array(a) => {
+            let mut out = Vec::new();
+            for x in a {
+                let templated = x.get("ipBlock").is_some() && x.to_string().contains('<');
+                if templated {
+                    for &f in families {
+                        out.push(resolve(x, f)?);
+                    }
+                } else {
+                    out.push(ip_blocks_per_family(x, families, ip_of)?);
+                }
+            }
+            Value::Array(out)
+        }
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| Ok((k.clone(), ip_blocks_per_family(x, families, ip_of)?)))
+                .collect::<Result<_>>()?,
+        ),
+        other => resolve(other, families[0])?,
+    })
+}
+
 /// Replaces the catalogue's run-time placeholders: `<podIP of NS/POD>/32 (/128 if IPv6)` and
 /// `<the /N network containing NS/POD's podIP, …>` (upstream's `makeLargeCIDRForIP`: the masked
 /// network). Any other placeholder is an error.
-fn resolve_placeholders(v: &Value, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Result<Value> {
+fn resolve_placeholders(v: &Value, ip_of: &dyn Fn(&str) -> Option<IpAddr>) -> Result<Value> {
     Ok(match v {
         Value::String(s) if s.contains('<') => Value::String(resolve_str(s, ip_of)?),
         Value::Array(a) => Value::Array(
@@ -599,7 +655,7 @@ fn resolve_placeholders(v: &Value, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> 
     })
 }
 
-fn resolve_str(s: &str, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Result<String> {
+fn resolve_str(s: &str, ip_of: &dyn Fn(&str) -> Option<IpAddr>) -> Result<String> {
     let start = s.find('<').expect("has a placeholder");
     let end = s[start..]
         .find('>')
@@ -607,8 +663,11 @@ fn resolve_str(s: &str, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Result<Stri
         .ok_or_else(|| anyhow!("unterminated placeholder in {s:?}"))?;
     let inner = &s[start + 1..end];
     let pod_ip = |key: &str| ip_of(key).ok_or_else(|| anyhow!("placeholder {s:?}: no pod {key}"));
+    let mut v6 = false;
     let value = if let Some(rest) = inner.strip_prefix("podIP of ") {
-        pod_ip(rest.trim())?.to_string()
+        let ip = pod_ip(rest.trim())?;
+        v6 = ip.is_ipv6();
+        ip.to_string()
     } else if let Some(rest) = inner.strip_prefix("the /") {
         let (len, rest) = rest
             .split_once(' ')
@@ -621,18 +680,16 @@ fn resolve_str(s: &str, ip_of: &dyn Fn(&str) -> Option<Ipv4Addr>) -> Result<Stri
             .and_then(|r| r.split_once("'s podIP"))
             .map(|(k, _)| k)
             .ok_or_else(|| anyhow!("placeholder {s:?} not understood"))?;
-        let ip = u32::from(pod_ip(key)?);
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        };
-        format!("{}/{len}", Ipv4Addr::from(ip & mask))
+        lab::network_of(pod_ip(key)?, len).to_string()
     } else {
         bail!("placeholder {s:?} not understood");
     };
-    // Drop the catalogue's remark on IPv6 ("… (/128 if IPv6)"): the lab is IPv4.
-    let tail = s[end + 1..].split(" (").next().unwrap_or_default();
+    // The catalogue's remark on IPv6 ("<podIP of …>/32 (/128 if IPv6)") picks the host mask.
+    let rest = &s[end + 1..];
+    let mut tail = rest.split(" (").next().unwrap_or_default().to_string();
+    if v6 && rest.contains("(/128 if IPv6)") {
+        tail = tail.replacen("/32", "/128", 1);
+    }
     let out = format!("{}{value}{tail}", &s[..start]);
     if out.contains('<') {
         resolve_str(&out, ip_of)
@@ -756,28 +813,36 @@ fn check_step(
             expected.push((pc.port, protocol, want));
         }
         for via in [Via::Service, Via::Pod] {
-            specs.push(ProbeSpec {
-                port: Some(pc.port.to_string()),
-                protocol: Some(protocol),
-                via,
-                ..Default::default()
-            });
+            for &family in families(lab) {
+                specs.push(ProbeSpec {
+                    port: Some(pc.port.to_string()),
+                    protocol: Some(protocol),
+                    via,
+                    family: Some(family),
+                    ..Default::default()
+                });
+            }
         }
     }
     let mut outcomes = lab.run_probes(&specs, timeout)?;
-    let mut first = compare(&expected, &outcomes);
+    let mut first = compare(&expected, &outcomes, families(lab));
     if first.values().any(|w| !w.is_empty()) {
         outcomes = lab.run_probes(&specs, timeout)?;
-        let second = compare(&expected, &outcomes);
+        let second = compare(&expected, &outcomes, families(lab));
         for (k, wrong) in &first {
             if !wrong.is_empty() && second.get(k).is_some_and(Vec::is_empty) {
-                r.retried
-                    .push(format!("step {n} {}/{} via {}", k.1, k.0, k.2.as_str()));
+                r.retried.push(format!(
+                    "step {n} {}/{} via {} {}",
+                    k.1,
+                    k.0,
+                    k.2.as_str(),
+                    k.3
+                ));
             }
         }
         first = second;
     }
-    for ((port, protocol, via), wrong) in first {
+    for ((port, protocol, via, family), wrong) in first {
         if wrong.is_empty() {
             continue;
         }
@@ -786,10 +851,10 @@ fn check_step(
             .find(|e| e.0 == port && e.1 == protocol)
             .expect("expected")
             .2;
-        let got = observed(want, &outcomes, port, protocol, via);
+        let got = observed(want, &outcomes, (port, protocol, via, family));
         let tables = lab::side_by_side(("expected", want), ("observed", &got));
         let msg = format!(
-            "step {n} {protocol}/{port}: {}\n       {}",
+            "step {n} {protocol}/{port} {family}: {}\n       {}",
             wrong.join(", "),
             tables.trim_end().replace('\n', "\n       ")
         );
@@ -865,26 +930,45 @@ fn check_live(
     Ok(())
 }
 
-type Wrong = BTreeMap<(u16, Protocol, Via), Vec<String>>;
+/// One matrix as probed: port, protocol, way of dialling, family of the addresses dialled.
+type Matrix = (u16, Protocol, Via, Family);
+type Wrong = BTreeMap<Matrix, Vec<String>>;
+
+/// The families a case is probed in: every family of the lab.
+fn families(lab: &Lab) -> &'static [Family] {
+    lab.state.ip_family.families()
+}
+
+/// The family of the address a probe dialled.
+fn family_of(o: &Outcome) -> Option<Family> {
+    o.to_ip.parse::<IpAddr>().ok().map(Family::of)
+}
 
 /// The observed table of one matrix, rows and columns in the expectation's order.
-fn observed(want: &Table, outcomes: &[Outcome], port: u16, protocol: Protocol, via: Via) -> Table {
+fn observed(want: &Table, outcomes: &[Outcome], (port, protocol, via, family): Matrix) -> Table {
     let mut got = Table::new(want.rows.clone(), want.cols.clone());
-    for o in outcomes
-        .iter()
-        .filter(|o| o.port == port && o.protocol == protocol && o.via == via)
-    {
+    for o in outcomes.iter().filter(|o| {
+        o.port == port && o.protocol == protocol && o.via == via && family_of(o) == Some(family)
+    }) {
         got.set(&o.from, &o.to, o.connected);
     }
     got
 }
 
 /// Wrong cells per matrix, as `from->to expected X got .`.
-fn compare(expected: &[(u16, Protocol, Table)], outcomes: &[Outcome]) -> Wrong {
+/// Every family of `families` must have been probed: a cell never dialled is wrong too.
+fn compare(
+    expected: &[(u16, Protocol, Table)],
+    outcomes: &[Outcome],
+    families: &[Family],
+) -> Wrong {
     let mut out = Wrong::new();
     for (port, protocol, want) in expected {
-        for via in [Via::Service, Via::Pod] {
-            let got = observed(want, outcomes, *port, *protocol, via);
+        for (via, &family) in [Via::Service, Via::Pod]
+            .into_iter()
+            .flat_map(|v| families.iter().map(move |f| (v, f)))
+        {
+            let got = observed(want, outcomes, (*port, *protocol, via, family));
             let sym = |b: bool| if b { "." } else { "X" };
             let mut wrong: Vec<String> = want
                 .differences(&got)
@@ -896,7 +980,7 @@ fn compare(expected: &[(u16, Protocol, Table)], outcomes: &[Outcome]) -> Wrong {
                     .into_iter()
                     .map(|(f, t)| format!("{f}->{t} not probed")),
             );
-            out.insert((*port, *protocol, via), wrong);
+            out.insert((*port, *protocol, via, family), wrong);
         }
     }
     out
@@ -955,8 +1039,8 @@ mod tests {
     #[test]
     fn placeholders_resolve_like_upstream() {
         let ip = |k: &str| match k {
-            "x/b" => Some(Ipv4Addr::new(10, 244, 2, 7)),
-            "y/b" => Some(Ipv4Addr::new(10, 244, 1, 9)),
+            "x/b" => Some(IpAddr::from([10, 244, 2, 7])),
+            "y/b" => Some(IpAddr::from([10, 244, 1, 9])),
             _ => None,
         };
         let v = json!({"cidr": "<the /4 network containing x/b's podIP, e.g. 0.0.0.0/4 for 10.x>",
@@ -968,11 +1052,83 @@ mod tests {
         );
         assert!(resolve_placeholders(&json!("<podIP of q/q>/32"), &ip).is_err());
         assert!(resolve_placeholders(&json!("<something else>"), &ip).is_err());
+        let ip6 = |_: &str| "fd00:10:244:2::7".parse::<IpAddr>().ok();
+        let r = resolve_placeholders(&v, &ip6).unwrap();
+        assert_eq!(
+            r,
+            json!({"cidr": "f000::/4", "except": ["fd00:10:244:2::7/128"], "other": "fd00:10:244:2::7/128"})
+        );
+    }
+
+    #[test]
+    fn a_family_never_probed_fails_the_matrix() {
+        let pods = vec!["x/a".to_string(), "x/b".to_string()];
+        let mut want = Table::new(pods.clone(), pods.clone());
+        want.set("x/a", "x/b", true);
+        want.set("x/b", "x/a", false);
+        let expected = vec![(80, Protocol::Tcp, want)];
+        let outcome = |from: &str, to: &str, ip: &str, via: Via, connected: bool| Outcome {
+            from: from.into(),
+            to: to.into(),
+            to_ip: ip.into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            via,
+            connected,
+            ms: 0,
+            service: None,
+            service_port: None,
+        };
+        let mut v4 = Vec::new();
+        for via in [Via::Service, Via::Pod] {
+            v4.push(outcome("x/a", "x/b", "10.244.2.2", via, true));
+            v4.push(outcome("x/b", "x/a", "10.244.1.2", via, false));
+        }
+        let ok = compare(&expected, &v4, &[Family::V4]);
+        assert!(ok.values().all(Vec::is_empty), "{ok:?}");
+        let dual = compare(&expected, &v4, &[Family::V4, Family::V6]);
+        let missing = &dual[&(80, Protocol::Tcp, Via::Pod, Family::V6)];
+        assert_eq!(missing.len(), 2, "{dual:?}");
+        assert!(missing[0].ends_with("not probed"), "{missing:?}");
+        // A wrong verdict in one family is reported in that family only.
+        let mut both = v4.clone();
+        for via in [Via::Service, Via::Pod] {
+            both.push(outcome("x/a", "x/b", "fd00:10:244:2::2", via, true));
+            both.push(outcome("x/b", "x/a", "fd00:10:244:1::2", via, true));
+        }
+        let wrong = compare(&expected, &both, &[Family::V4, Family::V6]);
+        assert!(wrong[&(80, Protocol::Tcp, Via::Pod, Family::V4)].is_empty());
+        assert_eq!(
+            wrong[&(80, Protocol::Tcp, Via::Pod, Family::V6)],
+            vec!["x/b->x/a expected X got ."]
+        );
+    }
+
+    #[test]
+    fn dual_stack_writes_an_ip_block_peer_per_family() {
+        let ip = |_: &str, f: Family| match f {
+            Family::V4 => Some(IpAddr::from([10, 244, 2, 7])),
+            Family::V6 => "fd00:10:244:2::7".parse().ok(),
+        };
+        let spec = json!({"egress": [{"to": [
+            {"podSelector": {}},
+            {"ipBlock": {"cidr": "<the /4 network containing x/b's podIP, e.g. 0.0.0.0/4 for 10.x>",
+                         "except": ["<podIP of x/b>/32 (/128 if IPv6)"]}}]}]});
+        let dual = ip_blocks_per_family(&spec, &[Family::V4, Family::V6], &ip).unwrap();
+        assert_eq!(
+            dual["egress"][0]["to"],
+            json!([{"podSelector": {}},
+                   {"ipBlock": {"cidr": "0.0.0.0/4", "except": ["10.244.2.7/32"]}},
+                   {"ipBlock": {"cidr": "f000::/4", "except": ["fd00:10:244:2::7/128"]}}])
+        );
+        let v6 = ip_blocks_per_family(&spec, &[Family::V6], &ip).unwrap();
+        assert_eq!(v6["egress"][0]["to"].as_array().unwrap().len(), 2);
+        assert_eq!(v6["egress"][0]["to"][1]["ipBlock"]["cidr"], "f000::/4");
     }
 
     #[test]
     fn every_placeholder_in_the_catalogue_is_understood() {
-        let ip = |_: &str| Some(Ipv4Addr::new(10, 244, 1, 2));
+        let ip = |_: &str| Some(IpAddr::from([10, 244, 1, 2]));
         for case in catalogue().cases {
             for step in &case.steps {
                 for a in &step.actions {

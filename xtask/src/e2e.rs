@@ -85,6 +85,7 @@ pub fn run(args: &Args) -> Result<()> {
             kube_proxy: proxy,
             cni,
             kubelet: true,
+            ip_family: Default::default(),
         },
     )?;
     println!(

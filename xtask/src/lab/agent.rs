@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     thread,
@@ -23,7 +23,7 @@ pub use policy_common::status::{ObjectsDigest, Status};
 pub struct AgentRef {
     pub node: String,
     pub netns: String,
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     pub pid: u32,
     pub log: PathBuf,
 }
@@ -127,19 +127,19 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 /// A minimal HTTP/1.1 GET (the agents speak plain HTTP); returns status code and body.
-pub fn http_get(addr: SocketAddrV4, path: &str, timeout: Duration) -> Result<(u16, String)> {
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String)> {
     http_request("GET", addr, path, None, timeout)
 }
 
 /// A minimal HTTP/1.1 request with an optional JSON body; returns status code and body.
 pub fn http_request(
     method: &str,
-    addr: SocketAddrV4,
+    addr: SocketAddr,
     path: &str,
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), timeout)?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let body = body.unwrap_or("");
@@ -187,7 +187,7 @@ fn dechunk(mut s: &str) -> String {
 }
 
 /// Fetches one agent's status; must run on a thread inside the agent's network namespace.
-pub fn status(addr: SocketAddrV4) -> Result<Status> {
+pub fn status(addr: SocketAddr) -> Result<Status> {
     let (code, body) = http_get(addr, "/status", Duration::from_millis(500))?;
     if code != 200 {
         bail!("GET /status answered {code}: {}", body.trim());

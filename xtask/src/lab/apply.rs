@@ -5,7 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
     thread,
 };
 
@@ -23,7 +23,7 @@ use super::{
     net,
     objects::{Kind, Loaded, ObjRef, Object},
     serve::ServeArgs,
-    topology as topo,
+    topology::{self as topo, Family},
 };
 
 /// What happened to one object.
@@ -139,15 +139,34 @@ pub fn default_policy(mut np: NetworkPolicy) -> NetworkPolicy {
     np
 }
 
-/// Service as the API server stores it: type ClusterIP, protocol TCP, targetPort = port.
-fn default_service(mut svc: Service, cluster_ip: Option<Ipv4Addr>) -> Service {
+/// Service as the API server stores it: type ClusterIP, protocol TCP, targetPort = port, its
+/// ClusterIPs (the first is `clusterIP`) and their families.
+fn default_service(
+    mut svc: Service,
+    cluster_ips: Option<&[IpAddr]>,
+    dual_capable: bool,
+) -> Service {
     if let Some(spec) = svc.spec.as_mut() {
         spec.type_ = Some("ClusterIP".into());
-        match cluster_ip {
-            Some(ip) => {
-                spec.cluster_ip = Some(ip.to_string());
-                spec.cluster_ips = Some(vec![ip.to_string()]);
-                spec.ip_families = Some(vec!["IPv4".into()]);
+        match cluster_ips {
+            Some(ips) => {
+                spec.cluster_ip = ips.first().map(|ip| ip.to_string());
+                spec.cluster_ips = Some(ips.iter().map(|ip| ip.to_string()).collect());
+                spec.ip_families = Some(
+                    ips.iter()
+                        .map(|ip| Family::of(*ip).kube_name().to_string())
+                        .collect(),
+                );
+                if spec.ip_family_policy.is_none() {
+                    spec.ip_family_policy = Some(
+                        if dual_capable {
+                            "PreferDualStack"
+                        } else {
+                            "SingleStack"
+                        }
+                        .into(),
+                    );
+                }
             }
             None => {
                 spec.cluster_ip = Some("None".into());
@@ -216,38 +235,45 @@ impl Lab {
             .expect("at least one node")
     }
 
-    fn allocate_pod_ip(&mut self, node: u32, taken: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+    /// The next free host number on `node` (round robin, as host-local IPAM) and the pod's
+    /// address of each family of the lab with that host number.
+    fn allocate_pod_ips(&mut self, node: u32, taken: &BTreeSet<IpAddr>) -> Result<Vec<IpAddr>> {
         let idx = self
             .state
             .nodes
             .iter()
             .position(|n| n.number == node)
             .expect("node exists");
-        let base = topo::node_pod_cidr(node).0.octets();
+        let families = self.state.ip_family.families();
         let mut host = self.state.nodes[idx].last_pod_host;
         for _ in 0..253 {
             host = if host >= 254 { 2 } else { host + 1 };
-            let ip = Ipv4Addr::new(base[0], base[1], base[2], host);
-            if !taken.contains(&ip) {
+            let ips: Vec<IpAddr> = families
+                .iter()
+                .map(|f| topo::node_pods(node, *f).nth(u128::from(host)))
+                .collect();
+            if !ips.iter().any(|ip| taken.contains(ip)) {
                 self.state.nodes[idx].last_pod_host = host;
-                return Ok(ip);
+                return Ok(ips);
             }
         }
         bail!(
             "node-{node} has no free pod address left in {}",
-            topo::cidr(topo::node_pod_cidr(node))
+            topo::node_pods(node, families[0])
         )
     }
 
-    fn allocate_service_ip(&mut self) -> Result<Ipv4Addr> {
-        let taken: BTreeSet<String> = self
+    /// ClusterIPs of the families asked for, at one offset free in every one of their ranges.
+    fn allocate_service_ips(&mut self, families: &[Family]) -> Result<Vec<IpAddr>> {
+        let taken: BTreeSet<IpAddr> = self
             .state
             .services
             .values()
-            .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
+            .filter_map(|s| s.spec.as_ref()?.cluster_ips.clone())
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
             .collect();
-        let base = u32::from(topo::SERVICE_CIDR.0);
-        let size = 1u32 << (32 - topo::SERVICE_CIDR.1);
+        let size = topo::service_cidr(Family::V4).size() as u32;
         let mut off = self.state.last_service_offset;
         for _ in 0..size {
             // .0.1-.0.99 are left for well-known addresses (kubernetes, kube-dns), as on kind.
@@ -256,16 +282,64 @@ impl Lab {
             } else {
                 (off + 1).max(100)
             };
-            let ip = Ipv4Addr::from(base + off);
-            if !taken.contains(&ip.to_string()) {
+            let ips: Vec<IpAddr> = families
+                .iter()
+                .map(|f| topo::service_cidr(*f).nth(u128::from(off)))
+                .collect();
+            if !ips.iter().any(|ip| taken.contains(ip)) {
                 self.state.last_service_offset = off;
-                return Ok(ip);
+                return Ok(ips);
             }
         }
         bail!(
             "the service range {} is exhausted",
-            topo::cidr(topo::SERVICE_CIDR)
+            topo::service_cidr(families[0])
         )
+    }
+
+    /// The ClusterIPs of a new Service: those given (`clusterIPs`, or `clusterIP`), completed
+    /// with one of the other family when the lab is dual-stack and the policy allows it;
+    /// otherwise allocated in the families `ipFamilyPolicy` and `ipFamilies` ask for (the lab's
+    /// default is PreferDualStack: every family of the lab, IPv4 first).
+    fn new_service_ips(&mut self, svc: &Service) -> Result<Vec<IpAddr>> {
+        let spec = svc.spec.as_ref();
+        let single = spec.and_then(|s| s.ip_family_policy.as_deref()) == Some("SingleStack");
+        let lab: Vec<Family> = self.state.ip_family.families().to_vec();
+        let mut given: Vec<IpAddr> = spec
+            .and_then(|s| s.cluster_ips.clone())
+            .filter(|ips| !ips.is_empty())
+            .or_else(|| spec.and_then(|s| s.cluster_ip.clone()).map(|ip| vec![ip]))
+            .unwrap_or_default()
+            .iter()
+            .filter(|ip| !ip.is_empty())
+            .map(|ip| ip.parse().expect("validated"))
+            .collect();
+        let asked: Vec<Family> = spec
+            .and_then(|s| s.ip_families.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| lab.iter().copied().find(|l| l.kube_name() == f))
+            .collect();
+        let mut order: Vec<Family> = given.iter().map(|ip| Family::of(*ip)).collect();
+        order.extend(asked);
+        order.extend(lab.iter().copied());
+        let mut wanted: Vec<Family> = Vec::new();
+        for f in order {
+            if !wanted.contains(&f) {
+                wanted.push(f);
+            }
+        }
+        wanted.truncate(if single { 1 } else { lab.len() });
+        let missing: Vec<Family> = wanted
+            .iter()
+            .copied()
+            .filter(|f| !given.iter().any(|ip| Family::of(*ip) == *f))
+            .collect();
+        if !missing.is_empty() {
+            given.extend(self.allocate_service_ips(&missing)?);
+        }
+        given.sort_by_key(|ip| wanted.iter().position(|f| *f == Family::of(*ip)));
+        Ok(given)
     }
 
     /// Creates or replaces objects; returns once every agent enforces the result.
@@ -350,6 +424,41 @@ impl Lab {
             {
                 errors.push(format!("{}: {r}: spec.clusterIP: Invalid value {ip:?}: provided IP is already allocated", l.source));
             }
+            if let Object::Service(svc) = &l.object
+                && let Some(spec) = &svc.spec
+            {
+                let lab = self.state.ip_family;
+                let given = spec
+                    .cluster_ips
+                    .iter()
+                    .flatten()
+                    .chain(spec.cluster_ip.iter())
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok());
+                for ip in given.filter(|ip| !lab.has(Family::of(*ip))) {
+                    errors.push(format!(
+                        "{}: {r}: spec.clusterIPs: Invalid value {:?}: {} is not configured on this cluster",
+                        l.source,
+                        ip.to_string(),
+                        Family::of(ip)
+                    ));
+                }
+                for f in spec.ip_families.iter().flatten() {
+                    if !lab.families().iter().any(|l| l.kube_name() == f) {
+                        errors.push(format!(
+                            "{}: {r}: spec.ipFamilies: Invalid value {f:?}: not configured on this cluster",
+                            l.source
+                        ));
+                    }
+                }
+                if spec.ip_family_policy.as_deref() == Some("RequireDualStack")
+                    && lab.families().len() < 2
+                {
+                    errors.push(format!(
+                        "{}: {r}: spec.ipFamilyPolicy: Invalid value \"RequireDualStack\": this cluster is not configured for dual-stack services",
+                        l.source
+                    ));
+                }
+            }
         }
         if !errors.is_empty() {
             bail!("nothing was applied:\n  {}", errors.join("\n  "));
@@ -359,7 +468,12 @@ impl Lab {
         let before = self.state.clone();
         let mut changes = Vec::new();
         let mut new_pods: Vec<String> = Vec::new();
-        let mut taken: BTreeSet<Ipv4Addr> = self.state.pods.values().map(|p| p.ip).collect();
+        let mut taken: BTreeSet<IpAddr> = self
+            .state
+            .pods
+            .values()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
         let mut dirty: BTreeSet<String> = BTreeSet::new(); // manifest files to write
         let mut implicit: BTreeSet<String> = BTreeSet::new(); // namespaces created by reference
         let result = (|| -> Result<()> {
@@ -417,22 +531,34 @@ impl Lab {
                             Some(n) => topo::node_number(&n).expect("validated"),
                             None => self.pick_node(&self.state.pods),
                         };
-                        let ip = self.allocate_pod_ip(node, &taken)?;
-                        taken.insert(ip);
+                        let ips = self.allocate_pod_ips(node, &taken)?;
+                        taken.extend(ips.iter().copied());
+                        let ip = ips[0];
                         let id = self.state.next_pod_id;
                         self.state.next_pod_id += 1;
-                        let host_ip = topo::node_ip(node).to_string();
+                        let host_ips: Vec<String> = self
+                            .state
+                            .ip_family
+                            .families()
+                            .iter()
+                            .map(|f| topo::node_addr(node, *f).to_string())
+                            .collect();
                         pod.spec.as_mut().expect("validated").node_name =
                             Some(topo::node_name(node));
                         pod.metadata.uid = Some(cluster::new_uid());
                         pod.status = Some(PodStatus {
                             phase: Some("Running".into()),
                             pod_ip: Some(ip.to_string()),
-                            pod_ips: Some(vec![PodIP { ip: ip.to_string() }]),
-                            host_ip: Some(host_ip.clone()),
-                            host_ips: Some(vec![k8s_openapi::api::core::v1::HostIP {
-                                ip: host_ip,
-                            }]),
+                            pod_ips: Some(
+                                ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect(),
+                            ),
+                            host_ip: Some(host_ips[0].clone()),
+                            host_ips: Some(
+                                host_ips
+                                    .iter()
+                                    .map(|ip| k8s_openapi::api::core::v1::HostIP { ip: ip.clone() })
+                                    .collect(),
+                            ),
                             ..Default::default()
                         });
                         self.state.pods.insert(
@@ -442,6 +568,7 @@ impl Lab {
                                 id,
                                 node,
                                 ip,
+                                ips: ips.clone(),
                                 netns: self.names.pod_ns(id),
                                 veth: self.names.pod_veth(id),
                                 responder_pid: None,
@@ -452,37 +579,35 @@ impl Lab {
                         changes.push((
                             r.clone(),
                             Change::Created,
-                            format!("{}, {ip}", topo::node_name(node)),
+                            format!("{}, {}", topo::node_name(node), join(&ips)),
                         ));
                     }
                     Object::Service(s) => {
                         let old = self.state.services.get(&key).cloned();
                         let headless =
                             s.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None");
-                        let ip = match (&old, headless) {
+                        let ips: Option<Vec<IpAddr>> = match (&old, headless) {
                             (_, true) => None,
-                            (Some(o), false) => o
-                                .spec
-                                .as_ref()
-                                .and_then(|s| s.cluster_ip.as_deref()?.parse().ok()),
-                            (None, false) => match s
-                                .spec
-                                .as_ref()
-                                .and_then(|s| s.cluster_ip.as_deref())
-                                .filter(|ip| !ip.is_empty())
-                            {
-                                Some(given) => Some(given.parse().expect("validated")),
-                                None => Some(self.allocate_service_ip()?),
-                            },
+                            (Some(o), false) => Some(
+                                o.spec
+                                    .as_ref()
+                                    .and_then(|s| s.cluster_ips.clone())
+                                    .unwrap_or_default()
+                                    .iter()
+                                    .filter_map(|ip| ip.parse().ok())
+                                    .collect(),
+                            ),
+                            (None, false) => Some(self.new_service_ips(&s)?),
                         };
-                        let mut new = default_service(*s, ip);
+                        let dual = self.state.ip_family.families().len() > 1;
+                        let mut new = default_service(*s, ips.as_deref(), dual);
                         let change = replace_change(old.as_ref(), &mut new);
                         if change != Change::Unchanged {
                             self.state.services.insert(key.clone(), new);
                             dirty.insert(cluster::namespaced_file("service", &key));
                         }
-                        let note = ip
-                            .map(|ip| ip.to_string())
+                        let note = ips
+                            .map(|ips| join(&ips))
                             .unwrap_or_else(|| "headless".into());
                         changes.push((r.clone(), change, note));
                     }
@@ -695,7 +820,8 @@ impl Lab {
                 .iter()
                 .map(|p| {
                     let node = &node_ns[&p.node];
-                    s.spawn(move || create_pod_network(node, p))
+                    let families = self.state.ip_family;
+                    s.spawn(move || create_pod_network(node, families, p))
                 })
                 .collect();
             handles
@@ -748,11 +874,18 @@ impl Lab {
     }
 }
 
-fn create_pod_network(node_ns: &str, p: &PodState) -> Result<()> {
+/// Addresses joined by commas, as `kubectl get -o wide` shows a dual-stack pod's.
+pub fn join(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn create_pod_network(node_ns: &str, families: topo::IpFamily, p: &PodState) -> Result<()> {
     let mac = topo::host_veth_mac(p.id);
     net::add_netns(&p.netns)?;
-    let _ = net::sysctl(&p.netns, "net/ipv6/conf/all/disable_ipv6", "1");
-    let _ = net::sysctl(&p.netns, "net/ipv6/conf/default/disable_ipv6", "1");
+    cluster::set_families(&p.netns, families, false)?;
     net::ip_batch(
         node_ns,
         &[
@@ -763,20 +896,32 @@ fn create_pod_network(node_ns: &str, p: &PodState) -> Result<()> {
             format!("link set {} up", p.veth),
         ],
     )?;
-    net::ip_batch(
-        &p.netns,
-        &[
-            "link set lo up".into(),
-            format!("addr add {}/32 dev eth0", p.ip),
-            "link set eth0 up".into(),
-            format!("route add {} dev eth0 scope link", topo::POD_GATEWAY),
-            format!("route add default via {} dev eth0", topo::POD_GATEWAY),
-            format!(
-                "neigh add {} lladdr {mac} dev eth0 nud permanent",
-                topo::POD_GATEWAY
-            ),
-        ],
-    )?;
-    net::ip_batch(node_ns, &[format!("route add {}/32 dev {}", p.ip, p.veth)])
-        .with_context(|| format!("host route for pod {}", p.ip))
+    let mut pod_cmds = vec!["link set lo up".to_string()];
+    for ip in &p.ips {
+        let f = Family::of(*ip);
+        pod_cmds.push(format!(
+            "addr add {ip}/{} dev eth0{}",
+            f.bits(),
+            cluster::nodad(f)
+        ));
+    }
+    pod_cmds.push("link set eth0 up".into());
+    for ip in &p.ips {
+        let gw = topo::pod_gateway(Family::of(*ip));
+        if gw.is_ipv4() {
+            // IPv6 link-local gateways need no route of their own: fe80::/64 is on eth0.
+            pod_cmds.push(format!("route add {gw} dev eth0 scope link"));
+        }
+        pod_cmds.push(format!("route add default via {gw} dev eth0"));
+        pod_cmds.push(format!(
+            "neigh add {gw} lladdr {mac} dev eth0 nud permanent"
+        ));
+    }
+    net::ip_batch(&p.netns, &pod_cmds)?;
+    let host: Vec<String> = p
+        .ips
+        .iter()
+        .map(|ip| format!("route add {ip}/{} dev {}", Family::of(*ip).bits(), p.veth))
+        .collect();
+    net::ip_batch(node_ns, &host).with_context(|| format!("host routes for pod {}", join(&p.ips)))
 }

@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -28,13 +28,16 @@ use super::{
     net::{self, NetnsMode},
     serve::ServeArgs,
     services,
-    topology::{self as topo, Names},
+    topology::{self as topo, Family, IpFamily, Names},
 };
 
 /// Everything the lab remembers between commands (`<target>/lab/<prefix>/state.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct State {
     pub prefix: String,
+    /// The address families of every pod, node, Service and `ext`.
+    #[serde(default)]
+    pub ip_family: IpFamily,
     pub nodes: Vec<NodeState>,
     /// None: the lab runs without enforcement (`up --no-agent`).
     pub agent_bin: Option<PathBuf>,
@@ -62,7 +65,11 @@ pub struct State {
 pub struct NodeState {
     pub number: u32,
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// The node's address of the lab's primary family (the agent's HTTP address).
+    pub ip: IpAddr,
+    /// Every address of the node, IPv4 first.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
     pub netns: String,
     pub http_port: u16,
     pub agent_pid: Option<u32>,
@@ -76,15 +83,26 @@ pub struct PodState {
     pub pod: Pod,
     pub id: u32,
     pub node: u32,
-    pub ip: Ipv4Addr,
+    /// `status.podIP`: the address of the lab's primary family.
+    pub ip: IpAddr,
+    /// `status.podIPs`, IPv4 first.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
     pub netns: String,
     pub veth: String,
     pub responder_pid: Option<u32>,
 }
 
 impl NodeState {
-    pub fn http_addr(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(self.ip, self.http_port)
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.ip, self.http_port)
+    }
+}
+
+impl PodState {
+    /// The pod's address of family `f`.
+    pub fn addr(&self, f: Family) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|ip| Family::of(*ip) == f)
     }
 }
 
@@ -155,6 +173,8 @@ pub struct UpOptions {
     /// Real kubelets and containerd run the nodes (real-API mode only); the agent binary goes
     /// into the DaemonSet's image instead of running as a lab process.
     pub kubelet: bool,
+    /// The address families of the lab.
+    pub ip_family: IpFamily,
 }
 
 impl UpOptions {
@@ -183,6 +203,11 @@ impl UpOptions {
                 .map_err(|_| anyhow!("LAB_CNI={v:?}: expected ptp or bridge"))?,
             None => super::kube::CniShape::default(),
         };
+        let ip_family = match pick("LAB_IP_FAMILY")? {
+            Some(v) => IpFamily::from_str(&v, true)
+                .map_err(|_| anyhow!("LAB_IP_FAMILY={v:?}: expected ipv4, ipv6 or dual"))?,
+            None => IpFamily::default(),
+        };
         Ok(UpOptions {
             nodes,
             agent,
@@ -190,6 +215,7 @@ impl UpOptions {
             kube_proxy,
             cni,
             kubelet: false,
+            ip_family,
         })
     }
 }
@@ -304,6 +330,12 @@ impl Lab {
                 leftovers.summary()
             );
         }
+        if opts.ip_family != IpFamily::Ipv4 && opts.api == super::kube::ApiMode::Kube {
+            bail!(
+                "--ip-family {} needs --api manifests: the real-API mode runs IPv4 clusters only",
+                opts.ip_family.as_str()
+            );
+        }
         if opts.cni != super::kube::CniShape::Ptp && opts.api != super::kube::ApiMode::Kube {
             bail!("--cni bridge needs --api kube (the manifest mode wires pods itself)");
         }
@@ -341,13 +373,16 @@ impl Lab {
         }
         std::fs::create_dir_all(paths.manifests())?;
         std::fs::create_dir_all(paths.logs())?;
+        let families = opts.ip_family.families();
         let state = State {
             prefix: prefix.to_string(),
+            ip_family: opts.ip_family,
             nodes: (1..=opts.nodes)
                 .map(|n| NodeState {
                     number: n,
                     name: topo::node_name(n),
-                    ip: topo::node_ip(n),
+                    ip: topo::node_addr(n, opts.ip_family.primary()),
+                    ips: families.iter().map(|f| topo::node_addr(n, *f)).collect(),
                     netns: names.node_ns(n),
                     http_port: topo::AGENT_HTTP_PORT_BASE + n as u16,
                     agent_pid: None,
@@ -383,64 +418,57 @@ impl Lab {
 
     fn build(&mut self, opts: &UpOptions, image_bin: Option<&Path>) -> Result<()> {
         let n = &self.names;
+        let families = self.state.ip_family.families();
         // Underlay router with the node bridge.
         let ul = n.underlay_ns();
         net::add_netns(&ul)?;
-        ipv4_only(&ul)?;
-        net::ip_batch(
-            &ul,
-            &[
-                "link set lo up".into(),
-                format!("link add {} type bridge", n.bridge()),
-                format!("link set {} up", n.bridge()),
-                format!(
-                    "addr add {}/{} dev {}",
-                    topo::NODE_GATEWAY,
-                    topo::NODE_CIDR.1,
-                    n.bridge()
-                ),
-            ],
-        )?;
-        net::sysctl(&ul, "net/ipv4/ip_forward", "1")?;
+        set_families(&ul, self.state.ip_family, true)?;
+        let mut ul_cmds = vec![
+            "link set lo up".to_string(),
+            format!("link add {} type bridge", n.bridge()),
+            format!("link set {} up", n.bridge()),
+        ];
+        for &f in families {
+            ul_cmds.push(format!(
+                "addr add {}/{} dev {}{}",
+                topo::node_gateway(f),
+                topo::node_cidr(f).len,
+                n.bridge(),
+                nodad(f)
+            ));
+        }
+        net::ip_batch(&ul, &ul_cmds)?;
         // The off-cluster host.
         let ext = n.ext_ns();
         net::add_netns(&ext)?;
-        ipv4_only(&ext)?;
-        net::ip_batch(
-            &ul,
-            &[
-                format!(
-                    "link add {} type veth peer name eth0 netns {ext}",
-                    n.ext_link()
-                ),
-                format!(
-                    "addr add {}/{} dev {}",
-                    topo::EXT_GATEWAY,
-                    topo::EXT_PREFIX_LEN,
-                    n.ext_link()
-                ),
-                format!("link set {} up", n.ext_link()),
-            ],
-        )?;
-        net::ip_batch(
-            &ext,
-            &[
-                "link set lo up".into(),
-                format!(
-                    "addr add {}/{} dev eth0",
-                    topo::EXT_IP,
-                    topo::EXT_PREFIX_LEN
-                ),
-                "link set eth0 up".into(),
-                format!("route add default via {}", topo::EXT_GATEWAY),
-            ],
-        )?;
+        set_families(&ext, self.state.ip_family, false)?;
+        let mut ul_cmds = vec![format!(
+            "link add {} type veth peer name eth0 netns {ext}",
+            n.ext_link()
+        )];
+        let mut ext_cmds = vec!["link set lo up".to_string()];
+        for &f in families {
+            let (ip, len, gw) = topo::ext_addr(f);
+            ul_cmds.push(format!(
+                "addr add {gw}/{len} dev {}{}",
+                n.ext_link(),
+                nodad(f)
+            ));
+            ext_cmds.push(format!("addr add {ip}/{len} dev eth0{}", nodad(f)));
+        }
+        ul_cmds.push(format!("link set {} up", n.ext_link()));
+        ext_cmds.push("link set eth0 up".into());
+        for &f in families {
+            ext_cmds.push(format!("route add default via {}", topo::ext_addr(f).2));
+        }
+        net::ip_batch(&ul, &ul_cmds)?;
+        net::ip_batch(&ext, &ext_cmds)?;
         // Nodes.
         let count = self.state.nodes.len() as u32;
         for node in &self.state.nodes {
             let num = node.number;
             net::add_netns(&node.netns)?;
-            ipv4_only(&node.netns)?;
+            set_families(&node.netns, self.state.ip_family, true)?;
             let mut ul_cmds = vec![
                 format!(
                     "link add {} type veth peer name eth0 netns {}",
@@ -450,35 +478,38 @@ impl Lab {
                 format!("link set {} master {}", n.node_link(num), n.bridge()),
                 format!("link set {} up", n.node_link(num)),
             ];
-            let mut node_cmds = vec![
-                "link set lo up".to_string(),
-                format!("addr add {}/{} dev eth0", node.ip, topo::NODE_CIDR.1),
-                "link set eth0 up".into(),
-                format!("route add default via {}", topo::NODE_GATEWAY),
+            let mut node_cmds = vec!["link set lo up".to_string()];
+            for &f in families {
+                node_cmds.push(format!(
+                    "addr add {}/{} dev eth0{}",
+                    topo::node_addr(num, f),
+                    topo::node_cidr(f).len,
+                    nodad(f)
+                ));
+            }
+            node_cmds.push("link set eth0 up".into());
+            for &f in families {
+                node_cmds.push(format!("route add default via {}", topo::node_gateway(f)));
                 // Addresses of the node's own range without a pod are unreachable, not looped.
-                format!(
-                    "route add unreachable {}",
-                    topo::cidr(topo::node_pod_cidr(num))
-                ),
-            ];
-            for other in 1..=count {
-                if other != num {
+                node_cmds.push(format!("route add unreachable {}", topo::node_pods(num, f)));
+                for other in (1..=count).filter(|o| *o != num) {
                     node_cmds.push(format!(
                         "route add {} via {}",
-                        topo::cidr(topo::node_pod_cidr(other)),
-                        topo::node_ip(other)
+                        topo::node_pods(other, f),
+                        topo::node_addr(other, f)
                     ));
                 }
             }
             net::ip_batch(&ul, &ul_cmds)?;
             net::ip_batch(&node.netns, &node_cmds)?;
-            net::sysctl(&node.netns, "net/ipv4/ip_forward", "1")?;
             ul_cmds.clear();
-            ul_cmds.push(format!(
-                "route add {} via {}",
-                topo::cidr(topo::node_pod_cidr(num)),
-                node.ip
-            ));
+            for &f in families {
+                ul_cmds.push(format!(
+                    "route add {} via {}",
+                    topo::node_pods(num, f),
+                    topo::node_addr(num, f)
+                ));
+            }
             net::ip_batch(&ul, &ul_cmds)?;
         }
         self.reload_services(true)?;
@@ -641,7 +672,7 @@ impl Lab {
             .map(|(k, p)| (k.as_str(), topo::node_name(p.node)))
             .collect();
         let slices = services::endpoint_slices(&ports, &node_of);
-        let rules = services::render(&ports);
+        let rules = services::render(&ports, self.state.ip_family.families());
         if force || rules != self.state.nft {
             thread::scope(|s| {
                 let handles: Vec<_> = self
@@ -692,17 +723,40 @@ impl Lab {
     }
 }
 
-/// Turns IPv6 off in a namespace: the lab is a single-stack IPv4 cluster, like kind's default, and
-/// router solicitations or DAD would be noise on every link.
-fn ipv4_only(netns: &str) -> Result<()> {
-    for key in [
-        "net/ipv6/conf/all/disable_ipv6",
-        "net/ipv6/conf/default/disable_ipv6",
-    ] {
-        // Kernels without IPv6 have no such file; that is fine too.
-        let _ = net::sysctl(netns, key, "1");
+/// Sets up the address families of a namespace, forwarding them when it routes. Without IPv6 the
+/// lab turns it off (router solicitations would be noise on every link), as on a single-stack
+/// kind cluster; with IPv6, duplicate address detection and router advertisements are off, so
+/// addresses work at once and routes are only the lab's.
+pub fn set_families(netns: &str, families: IpFamily, router: bool) -> Result<()> {
+    if families.has(Family::V4) && router {
+        net::sysctl(netns, "net/ipv4/ip_forward", "1")?;
+    }
+    if !families.has(Family::V6) {
+        for key in [
+            "net/ipv6/conf/all/disable_ipv6",
+            "net/ipv6/conf/default/disable_ipv6",
+        ] {
+            // Kernels without IPv6 have no such file; that is fine too.
+            let _ = net::sysctl(netns, key, "1");
+        }
+        return Ok(());
+    }
+    for conf in ["all", "default"] {
+        net::sysctl(netns, &format!("net/ipv6/conf/{conf}/accept_dad"), "0")?;
+        net::sysctl(netns, &format!("net/ipv6/conf/{conf}/accept_ra"), "0")?;
+        if router {
+            net::sysctl(netns, &format!("net/ipv6/conf/{conf}/forwarding"), "1")?;
+        }
     }
     Ok(())
+}
+
+/// `ip addr add` flag that skips duplicate address detection for IPv6 addresses.
+pub fn nodad(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "",
+        Family::V6 => " nodad",
+    }
 }
 
 /// Starts responders (one process per namespace) and waits until each has bound its ports.
@@ -903,14 +957,24 @@ pub fn remove_object(dir: &Path, file: &str) {
 }
 
 fn node_object(node: &NodeState) -> Node {
+    let pod_cidrs: Vec<String> = node
+        .ips
+        .iter()
+        .map(|ip| topo::node_pods(node.number, Family::of(*ip)).to_string())
+        .collect();
+    let mut addresses: Vec<serde_json::Value> = node
+        .ips
+        .iter()
+        .map(|ip| serde_json::json!({"type": "InternalIP", "address": ip.to_string()}))
+        .collect();
+    addresses.push(serde_json::json!({"type": "Hostname", "address": node.name}));
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"}},
-        "spec": {"podCIDR": topo::cidr(topo::node_pod_cidr(node.number)),
-                 "podCIDRs": [topo::cidr(topo::node_pod_cidr(node.number))]},
-        "status": {"addresses": [{"type": "InternalIP", "address": node.ip.to_string()},
-                                 {"type": "Hostname", "address": node.name}]}
+        "spec": {"podCIDR": pod_cidrs[0],
+                 "podCIDRs": pod_cidrs},
+        "status": {"addresses": addresses}
     }))
     .expect("a valid Node")
 }

@@ -186,6 +186,7 @@ fn show(lab: &Lab, via: Via) -> Result<bool> {
                 port: Some(d.port.to_string()),
                 protocol: Some(d.protocol),
                 via,
+                family: None,
             });
             cells.push((row, d.label));
         }

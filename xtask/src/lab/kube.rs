@@ -921,7 +921,13 @@ impl Lab {
         let post = |path: &str, body: &str| -> Result<Value> {
             let etcd = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2379);
             let (code, text) = net::in_netns(&cp, || {
-                agent::http_request("POST", etcd, path, Some(body), Duration::from_secs(10))
+                agent::http_request(
+                    "POST",
+                    etcd.into(),
+                    path,
+                    Some(body),
+                    Duration::from_secs(10),
+                )
             })??;
             if code != 200 {
                 bail!("etcd {path} answered {code}: {text}");
@@ -1535,7 +1541,8 @@ impl Lab {
                 pod,
                 id,
                 node,
-                ip: Ipv4Addr::UNSPECIFIED,
+                ip: Ipv4Addr::UNSPECIFIED.into(),
+                ips: Vec::new(),
                 netns: self.names.pod_ns(id),
                 veth: String::new(),
                 responder_pid: None,
@@ -1650,7 +1657,8 @@ impl Lab {
                     pod_key(&p.pod)
                 )
             })?;
-        p.ip = addr;
+        p.ip = addr.into();
+        p.ips = vec![p.ip];
         p.veth = host_if.to_string();
         Ok(p)
     }
@@ -1859,6 +1867,10 @@ impl Lab {
         let mut want: BTreeSet<(String, String, String, Ipv4Addr, u16)> = BTreeSet::new();
         for sp in services::service_ports(selected.iter().map(|(k, s)| (*k, *s)), &views) {
             for (_, ip, tp) in &sp.endpoints {
+                // The real-API mode is IPv4 only.
+                let std::net::IpAddr::V4(ip) = ip else {
+                    continue;
+                };
                 want.insert((
                     sp.service.clone(),
                     sp.port_name.clone(),
@@ -2020,7 +2032,7 @@ fn key_of(o: &Value) -> String {
     )
 }
 
-fn pod_status(ip: Ipv4Addr, host: &str) -> Value {
+fn pod_status(ip: std::net::IpAddr, host: &str) -> Value {
     let now = now_rfc3339();
     let cond = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
     json!({

@@ -31,7 +31,7 @@ pub use objects::{Kind, ObjRef, parse_doc, parse_text, read_docs};
 pub use probe::{Outcome, Protocol, Via};
 pub use query::ProbeSpec;
 pub use table::{Table, side_by_side, title};
-pub use topology::EXT_IP;
+pub use topology::{EXT_IP, Family, IpFamily, network_of};
 
 /// Default name prefix of everything a lab creates.
 pub const DEFAULT_PREFIX: &str = "pal";
@@ -81,6 +81,10 @@ pub enum LabCommand {
         /// What enforces NetworkPolicy (with `--api kube`, kube-network-policies may instead).
         #[arg(long, value_enum, default_value_t = kube::Enforcer::PolicyAgent, conflicts_with_all = ["agent_bin", "no_agent"])]
         enforcer: kube::Enforcer,
+        /// The address families of every pod, node, Service and `ext`: IPv4, IPv6, or both
+        /// (pods with an address of each, IPv4 first; PreferDualStack Services).
+        #[arg(long, value_enum, env = "LAB_IP_FAMILY", default_value_t = topology::IpFamily::Ipv4)]
+        ip_family: topology::IpFamily,
         /// Real kubelets and containerd on the nodes, and kube-scheduler (with `--api kube`):
         /// pods come from the API server, the agent from the DaemonSet (`kubectl apply -k
         /// deploy/overlays/…`, image `policy-agent:dev` already on every node). `lab probe`
@@ -123,6 +127,10 @@ pub enum LabCommand {
         protocol: Option<Protocol>,
         #[arg(long, value_enum, ignore_case = true, default_value_t = Via::Pod)]
         via: Via,
+        /// The family of the addresses dialled: 4 or 6 (default: the lab's only family, IPv4
+        /// in a dual-stack lab).
+        #[arg(long, value_parser = ["4", "6"])]
+        family: Option<String>,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
@@ -185,6 +193,7 @@ pub fn main(args: LabArgs) -> Result<()> {
             cni,
             enforcer,
             kubelet,
+            ip_family,
         } => {
             let agent = match (agent_bin, no_agent) {
                 _ if enforcer == kube::Enforcer::KubeNetworkPolicies => {
@@ -201,6 +210,7 @@ pub fn main(args: LabArgs) -> Result<()> {
                 kube_proxy,
                 cni,
                 kubelet,
+                ip_family,
             };
             let mut lab = Lab::up(prefix, &opts)?;
             lab.converge_timeout = timeout;
@@ -213,8 +223,9 @@ pub fn main(args: LabArgs) -> Result<()> {
                 }
             };
             println!(
-                "lab {prefix:?} is up: {nodes} nodes, off-cluster host ext at {}",
-                EXT_IP
+                "lab {prefix:?} is up: {nodes} nodes ({}), off-cluster host ext at {}",
+                lab.state.ip_family.as_str(),
+                apply::join(&lab.ext_ips())
             );
             if let Some(k) = &lab.state.kube {
                 println!(
@@ -290,6 +301,7 @@ pub fn main(args: LabArgs) -> Result<()> {
             port,
             protocol,
             via,
+            family,
             timeout_ms,
         } => {
             let lab = Lab::open(prefix)?;
@@ -299,6 +311,7 @@ pub fn main(args: LabArgs) -> Result<()> {
                 port,
                 protocol,
                 via,
+                family: family.as_deref().map(topology::Family::parse).transpose()?,
             };
             let outcomes = lab.probe(&spec, Duration::from_millis(timeout_ms))?;
             if json {

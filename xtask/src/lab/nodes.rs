@@ -576,7 +576,7 @@ impl Lab {
         for node in &self.state.nodes {
             let (_, text) = super::net::in_netns(&node.netns, || {
                 agent::http_get(
-                    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 9965),
+                    std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 9965)),
                     "/metrics",
                     Duration::from_secs(2),
                 )

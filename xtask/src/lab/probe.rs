@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     sync::{
         Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -87,7 +87,7 @@ pub struct Job {
     /// `ns/pod` or `ext`.
     pub to: String,
     /// The address dialled: the pod IP, the ClusterIP or ext's address.
-    pub to_ip: Ipv4Addr,
+    pub to_ip: IpAddr,
     /// The port dialled (the Service port when via a Service).
     pub dial_port: u16,
     /// The destination's port (the pod's container port).
@@ -162,16 +162,19 @@ pub fn run(jobs: &[Job], timeout: Duration, parallel: usize) -> Result<Vec<Outco
 
 /// One attempt from the calling thread's network namespace.
 pub fn attempt(job: &Job, timeout: Duration) -> bool {
-    let dst = SocketAddrV4::new(job.to_ip, job.dial_port);
+    let dst = SocketAddr::new(job.to_ip, job.dial_port);
     match job.protocol {
-        Protocol::Tcp => TcpStream::connect_timeout(&SocketAddr::V4(dst), timeout).is_ok(),
+        Protocol::Tcp => TcpStream::connect_timeout(&dst, timeout).is_ok(),
         Protocol::Udp => udp(dst, timeout).unwrap_or(false),
         Protocol::Sctp => sctp_init(dst, timeout).unwrap_or(false),
     }
 }
 
-fn udp(dst: SocketAddrV4, timeout: Duration) -> io::Result<bool> {
-    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+fn udp(dst: SocketAddr, timeout: Duration) -> io::Result<bool> {
+    let s = match dst {
+        SocketAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
+        SocketAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?,
+    };
     s.connect(dst)?;
     s.send(b"hostname\n")?;
     s.set_read_timeout(Some(timeout))?;
@@ -179,26 +182,25 @@ fn udp(dst: SocketAddrV4, timeout: Duration) -> io::Result<bool> {
     Ok(s.recv(&mut buf)? > 0)
 }
 
-fn sctp_init(dst: SocketAddrV4, timeout: Duration) -> io::Result<bool> {
+fn sctp_init(dst: SocketAddr, timeout: Duration) -> io::Result<bool> {
     let deadline = Instant::now() + timeout;
-    let sock = sctp::RawSocket::open()?;
+    let sock = sctp::RawSocket::for_peer(dst.ip())?;
     let src_port = 32768 + (random_u32() % 28000) as u16;
     let tag = random_u32() | 1;
-    sock.send_to(&sctp::init(src_port, dst.port(), tag), *dst.ip())?;
+    sock.send_to(&sctp::init(src_port, dst.port(), tag), dst.ip())?;
     let mut buf = [0u8; 2048];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(false);
         }
-        let Some(n) = sock.recv(&mut buf, Some(left))? else {
+        let Some((src, body)) = sock.recv_from(&mut buf, Some(left))? else {
             return Ok(false);
         };
-        let Some((src, _, body)) = sctp::strip_ipv4(&buf[..n]) else {
+        let Some(p) = sctp::parse(&buf[body]) else {
             continue;
         };
-        let Some(p) = sctp::parse(body) else { continue };
-        if src != *dst.ip() || p.src_port != dst.port() || p.dst_port != src_port || p.vtag != tag {
+        if src != dst.ip() || p.src_port != dst.port() || p.dst_port != src_port || p.vtag != tag {
             continue;
         }
         match p.chunk {

@@ -1,15 +1,16 @@
 //! `get` (objects as the agents see them) and probe planning (who dials what, where).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use super::{
-    apply::pod_ports,
+    apply::{join, pod_ports},
     cluster::Lab,
     probe::{Job, Protocol, Via},
-    services, topology as topo,
+    services,
+    topology::{self as topo, Family},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,8 +77,9 @@ impl Lab {
             for n in &self.state.nodes {
                 items.push(
                     json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n.name},
-                    "status": {"addresses": [{"type": "InternalIP", "address": n.ip.to_string()}]},
-                    "spec": {"podCIDR": topo::cidr(topo::node_pod_cidr(n.number))}}),
+                    "status": {"addresses": n.ips.iter().map(|ip| json!({"type": "InternalIP", "address": ip.to_string()})).collect::<Vec<_>>()},
+                    "spec": {"podCIDR": topo::node_pods(n.number, self.state.ip_family.primary()).to_string(),
+                             "podCIDRs": n.ips.iter().map(|ip| topo::node_pods(n.number, Family::of(*ip)).to_string()).collect::<Vec<_>>()}}),
                 );
             }
         }
@@ -149,8 +151,12 @@ impl Lab {
                 for n in &self.state.nodes {
                     rows.push(vec![
                         n.name.clone(),
-                        n.ip.to_string(),
-                        topo::cidr(topo::node_pod_cidr(n.number)),
+                        join(&n.ips),
+                        n.ips
+                            .iter()
+                            .map(|ip| topo::node_pods(n.number, Family::of(*ip)).to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
                         match n.agent_pid {
                             Some(pid) => format!("pid {pid}, http://{}", n.http_addr()),
                             None => s("none"),
@@ -159,7 +165,11 @@ impl Lab {
                 }
                 rows.push(vec![
                     s("ext"),
-                    topo::EXT_IP.to_string(),
+                    self.ext_ips()
+                        .iter()
+                        .map(IpAddr::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
                     s("(off-cluster host)"),
                     s(""),
                 ]);
@@ -194,7 +204,7 @@ impl Lab {
                         s(ns),
                         s(name),
                         topo::node_name(p.node),
-                        p.ip.to_string(),
+                        join(&p.ips),
                         if ports.is_empty() {
                             s("<none>")
                         } else {
@@ -228,15 +238,19 @@ impl Lab {
                         .iter()
                         .filter(|p| &p.service == key)
                         .flat_map(|p| {
-                            p.endpoints
-                                .iter()
-                                .map(|(_, ip, port)| format!("{ip}:{port}"))
+                            p.endpoints.iter().map(|(_, ip, port)| {
+                                std::net::SocketAddr::new(*ip, *port).to_string()
+                            })
                         })
                         .collect();
                     rows.push(vec![
                         s(ns),
                         s(name),
-                        spec.cluster_ip.unwrap_or_default(),
+                        spec.cluster_ips
+                            .filter(|ips| !ips.is_empty())
+                            .map(|ips| ips.join(","))
+                            .or(spec.cluster_ip)
+                            .unwrap_or_default(),
                         ports.join(","),
                         labels_text(spec.selector.as_ref()),
                         if eps.is_empty() {
@@ -301,13 +315,38 @@ impl Lab {
             .map(|(k, p)| services::PodView {
                 key: k,
                 pod: &p.pod,
-                ip: p.ip,
+                ips: &p.ips,
             })
             .collect()
     }
 
+    /// `ext`'s addresses, IPv4 first.
+    pub fn ext_ips(&self) -> Vec<IpAddr> {
+        self.state
+            .ip_family
+            .families()
+            .iter()
+            .map(|f| topo::ext_addr(*f).0)
+            .collect()
+    }
+
+    /// The family a probe dials: the one asked for, which the lab must have, or the lab's
+    /// primary family.
+    pub fn probe_family(&self, asked: Option<Family>) -> Result<Family> {
+        match asked {
+            None => Ok(self.state.ip_family.primary()),
+            Some(f) if self.state.ip_family.has(f) => Ok(f),
+            Some(f) => bail!(
+                "--family {}: this lab has no {f} addresses (it is up with --ip-family {})",
+                f.number(),
+                self.state.ip_family.as_str()
+            ),
+        }
+    }
+
     /// Plans probes: SRC and DST as the probe command takes them, ports resolved on the destination.
     pub fn plan_probes(&self, spec: &ProbeSpec) -> Result<Vec<Job>> {
+        let family = self.probe_family(spec.family)?;
         let all_pods: Vec<String> = self.state.pods.keys().cloned().collect();
         let sources: Vec<(String, String)> = match spec.from.as_deref() {
             None => all_pods
@@ -360,9 +399,9 @@ impl Lab {
                         src,
                         netns,
                         dst,
-                        port,
-                        protocol,
+                        (port, protocol),
                         spec.via,
+                        family,
                         &service_ports,
                     )?);
                 }
@@ -440,18 +479,24 @@ impl Lab {
         src: &str,
         netns: &str,
         dst: &str,
-        port: u16,
-        protocol: Protocol,
+        (port, protocol): (u16, Protocol),
         via: Via,
+        family: Family,
         service_ports: &[services::ServicePort],
     ) -> Result<Job> {
         let (to_ip, dial_port, service) = if dst == "ext" {
             if via == Via::Service {
                 bail!("--via service: ext is not behind a Service");
             }
-            (topo::EXT_IP, port, None)
+            (topo::ext_addr(family).0, port, None)
         } else if via == Via::Pod {
-            (self.state.pods[dst].ip, port, None)
+            let ip = self.state.pods[dst].addr(family).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{dst} has no {family} address (podIPs {})",
+                    join(&self.state.pods[dst].ips)
+                )
+            })?;
+            (ip, port, None)
         } else {
             if src == "ext" {
                 bail!(
@@ -461,6 +506,7 @@ impl Lab {
             let candidates: Vec<&services::ServicePort> = service_ports
                 .iter()
                 .filter(|sp| sp.protocol == protocol.as_str())
+                .filter(|sp| Family::of(sp.cluster_ip) == family)
                 .filter(|sp| {
                     sp.endpoints
                         .iter()
@@ -474,7 +520,7 @@ impl Lab {
                 .or_else(|| candidates.first())
                 .ok_or_else(|| {
                     anyhow::anyhow!(
-                        "--via service: no Service selects {dst} and maps {protocol}/{port}"
+                        "--via service: no Service selects {dst} and maps {protocol}/{port} on a {family} ClusterIP"
                     )
                 })?;
             if chosen.endpoints.len() > 1 {
@@ -499,9 +545,9 @@ impl Lab {
         })
     }
 
-    /// A pod's IP by `ns/name`.
-    pub fn pod_ip(&self, key: &str) -> Option<Ipv4Addr> {
-        self.state.pods.get(key).map(|p| p.ip)
+    /// A pod's IP of family `f` by `ns/name`.
+    pub fn pod_ip(&self, key: &str, f: Family) -> Option<IpAddr> {
+        self.state.pods.get(key).and_then(|p| p.addr(f))
     }
 }
 
@@ -513,4 +559,6 @@ pub struct ProbeSpec {
     pub port: Option<String>,
     pub protocol: Option<Protocol>,
     pub via: Via,
+    /// The family of the addresses dialled (default: the lab's primary one).
+    pub family: Option<Family>,
 }

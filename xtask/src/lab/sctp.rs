@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
@@ -150,38 +150,46 @@ pub fn strip_ipv4(b: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, &[u8])> {
     Some((src, dst, &b[ihl..total]))
 }
 
-/// A raw IPv4 socket for protocol 132 in the calling thread's network namespace. While it is open
-/// the kernel hands SCTP packets to it instead of answering "protocol unreachable".
-pub struct RawSocket(OwnedFd);
+/// A raw socket for protocol 132 of one address family in the calling thread's network
+/// namespace. While it is open the kernel hands SCTP packets to it instead of answering "protocol
+/// unreachable". IPv4 raw sockets read the IP header with each packet, IPv6 ones only the payload
+/// (the source comes with `recvfrom`); [`RawSocket::recv_from`] hides the difference.
+pub struct RawSocket {
+    fd: OwnedFd,
+    v6: bool,
+}
 
 impl RawSocket {
-    pub fn open() -> io::Result<Self> {
+    pub fn open(v6: bool) -> io::Result<Self> {
+        let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         // SAFETY: plain syscall; the descriptor is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                IPPROTO_SCTP,
-            )
-        };
+        let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, IPPROTO_SCTP) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh, valid descriptor.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            v6,
+        })
     }
 
-    pub fn send_to(&self, pkt: &[u8], dst: Ipv4Addr) -> io::Result<()> {
-        let addr = sockaddr(SocketAddrV4::new(dst, 0));
+    /// The socket for `dst`'s family.
+    pub fn for_peer(dst: IpAddr) -> io::Result<Self> {
+        Self::open(dst.is_ipv6())
+    }
+
+    pub fn send_to(&self, pkt: &[u8], dst: IpAddr) -> io::Result<()> {
+        let (addr, len) = sockaddr(dst);
         // SAFETY: valid buffer and sockaddr for the given lengths.
         let r = unsafe {
             libc::sendto(
-                self.0.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 pkt.as_ptr().cast(),
                 pkt.len(),
                 0,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                (&addr as *const libc::sockaddr_storage).cast(),
+                len,
             )
         };
         if r < 0 {
@@ -190,8 +198,14 @@ impl RawSocket {
         Ok(())
     }
 
-    /// Reads one datagram (with its IP header); `Ok(None)` on timeout.
-    pub fn recv(&self, buf: &mut [u8], timeout: Option<Duration>) -> io::Result<Option<usize>> {
+    /// Reads one packet: its source and the range of `buf` holding the SCTP packet; `Ok(None)`
+    /// on timeout, `Ok(Some((src, empty)))` for a packet that is not one (an IPv4 header that
+    /// does not parse).
+    pub fn recv_from(
+        &self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> io::Result<Option<(IpAddr, std::ops::Range<usize>)>> {
         let tv = match timeout {
             Some(t) => libc::timeval {
                 tv_sec: t.as_secs() as libc::time_t,
@@ -206,36 +220,86 @@ impl RawSocket {
         // SAFETY: valid option value for SO_RCVTIMEO.
         unsafe {
             libc::setsockopt(
-                self.0.as_raw_fd(),
+                self.fd.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 (&tv as *const libc::timeval).cast(),
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
-        // SAFETY: valid buffer.
-        let r = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        // SAFETY: an all-zero sockaddr_storage is valid.
+        let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut from_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: valid buffer and address storage.
+        let r = unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_storage).cast(),
+                &mut from_len,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Ok(None),
-                io::ErrorKind::Interrupted => Ok(Some(0)),
+                io::ErrorKind::Interrupted => Ok(Some((Ipv4Addr::UNSPECIFIED.into(), 0..0))),
                 _ => Err(e),
             };
         }
-        Ok(Some(r as usize))
+        let n = r as usize;
+        if self.v6 {
+            // SAFETY: an AF_INET6 socket fills a sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&from as *const libc::sockaddr_storage).cast()) };
+            return Ok(Some((Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(), 0..n)));
+        }
+        Ok(Some(match strip_ipv4(&buf[..n]) {
+            Some((src, _, body)) => {
+                // The payload follows the header: IHL words.
+                let start = usize::from(buf[0] & 0x0f) * 4;
+                (src.into(), start..start + body.len())
+            }
+            None => (Ipv4Addr::UNSPECIFIED.into(), 0..0),
+        }))
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(*a.ip()).to_be(),
-        },
-        sin_zero: [0; 8],
-    }
+fn sockaddr(ip: IpAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match ip {
+        IpAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(a).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large enough for any sockaddr.
+            unsafe { std::ptr::write((&mut st as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        IpAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: 0,
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: as above.
+            unsafe { std::ptr::write((&mut st as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (st, len as libc::socklen_t)
 }
 
 #[cfg(test)]

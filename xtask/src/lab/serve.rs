@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeSet,
     io::Write,
-    net::{Ipv4Addr, TcpListener, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
     thread,
 };
 
@@ -54,7 +54,7 @@ impl ServeArgs {
 pub fn serve(args: ServeArgs) -> Result<()> {
     let mut workers = Vec::new();
     for &port in &args.tcp {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        let l = bind_both(port, TcpListener::bind)
             .with_context(|| format!("binding TCP port {port}"))?;
         let name = args.name.clone();
         workers.push(thread::spawn(move || {
@@ -64,8 +64,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }));
     }
     for &port in &args.udp {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
-            .with_context(|| format!("binding UDP port {port}"))?;
+        let s =
+            bind_both(port, UdpSocket::bind).with_context(|| format!("binding UDP port {port}"))?;
         workers.push(thread::spawn(move || {
             let mut buf = [0u8; 2048];
             loop {
@@ -76,9 +76,12 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }));
     }
     if !args.sctp.is_empty() {
-        let sock = sctp::RawSocket::open().context("opening a raw SCTP socket")?;
         let ports: BTreeSet<u16> = args.sctp.iter().copied().collect();
-        workers.push(thread::spawn(move || serve_sctp(&sock, &ports)));
+        for v6 in [false, true] {
+            let sock = sctp::RawSocket::open(v6).context("opening a raw SCTP socket")?;
+            let ports = ports.clone();
+            workers.push(thread::spawn(move || serve_sctp(&sock, &ports)));
+        }
     }
     let mut out = std::io::stdout();
     writeln!(out, "ready")?;
@@ -95,16 +98,22 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Binds the port on `[::]`, which takes both families (IPv4 arrives IPv4-mapped, the default
+/// `bindv6only=0` of a fresh namespace), or on `0.0.0.0` where IPv6 is off.
+fn bind_both<T>(port: u16, bind: impl Fn(SocketAddr) -> std::io::Result<T>) -> std::io::Result<T> {
+    bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+        .or_else(|_| bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))))
+}
+
 fn serve_sctp(sock: &sctp::RawSocket, ports: &BTreeSet<u16>) {
     let mut buf = [0u8; 2048];
     loop {
-        let Ok(Some(n)) = sock.recv(&mut buf, None) else {
+        let Ok(Some((src, body))) = sock.recv_from(&mut buf, None) else {
             continue;
         };
-        let Some((src, _dst, body)) = sctp::strip_ipv4(&buf[..n]) else {
+        let Some(p) = sctp::parse(&buf[body]) else {
             continue;
         };
-        let Some(p) = sctp::parse(body) else { continue };
         let (sctp::CHUNK_INIT, 0, Some(peer_tag)) = (p.chunk, p.vtag, p.initiate_tag) else {
             continue;
         };

@@ -14,10 +14,198 @@
 //!
 //! Every namespace, bridge, underlay link and host-side veth carries the prefix; the pod side of a
 //! veth is `eth0` (as every CNI names it) and the node's uplink is `eth0` (as on a kind node).
+//!
+//! With `--ip-family ipv6` every address above has an IPv6 counterpart in its place, the ranges
+//! kind uses for IPv6 clusters; `dual` gives every pod, node, Service and `ext` both, IPv4 first:
+//!
+//! | what | IPv4 | IPv6 |
+//! |---|---|---|
+//! | pods | 10.244.0.0/16, node N 10.244.N.0/24 | fd00:10:244::/56, node N fd00:10:244:N::/64 |
+//! | Services | 10.96.0.0/16 | fd00:10:96::/112 |
+//! | nodes | 172.18.0.0/24, node N .N+1, gateway .1 | fc00:f853:ccd:e793::/64, node N ::N+1, gateway ::1 |
+//! | ext | 203.0.113.10/24 via .1 | 2001:db8:113::10/64 via ::1 |
+//! | pods' gateway | 169.254.1.1 | fe80::1 |
+//!
+//! A pod's host number is the same in both families (10.244.1.7 and fd00:10:244:1::7), and so is a
+//! Service's offset in its range.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// The address families of a lab (`lab up --ip-family`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    Ipv4,
+    Ipv6,
+    Dual,
+}
+
+/// One address family (`lab probe --family 4|6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+    /// `4` or `6`.
+    pub fn number(self) -> u8 {
+        match self {
+            Family::V4 => 4,
+            Family::V6 => 6,
+        }
+    }
+    pub fn parse(s: &str) -> Result<Family> {
+        match s {
+            "4" => Ok(Family::V4),
+            "6" => Ok(Family::V6),
+            _ => bail!("--family {s}: expected 4 or 6"),
+        }
+    }
+    /// The Kubernetes name (`ipFamilies`, EndpointSlice `addressType`).
+    pub fn kube_name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+    /// The nftables family of a table and of an address match.
+    pub fn nft(self) -> &'static str {
+        match self {
+            Family::V4 => "ip",
+            Family::V6 => "ip6",
+        }
+    }
+    /// Full length of an address.
+    pub fn bits(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IPv{}", self.number())
+    }
+}
+
+impl IpFamily {
+    /// The lab's families, IPv4 first.
+    pub fn families(self) -> &'static [Family] {
+        match self {
+            IpFamily::Ipv4 => &[Family::V4],
+            IpFamily::Ipv6 => &[Family::V6],
+            IpFamily::Dual => &[Family::V4, Family::V6],
+        }
+    }
+    /// The family of `status.podIP`, a Service's `clusterIP` and a probe without `--family`.
+    pub fn primary(self) -> Family {
+        self.families()[0]
+    }
+    pub fn has(self, f: Family) -> bool {
+        self.families().contains(&f)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::Ipv4 => "ipv4",
+            IpFamily::Ipv6 => "ipv6",
+            IpFamily::Dual => "dual",
+        }
+    }
+}
+
+/// An address range of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub const fn v4(a: Ipv4Addr, len: u8) -> Cidr {
+        Cidr {
+            addr: IpAddr::V4(a),
+            len,
+        }
+    }
+    pub const fn v6(a: Ipv6Addr, len: u8) -> Cidr {
+        Cidr {
+            addr: IpAddr::V6(a),
+            len,
+        }
+    }
+    pub fn family(self) -> Family {
+        Family::of(self.addr)
+    }
+    pub fn contains(self, ip: IpAddr) -> bool {
+        let bits = self.family().bits();
+        Family::of(ip) == self.family()
+            && masked(to_bits(ip), self.len, bits) == masked(to_bits(self.addr), self.len, bits)
+    }
+    /// The address `offset` into the range.
+    pub fn nth(self, offset: u128) -> IpAddr {
+        from_bits(self.family(), to_bits(self.addr) + offset)
+    }
+    /// The number of addresses in the range (saturating for IPv6 ranges beyond 2^127).
+    pub fn size(self) -> u128 {
+        let host = self.family().bits() - self.len;
+        if host >= 127 {
+            u128::MAX
+        } else {
+            1u128 << host
+        }
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+fn to_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(a.to_bits()),
+        IpAddr::V6(a) => a.to_bits(),
+    }
+}
+
+fn from_bits(f: Family, b: u128) -> IpAddr {
+    match f {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from_bits(b as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from_bits(b)),
+    }
+}
+
+fn masked(b: u128, len: u8, bits: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        b >> (bits - len) << (bits - len)
+    }
+}
+
+/// `ip` masked to its `/len` network, as `N/len`.
+pub fn network_of(ip: IpAddr, len: u8) -> Cidr {
+    let f = Family::of(ip);
+    let len = len.min(f.bits());
+    Cidr {
+        addr: from_bits(f, masked(to_bits(ip), len, f.bits())),
+        len,
+    }
+}
 
 /// The kube-proxy masquerade bit (`KUBE-MARK-MASQ`).
 pub const MASQ_MARK: u32 = 0x4000;
@@ -41,6 +229,77 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The agents' HTTP port is this plus the node number (each agent its own metrics port).
 pub const AGENT_HTTP_PORT_BASE: u16 = 9960;
 pub const MAX_NODES: u32 = 50;
+
+/// The IPv6 counterparts (kind's IPv6 ranges; the node network is the one docker gives kind).
+pub const POD_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0), 56);
+pub const SERVICE_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112);
+pub const NODE_CIDR6: (Ipv6Addr, u8) =
+    (Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0), 64);
+pub const EXT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x10);
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// All pods of the cluster, in family `f`.
+pub fn pod_cidr(f: Family) -> Cidr {
+    match f {
+        Family::V4 => Cidr::v4(POD_CIDR.0, POD_CIDR.1),
+        Family::V6 => Cidr::v6(POD_CIDR6.0, POD_CIDR6.1),
+    }
+}
+
+pub fn service_cidr(f: Family) -> Cidr {
+    match f {
+        Family::V4 => Cidr::v4(SERVICE_CIDR.0, SERVICE_CIDR.1),
+        Family::V6 => Cidr::v6(SERVICE_CIDR6.0, SERVICE_CIDR6.1),
+    }
+}
+
+pub fn node_cidr(f: Family) -> Cidr {
+    match f {
+        Family::V4 => Cidr::v4(NODE_CIDR.0, NODE_CIDR.1),
+        Family::V6 => Cidr::v6(NODE_CIDR6.0, NODE_CIDR6.1),
+    }
+}
+
+/// The underlay router's address on the node network.
+pub fn node_gateway(f: Family) -> IpAddr {
+    node_cidr(f).nth(1)
+}
+
+/// Node N's address in family `f`.
+pub fn node_addr(n: u32, f: Family) -> IpAddr {
+    node_cidr(f).nth(1 + u128::from(n))
+}
+
+/// Node N's pod range in family `f`.
+pub fn node_pods(n: u32, f: Family) -> Cidr {
+    match f {
+        Family::V4 => {
+            let (a, l) = node_pod_cidr(n);
+            Cidr::v4(a, l)
+        }
+        Family::V6 => Cidr::v6(Ipv6Addr::new(0xfd00, 0x10, 0x244, n as u16, 0, 0, 0, 0), 64),
+    }
+}
+
+/// `ext`'s address, its prefix length and its gateway in family `f`.
+pub fn ext_addr(f: Family) -> (IpAddr, u8, IpAddr) {
+    match f {
+        Family::V4 => (EXT_IP.into(), EXT_PREFIX_LEN, EXT_GATEWAY.into()),
+        Family::V6 => (
+            EXT_IP6.into(),
+            64,
+            Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 1).into(),
+        ),
+    }
+}
+
+/// The pods' default gateway in family `f`.
+pub fn pod_gateway(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => POD_GATEWAY.into(),
+        Family::V6 => POD_GATEWAY6.into(),
+    }
+}
 
 /// A valid lab prefix: a lowercase letter then up to 7 letters or digits (no `-`, so the names of
 /// one lab never match the patterns of another, and `<prefix>v<id>` fits IFNAMSIZ).
@@ -161,11 +420,6 @@ pub fn cidr(c: (Ipv4Addr, u8)) -> String {
     format!("{}/{}", c.0, c.1)
 }
 
-pub fn in_cidr(ip: Ipv4Addr, c: (Ipv4Addr, u8)) -> bool {
-    let mask = if c.1 == 0 { 0 } else { u32::MAX << (32 - c.1) };
-    u32::from(ip) & mask == u32::from(c.0) & mask
-}
-
 /// A locally administered MAC derived from a pod id (host side of its veth).
 pub fn host_veth_mac(id: u32) -> String {
     let b = id.to_be_bytes();
@@ -208,10 +462,45 @@ mod tests {
     fn addressing() {
         assert_eq!(node_ip(1), Ipv4Addr::new(172, 18, 0, 2));
         assert_eq!(cidr(node_pod_cidr(2)), "10.244.2.0/24");
-        assert!(in_cidr(Ipv4Addr::new(10, 244, 7, 9), POD_CIDR));
-        assert!(!in_cidr(EXT_IP, POD_CIDR));
-        assert!(!in_cidr(EXT_IP, SERVICE_CIDR));
-        assert!(!in_cidr(EXT_IP, NODE_CIDR));
+        assert!(pod_cidr(Family::V4).contains(Ipv4Addr::new(10, 244, 7, 9).into()));
+        assert!(!pod_cidr(Family::V4).contains(EXT_IP.into()));
+        assert!(!service_cidr(Family::V4).contains(EXT_IP.into()));
+        assert!(!node_cidr(Family::V4).contains(EXT_IP.into()));
         assert_eq!(host_veth_mac(258), "ee:ee:00:00:01:02");
+    }
+
+    #[test]
+    fn addressing_of_both_families() {
+        assert_eq!(node_addr(1, Family::V4).to_string(), "172.18.0.2");
+        assert_eq!(
+            node_addr(1, Family::V6).to_string(),
+            "fc00:f853:ccd:e793::2"
+        );
+        assert_eq!(
+            node_gateway(Family::V6).to_string(),
+            "fc00:f853:ccd:e793::1"
+        );
+        assert_eq!(node_pods(2, Family::V6).to_string(), "fd00:10:244:2::/64");
+        assert_eq!(node_pods(2, Family::V4).to_string(), "10.244.2.0/24");
+        assert!(pod_cidr(Family::V6).contains(node_pods(7, Family::V6).nth(9)));
+        assert!(!pod_cidr(Family::V4).contains(node_pods(7, Family::V6).nth(9)));
+        assert!(!pod_cidr(Family::V6).contains(ext_addr(Family::V6).0));
+        assert!(!service_cidr(Family::V6).contains(ext_addr(Family::V6).0));
+        assert!(!node_cidr(Family::V6).contains(ext_addr(Family::V6).0));
+        assert_eq!(
+            service_cidr(Family::V6).nth(100).to_string(),
+            "fd00:10:96::64"
+        );
+        assert_eq!(service_cidr(Family::V6).size(), 65536);
+        assert_eq!(
+            network_of("fd00:10:244:1::7".parse().unwrap(), 4).to_string(),
+            "f000::/4"
+        );
+        assert_eq!(
+            network_of("10.244.1.7".parse().unwrap(), 4).to_string(),
+            "0.0.0.0/4"
+        );
+        assert_eq!(IpFamily::Dual.primary(), Family::V4);
+        assert_eq!(IpFamily::Ipv6.primary(), Family::V6);
     }
 }

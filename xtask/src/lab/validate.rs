@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use k8s_openapi::{
@@ -133,16 +133,43 @@ fn service(e: &mut Errors, s: &Service) {
             "spec.type: Unsupported value {t:?}: the lab supports ClusterIP Services"
         ));
     }
-    if let Some(ip) = spec.cluster_ip.as_deref()
-        && !ip.is_empty()
-        && ip != "None"
+    let given = spec
+        .cluster_ip
+        .iter()
+        .map(|ip| ("spec.clusterIP".to_string(), ip))
+        .chain(
+            spec.cluster_ips
+                .iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip)),
+        );
+    for (path, ip) in given.filter(|(_, ip)| !ip.is_empty() && *ip != "None") {
+        let in_range = ip.parse::<IpAddr>().is_ok_and(|a| {
+            [topology::Family::V4, topology::Family::V6]
+                .iter()
+                .any(|f| topology::service_cidr(*f).contains(a))
+        });
+        if !in_range {
+            e.push(format!(
+                "{path}: Invalid value {ip:?}: must be in the service range {} or {}",
+                topology::service_cidr(topology::Family::V4),
+                topology::service_cidr(topology::Family::V6)
+            ));
+        }
+    }
+    if let Some(p) = spec.ip_family_policy.as_deref()
+        && !["SingleStack", "PreferDualStack", "RequireDualStack"].contains(&p)
     {
-        match ip.parse::<Ipv4Addr>() {
-            Ok(a) if topology::in_cidr(a, topology::SERVICE_CIDR) => {}
-            _ => e.push(format!(
-                "spec.clusterIP: Invalid value {ip:?}: must be in the service range {}",
-                topology::cidr(topology::SERVICE_CIDR)
-            )),
+        e.push(format!(
+            "spec.ipFamilyPolicy: Unsupported value {p:?}: supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\""
+        ));
+    }
+    for (i, f) in spec.ip_families.iter().flatten().enumerate() {
+        if f != "IPv4" && f != "IPv6" {
+            e.push(format!(
+                "spec.ipFamilies[{i}]: Unsupported value {f:?}: supported values: \"IPv4\", \"IPv6\""
+            ));
         }
     }
     labels(e, "spec.selector", spec.selector.as_ref());
