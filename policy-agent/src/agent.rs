@@ -558,9 +558,9 @@ impl Loop {
             .ok_or_else(|| format!("protocol {:?}: expected TCP, UDP or SCTP", q.protocol))?;
         let from = flows::parse_target(&cluster, &q.from).map_err(|e| format!("from: {e}"))?;
         let to = flows::parse_target(&cluster, &q.to).map_err(|e| format!("to: {e}"))?;
-        let dst = flows::peer(&cluster, &to, None).map_err(|e| format!("to: {e}"))?;
-        let family = dst.ip().map(|ip| flows::IpFamily::from_ip(&ip));
+        let family = flows::family(&cluster, &from, &to);
         let src = flows::peer(&cluster, &from, family).map_err(|e| format!("from: {e}"))?;
+        let dst = flows::peer(&cluster, &to, family).map_err(|e| format!("to: {e}"))?;
         let (Some(src_ip), Some(dst_ip)) = (src.ip(), dst.ip()) else {
             return Err("both ends need an address".into());
         };
@@ -873,7 +873,7 @@ impl Loop {
             }
             return;
         }
-        let mut ctx = FlowContext {
+        let ctx = FlowContext {
             audit,
             rules: self
                 .syncer
@@ -887,13 +887,11 @@ impl Loop {
                 .map(|(pod, p)| (p.info.id, pod.clone()))
                 .collect(),
             services: self.store.service_backends(),
-            ..Default::default()
+            pods_by_ip: crate::model::pods_by_address(&self.store.cluster)
+                .into_iter()
+                .map(|(ip, key)| (ip, key.clone()))
+                .collect(),
         };
-        for (key, pod) in &self.store.cluster.pods {
-            for &ip in &pod.ips {
-                ctx.pods_by_ip.insert(ip, key.clone());
-            }
-        }
         *flows.write().unwrap_or_else(|e| e.into_inner()) = ctx;
     }
 }

@@ -60,9 +60,16 @@ pub struct Args {
     )]
     pub control_socket: PathBuf,
 
-    /// This node's own addresses (always allowed into local pods). Discovered from the node's
-    /// interfaces and the Node object when not given.
-    #[arg(long = "node-ip", env = "POLICY_AGENT_NODE_IPS", value_delimiter = ',')]
+    /// This node's own addresses (always allowed into local pods), IPv4 and IPv6 alike, comma
+    /// separated or repeated. Discovered from the node's interfaces when not given; the Node
+    /// object's addresses are added either way. Loopback, multicast and IPv6 link-local
+    /// (fe80::/10) addresses are refused: they name no node.
+    #[arg(
+        long = "node-ip",
+        env = "POLICY_AGENT_NODE_IPS",
+        value_delimiter = ',',
+        value_parser = parse_node_ip
+    )]
     pub node_ips: Vec<IpAddr>,
 
     /// Devices where post-DNAT egress decisions for Service traffic to other nodes are made (uplink
@@ -143,6 +150,28 @@ pub struct Args {
     pub cni_timeout_seconds: u64,
 }
 
+/// Why a `--node-ip` value is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeIpError {
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+    #[error("{ip} is {reason}, not a node address")]
+    NotANodeAddress {
+        ip: IpAddr,
+        reason: crate::model::NotNodeAddress,
+    },
+}
+
+/// One `--node-ip` entry: an IPv4 or IPv6 address (blanks around it ignored) that can be a node
+/// address ([`crate::model::node_address`]).
+fn parse_node_ip(s: &str) -> Result<IpAddr, NodeIpError> {
+    let ip: IpAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| NodeIpError::NotAnAddress(s.to_owned()))?;
+    crate::model::node_address(ip).map_err(|reason| NodeIpError::NotANodeAddress { ip, reason })
+}
+
 fn parse_mask(s: &str) -> Result<u32, String> {
     let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -160,4 +189,75 @@ fn parse_mask(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(["policy-agent", "--node-name", "n1"].iter().chain(args))
+    }
+
+    #[test]
+    fn node_ip_takes_both_families_in_one_list() {
+        let args = parse(&[
+            "--node-ip",
+            "172.18.0.2,fc00:f853:ccd:e793::2",
+            "--node-ip",
+            "2001:db8::7, 10.0.0.1",
+        ])
+        .unwrap();
+        let want: Vec<IpAddr> = [
+            "172.18.0.2",
+            "fc00:f853:ccd:e793::2",
+            "2001:db8::7",
+            "10.0.0.1",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        assert_eq!(args.node_ips, want);
+        assert!(parse(&[]).unwrap().node_ips.is_empty());
+        // The environment variable is read with the same delimiter and parser.
+        let cmd = Args::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "node_ips")
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("POLICY_AGENT_NODE_IPS")
+        );
+        assert_eq!(arg.get_value_delimiter(), Some(','));
+    }
+
+    #[test]
+    fn node_ip_refuses_what_names_no_node() {
+        for (value, want) in [
+            ("fe80::1", "fe80::1 is an IPv6 link-local address"),
+            ("::1", "::1 is a loopback address"),
+            ("127.0.0.1", "127.0.0.1 is a loopback address"),
+            ("0.0.0.0", "0.0.0.0 is the unspecified address"),
+            ("ff02::1", "ff02::1 is a multicast address"),
+            ("10.0.0.1/24", "\"10.0.0.1/24\" is not an IP address"),
+            ("[fd00::1]", "\"[fd00::1]\" is not an IP address"),
+        ] {
+            let err = parse(&["--node-ip", &format!("10.0.0.1,{value}")]).unwrap_err();
+            assert!(err.to_string().contains(want), "{value}: {err}");
+        }
+        assert_eq!(
+            parse_node_ip("fe80::1%eth0"),
+            Err(NodeIpError::NotAnAddress("fe80::1%eth0".into()))
+        );
+        assert_eq!(
+            parse_node_ip("fe80::1"),
+            Err(NodeIpError::NotANodeAddress {
+                ip: "fe80::1".parse().unwrap(),
+                reason: crate::model::NotNodeAddress::LinkLocal
+            })
+        );
+    }
 }

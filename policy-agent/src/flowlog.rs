@@ -40,7 +40,8 @@ pub struct FlowContext {
     pub rules: BTreeMap<u32, RuleRef>,
     /// Kernel endpoint id → local pod.
     pub endpoints: HashMap<u32, ObjectKey>,
-    /// Pod address → pod (every pod of the cluster).
+    /// Pod address → pod: every address of every pod that owns its addresses
+    /// ([`crate::model::pods_by_address`]), IPv4 and IPv6.
     pub pods_by_ip: HashMap<IpAddr, ObjectKey>,
     /// Backend (address, port, protocol) → Service (from EndpointSlices).
     pub services: HashMap<(IpAddr, u16, u8), ObjectKey>,
@@ -415,6 +416,92 @@ mod tests {
         assert_eq!((f.verdict.as_str(), f.policy), ("dropped", None));
     }
 
+    #[test]
+    fn ipv6_events_show_ipv6_addresses() {
+        let web = ObjectKey::new("x", "web");
+        let client = ObjectKey::new("x", "client");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let ctx = FlowContext {
+            pods_by_ip: HashMap::from([
+                (ip("fd00:10:244:2::7"), client.clone()),
+                (ip("10.244.2.7"), client),
+            ]),
+            endpoints: HashMap::from([(3, web)]),
+            services: HashMap::from([(
+                (ip("fd00:10:244:1::5"), 8080, proto::TCP),
+                ObjectKey::new("x", "web-svc"),
+            )]),
+            ..Default::default()
+        };
+        let octets = |s: &str| s.parse::<Ipv6Addr>().unwrap().octets();
+        let mut ev = VerdictEvent {
+            src: octets("fd00:10:244:2::7"),
+            dst: octets("fd00:10:244:1::5"),
+            sport: 40000,
+            dport: 8080,
+            endpoint: 3,
+            reason: Reason::DroppedPolicy as u32,
+            protocol: proto::TCP,
+            direction: Direction::Ingress as u8,
+            family: 6,
+            ..Default::default()
+        };
+        let f = describe(&ev, &ctx);
+        assert_eq!(
+            (f.src.to_string(), f.dst.to_string()),
+            ("fd00:10:244:2::7".into(), "fd00:10:244:1::5".into())
+        );
+        assert_eq!(
+            (f.peer.as_str(), f.endpoint.as_str()),
+            ("x/client", "x/web")
+        );
+        assert_eq!(f.service.as_deref(), Some("x/web-svc"));
+        // An IPv6 packet whose source spells an IPv4 address stays IPv6, and is not the pod
+        // holding that IPv4 address.
+        ev.src = octets("::ffff:10.244.2.7");
+        let f = describe(&ev, &ctx);
+        assert_eq!(f.src, ip("::ffff:10.244.2.7"));
+        assert_eq!(f.peer, "::ffff:10.244.2.7");
+        // The same bytes in an IPv4 event are the IPv4 address.
+        ev.family = 4;
+        ev.dst = octets("::ffff:10.244.1.5");
+        let f = describe(&ev, &ctx);
+        assert_eq!((f.src, f.dst), (ip("10.244.2.7"), ip("10.244.1.5")));
+        assert_eq!(f.peer, "x/client");
+    }
+
+    #[test]
+    fn ipv6_events_are_judged_at_ipv6_addresses() {
+        let c = audit_cluster();
+        let state = AuditState::new(&c, audit::audited(&c));
+        let ctx = FlowContext {
+            pods_by_ip: crate::model::pods_by_address(&c)
+                .into_iter()
+                .map(|(ip, k)| (ip, k.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let mut ev = event(
+            [0; 4],
+            [0; 4],
+            80,
+            Reason::AllowedNotIsolated,
+            Direction::Egress,
+        );
+        ev.family = 6;
+        ev.src = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.dst = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        let (flow, _, _) = event_flow(&ev, &ctx, &state).unwrap();
+        assert_eq!(
+            flow.src,
+            Peer::Pod {
+                pod: ObjectKey::new("x", "a"),
+                ip: "fd00::1".parse().unwrap()
+            }
+        );
+        assert_eq!(flow.dst, Peer::Address("2001:db8::1".parse().unwrap()));
+    }
+
     fn event(
         src: [u8; 4],
         dst: [u8; 4],
@@ -444,22 +531,16 @@ mod tests {
             }
             serde_json::from_value(v).unwrap()
         };
-        let pod = |ns: &str, name: &str, ip: &str| -> crate::model::PodInfo {
-            let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-                "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
-                "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
-                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
-            }))
-            .unwrap();
-            p.into()
+        let pod = |name: &str, ips: &[&str]| {
+            crate::model::fixtures::pod("n1", serde_json::json!({"app": name}), ips)
         };
         let mut c = Cluster::default();
         c.namespaces.insert("x".into(), ns("x", false));
         c.namespaces.insert("y".into(), ns("y", true));
         c.pods
-            .insert(ObjectKey::new("x", "a"), pod("x", "a", "10.0.0.1"));
+            .insert(ObjectKey::new("x", "a"), pod("a", &["10.0.0.1", "fd00::1"]));
         c.pods
-            .insert(ObjectKey::new("y", "b"), pod("y", "b", "10.0.0.2"));
+            .insert(ObjectKey::new("y", "b"), pod("b", &["10.0.0.2"]));
         c.policies.insert(
             ObjectKey::new("y", "deny"),
             serde_json::from_value(serde_json::json!({

@@ -2,9 +2,11 @@
 //! `to_network` decides Service traffic leaving for other nodes).
 //!
 //! Given addresses (`--node-ip`) win; otherwise every unicast address of the agent's network
-//! namespace is a node address. The compiler adds the Node object's addresses (InternalIP, …)
-//! and the hostIPs local pods report, so a node whose address is not on an interface here (a NAT
-//! in front) is still recognised. Given uplinks (`--uplink`) win; otherwise the devices of default
+//! namespace, IPv4 and IPv6, is a node address. The compiler adds the Node object's addresses
+//! (InternalIP, …, of both families) and the hostIPs local pods report, so a node whose address is
+//! not on an interface here (a NAT in front) is still recognised. Whatever the source, IPv6
+//! link-local addresses are not node addresses ([`crate::model::node_address`]): they name no
+//! node, and the host's link-local traffic to pods is ICMPv6, which the datapath never polices. Given uplinks (`--uplink`) win; otherwise the devices of default
 //! routes and of routes through a gateway, plus flannel's tunnel devices (`flannel.1`,
 //! `flannel-v6.1`, `flannel-wg`, `flannel-wg-v6`) when present — never a local pod's veth.
 

@@ -23,6 +23,8 @@
 //! - **Node addresses**: [`NodeContext::node_ips`], the Node object named
 //!   [`NodeContext::node_name`] and the host addresses of pods scheduled here are this node
 //!   (HOST); every other Node object's addresses and other pods' host addresses are REMOTE_NODE.
+//!   Every family: a dual-stack node's IPv4 and IPv6 `InternalIP`s are both its own. IPv6
+//!   link-local addresses are never node addresses ([`model::node_address`]).
 //! - **ENDPOINTS**: local pods (scheduled here, not hostNetwork, not terminated, with an address),
 //!   with a stable id in 1..=4095 and the isolation flags from the policies selecting them.
 //! - **POLICY**: for each local endpoint, direction it is isolated in, selecting policy, rule, peer
@@ -328,12 +330,11 @@ impl Compiler {
             } else {
                 &mut addresses.remote
             };
-            set.extend(pod.host_ips.iter().copied());
-            let ips = &*pod.ips;
+            set.extend(pod.node_ips());
             if pod.host_network {
-                set.extend(ips.iter().copied());
                 continue;
             }
+            let ips = &*pod.ips;
             if ips.is_empty() {
                 continue;
             }
@@ -472,5 +473,165 @@ fn services(cluster: &Cluster, maps: &mut NodeMaps, errors: &mut Vec<CompileErro
                 )),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use ipnetwork::{Ipv4Network, Ipv6Network};
+    use policy_common::{Direction, IdentityPair};
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::fixtures::{add_pod, ip, node, pod, policy};
+
+    /// The IPCACHE entry of exactly `addr` (/32 or /128).
+    fn entry(maps: &NodeMaps, addr: &str) -> Option<IdentityPair> {
+        match ip(addr) {
+            IpAddr::V4(a) => maps.ipcache_v4.get(&Ipv4Network::from(a)).copied(),
+            IpAddr::V6(a) => maps.ipcache_v6.get(&Ipv6Network::from(a)).copied(),
+        }
+    }
+
+    fn compile(c: &Cluster, node_ips: &[&str]) -> Compilation {
+        let node = NodeContext {
+            node_name: "n1".into(),
+            node_ips: node_ips.iter().map(|s| ip(s)).collect(),
+        };
+        let out = Compiler::new().compile(c, &node);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        out
+    }
+
+    /// Ingress peer identities of endpoint `pod`.
+    fn ingress_peers(out: &Compilation, pod: &ObjectKey) -> BTreeSet<u32> {
+        let id = out.maps.endpoints[pod].id;
+        out.maps
+            .policy
+            .keys()
+            .filter(|k| k.endpoint == id && k.direction == Direction::Ingress)
+            .map(|k| k.identity)
+            .collect()
+    }
+
+    /// `web` (local) and `client` (on n2), both dual-stack; `web` admits `client` and ipBlock
+    /// `cidr`.
+    fn dual_stack(cidr: &str) -> (Cluster, ObjectKey) {
+        let mut c = Cluster::default();
+        let web = add_pod(
+            &mut c,
+            "x",
+            "web",
+            pod(
+                "n1",
+                json!({"app": "web"}),
+                &["10.244.1.5", "fd00:10:244:1::5"],
+            ),
+        );
+        add_pod(
+            &mut c,
+            "x",
+            "client",
+            pod(
+                "n2",
+                json!({"app": "client"}),
+                &["10.244.2.7", "fd00:10:244:2::7"],
+            ),
+        );
+        let spec = json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [
+                {"podSelector": {"matchLabels": {"app": "client"}}},
+                {"ipBlock": {"cidr": cidr}},
+            ]}],
+        });
+        c.policies
+            .insert(ObjectKey::new("x", "web"), policy("x", "web", spec));
+        (c, web)
+    }
+
+    #[test]
+    fn a_dual_stack_pod_has_one_identity_for_both_addresses() {
+        let (c, web) = dual_stack("0.0.0.0/0");
+        let out = compile(&c, &[]);
+        let (w4, w6) = (
+            entry(&out.maps, "10.244.1.5").unwrap(),
+            entry(&out.maps, "fd00:10:244:1::5").unwrap(),
+        );
+        let (c4, c6) = (
+            entry(&out.maps, "10.244.2.7").unwrap(),
+            entry(&out.maps, "fd00:10:244:2::7").unwrap(),
+        );
+        assert_eq!(w4.identity, w6.identity);
+        assert_eq!(c4.identity, c6.identity);
+        assert_ne!(w4.identity, c4.identity);
+        let endpoint = &out.maps.endpoints[&web];
+        assert_eq!(endpoint.identity, w4.identity);
+        assert_eq!(
+            endpoint.addresses,
+            [ip("10.244.1.5"), ip("fd00:10:244:1::5")]
+        );
+        // The client's identity is allowed whichever family it uses.
+        assert!(ingress_peers(&out, &web).contains(&c4.identity));
+    }
+
+    #[test]
+    fn an_ip_block_gives_cidr_identities_in_its_own_family_only() {
+        // (cidr, an address inside, one outside, its prefixes in IPCACHE_V4 and IPCACHE_V6).
+        for (cidr, inside, outside, prefixes) in [
+            ("0.0.0.0/0", "10.244.2.7", "fd00:10:244:2::7", (1, 0)),
+            ("::/0", "fd00:10:244:2::7", "10.244.2.7", (0, 1)),
+            // An IPv4-mapped IPv6 CIDR is the IPv4 CIDR it maps.
+            (
+                "::ffff:0.0.0.0/96",
+                "10.244.2.7",
+                "fd00:10:244:2::7",
+                (1, 0),
+            ),
+        ] {
+            let (c, web) = dual_stack(cidr);
+            let out = compile(&c, &[]);
+            let peers = ingress_peers(&out, &web);
+            let inside = entry(&out.maps, inside).unwrap();
+            let outside = entry(&out.maps, outside).unwrap();
+            assert_ne!(inside.cidr_identity, identity::ANY, "{cidr}");
+            assert!(peers.contains(&inside.cidr_identity), "{cidr}");
+            assert_eq!(outside.cidr_identity, identity::ANY, "{cidr}");
+            // The world of the other family has no entry: (WORLD, ANY), which no key admits.
+            assert!(!peers.contains(&identity::ANY), "{cidr}");
+            assert!(!peers.contains(&identity::WORLD), "{cidr}");
+            let v4 = out.maps.ipcache_v4.keys().filter(|n| n.prefix() < 32);
+            let v6 = out.maps.ipcache_v6.keys().filter(|n| n.prefix() < 128);
+            assert_eq!((v4.count(), v6.count()), prefixes, "{cidr}");
+        }
+    }
+
+    #[test]
+    fn node_addresses_of_both_families_are_host_and_remote_node() {
+        let (mut c, _) = dual_stack("10.0.0.0/8");
+        for (name, v4, v6) in [
+            ("n1", "172.18.0.2", "fc00:f853:ccd:e793::2"),
+            ("n2", "172.18.0.3", "fc00:f853:ccd:e793::3"),
+        ] {
+            let addresses = [
+                ("InternalIP", v4),
+                ("InternalIP", v6),
+                ("InternalIP", "fe80::42:acff:fe12:2"),
+            ];
+            c.nodes.insert(name.into(), node(name, &addresses));
+        }
+        // The given address (IPv6 only) and the Node object's (both families) are this node.
+        let out = compile(&c, &["2001:db8::2"]);
+        let id = |a: &str| entry(&out.maps, a).map(|p| p.identity);
+        for host in ["172.18.0.2", "fc00:f853:ccd:e793::2", "2001:db8::2"] {
+            assert_eq!(id(host), Some(identity::HOST), "{host}");
+        }
+        for remote in ["172.18.0.3", "fc00:f853:ccd:e793::3"] {
+            assert_eq!(id(remote), Some(identity::REMOTE_NODE), "{remote}");
+        }
+        // A link-local address names no node: no entry.
+        assert_eq!(id("fe80::42:acff:fe12:2"), None);
     }
 }

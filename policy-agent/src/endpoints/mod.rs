@@ -26,7 +26,7 @@ use std::{
 use tracing::debug;
 
 use self::netlink::{Address, Link, Netlink, Route};
-use crate::model::ObjectKey;
+use crate::model::{self, ObjectKey};
 
 /// How a pod's interface was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,23 +84,16 @@ impl HostView {
             })
     }
 
-    /// This namespace's own unicast addresses (every family), without loopback and IPv6
-    /// link-local addresses: the sources of node-originated traffic to pods.
+    /// This namespace's own addresses that are node addresses ([`model::node_address`]): the
+    /// unicast addresses of both families (IPv4, IPv6 global and unique-local), without loopback
+    /// and IPv6 link-local addresses: the sources of node-originated traffic to pods.
     /// Addresses on `kube-ipvs0` (kube-proxy's IPVS mode binds every ClusterIP there) are not
     /// node addresses either.
     pub fn node_addresses(&self) -> BTreeSet<IpAddr> {
         self.addresses
             .iter()
             .filter(|a| self.link(a.index).is_none_or(|l| l.name != "kube-ipvs0"))
-            .map(|a| a.addr)
-            .filter(|a| match a {
-                IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
-                IpAddr::V6(v6) => {
-                    !v6.is_loopback()
-                        && !v6.is_unspecified()
-                        && (v6.segments()[0] & 0xffc0) != 0xfe80
-                }
-            })
+            .filter_map(|a| model::node_address(a.addr).ok())
             .collect()
     }
 
@@ -332,6 +325,8 @@ mod tests {
                 link(7, "flannel.1", "vxlan"),
                 link(8, "underlay", "veth"),
                 link(9, "flannel-wg", "wireguard"),
+                link(10, "nodelocaldns", "dummy"),
+                link(11, "kube-ipvs0", "dummy"),
             ],
             addresses: vec![
                 Address {
@@ -353,6 +348,31 @@ mod tests {
                     index: 2,
                     addr: "fc00::2".parse().unwrap(),
                     prefix_len: 64,
+                },
+                Address {
+                    index: 2,
+                    addr: "2001:db8::2".parse().unwrap(),
+                    prefix_len: 64,
+                },
+                Address {
+                    index: 6,
+                    addr: "fe80::1".parse().unwrap(),
+                    prefix_len: 64,
+                },
+                Address {
+                    index: 1,
+                    addr: "::1".parse().unwrap(),
+                    prefix_len: 128,
+                },
+                Address {
+                    index: 10,
+                    addr: "169.254.20.10".parse().unwrap(),
+                    prefix_len: 32,
+                },
+                Address {
+                    index: 11,
+                    addr: "10.96.0.10".parse().unwrap(),
+                    prefix_len: 32,
                 },
             ],
             routes: vec![
@@ -391,13 +411,18 @@ mod tests {
     }
 
     #[test]
-    fn node_addresses_skip_loopback_and_link_local() {
+    fn node_addresses_are_both_families_without_loopback_and_ipv6_link_local() {
         let got: Vec<String> = view()
             .node_addresses()
             .iter()
             .map(|a| a.to_string())
             .collect();
-        assert_eq!(got, ["172.18.0.2", "fc00::2"]);
+        // IPv4 link-local (NodeLocal DNSCache) counts; fe80::/10 on any link, loopback and
+        // kube-ipvs0's ClusterIPs do not.
+        assert_eq!(
+            got,
+            ["169.254.20.10", "172.18.0.2", "2001:db8::2", "fc00::2"]
+        );
     }
 
     #[test]

@@ -156,7 +156,7 @@ fn party<'c>(cluster: &'c Cluster, peer: &Peer) -> Party<'c> {
     };
     match cluster.pods.get_key_value(pod) {
         // hostNetwork pods are node traffic; terminated pods have no traffic of their own.
-        Some((key, p)) if !p.host_network && !p.terminated => Party::Pod { key, pod: p, ip },
+        Some((key, p)) if p.owns_addresses() => Party::Pod { key, pod: p, ip },
         _ => Party::Address(ip),
     }
 }
@@ -1034,6 +1034,112 @@ mod tests {
         assert!(cidr_contains(&m, "10.1.2.3".parse().unwrap()));
         assert!(parse_cidr("10.0.0.0/33").is_none());
         assert!(parse_cidr("10.0.0.0").is_none());
+    }
+
+    /// `x/web` (on n1, dual-stack) admits ipBlock `cidr` only; `x/client` is dual-stack too.
+    fn web_admitting(cidr: &str) -> Cluster {
+        use crate::model::fixtures::{add_pod, node, pod, policy};
+        use serde_json::json;
+        let mut c = Cluster::default();
+        let web = pod(
+            "n1",
+            json!({"app": "web"}),
+            &["10.244.1.5", "fd00:10:244:1::5"],
+        );
+        add_pod(&mut c, "x", "web", web);
+        let client = pod("n2", json!({}), &["10.244.2.7", "fd00:10:244:2::7"]);
+        add_pod(&mut c, "x", "client", client);
+        let addresses = [("InternalIP", "172.18.0.2"), ("InternalIP", "fc00::2")];
+        c.nodes.insert("n1".into(), node("n1", &addresses));
+        let spec = json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": cidr}}]}],
+        });
+        c.policies
+            .insert(ObjectKey::new("x", "web"), policy("x", "web", spec));
+        c
+    }
+
+    /// Whether `x/web` admits TCP/80 from `src` (an address of `x/client`, else a plain address),
+    /// at its IPv4 or IPv6 address as `src`'s family is.
+    fn admits(c: &Cluster, src: &str) -> bool {
+        let src: IpAddr = src.parse().unwrap();
+        let client = ObjectKey::new("x", "client");
+        let src = if c.pods[&client].ips.contains(&src) {
+            Peer::Pod {
+                pod: client,
+                ip: src,
+            }
+        } else {
+            Peer::Address(src)
+        };
+        let dst = if src.ip().is_some_and(|ip| ip.is_ipv4()) {
+            "10.244.1.5"
+        } else {
+            "fd00:10:244:1::5"
+        };
+        let flow = Flow {
+            src,
+            dst: Peer::Pod {
+                pod: ObjectKey::new("x", "web"),
+                ip: dst.parse().unwrap(),
+            },
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        evaluate(c, &flow).allowed
+    }
+
+    #[test]
+    fn ip_blocks_never_admit_the_other_family() {
+        let v4_all = web_admitting("0.0.0.0/0");
+        assert!(admits(&v4_all, "192.0.2.1"));
+        assert!(admits(&v4_all, "10.244.2.7"));
+        assert!(!admits(&v4_all, "2001:db8::1"));
+        assert!(!admits(&v4_all, "fd00:10:244:2::7"));
+        // An IPv6 address spelling an IPv4 one is still IPv6.
+        assert!(!admits(&v4_all, "::ffff:192.0.2.1"));
+        let v6_all = web_admitting("::/0");
+        assert!(admits(&v6_all, "2001:db8::1"));
+        assert!(admits(&v6_all, "fd00:10:244:2::7"));
+        assert!(!admits(&v6_all, "192.0.2.1"));
+        assert!(!admits(&v6_all, "10.244.2.7"));
+        // An IPv4-mapped IPv6 CIDR is the IPv4 CIDR it maps.
+        let mapped = web_admitting("::ffff:10.244.0.0/112");
+        assert!(admits(&mapped, "10.244.2.7"));
+        assert!(!admits(&mapped, "10.245.0.1"));
+        assert!(!admits(&mapped, "fd00:10:244:2::7"));
+        assert!(!admits(&mapped, "::ffff:10.244.2.7"));
+    }
+
+    #[test]
+    fn a_dual_stack_pod_is_the_same_peer_at_either_address() {
+        use crate::model::fixtures::add_pod;
+        // Admitting the client's IPv6 range: the client is admitted at its IPv6 address only.
+        let mut c = web_admitting("fd00:10:244:2::/64");
+        assert!(admits(&c, "fd00:10:244:2::7"));
+        assert!(!admits(&c, "10.244.2.7"));
+        // Admitting it by labels: at both.
+        let spec = serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"podSelector": {}}]}],
+        });
+        c.policies.insert(
+            ObjectKey::new("x", "web"),
+            crate::model::fixtures::policy("x", "web", spec),
+        );
+        assert!(admits(&c, "fd00:10:244:2::7"));
+        assert!(admits(&c, "10.244.2.7"));
+        assert!(!admits(&c, "2001:db8::1"));
+        // Its node's addresses of both families are the host, always admitted.
+        assert!(admits(&c, "172.18.0.2"));
+        assert!(admits(&c, "fc00::2"));
+        // A pod on the node reporting an IPv6 link-local host address does not make it the
+        // node's.
+        let mut other = crate::model::fixtures::pod("n1", serde_json::json!({}), &["10.244.1.6"]);
+        other.host_ips = ["fe80::1".parse().unwrap()].into();
+        add_pod(&mut c, "x", "other", other);
+        assert!(!admits(&c, "fe80::1"));
     }
 
     #[test]

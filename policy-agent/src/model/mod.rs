@@ -5,10 +5,12 @@
 //! Both sources (the Kubernetes API and a manifest directory) fill the same [`Cluster`], so what the
 //! lab proves is what a cluster runs.
 
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod meta;
 mod pod;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Node, Service},
@@ -131,6 +133,19 @@ pub struct BadAddress {
     pub value: String,
 }
 
+/// Every address of every pod that owns its addresses ([`PodInfo::owns_addresses`]) → that pod:
+/// each of its `status.podIPs`, of every family, so a dual-stack pod is found by either. An
+/// address two such pods claim is the first's by namespace/name, as in the compiler's IPCACHE.
+pub fn pods_by_address(cluster: &Cluster) -> HashMap<std::net::IpAddr, &ObjectKey> {
+    let mut out = HashMap::new();
+    for (key, pod) in cluster.pods.iter().filter(|(_, p)| p.owns_addresses()) {
+        for ip in pod.ips.iter() {
+            out.entry(*ip).or_insert(key);
+        }
+    }
+    out
+}
+
 /// Every Service ClusterIP of the state (`spec.clusterIPs`, then `spec.clusterIP`), parsed;
 /// `None`, headless and unparsable values are skipped.
 pub fn service_cluster_ips(cluster: &Cluster) -> impl Iterator<Item = std::net::IpAddr> + '_ {
@@ -190,7 +205,45 @@ fn parse_addresses<'a>(
     (ips, bad)
 }
 
-/// A Node's `InternalIP` and `ExternalIP` addresses (other address types are names).
+/// Why an address is never a node address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotNodeAddress {
+    #[error("a loopback address")]
+    Loopback,
+    #[error("the unspecified address")]
+    Unspecified,
+    #[error("a multicast address")]
+    Multicast,
+    /// `fe80::/10`: every IPv6 interface has one, often the same on many interfaces and nodes, so
+    /// it names no node. What a host sends from one to its pods is neighbour discovery and other
+    /// ICMPv6, which the datapath never polices.
+    #[error("an IPv6 link-local address (fe80::/10), which names no node")]
+    LinkLocal,
+}
+
+/// Whether `ip` can be a node address: the source of a node's traffic to pods and a
+/// destination pods reach the node at. Every unicast address of either family is, IPv4
+/// link-local ones included (NodeLocal DNSCache serves pods on `169.254.20.10`), except IPv6
+/// link-local addresses ([`NotNodeAddress::LinkLocal`]).
+///
+/// The one rule for every source of node addresses: the interfaces of the agent's namespace,
+/// `--node-ip`, Node objects, the host addresses pods report and hostNetwork pods' addresses.
+pub fn node_address(ip: std::net::IpAddr) -> Result<std::net::IpAddr, NotNodeAddress> {
+    if ip.is_loopback() {
+        Err(NotNodeAddress::Loopback)
+    } else if ip.is_unspecified() {
+        Err(NotNodeAddress::Unspecified)
+    } else if ip.is_multicast() {
+        Err(NotNodeAddress::Multicast)
+    } else if matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()) {
+        Err(NotNodeAddress::LinkLocal)
+    } else {
+        Ok(ip)
+    }
+}
+
+/// A Node's `InternalIP` and `ExternalIP` addresses (other address types are names), of every
+/// family, without those that are never node addresses ([`node_address`]).
 pub fn node_addresses(node: &Node) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
     let listed = node
         .status
@@ -198,16 +251,19 @@ pub fn node_addresses(node: &Node) -> (Vec<std::net::IpAddr>, Vec<BadAddress>) {
         .flat_map(|s| s.addresses.iter().flatten())
         .enumerate()
         .filter(|(_, a)| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"));
-    parse_addresses(listed.map(|(i, a)| {
+    let (mut ips, bad) = parse_addresses(listed.map(|(i, a)| {
         (
             ("status.addresses", Some(i), ".address"),
             a.address.as_str(),
         )
-    }))
+    }));
+    ips.retain(|ip| node_address(*ip).is_ok());
+    (ips, bad)
 }
 
 /// Every address that belongs to node `name`: its Node object's addresses, the host addresses its
-/// pods report and the addresses of its hostNetwork pods. Terminated pods are ignored.
+/// pods report and the addresses of its hostNetwork pods ([`PodInfo::node_ips`]). Terminated pods
+/// are ignored.
 pub fn node_owned_addresses(cluster: &Cluster, name: &str) -> Vec<std::net::IpAddr> {
     owned_addresses(cluster, |n| n == name)
         .remove(name)
@@ -240,14 +296,112 @@ fn owned_addresses(
             out.insert(name.to_owned(), Vec::new());
         }
         let owned = out.get_mut(name).expect("inserted above");
-        owned.extend_from_slice(&pod.host_ips);
-        if pod.host_network {
-            owned.extend_from_slice(&pod.ips);
-        }
+        owned.extend(pod.node_ips());
     }
     for owned in out.values_mut() {
         owned.sort();
         owned.dedup();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::fixtures::{add_pod, ip, node, pod};
+    use super::*;
+
+    #[test]
+    fn node_addresses_are_unicast_of_both_families_without_ipv6_link_local() {
+        for ok in ["10.0.0.1", "169.254.20.10", "fd00::1", "2001:db8::1"] {
+            assert_eq!(node_address(ip(ok)), Ok(ip(ok)), "{ok}");
+        }
+        for (bad, why) in [
+            ("127.0.0.1", NotNodeAddress::Loopback),
+            ("::1", NotNodeAddress::Loopback),
+            ("0.0.0.0", NotNodeAddress::Unspecified),
+            ("::", NotNodeAddress::Unspecified),
+            ("224.0.0.1", NotNodeAddress::Multicast),
+            ("ff02::1", NotNodeAddress::Multicast),
+            ("fe80::1", NotNodeAddress::LinkLocal),
+            ("febf::1", NotNodeAddress::LinkLocal),
+        ] {
+            assert_eq!(node_address(ip(bad)), Err(why), "{bad}");
+        }
+        let n = node(
+            "n1",
+            &[
+                ("Hostname", "n1"),
+                ("InternalIP", "172.18.0.2"),
+                ("InternalIP", "fc00:f853:ccd:e793::2"),
+                ("InternalIP", "fe80::42:acff:fe12:2"),
+                ("ExternalIP", "2001:db8::2"),
+            ],
+        );
+        let (ips, bad) = node_addresses(&n);
+        assert_eq!(
+            ips,
+            [
+                ip("172.18.0.2"),
+                ip("fc00:f853:ccd:e793::2"),
+                ip("2001:db8::2")
+            ]
+        );
+        assert!(bad.is_empty());
+    }
+
+    #[test]
+    fn nodes_own_the_addresses_of_both_families_their_pods_report() {
+        let mut c = Cluster::default();
+        let mut host = pod("n1", json!({}), &["172.18.0.2", "fc00::2", "fe80::1"]);
+        host.host_network = true;
+        host.host_ips = [ip("172.18.0.2"), ip("fc00::2")].into();
+        add_pod(&mut c, "kube-system", "proxy", host);
+        let mut web = pod("n1", json!({}), &["10.244.1.5", "fd00:10:244:1::5"]);
+        web.host_ips = [ip("172.18.0.2"), ip("fc00::2"), ip("fe80::2")].into();
+        add_pod(&mut c, "x", "web", web);
+        assert_eq!(
+            node_owned_addresses(&c, "n1"),
+            [ip("172.18.0.2"), ip("fc00::2")]
+        );
+    }
+
+    #[test]
+    fn pods_are_found_by_every_address_of_theirs() {
+        let mut c = Cluster::default();
+        let web = add_pod(
+            &mut c,
+            "x",
+            "web",
+            pod("n1", json!({}), &["10.244.1.5", "fd00:10:244:1::5"]),
+        );
+        // A later pod claiming one of its addresses does not take it; a terminated one holding
+        // an address a live pod has now, and a hostNetwork pod, own none.
+        add_pod(
+            &mut c,
+            "y",
+            "late",
+            pod("n1", json!({}), &["fd00:10:244:1::5"]),
+        );
+        let mut gone = pod("n1", json!({}), &["10.244.1.9", "fd00:10:244:1::9"]);
+        gone.terminated = true;
+        add_pod(&mut c, "a", "gone", gone);
+        let now = add_pod(
+            &mut c,
+            "z",
+            "now",
+            pod("n1", json!({}), &["10.244.1.9", "fd00:10:244:1::9"]),
+        );
+        let mut host = pod("n1", json!({}), &["172.18.0.2", "fc00::2"]);
+        host.host_network = true;
+        add_pod(&mut c, "kube-system", "proxy", host);
+        let by = pods_by_address(&c);
+        assert_eq!(by.get(&ip("10.244.1.5")), Some(&&web));
+        assert_eq!(by.get(&ip("fd00:10:244:1::5")), Some(&&web));
+        assert_eq!(by.get(&ip("10.244.1.9")), Some(&&now));
+        assert_eq!(by.get(&ip("fd00:10:244:1::9")), Some(&&now));
+        assert_eq!(by.get(&ip("fc00::2")), None);
+        assert_eq!(by.len(), 4);
+    }
 }

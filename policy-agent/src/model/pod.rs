@@ -100,6 +100,25 @@ impl From<Pod> for PodInfo {
 }
 
 impl PodInfo {
+    /// Whether [`Self::ips`] are the pod's own: it is live (not terminated) and on the pod network
+    /// (not hostNetwork). Only such pods are peers; a hostNetwork pod's addresses are its node's,
+    /// a terminated pod's may already be another pod's.
+    pub fn owns_addresses(&self) -> bool {
+        !self.host_network && !self.terminated
+    }
+
+    /// The addresses of its node the pod reports: [`Self::host_ips`] and, for a hostNetwork pod,
+    /// its own [`Self::ips`] (which are its node's), less those that are never node addresses
+    /// ([`super::node_address`]).
+    pub fn node_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let own: &[IpAddr] = if self.host_network { &self.ips } else { &[] };
+        self.host_ips
+            .iter()
+            .chain(own)
+            .copied()
+            .filter(|ip| super::node_address(*ip).is_ok())
+    }
+
     /// The named ports of the pod's containers: the [`Self::ports`] with a non-empty name and a
     /// number in 1..=65535 (a valid Pod has no others), in declaration order, possibly repeated.
     pub fn named_port_fields(&self) -> impl Iterator<Item = (&str, Protocol, u16)> {

@@ -148,13 +148,13 @@ impl Index {
     fn new(cluster: &Cluster) -> Index {
         let mut groups: BTreeMap<(String, Labels), Vec<ObjectKey>> = BTreeMap::new();
         let mut unadvised = Vec::new();
-        let mut by_ip = BTreeMap::new();
+        let by_ip = crate::model::pods_by_address(cluster)
+            .into_iter()
+            .map(|(ip, key)| (ip, key.clone()))
+            .collect();
         for (key, pod) in &cluster.pods {
-            if pod.host_network || pod.terminated {
+            if !pod.owns_addresses() {
                 continue;
-            }
-            for ip in pod.ips.iter() {
-                by_ip.insert(*ip, key.clone());
             }
             let labels = stable_labels(pod);
             if labels.is_empty() {
@@ -570,12 +570,7 @@ fn check(
         after.policies.insert(key, np);
     }
     let ev = Evaluator::new(&after);
-    let by_ip: BTreeMap<IpAddr, &ObjectKey> = after
-        .pods
-        .iter()
-        .filter(|(_, p)| !p.host_network && !p.terminated)
-        .flat_map(|(k, p)| p.ips.iter().map(move |ip| (*ip, k)))
-        .collect();
+    let by_ip = crate::model::pods_by_address(&after);
     let peer = |ip: &IpAddr| match by_ip.get(ip) {
         Some(pod) => Peer::Pod {
             pod: (*pod).clone(),

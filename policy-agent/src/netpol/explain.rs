@@ -123,10 +123,10 @@ pub fn explain(
     port: u16,
     protocol: Protocol,
 ) -> Result<Explanation, String> {
-    let family = flows::family(cluster, from, to);
+    let (src, dst) = flows::ends(cluster, from, to)?;
     let flow = Flow {
-        src: flows::peer(cluster, from, family)?,
-        dst: flows::peer(cluster, to, family)?,
+        src,
+        dst,
         protocol,
         port,
     };

@@ -31,13 +31,14 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Reads `NS/POD`, `node/NAME` or an address (a pod's address names that pod).
+/// Reads `NS/POD`, `node/NAME` or an address. Any of a pod's addresses (`status.podIPs`, either
+/// family) names that pod, as [`crate::model::pods_by_address`] resolves it.
 pub fn parse_target(cluster: &Cluster, text: &str) -> Result<Target, String> {
     if let Ok(ip) = text.parse::<IpAddr>() {
         return Ok(cluster
             .pods
             .iter()
-            .find(|(_, p)| !p.host_network && p.ips.contains(&ip))
+            .find(|(_, p)| p.owns_addresses() && p.ips.contains(&ip))
             .map_or(Target::Address(ip), |(k, _)| Target::Pod(k.clone())));
     }
     match text.split_once('/') {
@@ -58,7 +59,8 @@ pub fn parse_target(cluster: &Cluster, text: &str) -> Result<Target, String> {
 }
 
 /// The evaluator's view of a target. Pods use their first address of `family` when they have one
-/// (else their first address, else none); nodes their first address of the family.
+/// (else their first address, else none); nodes their first address of the family (else their
+/// first).
 pub fn peer(cluster: &Cluster, target: &Target, family: Option<IpFamily>) -> Result<Peer, String> {
     let pick = |ips: &[IpAddr]| {
         ips.iter()
@@ -88,7 +90,7 @@ pub fn peer(cluster: &Cluster, target: &Target, family: Option<IpFamily>) -> Res
 }
 
 /// An IP family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum IpFamily {
     V4,
     V6,
@@ -111,14 +113,43 @@ impl IpFamily {
     }
 }
 
-/// The family a flow between two targets uses: that of the end that has only one.
-pub fn family(cluster: &Cluster, a: &Target, b: &Target) -> Option<IpFamily> {
-    let of = |t: &Target| match t {
-        Target::Address(ip) => Some(IpFamily::from_ip(ip)),
-        Target::Pod(k) => cluster.pods[k].ips.first().map(IpFamily::from_ip),
-        Target::Node(_) => None,
+/// The families of a target's addresses, in the order of its first address of each: an
+/// address's own, a pod's (`status.podIPs`) or a node's. Empty for a pod without address.
+fn families(cluster: &Cluster, t: &Target) -> Vec<IpFamily> {
+    let mut out: Vec<IpFamily> = Vec::with_capacity(2);
+    let mut add = |ips: &[IpAddr]| {
+        for f in ips.iter().map(IpFamily::from_ip) {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
     };
-    of(a).or_else(|| of(b))
+    match t {
+        Target::Address(ip) => add(&[*ip]),
+        Target::Pod(k) => add(&cluster.pods[k].ips),
+        Target::Node(n) => add(&crate::model::node_addresses(&cluster.nodes[n]).0),
+    }
+    out
+}
+
+/// The family a flow between two targets uses: the first family of `a` that `b` has too (a pod
+/// without address goes with any), else `a`'s first, else `b`'s. A dual-stack pod reaching an
+/// IPv6 address therefore uses its IPv6 address, and two dual-stack pods the first family of
+/// the source.
+pub fn family(cluster: &Cluster, a: &Target, b: &Target) -> Option<IpFamily> {
+    let (fa, fb) = (families(cluster, a), families(cluster, b));
+    fa.iter()
+        .find(|f| fb.is_empty() || fb.contains(f))
+        .or(fa.first())
+        .or(fb.first())
+        .copied()
+}
+
+/// The evaluator's view of both ends of a flow between two targets, in the [`family`] they
+/// share.
+pub fn ends(cluster: &Cluster, from: &Target, to: &Target) -> Result<(Peer, Peer), String> {
+    let fam = family(cluster, from, to);
+    Ok((peer(cluster, from, fam)?, peer(cluster, to, fam)?))
 }
 
 /// Every container port a pod declares (number and protocol), sorted, deduplicated.
@@ -140,15 +171,13 @@ pub fn verdict(
     port: u16,
     protocol: Protocol,
 ) -> Result<evaluator::Verdict, String> {
-    let cluster = ev.cluster();
-    let fam = family(cluster, from, to);
-    let flow = Flow {
-        src: peer(cluster, from, fam)?,
-        dst: peer(cluster, to, fam)?,
+    let (src, dst) = ends(ev.cluster(), from, to)?;
+    Ok(ev.evaluate(&Flow {
+        src,
+        dst,
         protocol,
         port,
-    };
-    Ok(ev.evaluate(&flow))
+    }))
 }
 
 /// Every ipBlock of every policy.
@@ -186,8 +215,9 @@ struct ClassKey<'c> {
     namespace: &'c str,
     labels: &'c Labels,
     ports: Vec<(&'c str, Protocol, u16)>,
-    blocks: Vec<bool>,
-    has_address: bool,
+    /// Per family the pod has an address of, in [`families`] order: the membership of its first
+    /// address of that family (the one [`peer`] uses) in each block. Empty: no address.
+    blocks: Vec<(IpFamily, Vec<bool>)>,
 }
 
 impl<'c> Classes<'c> {
@@ -207,7 +237,14 @@ impl<'c> Classes<'c> {
             if pod.host_network || pod.terminated {
                 continue;
             }
-            let ip = pod.ips.first();
+            let mut by_family: Vec<(IpFamily, Vec<bool>)> = Vec::with_capacity(2);
+            for ip in pod.ips.iter() {
+                let family = IpFamily::from_ip(ip);
+                if by_family.iter().all(|(f, _)| *f != family) {
+                    let member = blocks.iter().map(|b| ev.block_contains(b, *ip)).collect();
+                    by_family.push((family, member));
+                }
+            }
             let class = ClassKey {
                 namespace: &key.namespace,
                 labels: &pod.labels,
@@ -216,11 +253,7 @@ impl<'c> Classes<'c> {
                     .iter()
                     .map(|p| (&*p.name, p.protocol, p.port))
                     .collect(),
-                blocks: blocks
-                    .iter()
-                    .map(|b| ip.is_some_and(|ip| ev.block_contains(b, *ip)))
-                    .collect(),
-                has_address: ip.is_some(),
+                blocks: by_family,
             };
             let next = members.len();
             let i = *index.entry(class).or_insert(next);
@@ -272,4 +305,103 @@ pub fn class_verdicts(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::fixtures::{add_pod, ip, node, pod, policy};
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::default();
+        let dual = pod(
+            "n1",
+            json!({"app": "a"}),
+            &["10.244.1.5", "fd00:10:244:1::5"],
+        );
+        add_pod(&mut c, "x", "dual", dual);
+        add_pod(
+            &mut c,
+            "x",
+            "v6",
+            pod("n1", json!({}), &["fd00:10:244:1::6"]),
+        );
+        let mut gone = pod("n1", json!({}), &["fd00:10:244:1::7"]);
+        gone.terminated = true;
+        add_pod(&mut c, "a", "gone", gone);
+        add_pod(
+            &mut c,
+            "x",
+            "now",
+            pod("n1", json!({}), &["fd00:10:244:1::7"]),
+        );
+        let addresses = [("InternalIP", "172.18.0.2"), ("InternalIP", "fc00::2")];
+        c.nodes.insert("n1".into(), node("n1", &addresses));
+        c
+    }
+
+    #[test]
+    fn every_address_of_a_pod_names_it() {
+        let c = cluster();
+        let dual = Target::Pod(ObjectKey::new("x", "dual"));
+        for text in ["10.244.1.5", "fd00:10:244:1::5", "x/dual"] {
+            assert_eq!(parse_target(&c, text), Ok(dual.clone()), "{text}");
+        }
+        // The live pod holding an address, not a terminated one that held it.
+        assert_eq!(
+            parse_target(&c, "fd00:10:244:1::7"),
+            Ok(Target::Pod(ObjectKey::new("x", "now")))
+        );
+        assert_eq!(
+            parse_target(&c, "fd00:10:244:1::8"),
+            Ok(Target::Address(ip("fd00:10:244:1::8")))
+        );
+    }
+
+    #[test]
+    fn both_ends_of_a_flow_use_one_family() {
+        let c = cluster();
+        let dual = Target::Pod(ObjectKey::new("x", "dual"));
+        let v6 = Target::Pod(ObjectKey::new("x", "v6"));
+        let node = Target::Node("n1".into());
+        let ips = |a: &Target, b: &Target| {
+            let (s, d) = ends(&c, a, b).unwrap();
+            (s.ip().unwrap().to_string(), d.ip().unwrap().to_string())
+        };
+        let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+        let world6 = Target::Address(ip("2001:db8::1"));
+        assert_eq!(ips(&dual, &world6), pair("fd00:10:244:1::5", "2001:db8::1"));
+        assert_eq!(ips(&world6, &dual), pair("2001:db8::1", "fd00:10:244:1::5"));
+        assert_eq!(
+            ips(&dual, &v6),
+            pair("fd00:10:244:1::5", "fd00:10:244:1::6")
+        );
+        assert_eq!(
+            ips(&v6, &dual),
+            pair("fd00:10:244:1::6", "fd00:10:244:1::5")
+        );
+        // Both dual-stack: the source's first family.
+        assert_eq!(ips(&node, &dual), pair("172.18.0.2", "10.244.1.5"));
+        assert_eq!(ips(&node, &v6), pair("fc00::2", "fd00:10:244:1::6"));
+        assert_eq!(family(&c, &dual, &node), Some(IpFamily::V4));
+    }
+
+    #[test]
+    fn classes_tell_apart_pods_that_differ_in_their_ipv6_address_only() {
+        let mut c = Cluster::default();
+        let labels = json!({"app": "a"});
+        let inside = &["10.244.1.5", "fd00:10:244:1::5"];
+        let outside = &["10.244.1.6", "fd00:99::6"];
+        let p = add_pod(&mut c, "x", "p", pod("n1", labels.clone(), inside));
+        let q = add_pod(&mut c, "x", "q", pod("n1", labels.clone(), outside));
+        let r = add_pod(&mut c, "x", "r", pod("n1", labels, inside));
+        let spec = json!({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "fd00:10:244::/48"}}]}]});
+        c.policies
+            .insert(ObjectKey::new("x", "np"), policy("x", "np", spec));
+        let blocks = ip_blocks(&c);
+        let classes = Classes::new(&c, c.pods.keys(), &blocks);
+        assert_eq!(classes.members, [vec![&p, &r], vec![&q]]);
+    }
 }

@@ -435,6 +435,45 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_slices_of_both_address_types_name_their_service() {
+        let slice = |name: &str, address_type: &str, addresses: &[&str]| -> Object {
+            let endpoints: Vec<serde_json::Value> = addresses
+                .iter()
+                .map(|a| serde_json::json!({"addresses": [a]}))
+                .collect();
+            let s: EndpointSlice = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "x",
+                    "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": address_type,
+                "endpoints": endpoints,
+                "ports": [{"port": 8080, "protocol": "TCP"}],
+            }))
+            .unwrap();
+            Object::from(s)
+        };
+        let mut store = ClusterStore::default();
+        store.apply(update(
+            vec![
+                Change::Apply(slice("web-v4", "IPv4", &["10.244.1.5"])),
+                Change::Apply(slice(
+                    "web-v6",
+                    "IPv6",
+                    &["fd00:10:244:1::5", "fd00:10:244:2:0:0:0:7"],
+                )),
+                Change::Apply(slice("web-fqdn", "FQDN", &["web.example.com"])),
+            ],
+            1,
+        ));
+        let backends = store.service_backends();
+        let web = ObjectKey::new("x", "web");
+        for addr in ["10.244.1.5", "fd00:10:244:1::5", "fd00:10:244:2::7"] {
+            let key = (addr.parse().unwrap(), 8080, policy_common::proto::TCP);
+            assert_eq!(backends.get(&key), Some(&web), "{addr}");
+        }
+        assert_eq!(backends.len(), 3);
+    }
+
+    #[test]
     fn cluster_scoped_keys_ignore_namespace() {
         let mut ns = Namespace::default();
         ns.metadata.name = Some("x".into());
