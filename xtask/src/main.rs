@@ -77,13 +77,19 @@ fn main() -> Result<()> {
             unsafe { std::env::set_var("POLICY_KUBECTL", kubectl) };
             cargo(&["test", "--no-fail-fast"])?;
             // Through cargo, not this executable: `cargo test` may have rebuilt (replaced) it.
-            // The suite on the manifest directory, then on the real control plane with
-            // kube-proxy in both of its Linux modes.
+            // The suite on the manifest directory (IPv4, IPv6, dual-stack), then on the real
+            // control plane with kube-proxy in both of its Linux modes.
             let suite = ["run", "--quiet", "--package", "xtask", "--", "conformance"];
             // On the manifest directory every cell is also explained from the kernel maps.
             let mut live = suite.to_vec();
             live.push("--live-explain");
             cargo(&live)?;
+            // IPv6-only and dual-stack labs (each matrix probed in both families).
+            for family in ["ipv6", "dual"] {
+                let mut args = live.clone();
+                args.extend(["--ip-family", family]);
+                cargo(&args)?;
+            }
             for proxy in ["iptables", "nftables"] {
                 let mut args = suite.to_vec();
                 args.extend(["--api", "kube", "--kube-proxy", proxy]);

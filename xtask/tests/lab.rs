@@ -193,6 +193,14 @@ fn lab_commands_enforce_policy_and_down_leaves_nothing() {
     );
     let netpols = lab.json(&["get", "networkpolicies", "-o", "json"]);
     assert_eq!(netpols["items"].as_array().unwrap().len(), 5);
+    // An IPv4 lab has no IPv6 addresses to dial: an error that says so.
+    let out = lab.run(&["probe", "--family", "6"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("this lab has no IPv6 addresses"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The chain is open, everything else in `shop` is closed, via pod IPs and Services.
     for via in ["pod", "service"] {
@@ -764,4 +772,212 @@ fn advice_from_recorded_flows_allows_exactly_the_observed_flows() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+const DUAL_PODS: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: d, labels: {app: a}}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}, {containerPort: 81, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: d, labels: {app: b}}
+spec: {nodeName: node-2, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}, {containerPort: 81, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: d, labels: {app: c}}
+spec: {nodeName: node-1, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}, {containerPort: 81, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: d}
+spec: {selector: {app: b}, ports: [{name: http, port: 8080, targetPort: http}, {name: udp, port: 81, protocol: UDP}]}
+";
+
+/// A policy on d/b: ingress from `from` (peers, as YAML flow), on `ports` (YAML flow), and no
+/// egress at all (replies still flow: they belong to allowed connections).
+fn policy_on_b(from: &str, ports: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: on-b, namespace: d}}
+spec:
+  podSelector: {{matchLabels: {{app: b}}}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{{from: {from}, ports: {ports}}}]
+"
+    )
+}
+
+/// One connection per (family, via) from `from` to d/b on `port`: connected or not, in the order
+/// IPv4 pod, IPv4 service, IPv6 pod, IPv6 service.
+fn to_b(lab: &LabGuard, from: &str, port: &str) -> [bool; 4] {
+    let mut out = [false; 4];
+    let mut i = 0;
+    for family in ["4", "6"] {
+        for via in ["pod", "service"] {
+            out[i] = lab.connected(&[
+                "--from", from, "--to", "d/b", "--port", port, "--family", family, "--via", via,
+            ]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A dual-stack lab: every pod has an address of each family and every Service a ClusterIP of
+/// each; an ipBlock of one family never matches the other; a pod's identity, named ports,
+/// conntrack and revocation are the same whichever family a peer uses; node traffic from the
+/// node's IPv6 address is node traffic.
+#[test]
+fn dual_stack_enforces_each_family_with_one_identity() {
+    require_root();
+    let lab = LabGuard {
+        prefix: prefix('d'),
+    };
+    lab.ok(&["up", "--nodes", "2", "--ip-family", "dual"]);
+    let dir = tempfile_dir("dual");
+    let pods = dir.join("pods.yaml");
+    std::fs::write(&pods, DUAL_PODS).unwrap();
+    lab.ok(&["apply", "-f", pods.to_str().unwrap()]);
+
+    let got = lab.json(&["get", "pods", "-o", "json"]);
+    let ips = |name: &str| -> Vec<String> {
+        let p = got["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["metadata"]["name"] == name)
+            .unwrap();
+        p["status"]["podIPs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["ip"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let a = ips("a");
+    assert_eq!(a.len(), 2, "{a:?}");
+    assert!(a[0].starts_with("10.244.1."), "IPv4 first: {a:?}");
+    assert!(a[1].starts_with("fd00:10:244:1::"), "{a:?}");
+    let svc = lab.json(&["get", "services", "-o", "json"]);
+    let spec = &svc["items"][0]["spec"];
+    assert_eq!(spec["ipFamilyPolicy"], "PreferDualStack", "{spec}");
+    assert_eq!(
+        spec["ipFamilies"],
+        serde_json::json!(["IPv4", "IPv6"]),
+        "{spec}"
+    );
+    // A probe's `to_ip` is the address of the family asked for.
+    let v = lab.json(&[
+        "probe", "--json", "--from", "d/a", "--to", "d/b", "--port", "80", "--family", "6",
+    ]);
+    assert_eq!(v["probes"][0]["to_ip"], ips("b")[1], "{v}");
+    assert_eq!(to_b(&lab, "d/a", "80"), [true; 4]);
+
+    let policy = dir.join("policy.yaml");
+    let apply = |text: String| {
+        std::fs::write(&policy, text).unwrap();
+        lab.ok(&["apply", "-f", policy.to_str().unwrap()]);
+    };
+    // An IPv4 block admits a's IPv4 address only; an IPv6 block its IPv6 address only; the
+    // "everything" block of one family admits nothing of the other.
+    apply(policy_on_b(
+        &format!("[{{ipBlock: {{cidr: {}/32}}}}]", a[0]),
+        "[{port: 80}]",
+    ));
+    assert_eq!(to_b(&lab, "d/a", "80"), [true, true, false, false]);
+    apply(policy_on_b(
+        &format!("[{{ipBlock: {{cidr: \"{}/128\"}}}}]", a[1]),
+        "[{port: 80}]",
+    ));
+    assert_eq!(to_b(&lab, "d/a", "80"), [false, false, true, true]);
+    apply(policy_on_b(
+        "[{ipBlock: {cidr: 0.0.0.0/0}}]",
+        "[{port: 80}]",
+    ));
+    assert_eq!(to_b(&lab, "d/a", "80"), [true, true, false, false]);
+    apply(policy_on_b("[{ipBlock: {cidr: \"::/0\"}}]", "[{port: 80}]"));
+    assert_eq!(to_b(&lab, "d/a", "80"), [false, false, true, true]);
+
+    // One identity whichever address the peer uses; a named port in both families; the
+    // replies of b, which may send nothing of its own, pass by conntrack in both.
+    apply(policy_on_b(
+        "[{podSelector: {matchLabels: {app: a}}}]",
+        "[{port: http}, {port: 81, protocol: UDP}]",
+    ));
+    assert_eq!(to_b(&lab, "d/a", "80"), [true; 4]);
+    assert_eq!(to_b(&lab, "d/a", "81"), [true; 4]);
+    assert_eq!(to_b(&lab, "d/c", "80"), [false; 4]);
+    assert!(!lab.connected(&[
+        "--from", "d/b", "--to", "d/a", "--port", "80", "--family", "6"
+    ]));
+
+    // Revocation per family: a UDP flow of each family, allowed and answered, is cut once the
+    // policy no longer allows it.
+    let netns = pod_netns(&lab.prefix, "d/a");
+    let b = ips("b");
+    let sockets: Vec<std::net::UdpSocket> = b
+        .iter()
+        .map(|ip| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            in_netns(&netns, move || {
+                let any: std::net::IpAddr = if ip.is_ipv4() {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                };
+                let s = std::net::UdpSocket::bind((any, 0)).unwrap();
+                s.connect((ip, 81)).unwrap();
+                s.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                    .unwrap();
+                s
+            })
+        })
+        .collect();
+    let echoed = |s: &std::net::UdpSocket| {
+        let mut buf = [0u8; 64];
+        s.send(b"ping").unwrap();
+        s.recv(&mut buf).is_ok()
+    };
+    assert!(sockets.iter().all(echoed), "both flows are answered");
+    apply(policy_on_b(
+        "[{podSelector: {matchLabels: {app: a}}}]",
+        "[{port: http}]",
+    ));
+    for (s, ip) in sockets.iter().zip(&b) {
+        assert!(
+            !echoed(s),
+            "the flow to {ip}:81 outlived the policy that allowed it"
+        );
+    }
+    assert_eq!(to_b(&lab, "d/a", "80"), [true; 4]);
+
+    // Node traffic: b's own node reaches it from its IPv4 and its IPv6 address; the other node
+    // does not (it is no peer the policy allows).
+    for family in ["4", "6"] {
+        assert!(lab.connected(&[
+            "--from",
+            "node/node-2",
+            "--to",
+            "d/b",
+            "--port",
+            "80",
+            "--family",
+            family,
+        ]));
+        assert!(!lab.connected(&[
+            "--from",
+            "node/node-1",
+            "--to",
+            "d/b",
+            "--port",
+            "80",
+            "--family",
+            family,
+        ]));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -402,21 +402,6 @@ metadata: {name: unchained, namespace: w}
 spec: {nodeName: node-1, containers: [{name: c, image: agnhost}]}
 ";
 
-/// Runs `f` on a thread inside network namespace `name` (sockets made there stay there).
-fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{name}");
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a descriptor we own, on this thread only.
-        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 /// One pod sandbox the test makes as containerd would: a network namespace, then the lab's CNI
 /// chain for node-1 (`cni/node-1.conflist`, plugins from `cni/bin`), ADD plugin by plugin with
 /// each result as the next one's `prevResult` (as libcni runs a list); DEL in reverse on drop.

@@ -84,6 +84,32 @@ pub fn netpol_until(args: &[&str], done: impl Fn(&str) -> bool) -> String {
     }
 }
 
+/// Runs `f` on a thread inside network namespace `name` (sockets made there stay there).
+pub fn in_netns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns on a descriptor we own, on this thread only.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// The network namespace of lab pod `ns/name` (from the lab's state file).
+pub fn pod_netns(prefix: &str, key: &str) -> String {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(state_dir(prefix).join("state.json")).unwrap())
+            .unwrap();
+    state["pods"][key]["netns"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no pod {key} in the lab's state"))
+        .to_string()
+}
+
 pub struct LabGuard {
     pub prefix: String,
 }
