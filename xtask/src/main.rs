@@ -30,7 +30,11 @@ enum Cmd {
     Setup,
     /// The main job: set up, then the three-tier example of deploy/examples on a fresh lab with
     /// the real agent (expected vs observed connectivity), then teardown.
-    Demo,
+    Demo {
+        /// The lab's address families; `dual` shows, and judges, every table in IPv4 and in IPv6.
+        #[arg(long, value_enum, env = "LAB_IP_FAMILY", default_value_t = lab::IpFamily::Ipv4)]
+        ip_family: lab::IpFamily,
+    },
     /// Set up and run every test (unit, property, kernel, network-namespace).
     Test,
     /// rustfmt and clippy -D warnings on the userspace crates.
@@ -62,9 +66,12 @@ fn main() -> Result<()> {
             setup::run()?;
             e2e::run(&args)
         }
-        Cmd::Demo => {
+        Cmd::Demo { ip_family } => {
             setup::run()?;
-            lab::demo::run(&lab::demo::DemoArgs::default())
+            lab::demo::run(&lab::demo::DemoArgs {
+                ip_family,
+                ..lab::demo::DemoArgs::default()
+            })
         }
         Cmd::Test => {
             setup::run()?;

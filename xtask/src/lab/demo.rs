@@ -1,14 +1,22 @@
 //! `cargo xtask demo`: the three-tier segmentation of `deploy/examples/` (frontend → backend →
 //! database, default deny, DNS allowed) on a fresh lab with the real agent. It prints, for every
-//! flow, what the policies intend next to what the kernel did, and tears the lab down.
+//! flow, what the policies intend next to what the kernel did, and tears the lab down. In a
+//! dual-stack lab it does so in each family (pod IPs and ClusterIPs of that family, `ext` at its
+//! address of that family), and every family must match.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Result, bail};
 
 use super::{
-    AgentChoice, Lab, ProbeSpec, Protocol, Table, UpOptions, Via, down, load_all, read_docs,
-    side_by_side,
+    AgentChoice, Lab, ProbeSpec, Protocol, Table, UpOptions, Via, down, load_all,
+    objects::{Loaded, Object},
+    read_docs, side_by_side,
+    topology::{self as topo, Family, IpFamily},
 };
 
 /// Options of the demo (`cargo xtask lab demo`; the defaults are what the main job runs).
@@ -21,6 +29,8 @@ pub struct DemoArgs {
     pub agent_bin: Option<PathBuf>,
     /// Leave the lab up afterwards.
     pub keep: bool,
+    /// The lab's address families (`lab up --ip-family`).
+    pub ip_family: IpFamily,
 }
 
 impl Default for DemoArgs {
@@ -30,6 +40,7 @@ impl Default for DemoArgs {
             prefix: "paldemo".into(),
             agent_bin: None,
             keep: false,
+            ip_family: IpFamily::Ipv4,
         }
     }
 }
@@ -131,26 +142,43 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     };
     let dir = examples_dir();
     // Read and validate before building anything.
-    let cluster = load_all(&read_docs(&[dir.join("lab")])?)?;
+    let mut cluster = load_all(&read_docs(&[dir.join("lab")])?)?;
     let app = load_all(&read_docs(std::slice::from_ref(&dir))?)?;
+    let moved = move_service_ips(&mut cluster, args.ip_family);
+    let mut opts = UpOptions::new(args.nodes, agent)?;
+    opts.ip_family = args.ip_family;
     // The demo's lab is its own: whatever an interrupted earlier run left goes first.
     down(&args.prefix)?;
-    let mut lab = Lab::up(&args.prefix, &UpOptions::new(args.nodes, agent)?)?;
-    let result = (|| -> Result<bool> {
+    let mut lab = Lab::up(&args.prefix, &opts)?;
+    let result = (|| -> Result<Vec<(Family, bool)>> {
         let c = lab.publish()?;
-        println!("lab {:?} up with {} nodes; {c}", args.prefix, args.nodes);
+        println!(
+            "lab {:?} up with {} nodes ({}); {c}",
+            args.prefix,
+            args.nodes,
+            args.ip_family.as_str()
+        );
         println!(
             "\n$ cargo xtask lab apply -f {}/lab/   # cluster DNS stand-in and a debug pod",
             dir.display()
         );
+        for (name, from, to) in &moved {
+            println!(
+                "  (IPv6-only lab: Service {name} at {to}, the IPv6 counterpart of the manifest's {from}, as on kind)"
+            );
+        }
         lab.apply(cluster)?.print();
         println!("\n$ cargo xtask lab apply -f {}/", dir.display());
         lab.apply(app)?.print();
-        let mut ok = true;
-        for via in [Via::Pod, Via::Service] {
-            ok &= show(&lab, via)?;
+        let mut verdicts = Vec::new();
+        for &family in args.ip_family.families() {
+            let mut ok = true;
+            for via in [Via::Pod, Via::Service] {
+                ok &= show(&lab, via, family)?;
+            }
+            verdicts.push((family, ok));
         }
-        Ok(ok)
+        Ok(verdicts)
     })();
     drop(lab);
     if args.keep {
@@ -162,15 +190,97 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         let removed = down(&args.prefix)?;
         println!("\nlab torn down: removed {}", removed.summary());
     }
-    if !result? {
-        bail!("observed connectivity differs from what the policies intend");
-    }
-    println!("observed connectivity matches the policies");
+    println!("{}", judge(&result?)?);
     Ok(())
 }
 
-/// Probes every (source, destination) flow and prints both tables; true if they agree.
-fn show(lab: &Lab, via: Via) -> Result<bool> {
+/// The demo's verdict from each family's (family, observed == expected): the line to print when
+/// every family matched, or the error naming the families that did not.
+fn judge(verdicts: &[(Family, bool)]) -> Result<String> {
+    let list = |ok: bool| -> Vec<String> {
+        verdicts
+            .iter()
+            .filter(|v| v.1 == ok)
+            .map(|v| v.0.to_string())
+            .collect()
+    };
+    let (good, bad) = (list(true), list(false));
+    if !bad.is_empty() {
+        let also = if good.is_empty() {
+            String::new()
+        } else {
+            format!(" (it matches in {})", good.join(" and "))
+        };
+        bail!(
+            "observed connectivity differs from what the policies intend in {}{also}",
+            bad.join(" and ")
+        );
+    }
+    Ok(format!(
+        "observed connectivity matches the policies in {}",
+        good.join(" and ")
+    ))
+}
+
+/// In a lab without IPv4, moves every Service's IPv4 ClusterIP from the IPv4 Service range to the
+/// same offset in the IPv6 one (kube-dns 10.96.0.10 becomes fd00:10:96::a, its address on an
+/// IPv6 kind cluster). Returns (Service, from, to) for each address moved.
+fn move_service_ips(objects: &mut [Loaded], ip_family: IpFamily) -> Vec<(String, IpAddr, IpAddr)> {
+    let mut moved = Vec::new();
+    if ip_family.has(Family::V4) {
+        return moved;
+    }
+    let (v4, v6) = (
+        topo::service_cidr(Family::V4),
+        topo::service_cidr(Family::V6),
+    );
+    let to_v6 = |s: &str| -> Option<(IpAddr, IpAddr)> {
+        let ip: IpAddr = s.parse().ok()?;
+        v4.contains(ip).then(|| {
+            let offset = match (ip, v4.addr) {
+                (IpAddr::V4(a), IpAddr::V4(base)) => u128::from(a.to_bits() - base.to_bits()),
+                _ => unreachable!("an IPv4 range holds IPv4 addresses"),
+            };
+            (ip, v6.nth(offset))
+        })
+    };
+    for l in objects {
+        let Object::Service(svc) = &mut l.object else {
+            continue;
+        };
+        let name = format!(
+            "{}/{}",
+            svc.metadata.namespace.as_deref().unwrap_or("default"),
+            svc.metadata.name.as_deref().unwrap_or_default()
+        );
+        let Some(spec) = svc.spec.as_mut() else {
+            continue;
+        };
+        let mut ips: Vec<String> = spec
+            .cluster_ips
+            .clone()
+            .filter(|ips| !ips.is_empty())
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default();
+        let mut changed = false;
+        for ip in &mut ips {
+            if let Some((from, to)) = to_v6(ip) {
+                *ip = to.to_string();
+                moved.push((name.clone(), from, to));
+                changed = true;
+            }
+        }
+        if changed {
+            spec.cluster_ip = ips.first().cloned();
+            spec.cluster_ips = spec.cluster_ips.as_ref().map(|_| ips);
+        }
+    }
+    moved
+}
+
+/// Probes every (source, destination) flow in one family and prints both tables and whether
+/// they agree; true if they do.
+fn show(lab: &Lab, via: Via, family: Family) -> Result<bool> {
     let mut specs = Vec::new();
     let mut cells = Vec::new();
     for (row, from) in SOURCES {
@@ -186,7 +296,7 @@ fn show(lab: &Lab, via: Via) -> Result<bool> {
                 port: Some(d.port.to_string()),
                 protocol: Some(d.protocol),
                 via,
-                family: None,
+                family: Some(family),
             });
             cells.push((row, d.label));
         }
@@ -209,18 +319,21 @@ fn show(lab: &Lab, via: Via) -> Result<bool> {
         got.set(from, label, o.connected);
     }
     let wrong = want.differences(&got);
-    println!(
-        "\nconnectivity via {} (rows = from, columns = to; . connected, X blocked, - not probed):",
+    let what = format!(
+        "{family} {}",
         if via == Via::Pod {
             "pod IPs"
         } else {
             "Service ClusterIPs"
         }
     );
+    println!(
+        "\nconnectivity via {what} (rows = from, columns = to; . connected, X blocked, - not probed):"
+    );
     print!("{}", side_by_side(("expected", &want), ("observed", &got)));
     println!(
-        "  (frontend, backend, database = shop/*:8080, 8080, 5432 TCP; dns = kube-system/coredns:53; debug = default/debug; ext = {}:443)",
-        super::EXT_IP
+        "  (frontend, backend, database = shop/*:8080, 8080, 5432 TCP; dns = kube-system/coredns:53; debug = default/debug; ext = {})",
+        SocketAddr::new(topo::ext_addr(family).0, 443)
     );
     for (f, t, w, g) in &wrong {
         println!(
@@ -229,6 +342,16 @@ fn show(lab: &Lab, via: Via) -> Result<bool> {
             sym(*g)
         );
     }
+    let connected = outcomes.iter().filter(|o| o.connected).count();
+    println!(
+        "  {what}: {} flows probed, {connected} connected; {}",
+        outcomes.len(),
+        if wrong.is_empty() {
+            "every cell as the policies intend".to_string()
+        } else {
+            format!("{} cells differ from what the policies intend", wrong.len())
+        }
+    );
     Ok(wrong.is_empty())
 }
 
@@ -247,6 +370,53 @@ mod tests {
         assert_eq!(app.len(), 12);
         let cluster = load_all(&read_docs(&[dir.join("lab")]).unwrap()).unwrap();
         assert_eq!(cluster.len(), 3);
+    }
+
+    #[test]
+    fn an_ipv6_lab_moves_kube_dns_to_its_ipv6_address() {
+        let dir = examples_dir();
+        let load = || load_all(&read_docs(&[dir.join("lab")]).unwrap()).unwrap();
+        let kube_dns = |objects: &[Loaded]| {
+            objects
+                .iter()
+                .find_map(|l| match &l.object {
+                    Object::Service(s) => s.spec.clone(),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        for f in [IpFamily::Ipv4, IpFamily::Dual] {
+            let mut objects = load();
+            assert!(move_service_ips(&mut objects, f).is_empty());
+            assert_eq!(kube_dns(&objects).cluster_ip.as_deref(), Some("10.96.0.10"));
+        }
+        let mut objects = load();
+        let moved = move_service_ips(&mut objects, IpFamily::Ipv6);
+        let (from, to): (IpAddr, IpAddr) = (
+            "10.96.0.10".parse().unwrap(),
+            "fd00:10:96::a".parse().unwrap(),
+        );
+        assert_eq!(moved, vec![("kube-system/kube-dns".to_string(), from, to)]);
+        let spec = kube_dns(&objects);
+        assert_eq!(spec.cluster_ip.as_deref(), Some("fd00:10:96::a"));
+        assert_eq!(spec.cluster_ips, None);
+    }
+
+    #[test]
+    fn every_family_must_match() {
+        let (v4, v6) = (Family::V4, Family::V6);
+        assert_eq!(
+            judge(&[(v4, true), (v6, true)]).unwrap(),
+            "observed connectivity matches the policies in IPv4 and IPv6"
+        );
+        assert_eq!(
+            judge(&[(v4, true), (v6, false)]).unwrap_err().to_string(),
+            "observed connectivity differs from what the policies intend in IPv6 (it matches in IPv4)"
+        );
+        assert_eq!(
+            judge(&[(v4, false)]).unwrap_err().to_string(),
+            "observed connectivity differs from what the policies intend in IPv4"
+        );
     }
 
     #[test]

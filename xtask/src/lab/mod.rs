@@ -31,7 +31,7 @@ pub use objects::{Kind, ObjRef, parse_doc, parse_text, read_docs};
 pub use probe::{Outcome, Protocol, Via};
 pub use query::ProbeSpec;
 pub use table::{Table, side_by_side, title};
-pub use topology::{EXT_IP, Family, IpFamily, network_of};
+pub use topology::{Family, IpFamily, network_of};
 
 /// Default name prefix of everything a lab creates.
 pub const DEFAULT_PREFIX: &str = "pal";
@@ -145,6 +145,10 @@ pub enum LabCommand {
         /// Leave the demo's lab up afterwards.
         #[arg(long)]
         keep: bool,
+        /// The demo lab's address families; in a dual-stack lab every table is shown, and must
+        /// match, in each family.
+        #[arg(long, value_enum, env = "LAB_IP_FAMILY", default_value_t = topology::IpFamily::Ipv4)]
+        ip_family: topology::IpFamily,
     },
     /// Show every agent's status (revision enforced, endpoints, errors, source and audit counters).
     Status,
@@ -335,6 +339,7 @@ pub fn main(args: LabArgs) -> Result<()> {
             nodes,
             agent_bin,
             keep,
+            ip_family,
         } => {
             let prefix = if prefix == DEFAULT_PREFIX {
                 demo::DemoArgs::default().prefix
@@ -346,6 +351,7 @@ pub fn main(args: LabArgs) -> Result<()> {
                 prefix,
                 agent_bin,
                 keep,
+                ip_family,
             })
         }
         LabCommand::Status => {
