@@ -981,3 +981,49 @@ fn dual_stack_enforces_each_family_with_one_identity() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One script over the lab's command line, unchanged, in each family: `LAB_IP_FAMILY` alone
+/// switches the lab, and the verdicts are the ones the policies imply in each.
+#[test]
+fn an_unchanged_script_gets_the_policies_verdicts_in_every_family() {
+    require_root();
+    let script = root().join("xtask/tests/scripts/verdicts.sh");
+    for (family, tag) in [("ipv4", '4'), ("ipv6", '6'), ("dual", 'b')] {
+        let lab = LabGuard {
+            prefix: prefix(tag),
+        };
+        let out = std::process::Command::new("sh")
+            .arg(&script)
+            .current_dir(root())
+            .env("XTASK", XTASK)
+            .env("LAB_PREFIX", &lab.prefix)
+            .env("LAB_IP_FAMILY", family)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{family}:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{family}: {text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("ok   ")).count(),
+            16,
+            "{text}"
+        );
+        assert!(
+            text.contains("every verdict as the policies imply"),
+            "{text}"
+        );
+        // The lab really ran in that family: the address the script learned is of it.
+        let client = text
+            .lines()
+            .find_map(|l| l.strip_prefix("client address: "))
+            .unwrap_or_default();
+        let v6: bool = client.parse::<std::net::IpAddr>().unwrap().is_ipv6();
+        assert_eq!(v6, family == "ipv6", "{family}: {client}");
+        assert!(
+            remains(&lab.prefix).is_empty(),
+            "{:?}",
+            remains(&lab.prefix)
+        );
+    }
+}

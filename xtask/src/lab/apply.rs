@@ -264,15 +264,19 @@ impl Lab {
     }
 
     /// ClusterIPs of the families asked for, at one offset free in every one of their ranges.
-    fn allocate_service_ips(&mut self, families: &[Family]) -> Result<Vec<IpAddr>> {
-        let taken: BTreeSet<IpAddr> = self
-            .state
+    /// Every ClusterIP of every Service.
+    fn service_ips_taken(&self) -> BTreeSet<IpAddr> {
+        self.state
             .services
             .values()
             .filter_map(|s| s.spec.as_ref()?.cluster_ips.clone())
             .flatten()
             .filter_map(|ip| ip.parse().ok())
-            .collect();
+            .collect()
+    }
+
+    fn allocate_service_ips(&mut self, families: &[Family]) -> Result<Vec<IpAddr>> {
+        let taken = self.service_ips_taken();
         let size = topo::service_cidr(Family::V4).size() as u32;
         let mut off = self.state.last_service_offset;
         for _ in 0..size {
@@ -336,7 +340,21 @@ impl Lab {
             .filter(|f| !given.iter().any(|ip| Family::of(*ip) == *f))
             .collect();
         if !missing.is_empty() {
-            given.extend(self.allocate_service_ips(&missing)?);
+            // A given ClusterIP's offset in its range, in the other family too when free
+            // (10.96.0.10 and fd00:10:96::a), as the topology promises.
+            let taken = self.service_ips_taken();
+            let same_offset: Option<Vec<IpAddr>> = given.first().and_then(|g| {
+                let offset = topo::service_cidr(Family::of(*g)).offset_of(*g)?;
+                let ips: Vec<IpAddr> = missing
+                    .iter()
+                    .map(|f| topo::service_cidr(*f).nth(offset))
+                    .collect();
+                (!ips.iter().any(|ip| taken.contains(ip))).then_some(ips)
+            });
+            match same_offset {
+                Some(ips) => given.extend(ips),
+                None => given.extend(self.allocate_service_ips(&missing)?),
+            }
         }
         given.sort_by_key(|ip| wanted.iter().position(|f| *f == Family::of(*ip)));
         Ok(given)

@@ -330,9 +330,9 @@ impl Lab {
                 leftovers.summary()
             );
         }
-        if opts.ip_family != IpFamily::Ipv4 && opts.api == super::kube::ApiMode::Kube {
+        if opts.ip_family != IpFamily::Ipv4 && opts.kubelet {
             bail!(
-                "--ip-family {} needs --api manifests: the real-API mode runs IPv4 clusters only",
+                "--ip-family {} is not available with --kubelet: the lab's real nodes run IPv4 clusters only",
                 opts.ip_family.as_str()
             );
         }

@@ -39,11 +39,42 @@ use super::{
     net::{self, NetnsMode},
     objects::{Kind, ObjRef},
     services,
-    topology::{self as topo},
+    topology::{self as topo, Family, IpFamily},
 };
 
 /// The control plane's address on the node network.
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 254);
+/// Its IPv6 address, in IPv6-only and dual-stack labs.
+pub const CONTROL_PLANE_IP6: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0xfe);
+
+/// The control plane's address of family `f`.
+pub fn control_plane_addr(f: Family) -> std::net::IpAddr {
+    match f {
+        Family::V4 => CONTROL_PLANE_IP.into(),
+        Family::V6 => CONTROL_PLANE_IP6.into(),
+    }
+}
+
+/// The API server's URL in a lab of `families`: at the control plane's address of the primary
+/// family (the family of the `kubernetes` Service), as every client on the nodes reaches it.
+pub fn api_url(families: IpFamily) -> String {
+    format!(
+        "https://{}",
+        SocketAddr::new(control_plane_addr(families.primary()), API_PORT)
+    )
+}
+
+/// The ranges of `range` for every family of the lab, primary first, comma-separated (the
+/// dual-stack form of kube-apiserver's and kube-controller-manager's range flags).
+fn ranges(families: IpFamily, range: fn(Family) -> topo::Cidr) -> String {
+    families
+        .families()
+        .iter()
+        .map(|f| range(*f).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
 pub const API_PORT: u16 = 6443;
 /// How long the lab waits for kube-network-policies, which reports no enforced state, after the
 /// rest of the cluster has settled.
@@ -216,7 +247,7 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 
 /// A CA, the API server's serving certificate, its client certificate for kubelets, the
 /// service-account signing key, an admin token and a token per node, new for every lab.
-fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
+fn make_credentials(files: &Files, nodes: &[String], families: IpFamily) -> Result<String> {
     let d = &files.dir;
     std::fs::create_dir_all(d)?;
     let mut ca = vec!["req", "-x509"];
@@ -232,13 +263,19 @@ fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
         "/CN=lab-ca",
     ]);
     openssl(d, &ca)?;
-    let service_ip = Ipv4Addr::from(u32::from(topo::SERVICE_CIDR.0) + 1);
+    // Every address the API server is reached at: the control plane's and the first address of
+    // each service range (the `kubernetes` Service), of both families.
+    let ips: String = [Family::V4, Family::V6]
+        .iter()
+        .flat_map(|f| [control_plane_addr(*f), topo::service_cidr(*f).nth(1)])
+        .map(|ip| format!("IP:{ip},"))
+        .collect();
     signed_cert(
         d,
         "apiserver",
         "/CN=kube-apiserver",
         &format!(
-            "subjectAltName=IP:{CONTROL_PLANE_IP},IP:127.0.0.1,IP:{service_ip},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
+            "subjectAltName={ips}IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
         ),
     )?;
     // The API server's identity towards kubelets (exec, logs, port-forward); the kubelets
@@ -285,11 +322,7 @@ fn make_credentials(files: &Files, nodes: &[String]) -> Result<String> {
     )?;
     std::fs::write(
         files.node_admin_kubeconfig(),
-        kubeconfig_text(
-            &format!("https://{CONTROL_PLANE_IP}:{API_PORT}"),
-            &ca,
-            &token,
-        ),
+        kubeconfig_text(&api_url(families), &ca, &token),
     )?;
     Ok(token)
 }
@@ -447,15 +480,22 @@ impl Lab {
             // connected route replaces the "unreachable" one, and bridged pod traffic passes
             // iptables, as kube-proxy requires (br_netfilter, per namespace).
             for node in &self.state.nodes {
-                net::ip_batch(
-                    &node.netns,
-                    &[format!(
-                        "route del unreachable {}",
-                        topo::cidr(topo::node_pod_cidr(node.number))
-                    )],
-                )?;
-                net::sysctl(&node.netns, "net/bridge/bridge-nf-call-iptables", "1")
+                let routes: Vec<String> = self
+                    .state
+                    .ip_family
+                    .families()
+                    .iter()
+                    .map(|f| format!("route del unreachable {}", topo::node_pods(node.number, *f)))
+                    .collect();
+                net::ip_batch(&node.netns, &routes)?;
+                for key in ["iptables", "ip6tables"] {
+                    net::sysctl(
+                        &node.netns,
+                        &format!("net/bridge/bridge-nf-call-{key}"),
+                        "1",
+                    )
                     .context("bridged pod traffic must pass iptables (br_netfilter)")?;
+                }
             }
         }
         let bins = crate::kube::Binaries::find()?;
@@ -464,12 +504,8 @@ impl Lab {
         let cp = names.control_plane_ns();
         // The control-plane "node" on the node bridge.
         net::add_netns(&cp)?;
-        for key in [
-            "net/ipv6/conf/all/disable_ipv6",
-            "net/ipv6/conf/default/disable_ipv6",
-        ] {
-            let _ = net::sysctl(&cp, key, "1");
-        }
+        let families = self.state.ip_family;
+        cluster::set_families(&cp, families, false)?;
         net::ip_batch(
             &names.underlay_ns(),
             &[
@@ -485,17 +521,22 @@ impl Lab {
                 format!("link set {} up", names.control_plane_link()),
             ],
         )?;
-        net::ip_batch(
-            &cp,
-            &[
-                "link set lo up".into(),
-                format!("addr add {CONTROL_PLANE_IP}/{} dev eth0", topo::NODE_CIDR.1),
-                "link set eth0 up".into(),
-                format!("route add default via {}", topo::NODE_GATEWAY),
-            ],
-        )?;
+        let mut cp_cmds = vec!["link set lo up".to_string()];
+        for &f in families.families() {
+            cp_cmds.push(format!(
+                "addr add {}/{} dev eth0{}",
+                control_plane_addr(f),
+                topo::node_cidr(f).len,
+                cluster::nodad(f)
+            ));
+        }
+        cp_cmds.push("link set eth0 up".into());
+        for &f in families.families() {
+            cp_cmds.push(format!("route add default via {}", topo::node_gateway(f)));
+        }
+        net::ip_batch(&cp, &cp_cmds)?;
         let node_names: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
-        make_credentials(&files, &node_names)?;
+        make_credentials(&files, &node_names, families)?;
         self.state.kube = Some(KubeState {
             proxy_mode,
             bin_dir: bins.dir.clone(),
@@ -534,11 +575,14 @@ impl Lab {
         let mut api = Command::new(bins.path("kube-apiserver"));
         api.args([
             "--etcd-servers=http://127.0.0.1:2379".to_string(),
-            format!("--advertise-address={CONTROL_PLANE_IP}"),
+            format!(
+                "--advertise-address={}",
+                control_plane_addr(families.primary())
+            ),
             format!("--secure-port={API_PORT}"),
             format!(
                 "--service-cluster-ip-range={}",
-                topo::cidr(topo::SERVICE_CIDR)
+                ranges(families, topo::service_cidr)
             ),
             format!("--tls-cert-file={}", p("apiserver.crt")),
             format!("--tls-private-key-file={}", p("apiserver.key")),
@@ -587,10 +631,10 @@ impl Lab {
             "--use-service-account-credentials=false".into(),
             format!("--service-account-private-key-file={}", p("sa.key")),
             format!("--root-ca-file={}", p("ca.crt")),
-            format!("--cluster-cidr={}", topo::cidr(topo::POD_CIDR)),
+            format!("--cluster-cidr={}", ranges(families, topo::pod_cidr)),
             format!(
                 "--service-cluster-ip-range={}",
-                topo::cidr(topo::SERVICE_CIDR)
+                ranges(families, topo::service_cidr)
             ),
             "--bind-address=127.0.0.1".into(),
             "--profiling=false".into(),
@@ -636,11 +680,7 @@ impl Lab {
             .context("creating a token for the policy-agent ServiceAccount")?;
         std::fs::write(
             files.agent_kubeconfig(),
-            kubeconfig_text(
-                &format!("https://{CONTROL_PLANE_IP}:{API_PORT}"),
-                &d.join("ca.crt"),
-                token.trim(),
-            ),
+            kubeconfig_text(&api_url(families), &d.join("ca.crt"), token.trim()),
         )?;
         for i in 0..self.state.nodes.len() {
             self.start_kube_proxy(i, proxy_mode, &bins)?;
@@ -668,7 +708,10 @@ impl Lab {
                     .arg(&sa)
                     .arg(peer_bins.path(super::knp::BINARY))
                     .args(super::knp::args(&node.name))
-                    .env("KUBERNETES_SERVICE_HOST", CONTROL_PLANE_IP.to_string())
+                    .env(
+                        "KUBERNETES_SERVICE_HOST",
+                        control_plane_addr(families.primary()).to_string(),
+                    )
                     .env("KUBERNETES_SERVICE_PORT", API_PORT.to_string());
                 self.add_component(
                     &format!("kube-network-policies-{}", node.name),
@@ -725,13 +768,17 @@ impl Lab {
     /// register them.
     fn register_nodes(&self) -> Result<()> {
         for node in &self.state.nodes {
-            let cidr = topo::cidr(topo::node_pod_cidr(node.number));
+            let cidrs: Vec<String> = node
+                .ips
+                .iter()
+                .map(|ip| topo::node_pods(node.number, Family::of(*ip)).to_string())
+                .collect();
             let obj = json!({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": node.name, "labels": {
                     "kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": "amd64"}},
-                "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+                "spec": {"podCIDR": cidrs[0], "podCIDRs": cidrs},
             });
             self.kubectl(&["apply", "-f", "-"], Some(&obj.to_string()))
                 .with_context(|| format!("registering Node {}", node.name))?;
@@ -740,9 +787,14 @@ impl Lab {
                 continue;
             }
             let now = now_rfc3339();
+            let mut addresses: Vec<Value> = node
+                .ips
+                .iter()
+                .map(|ip| json!({"type": "InternalIP", "address": ip.to_string()}))
+                .collect();
+            addresses.push(json!({"type": "Hostname", "address": node.name}));
             let status = json!({"status": {
-                "addresses": [{"type": "InternalIP", "address": node.ip.to_string()},
-                              {"type": "Hostname", "address": node.name}],
+                "addresses": addresses,
                 "capacity": {"cpu": "8", "memory": "16Gi", "pods": "250"},
                 "allocatable": {"cpu": "8", "memory": "16Gi", "pods": "250"},
                 "conditions": [{"type": "Ready", "status": "True", "reason": "LabKubelet",
@@ -786,7 +838,7 @@ impl Lab {
             "clientConnection": {"kubeconfig": files.node_admin_kubeconfig()},
             "hostnameOverride": node.name,
             "mode": mode.as_str(),
-            "clusterCIDR": topo::cidr(topo::POD_CIDR),
+            "clusterCIDR": ranges(self.state.ip_family, topo::pod_cidr),
             "healthzBindAddress": "127.0.0.1:10256",
             "metricsBindAddress": "127.0.0.1:10249",
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
@@ -988,6 +1040,24 @@ impl Lab {
         if docs.is_empty() {
             bail!("no objects found");
         }
+        // A dual-stack lab's Services are dual-stack unless they say otherwise, as in the
+        // manifest mode (the API server's own default is SingleStack).
+        let dual = self.state.ip_family.families().len() > 1;
+        let docs: Vec<(String, Value)> = docs
+            .iter()
+            .map(|(source, v)| {
+                let mut v = v.clone();
+                if dual
+                    && v["kind"] == "Service"
+                    && v["spec"].is_object()
+                    && v["spec"].get("ipFamilyPolicy").is_none()
+                {
+                    v["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+                }
+                (source.clone(), v)
+            })
+            .collect();
+        let docs = &docs[..];
         let refs: Vec<ObjRef> = docs
             .iter()
             .map(|(source, v)| {
@@ -1378,11 +1448,26 @@ impl Lab {
     }
 
     pub(super) fn cni_config(&self, node: &cluster::NodeState) -> Value {
+        // One range set per family: host-local hands out an address of each.
+        let families = self.state.ip_family.families();
+        let ranges: Vec<Value> = families
+            .iter()
+            .map(|f| json!([{"subnet": topo::node_pods(node.number, *f).to_string()}]))
+            .collect();
+        let routes: Vec<Value> = families
+            .iter()
+            .map(|f| {
+                json!({"dst": match f {
+                    Family::V4 => "0.0.0.0/0",
+                    Family::V6 => "::/0",
+                }})
+            })
+            .collect();
         let ipam = json!({
             "type": "host-local",
             "dataDir": Files::of(self).cni_state(&node.name),
-            "ranges": [[{"subnet": topo::cidr(topo::node_pod_cidr(node.number))}]],
-            "routes": [{"dst": "0.0.0.0/0"}],
+            "ranges": ranges,
+            "routes": routes,
         });
         if self.kube().cni == CniShape::Bridge {
             // isDefaultGateway installs the pod's default route itself.
@@ -1407,12 +1492,7 @@ impl Lab {
             "type": "ptp",
             "ipMasq": false,
             "mtu": 1500,
-            "ipam": {
-                "type": "host-local",
-                "dataDir": Files::of(self).cni_state(&node.name),
-                "ranges": [[{"subnet": topo::cidr(topo::node_pod_cidr(node.number))}]],
-                "routes": [{"dst": "0.0.0.0/0"}],
-            },
+            "ipam": ipam,
         })
     }
 
@@ -1608,9 +1688,9 @@ impl Lab {
                 .collect()
         });
         for p in &ready {
-            let host = topo::node_ip(p.node).to_string();
+            let status = pod_status(&p.ips, &self.host_ips(p.node));
             let st = self.state.pods.get_mut(&pod_key(&p.pod)).expect("inserted");
-            st.pod.status = Some(serde_json::from_value(pod_status(p.ip, &host))?);
+            st.pod.status = Some(serde_json::from_value(status)?);
         }
         results.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(())
@@ -1625,8 +1705,7 @@ impl Lab {
             .expect("lab node")
             .clone();
         net::add_netns(&p.netns)?;
-        let _ = net::sysctl(&p.netns, "net/ipv6/conf/all/disable_ipv6", "1");
-        let _ = net::sysctl(&p.netns, "net/ipv6/conf/default/disable_ipv6", "1");
+        cluster::set_families(&p.netns, self.state.ip_family, false)?;
         let lo = json!({"cniVersion": "0.4.0", "name": "lo", "type": "loopback"});
         self.cni(&node, "ADD", &lo, &p, "lo")?;
         let result = self.cni(&node, "ADD", &self.cni_config(&node), &p, "eth0")?;
@@ -1635,16 +1714,29 @@ impl Lab {
         if let Some(chained) = self.cni_chained(&node, Some(&result)) {
             self.cni(&node, "ADD", &chained, &p, "eth0")?;
         }
-        let addr = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse::<Ipv4Addr>().ok())
-            .ok_or_else(|| {
-                anyhow!(
-                    "CNI ptp returned no IPv4 address for pod {}: {result}",
-                    pod_key(&p.pod)
-                )
-            })?;
+        // host-local hands out an address per range set, in the order of the lab's families.
+        let ips: Vec<std::net::IpAddr> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        let families = self.state.ip_family.families();
+        let mut addrs = Vec::new();
+        for f in families {
+            let ip = ips
+                .iter()
+                .copied()
+                .find(|ip| Family::of(*ip) == *f)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "CNI {:?} returned no {f} address for pod {}: {result}",
+                        self.kube().cni,
+                        pod_key(&p.pod)
+                    )
+                })?;
+            addrs.push(ip);
+        }
         let host_if = result["interfaces"]
             .as_array()
             .into_iter()
@@ -1657,15 +1749,24 @@ impl Lab {
                     pod_key(&p.pod)
                 )
             })?;
-        p.ip = addr.into();
-        p.ips = vec![p.ip];
+        p.ip = addrs[0];
+        p.ips = addrs;
         p.veth = host_if.to_string();
         Ok(p)
     }
 
+    /// The node's addresses, as a kubelet reports them in `hostIPs`.
+    fn host_ips(&self, node: u32) -> Vec<std::net::IpAddr> {
+        self.state
+            .ip_family
+            .families()
+            .iter()
+            .map(|f| topo::node_addr(node, *f))
+            .collect()
+    }
+
     fn write_pod_status(&self, p: &PodState) -> Result<()> {
-        let host = topo::node_ip(p.node).to_string();
-        let patch = json!({"status": pod_status(p.ip, &host)});
+        let patch = json!({"status": pod_status(&p.ips, &self.host_ips(p.node))});
         self.kubectl(
             &[
                 "patch",
@@ -1851,7 +1952,7 @@ impl Lab {
     fn slices_settled(
         &self,
         snap: &Snapshot,
-    ) -> std::result::Result<BTreeSet<(String, Ipv4Addr, u16)>, String> {
+    ) -> std::result::Result<BTreeSet<(String, std::net::IpAddr, u16)>, String> {
         let views = self.pod_views();
         let selected: BTreeMap<&String, &Service> = self
             .state
@@ -1864,13 +1965,9 @@ impl Lab {
                     .is_some_and(|m| !m.is_empty())
             })
             .collect();
-        let mut want: BTreeSet<(String, String, String, Ipv4Addr, u16)> = BTreeSet::new();
+        let mut want: BTreeSet<(String, String, String, std::net::IpAddr, u16)> = BTreeSet::new();
         for sp in services::service_ports(selected.iter().map(|(k, s)| (*k, *s)), &views) {
             for (_, ip, tp) in &sp.endpoints {
-                // The real-API mode is IPv4 only.
-                let std::net::IpAddr::V4(ip) = ip else {
-                    continue;
-                };
                 want.insert((
                     sp.service.clone(),
                     sp.port_name.clone(),
@@ -1894,7 +1991,10 @@ impl Lab {
                     continue;
                 }
                 for addr in ep["addresses"].as_array().into_iter().flatten() {
-                    let Some(ip) = addr.as_str().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
+                    let Some(ip) = addr
+                        .as_str()
+                        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                    else {
                         continue;
                     };
                     for port in slice["ports"].as_array().into_iter().flatten() {
@@ -1926,38 +2026,32 @@ impl Lab {
         Ok(all)
     }
 
-    /// Every node's kube-proxy DNATs to exactly these endpoints.
-    fn proxies_programmed(&self, endpoints: &BTreeSet<(String, Ipv4Addr, u16)>) -> Result<()> {
+    /// Every node's kube-proxy DNATs to exactly these endpoints (its proxier of each family).
+    fn proxies_programmed(
+        &self,
+        endpoints: &BTreeSet<(String, std::net::IpAddr, u16)>,
+    ) -> Result<()> {
         let mode = self.kube().proxy_mode;
         for node in &self.state.nodes {
-            let text = match mode {
-                ProxyMode::Iptables => net::output(
-                    Command::new("ip").args([
-                        "netns",
-                        "exec",
-                        &node.netns,
-                        "iptables-save",
-                        "-t",
-                        "nat",
-                    ]),
-                    None,
-                )?,
-                ProxyMode::Nftables => net::output(
-                    Command::new("ip").args([
-                        "netns",
-                        "exec",
-                        &node.netns,
-                        "nft",
-                        "list",
-                        "table",
-                        "ip",
-                        "kube-proxy",
-                    ]),
-                    None,
-                )
-                .unwrap_or_default(),
-            };
-            let have = dnat_targets(&text);
+            let mut have = BTreeSet::new();
+            for &f in self.state.ip_family.families() {
+                let (save, table) = match f {
+                    Family::V4 => ("iptables-save", "ip"),
+                    Family::V6 => ("ip6tables-save", "ip6"),
+                };
+                let args: Vec<&str> = match mode {
+                    ProxyMode::Iptables => vec![save, "-t", "nat"],
+                    ProxyMode::Nftables => vec!["nft", "list", "table", table, "kube-proxy"],
+                };
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &node.netns]).args(&args);
+                let text = match mode {
+                    ProxyMode::Iptables => net::output(&mut cmd, None)?,
+                    // The table appears with kube-proxy's first sync.
+                    ProxyMode::Nftables => net::output(&mut cmd, None).unwrap_or_default(),
+                };
+                have.extend(dnat_targets(&text));
+            }
             if &have != endpoints {
                 bail!(
                     "{} has {} of {} endpoints programmed",
@@ -1984,8 +2078,9 @@ fn nft_queue_supported(netns: &str) -> Result<()> {
 }
 
 /// (protocol, address, port) of every DNAT rule of kube-proxy's ruleset: iptables-save's
-/// `-p tcp … -j DNAT --to-destination IP:PORT`, nftables' `meta l4proto tcp dnat to IP:PORT`.
-pub fn dnat_targets(ruleset: &str) -> BTreeSet<(String, Ipv4Addr, u16)> {
+/// `-p tcp … -j DNAT --to-destination IP:PORT`, nftables' `meta l4proto tcp dnat to IP:PORT`
+/// (IPv6: `[IP]:PORT`).
+pub fn dnat_targets(ruleset: &str) -> BTreeSet<(String, std::net::IpAddr, u16)> {
     let mut out = BTreeSet::new();
     for line in ruleset.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -1998,10 +2093,9 @@ pub fn dnat_targets(ruleset: &str) -> BTreeSet<(String, Ipv4Addr, u16)> {
             .find(|w| w[0] == "-p" || w[0] == "l4proto")
             .map(|w| w[1].to_uppercase());
         if let (Some(t), Some(p)) = (target, proto)
-            && let Some((ip, port)) = t.split_once(':')
-            && let (Ok(ip), Ok(port)) = (ip.parse(), port.parse())
+            && let Ok(to) = t.parse::<SocketAddr>()
         {
-            out.insert((p, ip, port));
+            out.insert((p, to.ip(), to.port()));
         }
     }
     out
@@ -2032,15 +2126,18 @@ fn key_of(o: &Value) -> String {
     )
 }
 
-fn pod_status(ip: std::net::IpAddr, host: &str) -> Value {
+fn pod_status(ips: &[std::net::IpAddr], hosts: &[std::net::IpAddr]) -> Value {
     let now = now_rfc3339();
     let cond = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
+    let list = |a: &[std::net::IpAddr]| -> Vec<Value> {
+        a.iter().map(|ip| json!({"ip": ip.to_string()})).collect()
+    };
     json!({
         "phase": "Running",
-        "podIP": ip.to_string(),
-        "podIPs": [{"ip": ip.to_string()}],
-        "hostIP": host,
-        "hostIPs": [{"ip": host}],
+        "podIP": ips.first().map(ToString::to_string),
+        "podIPs": list(ips),
+        "hostIP": hosts.first().map(ToString::to_string),
+        "hostIPs": list(hosts),
         "startTime": now,
         "conditions": [cond("PodReadyToStartContainers"), cond("Initialized"), cond("Ready"),
                        cond("ContainersReady"), cond("PodScheduled")],
@@ -2122,9 +2219,9 @@ mod tests {
                    \t\tip saddr 10.244.1.2 jump mark-for-masquerade\n\
                    \t\tmeta l4proto tcp dnat to 10.244.1.2:80\n\t}\n\
                    \t\tmeta l4proto sctp dnat to 10.244.2.3:9000\n";
-        let want = |v: &[(&str, [u8; 4], u16)]| -> BTreeSet<(String, Ipv4Addr, u16)> {
+        let want = |v: &[(&str, [u8; 4], u16)]| -> BTreeSet<(String, std::net::IpAddr, u16)> {
             v.iter()
-                .map(|(p, a, port)| (p.to_string(), Ipv4Addr::from(*a), *port))
+                .map(|(p, a, port)| (p.to_string(), Ipv4Addr::from(*a).into(), *port))
                 .collect()
         };
         assert_eq!(
@@ -2137,6 +2234,17 @@ mod tests {
                 ("TCP", [10, 244, 1, 2], 80),
                 ("SCTP", [10, 244, 2, 3], 9000)
             ])
+        );
+        // IPv6 proxiers write the address in brackets.
+        let v6 = "-A KUBE-SEP-GHI -p tcp -m tcp -j DNAT --to-destination [fd00:10:244:1::2]:80\n\
+                  \t\tmeta l4proto udp dnat to [fd00:10:244:2::3]:53\n";
+        assert_eq!(
+            dnat_targets(v6),
+            [
+                ("TCP".to_string(), "fd00:10:244:1::2".parse().unwrap(), 80),
+                ("UDP".to_string(), "fd00:10:244:2::3".parse().unwrap(), 53)
+            ]
+            .into()
         );
     }
 

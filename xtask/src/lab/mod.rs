@@ -233,10 +233,9 @@ pub fn main(args: LabArgs) -> Result<()> {
             );
             if let Some(k) = &lab.state.kube {
                 println!(
-                    "control plane: kube-apiserver {} at https://{}:{} (etcd, kube-controller-manager, kube-proxy in {} mode)",
+                    "control plane: kube-apiserver {} at {} (etcd, kube-controller-manager, kube-proxy in {} mode)",
                     k.server_version,
-                    kube::CONTROL_PLANE_IP,
-                    kube::API_PORT,
+                    kube::api_url(lab.state.ip_family),
                     k.proxy_mode.as_str()
                 );
                 if k.kubelet {

@@ -158,6 +158,13 @@ impl Cidr {
     pub fn nth(self, offset: u128) -> IpAddr {
         from_bits(self.family(), to_bits(self.addr) + offset)
     }
+
+    /// How far `ip` is into the range (None outside it).
+    pub fn offset_of(self, ip: IpAddr) -> Option<u128> {
+        self.contains(ip)
+            .then(|| to_bits(ip) - to_bits(network_of(self.addr, self.len).addr))
+    }
+
     /// The number of addresses in the range (saturating for IPv6 ranges beyond 2^127).
     pub fn size(self) -> u128 {
         let host = self.family().bits() - self.len;
@@ -216,7 +223,6 @@ pub const POD_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
 /// The node network (kind's docker network is 172.18.0.0/16; the lab uses a /24 of it).
 pub const NODE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 24);
-pub const NODE_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 1);
 /// The off-cluster host `ext` (TEST-NET-3, never a pod, node or service address).
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const EXT_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -407,17 +413,9 @@ pub fn node_number(name: &str) -> Option<u32> {
     numbered(name, "node-")
 }
 
-pub fn node_ip(n: u32) -> Ipv4Addr {
-    Ipv4Addr::new(172, 18, 0, 1 + n as u8)
-}
-
 /// Node N's pod range 10.244.N.0/24.
 pub fn node_pod_cidr(n: u32) -> (Ipv4Addr, u8) {
     (Ipv4Addr::new(10, 244, n as u8, 0), 24)
-}
-
-pub fn cidr(c: (Ipv4Addr, u8)) -> String {
-    format!("{}/{}", c.0, c.1)
 }
 
 /// A locally administered MAC derived from a pod id (host side of its veth).
@@ -460,8 +458,6 @@ mod tests {
 
     #[test]
     fn addressing() {
-        assert_eq!(node_ip(1), Ipv4Addr::new(172, 18, 0, 2));
-        assert_eq!(cidr(node_pod_cidr(2)), "10.244.2.0/24");
         assert!(pod_cidr(Family::V4).contains(Ipv4Addr::new(10, 244, 7, 9).into()));
         assert!(!pod_cidr(Family::V4).contains(EXT_IP.into()));
         assert!(!service_cidr(Family::V4).contains(EXT_IP.into()));
@@ -492,6 +488,13 @@ mod tests {
             "fd00:10:96::64"
         );
         assert_eq!(service_cidr(Family::V6).size(), 65536);
+        let kube_dns: IpAddr = "10.96.0.10".parse().unwrap();
+        assert_eq!(service_cidr(Family::V4).offset_of(kube_dns), Some(10));
+        assert_eq!(service_cidr(Family::V6).offset_of(kube_dns), None);
+        assert_eq!(
+            service_cidr(Family::V6).nth(10).to_string(),
+            "fd00:10:96::a"
+        );
         assert_eq!(
             network_of("fd00:10:244:1::7".parse().unwrap(), 4).to_string(),
             "f000::/4"
