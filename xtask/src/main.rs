@@ -97,9 +97,11 @@ fn main() -> Result<()> {
                 args.extend(["--ip-family", family]);
                 cargo(&args)?;
             }
-            for proxy in ["iptables", "nftables"] {
+            // The real control plane: kube-proxy in iptables mode on IPv4, in nftables mode on a
+            // dual-stack lab (each matrix in both families, through both of its proxiers).
+            for (proxy, family) in [("iptables", "ipv4"), ("nftables", "dual")] {
                 let mut args = suite.to_vec();
-                args.extend(["--api", "kube", "--kube-proxy", proxy]);
+                args.extend(["--api", "kube", "--kube-proxy", proxy, "--ip-family", family]);
                 cargo(&args)?;
             }
             // The upstream NetworkPolicy suite against the DaemonSet on real kubelets.

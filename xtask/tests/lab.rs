@@ -774,27 +774,28 @@ fn advice_from_recorded_flows_allows_exactly_the_observed_flows() {
     }
 }
 
-const DUAL_PODS: &str = "
-apiVersion: v1
+/// Pods a and c on node-1, b on node-2, each serving http (TCP 80) and UDP 81, and a Service
+/// for b.
+fn dual_pods() -> String {
+    let pod = |name: &str, node: u32| {
+        format!(
+            "apiVersion: v1
 kind: Pod
-metadata: {name: a, namespace: d, labels: {app: a}}
-spec: {nodeName: node-1, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}, {containerPort: 81, protocol: UDP}]}]}
+metadata: {{name: {name}, namespace: d, labels: {{app: {name}}}}}
+spec: {{nodeName: node-{node}, containers: [{{name: c, image: agnhost, ports: [{{containerPort: 80, name: http}}, {{containerPort: 81, protocol: UDP}}]}}]}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: b, namespace: d, labels: {app: b}}
-spec: {nodeName: node-2, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}, {containerPort: 81, protocol: UDP}]}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: c, namespace: d, labels: {app: c}}
-spec: {nodeName: node-1, containers: [{name: c, image: agnhost, ports: [{containerPort: 80, name: http}, {containerPort: 81, protocol: UDP}]}]}
----
-apiVersion: v1
+"
+        )
+    };
+    pod("a", 1)
+        + &pod("b", 2)
+        + &pod("c", 1)
+        + "apiVersion: v1
 kind: Service
 metadata: {name: b, namespace: d}
 spec: {selector: {app: b}, ports: [{name: http, port: 8080, targetPort: http}, {name: udp, port: 81, protocol: UDP}]}
-";
+"
+}
 
 /// A policy on d/b: ingress from `from` (peers, as YAML flow), on `ports` (YAML flow), and no
 /// egress at all (replies still flow: they belong to allowed connections).
@@ -840,7 +841,7 @@ fn dual_stack_enforces_each_family_with_one_identity() {
     lab.ok(&["up", "--nodes", "2", "--ip-family", "dual"]);
     let dir = tempfile_dir("dual");
     let pods = dir.join("pods.yaml");
-    std::fs::write(&pods, DUAL_PODS).unwrap();
+    std::fs::write(&pods, dual_pods()).unwrap();
     lab.ok(&["apply", "-f", pods.to_str().unwrap()]);
 
     let got = lab.json(&["get", "pods", "-o", "json"]);
