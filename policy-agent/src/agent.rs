@@ -596,6 +596,9 @@ impl Loop {
             let kernel_ep = view.endpoints.get(&programmed.ifindex);
             let ids = view.identities(peer_ip);
             let kernel = match kernel_ep {
+                Some(ep) if flow.has_v4_mapped_address() => {
+                    live::decision(live::judge_v4_mapped(ep, direction), 0, &rules)
+                }
                 Some(_) if src_ip == dst_ip => live::self_traffic(),
                 Some(ep) => {
                     let (reason, rule) = view.judge(ep, direction, ids, protocol.number(), q.port);

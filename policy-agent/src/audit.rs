@@ -148,7 +148,7 @@ pub fn judge(
     }
     let verdict = full.evaluate_direction(flow, direction);
     match (enforced_allowed, verdict.outcome) {
-        (true, Outcome::Denied) => {
+        (true, Outcome::Denied | Outcome::DeniedV4Mapped) => {
             let policies: Vec<ObjectKey> = verdict
                 .isolating
                 .into_iter()

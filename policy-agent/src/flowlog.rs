@@ -462,6 +462,26 @@ mod tests {
         let f = describe(&ev, &ctx);
         assert_eq!(f.src, ip("::ffff:10.244.2.7"));
         assert_eq!(f.peer, "::ffff:10.244.2.7");
+        // The kernel's drop of such a packet at an isolated endpoint: nothing after the fixed
+        // header was parsed, and it is no policy decision for audit to judge.
+        let mapped = VerdictEvent {
+            reason: Reason::DroppedV4Mapped as u32,
+            protocol: 0,
+            sport: 0,
+            dport: 0,
+            ..ev
+        };
+        let f = describe(&mapped, &ctx);
+        assert_eq!(
+            (f.verdict.as_str(), f.reason.as_str()),
+            ("dropped", "dropped_v4_mapped")
+        );
+        assert_eq!(
+            (f.peer.as_str(), f.endpoint.as_str()),
+            ("::ffff:10.244.2.7", "x/web")
+        );
+        let state = AuditState::new(&Cluster::default(), Default::default());
+        assert!(event_flow(&mapped, &ctx, &state).is_none());
         // The same bytes in an IPv4 event are the IPv4 address.
         ev.family = 4;
         ev.dst = octets("::ffff:10.244.1.5");

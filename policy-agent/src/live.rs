@@ -8,8 +8,10 @@
 //! not isolated allows), the peer's identities from IPCACHE (the longest prefix; a miss is the
 //! world), the node's own addresses (identity HOST) allowed, then the POLICY groups of the
 //! peer's identity, its CIDR identity and `ANY`, in that order, the first range containing the
-//! port deciding. Conntrack is not consulted: this is the verdict of a *new* flow. A flow to a
-//! Service ClusterIP is not explained here (the kernel decides it after DNAT, at the backend).
+//! port deciding. An IPv6 flow with an IPv4-mapped address is judged by isolation alone
+//! ([`judge_v4_mapped`]), as the programs judge it at parse time. Conntrack is not consulted:
+//! this is the verdict of a *new* flow. A flow to a Service ClusterIP is not explained here (the
+//! kernel decides it after DNAT, at the backend).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -202,6 +204,21 @@ impl KernelView {
     }
 }
 
+/// The kernel's decision at endpoint `ep` for an IPv6 packet with an IPv4-mapped address at
+/// either end (`policy-ebpf` `parse.rs`, `decide.rs` `parse_at_endpoint`): judged by isolation
+/// alone, before any lookup, and not recorded where it passes.
+pub fn judge_v4_mapped(ep: &EndpointInfo, direction: Direction) -> Reason {
+    let bit = match direction {
+        Direction::Ingress => endpoint_flags::INGRESS_ISOLATED,
+        Direction::Egress => endpoint_flags::EGRESS_ISOLATED,
+    };
+    if ep.flags & bit != 0 {
+        Reason::DroppedV4Mapped
+    } else {
+        Reason::AllowedNotPoliced
+    }
+}
+
 /// The names of an endpoint's flags.
 pub fn flag_names(flags: u32) -> Vec<String> {
     [
@@ -289,6 +306,7 @@ pub fn evaluator_decision(v: &DirectionVerdict) -> Decision {
         Outcome::NotIsolated => "allowed_not_isolated",
         Outcome::AllowedByPolicy => "allowed_by_policy",
         Outcome::Denied => "dropped_policy",
+        Outcome::DeniedV4Mapped => Reason::DroppedV4Mapped.as_str(),
     };
     let first = v.allowing.first();
     Decision {
@@ -407,5 +425,35 @@ mod tests {
             Reason::DroppedEndpointNotProgrammed
         );
         assert_eq!(flag_names(broken.flags), ["not-programmed"]);
+    }
+
+    #[test]
+    fn v4_mapped_flows_are_judged_by_isolation_alone_on_both_sides() {
+        let ep = EndpointInfo {
+            id: 7,
+            flags: endpoint_flags::INGRESS_ISOLATED,
+            ..Default::default()
+        };
+        assert_eq!(
+            judge_v4_mapped(&ep, Direction::Ingress),
+            Reason::DroppedV4Mapped
+        );
+        assert_eq!(
+            judge_v4_mapped(&ep, Direction::Egress),
+            Reason::AllowedNotPoliced
+        );
+        let kernel = decision(
+            judge_v4_mapped(&ep, Direction::Ingress),
+            0,
+            &BTreeMap::new(),
+        );
+        let evaluator = evaluator_decision(&DirectionVerdict {
+            outcome: Outcome::DeniedV4Mapped,
+            isolating: Vec::new(),
+            allowing: Vec::new(),
+        });
+        assert_eq!(kernel, evaluator);
+        assert_eq!(kernel.reason, "dropped_v4_mapped");
+        assert!(!kernel.allowed);
     }
 }

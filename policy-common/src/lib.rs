@@ -144,6 +144,17 @@ pub const fn addr_from_octets(b: [u8; 16]) -> Addr {
     ]
 }
 
+/// The third word of an IPv4-mapped [`Addr`]: bytes `00 00 ff ff`.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Whether an [`Addr`] is IPv4-mapped (`::ffff:0:0/96`): how the programs store an IPv4
+/// address, and so, in an IPv6 header, an address that must not be looked up as one
+/// ([`Reason::DroppedV4Mapped`]).
+#[inline(always)]
+pub const fn addr_is_v4_mapped(a: &Addr) -> bool {
+    a[0] == 0 && a[1] == 0 && a[2] == V4_MAPPED_WORD
+}
+
 /// The 16 network-order bytes of an [`Addr`].
 pub const fn addr_octets(a: Addr) -> [u8; 16] {
     let (w0, w1, w2, w3) = (
@@ -513,11 +524,17 @@ pub enum Reason {
     /// Neither IPv4, IPv6 nor ARP (a VLAN tag, MPLS, PPPoE, any other ethertype) in a direction
     /// the endpoint is isolated in: no NetworkPolicy rule can allow it.
     DroppedNotIp = 23,
+    /// An IPv6 packet whose source or destination is IPv4-mapped (`::ffff:0:0/96`), in a
+    /// direction the endpoint is isolated in. Such an address names no IPv6 host (RFC 4291
+    /// 2.5.5.2; Linux drops received IPv6 packets from one) and is how the programs store IPv4
+    /// addresses, so it is never looked up: no IPv4 rule, identity or flow applies to an IPv6
+    /// packet, and no IPv6 rule can name it.
+    DroppedV4Mapped = 24,
 }
 
 impl Reason {
     pub const COUNT: u32 = 32;
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::AllowedByPolicy,
         Reason::AllowedEstablished,
         Reason::AllowedNotIsolated,
@@ -535,6 +552,7 @@ impl Reason {
         Reason::DroppedInternal,
         Reason::DroppedRevoked,
         Reason::DroppedNotIp,
+        Reason::DroppedV4Mapped,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -561,11 +579,42 @@ impl Reason {
             Reason::DroppedInternal => "dropped_internal",
             Reason::DroppedRevoked => "dropped_revoked",
             Reason::DroppedNotIp => "dropped_not_ip",
+            Reason::DroppedV4Mapped => "dropped_v4_mapped",
         }
     }
 
     pub fn from_u32(v: u32) -> Option<Reason> {
         Reason::ALL.iter().copied().find(|r| *r as u32 == v)
+    }
+}
+
+#[cfg(test)]
+mod addr_tests {
+    use super::{addr_from_octets, addr_is_v4_mapped, addr_octets};
+    use std::net::Ipv6Addr;
+
+    #[test]
+    fn v4_mapped_is_exactly_the_ffff_0_0_96_range() {
+        for (text, mapped) in [
+            ("::ffff:10.244.1.5", true),
+            ("::ffff:0.0.0.0", true),
+            ("::ffff:255.255.255.255", true),
+            // IPv4-compatible (deprecated), NAT64 and other neighbours of the range are IPv6.
+            ("::10.244.1.5", false),
+            ("64:ff9b::10.244.1.5", false),
+            ("::fffe:10.244.1.5", false),
+            ("::1:ffff:10.244.1.5", false),
+            ("ffff::a0f4:105", false),
+            ("::", false),
+            ("::1", false),
+            ("fd00:10:244:1::5", false),
+        ] {
+            let ip: Ipv6Addr = text.parse().unwrap();
+            let addr = addr_from_octets(ip.octets());
+            assert_eq!(addr_is_v4_mapped(&addr), mapped, "{text}");
+            assert_eq!(ip.to_ipv4_mapped().is_some(), mapped, "{text}");
+            assert_eq!(addr_octets(addr), ip.octets());
+        }
     }
 }
 
@@ -594,6 +643,14 @@ mod reason_tests {
         assert!(Reason::DroppedNotIp.is_drop());
         assert_eq!(Reason::DroppedNotIp.as_str(), "dropped_not_ip");
         assert!(!Reason::AllowedNotPoliced.is_drop());
+    }
+
+    #[test]
+    fn v4_mapped_ipv6_packets_have_a_drop_reason_of_their_own() {
+        assert_eq!(Reason::DroppedV4Mapped as u32, 24);
+        assert!(Reason::DroppedV4Mapped.is_drop());
+        assert_eq!(Reason::DroppedV4Mapped.as_str(), "dropped_v4_mapped");
+        assert_eq!(Reason::from_u32(24), Some(Reason::DroppedV4Mapped));
     }
 }
 

@@ -26,6 +26,11 @@
 //! - Frames that are neither IP nor ARP (VLAN-tagged, MPLS, PPPoE, …) drop in a direction the
 //!   endpoint is isolated in ([`Reason::DroppedNotIp`]: no rule can allow them) and pass
 //!   unpoliced in one it is not. ICMP, ICMPv6 and ARP pass whatever the isolation.
+//! - IPv6 packets with an IPv4-mapped source or destination (`::ffff:a.b.c.d`, the form IPv4
+//!   addresses take in the maps), whatever their protocol (ICMPv6 too), are judged the same way,
+//!   with [`Reason::DroppedV4Mapped`]: never looked up, they cannot take the identity, ipBlocks
+//!   or conntrack entries of the IPv4 address they spell, and where they pass they are not
+//!   recorded in conntrack (an entry would be the IPv4 flow's).
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use policy_common::{
@@ -111,36 +116,42 @@ fn hook_endpoint(ctx: &TcContext, direction: Direction) -> Result<EndpointInfo, 
 }
 
 /// Parses the packet and finds the endpoint of the hook's veth. `Err` carries the final verdict.
-/// A frame that is not IP (nor ARP) is judged here by isolation alone: dropped in a direction
-/// the endpoint is isolated in, not policed otherwise (see `parse.rs`).
+/// What no rule can allow (a frame that is not IP nor ARP, an IPv6 packet with an IPv4-mapped
+/// address) is judged here by isolation alone: dropped in a direction the endpoint is isolated
+/// in, not policed otherwise (see `parse.rs`). `source` is the endpoint whose deferred egress
+/// decision the packet carries (0: none); only egress-isolated endpoints defer, so such a packet
+/// drops whatever the hook endpoint's isolation.
 #[inline(always)]
 fn parse_at_endpoint(
     ctx: &TcContext,
     pkt: &mut Packet,
     direction: Direction,
+    source: u32,
 ) -> Result<EndpointInfo, Verdict> {
     let parsed = if parse::vlan_tagged(ctx) {
         Ok(Parsed::NotIp)
     } else {
         parse::parse(ctx, pkt)
     };
-    match parsed {
+    let dropped = match parsed {
         Err(reason) => return Err(Verdict::new(reason, 0, direction)),
         Ok(Parsed::NotPoliced) => {
             return Err(Verdict::new(Reason::AllowedNotPoliced, 0, direction));
         }
-        Ok(Parsed::NotIp) => {
-            let ep = hook_endpoint(ctx, direction)?;
-            let reason = if isolated(&ep, direction) {
-                Reason::DroppedNotIp
-            } else {
-                Reason::AllowedNotPoliced
-            };
-            return Err(Verdict::new(reason, ep.id, direction));
-        }
-        Ok(Parsed::Policed) => {}
+        Ok(Parsed::NotIp) => Reason::DroppedNotIp,
+        Ok(Parsed::V4Mapped) => Reason::DroppedV4Mapped,
+        Ok(Parsed::Policed) => return hook_endpoint(ctx, direction),
+    };
+    if source != 0 {
+        return Err(Verdict::new(dropped, source, Direction::Egress));
     }
-    hook_endpoint(ctx, direction)
+    let ep = hook_endpoint(ctx, direction)?;
+    let reason = if isolated(&ep, direction) {
+        dropped
+    } else {
+        Reason::AllowedNotPoliced
+    };
+    Err(Verdict::new(reason, ep.id, direction))
 }
 
 /// The decision for a new flow of `ep` in `direction` with the remote address `peer`. Also
@@ -279,7 +290,7 @@ fn take_mark(ctx: &TcContext, config: &Config) -> u32 {
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
     let direction = Direction::Egress;
-    let ep = match parse_at_endpoint(ctx, pkt, direction) {
+    let ep = match parse_at_endpoint(ctx, pkt, direction, 0) {
         Ok(ep) => ep,
         Err(v) => return v,
     };
@@ -369,7 +380,7 @@ pub fn to_pod(ctx: &TcContext, pkt: &mut Packet, egress: &mut Option<Verdict>) -
     let direction = Direction::Ingress;
     let config = maps::config();
     let source = take_mark(ctx, &config);
-    let ep = match parse_at_endpoint(ctx, pkt, direction) {
+    let ep = match parse_at_endpoint(ctx, pkt, direction, source) {
         Ok(ep) => ep,
         Err(v) => return v,
     };
@@ -449,6 +460,7 @@ pub fn to_network(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
         }
         // Only egress-isolated endpoints defer (`defer`): the source is isolated.
         Ok(Parsed::NotIp) => return Verdict::new(Reason::DroppedNotIp, source, direction),
+        Ok(Parsed::V4Mapped) => return Verdict::new(Reason::DroppedV4Mapped, source, direction),
         Ok(Parsed::Policed) => {}
     }
     if pkt.frag == FRAG_LATER {

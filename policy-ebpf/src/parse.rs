@@ -16,6 +16,14 @@
 //!   is isolated in, [`Reason::AllowedNotPoliced`] otherwise. Nothing behind such a header is
 //!   parsed, so an isolated pod cannot carry TCP or UDP past its policy inside a tag or a label
 //!   stack; no NetworkPolicy rule can allow them, as none can name them.
+//! - An IPv6 packet whose source or destination is IPv4-mapped (`::ffff:0:0/96`,
+//!   [`Parsed::V4Mapped`]), whatever its protocol, is judged by isolation alone too, with
+//!   [`Reason::DroppedV4Mapped`] as its drop. The programs store IPv4 addresses in that form, so
+//!   looked up it would be an IPv4 packet: the IPv4 pod's identity, IPv4 ipBlocks, IPv4 flows in
+//!   conntrack. It is IPv6, which no IPv4 rule matches, and no IPv6 rule can name it (no IPv6
+//!   host has such an address: RFC 4291 2.5.5.2, and Linux drops received IPv6 packets from
+//!   one). Nothing after the fixed header is parsed. The check belongs to the IPv6 parse: IPv4
+//!   packets never run it.
 //! - IPv6 extension headers are walked up to [`MAX_EXT_HEADERS`] deep (hop-by-hop, routing,
 //!   destination options, fragment, and AH so that TCP cannot hide behind it); a longer chain is
 //!   [`Reason::DroppedMalformed`] rather than a chance to smuggle ports past the policy.
@@ -27,7 +35,7 @@
 //!   BIG TCP super-packets look on the stack.
 
 use aya_ebpf::programs::TcContext;
-use policy_common::{Addr, Reason, proto};
+use policy_common::{Addr, Reason, V4_MAPPED_WORD, addr_is_v4_mapped, proto};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -99,8 +107,12 @@ pub enum Parsed {
     /// ARP, or IP but not TCP/UDP/SCTP: passes unpoliced (see the module documentation).
     NotPoliced,
     /// Neither IPv4, IPv6 nor ARP: dropped where the endpoint is isolated in the direction
-    /// judged, unpoliced elsewhere. `Packet` is left empty.
+    /// judged ([`Reason::DroppedNotIp`]), unpoliced elsewhere. `Packet` is left empty.
     NotIp,
+    /// IPv6 with an IPv4-mapped source or destination: dropped where the endpoint is isolated
+    /// in the direction judged ([`Reason::DroppedV4Mapped`]), unpoliced elsewhere. `Packet`
+    /// holds the family and the addresses only.
+    V4Mapped,
     /// `Packet` is filled in.
     Policed,
 }
@@ -228,6 +240,9 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<Parsed, Reason> {
     pkt.family = 6;
     pkt.src = [word(&h, 8), word(&h, 12), word(&h, 16), word(&h, 20)];
     pkt.dst = [word(&h, 24), word(&h, 28), word(&h, 32), word(&h, 36)];
+    if is_mapped_v4(&pkt.src) || is_mapped_v4(&pkt.dst) {
+        return Ok(Parsed::V4Mapped);
+    }
 
     let mut next = h[6];
     let mut offset = ETH_HLEN + 40;
@@ -311,17 +326,15 @@ const fn word<const N: usize>(h: &[u8; N], at: usize) -> u32 {
     u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]])
 }
 
-/// The third word of an IPv4-mapped address: bytes `00 00 ff ff`.
-pub const MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
 /// `::ffff:a.b.c.d` from the IPv4 address word.
 #[inline(always)]
 pub const fn mapped(v4: u32) -> Addr {
-    [0, 0, MAPPED_WORD, v4]
+    [0, 0, V4_MAPPED_WORD, v4]
 }
 
-/// Whether an address is IPv4-mapped (how IPv4 addresses are stored in 16-byte fields).
+/// Whether an address is IPv4-mapped (how IPv4 addresses are stored in 16-byte fields; in an
+/// IPv6 header, [`Reason::DroppedV4Mapped`]).
 #[inline(always)]
 pub const fn is_mapped_v4(addr: &Addr) -> bool {
-    addr[0] == 0 && addr[1] == 0 && addr[2] == MAPPED_WORD
+    addr_is_v4_mapped(addr)
 }

@@ -457,6 +457,159 @@ fn non_ip_drops_are_reported_as_events() -> Result<()> {
     Ok(())
 }
 
+/// The pod of the IPv4-mapped tests: at 10.244.1.5, admitted as a pod and by ipBlock.
+const MAPPED_PEER: &str = "10.244.1.5";
+/// Its address spelled as IPv6.
+const MAPPED_PEER_V6: &str = "::ffff:10.244.1.5";
+/// The endpoint's own IPv4 address spelled as IPv6.
+const MAPPED_ME_V6: &str = "::ffff:10.0.0.10";
+
+/// The endpoint at `V4.me` and `V6.me` with `flags`, and the pod at [`MAPPED_PEER`] (identity
+/// PEER, with the CIDR identity of an ipBlock 10.244.1.5/32); TCP and UDP on every port admitted
+/// in both directions for `identity`: PEER, CIDR_ID or ANY, as the compiler writes a rule
+/// admitting that pod, that ipBlock or every peer.
+fn mapped_world(tag: &str, flags: u32, identity: u32) -> Result<Fixture> {
+    let mut f = Fixture::new(tag)?;
+    f.endpoint(TEST_IFINDEX, EP, EP_IDENTITY, flags)?;
+    f.ipcache(&host(&V4, V4.me), EP_IDENTITY, identity::ANY)?;
+    f.ipcache(&host(&V6, V6.me), EP_IDENTITY, identity::ANY)?;
+    f.ipcache(&format!("{MAPPED_PEER}/32"), PEER, CIDR_ID)?;
+    for direction in [Direction::Ingress, Direction::Egress] {
+        for protocol in [proto::TCP, proto::UDP] {
+            f.allow_range(EP, direction, identity, protocol, (1, u16::MAX), 500)?;
+        }
+    }
+    Ok(f)
+}
+
+#[test]
+fn v4_mapped_ipv6_packets_drop_where_isolated_though_the_ipv4_address_is_admitted() -> Result<()> {
+    for (name, admitted) in [("pod", PEER), ("ipBlock", CIDR_ID), ("any", identity::ANY)] {
+        let f = mapped_world("v4mapped", BOTH, admitted)?;
+        let run = |program, spec: &PacketSpec, reasons: &[Reason]| {
+            f.expect(program, spec, 0, reasons)
+                .with_context(|| format!("admitted by {name}"))
+        };
+        // The IPv4 SYN from the admitted pod is allowed, and the flow established.
+        let v4 = PacketSpec::tcp(MAPPED_PEER, 40000, V4.me, 8080);
+        run(TO_POD, &v4, &[AllowedByPolicy])?;
+        run(TO_POD, &v4.clone().flags(TCP_ACK), &[AllowedEstablished])?;
+        // The same SYN in IPv6, from the address's IPv4-mapped spelling: not that pod, not in
+        // that ipBlock, and no IPv6 rule can name it.
+        let v6 = PacketSpec::tcp(MAPPED_PEER_V6, 40001, V6.me, 8080);
+        run(TO_POD, &v6, &[DroppedV4Mapped])?;
+        // Both ends spelled as IPv4-mapped: exactly the IPv4 flow's conntrack key, which a
+        // lookup would find (established one way, a reply the other).
+        let both = PacketSpec::tcp(MAPPED_PEER_V6, 40000, MAPPED_ME_V6, 8080);
+        run(TO_POD, &both.clone().flags(TCP_ACK), &[DroppedV4Mapped])?;
+        run(FROM_POD, &both.reply(), &[DroppedV4Mapped])?;
+        // The IPv4 flow itself is untouched by those.
+        run(FROM_POD, &v4.reply(), &[AllowedReply])?;
+        // Egress to the mapped spelling of the admitted pod.
+        let out = PacketSpec::udp(V6.me, 40002, MAPPED_PEER_V6, 53);
+        run(FROM_POD, &out, &[DroppedV4Mapped])?;
+        run(
+            FROM_POD,
+            &PacketSpec::udp(V4.me, 40002, MAPPED_PEER, 53),
+            &[AllowedByPolicy],
+        )?;
+        // Whatever comes after the fixed header: ICMPv6, a later fragment, extension headers.
+        let icmp6 = PacketSpec::new(proto::ICMPV6, MAPPED_PEER_V6, 0, V6.me, 0);
+        run(TO_POD, &icmp6, &[DroppedV4Mapped])?;
+        run(
+            TO_POD,
+            &v6.clone().fragment(8, false, 5),
+            &[DroppedV4Mapped],
+        )?;
+        run(
+            TO_POD,
+            &v6.clone().ipv6_ext(&[EXT_HOPOPTS]),
+            &[DroppedV4Mapped],
+        )?;
+        // An IPv4-compatible spelling (`::a.b.c.d`) is a plain IPv6 address: looked up as one.
+        let compatible = PacketSpec::tcp("::10.244.1.5", 40003, V6.me, 8080);
+        let judged = if admitted == identity::ANY {
+            AllowedByPolicy
+        } else {
+            DroppedPolicy
+        };
+        run(TO_POD, &compatible, &[judged])?;
+    }
+    Ok(())
+}
+
+#[test]
+fn v4_mapped_ipv6_packets_pass_unpoliced_and_unrecorded_where_not_isolated() -> Result<()> {
+    // Ingress not isolated, egress isolated with no rule: an IPv6 packet from the mapped
+    // spelling passes the ingress unpoliced, and records nothing that would let the IPv4
+    // flow's reply out.
+    let f = mapped_world("v4mapped-open", endpoint_flags::EGRESS_ISOLATED, OTHER)?;
+    let both = PacketSpec::tcp(MAPPED_PEER_V6, 40000, MAPPED_ME_V6, 8080);
+    f.expect(TO_POD, &both, 0, &[AllowedNotPoliced])?;
+    f.expect(
+        TO_POD,
+        &PacketSpec::tcp(MAPPED_PEER_V6, 40001, V6.me, 8080),
+        0,
+        &[AllowedNotPoliced],
+    )?;
+    let v4 = PacketSpec::tcp(MAPPED_PEER, 40000, V4.me, 8080);
+    f.expect(FROM_POD, &v4.reply(), 0, &[DroppedPolicy])?;
+    f.expect(FROM_POD, &both.reply(), 0, &[DroppedV4Mapped])?;
+    // The IPv4 SYN, by contrast, is recorded and its reply passes the isolated egress.
+    f.expect(TO_POD, &v4, 0, &[AllowedNotIsolated])?;
+    f.expect(FROM_POD, &v4.reply(), 0, &[AllowedReply])?;
+    // Not isolated at all: every such packet passes, in both hooks.
+    let open = mapped_world("v4mapped-none", 0, OTHER)?;
+    open.expect(TO_POD, &both, 0, &[AllowedNotPoliced])?;
+    open.expect(FROM_POD, &both.reply(), 0, &[AllowedNotPoliced])?;
+    let out = PacketSpec::udp(V6.me, 40002, MAPPED_PEER_V6, 53);
+    open.expect(FROM_POD, &out, 0, &[AllowedNotPoliced])?;
+    Ok(())
+}
+
+#[test]
+fn v4_mapped_ipv6_packets_with_a_deferred_egress_decision_drop() -> Result<()> {
+    // Only egress-isolated endpoints defer: the decision carried in the mark drops such a
+    // packet on the uplink and at a local backend, whatever the backend's own isolation.
+    let f = mapped_world("v4mapped-deferred", 0, PEER)?;
+    let mark = EP << MARK_SHIFT;
+    let out = PacketSpec::tcp(V6.me, 40000, MAPPED_PEER_V6, 80);
+    f.expect(TO_NETWORK, &out, mark, &[DroppedV4Mapped])?;
+    f.expect(TO_POD, &out, mark, &[DroppedV4Mapped])?;
+    // Unmarked on the uplink: not ours to judge.
+    f.expect(TO_NETWORK, &out, 0, &[AllowedNotPoliced])?;
+    Ok(())
+}
+
+#[test]
+fn v4_mapped_drops_are_reported_as_ipv6_events() -> Result<()> {
+    policy_tests::pin_to_cpu(0)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let _guard = runtime.enter();
+    let mut f = mapped_world("v4mapped-events", endpoint_flags::INGRESS_ISOLATED, PEER)?;
+    let mut reader = f.dp.events()?;
+    let inbound = PacketSpec::tcp(MAPPED_PEER_V6, 40000, V6.me, 8080);
+    f.expect(TO_POD, &inbound, 0, &[DroppedV4Mapped])?;
+    // Not isolated: passes, and passing unpoliced is no event.
+    f.expect(FROM_POD, &inbound.reply(), 0, &[AllowedNotPoliced])?;
+    let mut events = Vec::new();
+    reader.try_read(&mut events);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let ev = events[0];
+    assert_eq!(ev.reason, DroppedV4Mapped as u32);
+    assert_eq!(ev.endpoint, EP);
+    assert_eq!(ev.direction, Direction::Ingress as u8);
+    // An IPv6 event with both addresses; nothing after the fixed header was parsed.
+    let octets = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    assert_eq!(ev.family, 6);
+    assert_eq!((ev.src, ev.dst), (octets(MAPPED_PEER_V6), octets(V6.me)));
+    assert_eq!((ev.protocol, ev.sport, ev.dport), (0, 0, 0));
+    assert_eq!(ev.peer_identity, 0);
+    Ok(())
+}
+
 #[test]
 fn missing_or_unprogrammed_endpoint_fails_closed() -> Result<()> {
     let mut f = Fixture::new("noendpoint")?;

@@ -20,6 +20,13 @@
 //! ipBlocks follow Go's `net.ParseCIDR` / `IPNet.Contains` (host bits masked; an IPv4-mapped IPv6
 //! CIDR of length ≥ 96 is an IPv4 CIDR); peer addresses are taken literally (an IPv6 address is
 //! never in an IPv4 block).
+//!
+//! An IPv6 flow with an IPv4-mapped address (`::ffff:a.b.c.d`) at either end is judged by
+//! isolation alone, before rules 2–4: an isolated direction denies it
+//! ([`Outcome::DeniedV4Mapped`]), whatever the rules say, and a direction that is not isolated
+//! allows it. No IPv4 rule matches an IPv6 flow, no IPv6 host has such an address (RFC 4291
+//! 2.5.5.2; Linux drops received IPv6 packets from one), and the dataplane, which stores IPv4
+//! addresses in that form, never looks one up (`policy_common::Reason::DroppedV4Mapped`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -80,11 +87,28 @@ pub enum Outcome {
     NotIsolated,
     AllowedByPolicy,
     Denied,
+    /// An isolated direction of an IPv6 flow with an IPv4-mapped address at either end: no rule
+    /// can allow it (see the module documentation).
+    DeniedV4Mapped,
 }
 
 impl Outcome {
     pub fn allowed(self) -> bool {
-        self != Outcome::Denied
+        !matches!(self, Outcome::Denied | Outcome::DeniedV4Mapped)
+    }
+}
+
+/// Whether an address is an IPv6 address in the IPv4-mapped range `::ffff:0:0/96`.
+pub fn is_v4_mapped(ip: &IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some())
+}
+
+impl Flow {
+    /// Whether either end is at an IPv4-mapped IPv6 address ([`Outcome::DeniedV4Mapped`]).
+    pub fn has_v4_mapped_address(&self) -> bool {
+        [&self.src, &self.dst]
+            .iter()
+            .any(|p| p.ip().is_some_and(|ip| is_v4_mapped(&ip)))
     }
 }
 
@@ -294,6 +318,17 @@ fn judge(
     else {
         return DirectionVerdict::plain(Outcome::NotPolicied);
     };
+    let namespace = subject_key.namespace.as_str();
+    if flow.has_v4_mapped_address() {
+        let mut verdict = DirectionVerdict::plain(Outcome::NotIsolated);
+        verdict.isolating = selecting(ev.cluster, namespace, &subject_pod.labels, direction)
+            .map(|(key, _)| key.clone())
+            .collect();
+        if !verdict.isolating.is_empty() {
+            verdict.outcome = Outcome::DeniedV4Mapped;
+        }
+        return verdict;
+    }
     if let Party::Pod { key, .. } = peer
         && *key == subject_key
     {
@@ -311,7 +346,6 @@ fn judge(
         Direction::Egress => peer.pod(),
     };
     let mut verdict = DirectionVerdict::plain(Outcome::NotIsolated);
-    let namespace = subject_key.namespace.as_str();
     for (key, rules) in selecting(ev.cluster, namespace, &subject_pod.labels, direction) {
         verdict.isolating.push(key.clone());
         let Some(rules) = rules else { continue };
@@ -1110,6 +1144,89 @@ mod tests {
         assert!(!admits(&mapped, "10.245.0.1"));
         assert!(!admits(&mapped, "fd00:10:244:2::7"));
         assert!(!admits(&mapped, "::ffff:10.244.2.7"));
+    }
+
+    #[test]
+    fn v4_mapped_addresses_are_denied_wherever_isolated() {
+        use crate::model::fixtures::policy;
+        let web = ObjectKey::new("x", "web");
+        let client = ObjectKey::new("x", "client");
+        let flow = |src: Peer, dst: Peer| Flow {
+            src,
+            dst,
+            protocol: Protocol::Tcp,
+            port: 80,
+        };
+        let at = |pod: &ObjectKey, ip: &str| Peer::Pod {
+            pod: pod.clone(),
+            ip: ip.parse().unwrap(),
+        };
+        let address = |ip: &str| Peer::Address(ip.parse().unwrap());
+        // The client's IPv4 address, its IPv6 spelling, and the node's.
+        let mut c = web_admitting("10.244.2.7/32");
+        let v4 = flow(at(&client, "10.244.2.7"), at(&web, "10.244.1.5"));
+        assert!(evaluate(&c, &v4).allowed);
+        let mapped = flow(address("::ffff:10.244.2.7"), at(&web, "fd00:10:244:1::5"));
+        assert!(mapped.has_v4_mapped_address());
+        let v = evaluate(&c, &mapped);
+        assert!(!v.allowed);
+        assert_eq!(v.ingress.outcome, Outcome::DeniedV4Mapped);
+        assert_eq!(v.ingress.isolating, std::slice::from_ref(&web));
+        assert!(v.ingress.allowing.is_empty());
+        assert_eq!(v.egress.outcome, Outcome::NotPolicied);
+        assert!(trace(&c, &mapped, Direction::Ingress).is_empty());
+        let node = flow(address("::ffff:172.18.0.2"), at(&web, "fd00:10:244:1::5"));
+        assert_eq!(evaluate(&c, &node).ingress.outcome, Outcome::DeniedV4Mapped);
+        // Whatever the rules admit: every peer, every IPv4 or IPv6 address.
+        for rules in [
+            serde_json::json!([{}]),
+            serde_json::json!([{"from": [{"podSelector": {}}]}]),
+            serde_json::json!([{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]),
+            serde_json::json!([{"from": [{"ipBlock": {"cidr": "::/0"}}]}]),
+            serde_json::json!([{"from": [{"ipBlock": {"cidr": "::ffff:0.0.0.0/96"}}]}]),
+        ] {
+            let spec = serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": rules,
+            });
+            c.policies.insert(web.clone(), policy("x", "web", spec));
+            let v = evaluate(&c, &mapped);
+            assert_eq!(v.ingress.outcome, Outcome::DeniedV4Mapped, "{rules}");
+            assert!(!v.allowed, "{rules}");
+            // The mapped destination of an isolated egress: denied too.
+            let spec = serde_json::json!({
+                "podSelector": {},
+                "policyTypes": ["Egress"],
+                "egress": rules,
+            });
+            let mut e = c.clone();
+            e.policies
+                .insert(ObjectKey::new("x", "egress"), policy("x", "egress", spec));
+            let out = flow(
+                at(&client, "fd00:10:244:2::7"),
+                address("::ffff:10.244.1.5"),
+            );
+            let v = evaluate(&e, &out);
+            assert_eq!(v.egress.outcome, Outcome::DeniedV4Mapped, "{rules}");
+            assert_eq!(
+                v.egress.isolating,
+                [ObjectKey::new("x", "egress")],
+                "{rules}"
+            );
+        }
+        // Not isolated: allowed, as any flow there.
+        let out = flow(
+            at(&client, "fd00:10:244:2::7"),
+            address("::ffff:10.244.1.5"),
+        );
+        let v = evaluate(&c, &out);
+        assert_eq!(v.egress.outcome, Outcome::NotIsolated);
+        assert!(v.allowed);
+        // Other IPv6 addresses embedding an IPv4 one are plain IPv6.
+        for ip in ["::10.244.2.7", "64:ff9b::10.244.2.7", "fd00:10:244:2::7"] {
+            assert!(!is_v4_mapped(&ip.parse().unwrap()), "{ip}");
+        }
+        assert!(!is_v4_mapped(&"10.244.2.7".parse().unwrap()));
     }
 
     #[test]

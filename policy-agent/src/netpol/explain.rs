@@ -62,7 +62,8 @@ pub struct Side {
     pub isolated: bool,
     pub allowed: bool,
     /// `not-policed` (not a pod), `self`, `host` (the pod's own node), `not-isolated`,
-    /// `allowed-by-policy`, `denied`.
+    /// `allowed-by-policy`, `denied`, `denied-v4-mapped` (an IPv6 flow with an IPv4-mapped
+    /// address, which no rule can allow).
     pub outcome: &'static str,
     /// The policies isolating the subject in this direction (enforced ones: not those in audit).
     pub policies: Vec<String>,
@@ -112,6 +113,7 @@ fn outcome_name(o: Outcome) -> &'static str {
         Outcome::NotIsolated => "not-isolated",
         Outcome::AllowedByPolicy => "allowed-by-policy",
         Outcome::Denied => "denied",
+        Outcome::DeniedV4Mapped => "denied-v4-mapped",
     }
 }
 
@@ -187,6 +189,18 @@ pub fn explain(
             "self" => notes.push("a pod always reaches itself".into()),
             _ => {}
         }
+    }
+    if let Some(ip) = [&flow.src, &flow.dst]
+        .iter()
+        .filter_map(|p| p.ip())
+        .find(evaluator::is_v4_mapped)
+    {
+        notes.push(format!(
+            "{ip} is an IPv4-mapped IPv6 address: the flow is IPv6, which neither the IPv4 \
+             address it spells nor any rule can admit; it is dropped in every isolated direction \
+             ({}) and passes unpoliced in the others",
+            policy_common::Reason::DroppedV4Mapped.as_str()
+        ));
     }
     // Said only where it can matter: the other side's isolating policies name an ipBlock.
     let unaddressed = |t: &Target| matches!(t, Target::Pod(k) if cluster.pods[k].ips.is_empty());
@@ -408,6 +422,8 @@ pub fn render(e: &Explanation) -> String {
             out.push_str(
                 "    no rule allows it: the isolating policies have no rule for this direction\n",
             );
+        } else if s.outcome == "denied-v4-mapped" {
+            out.push_str("    no rule can allow an IPv6 flow with an IPv4-mapped address\n");
         }
     }
     if let Some(a) = &e.audit {
@@ -441,4 +457,58 @@ pub fn render(e: &Explanation) -> String {
         out.push_str(&format!("  note: {n}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixtures::{add_pod, ip, pod, policy};
+
+    #[test]
+    fn a_v4_mapped_source_is_denied_with_its_own_outcome() {
+        let mut c = Cluster::default();
+        let web = add_pod(
+            &mut c,
+            "x",
+            "web",
+            pod(
+                "n1",
+                serde_json::json!({"app": "web"}),
+                &["10.244.1.5", "fd00::5"],
+            ),
+        );
+        let spec = serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.2.7/32"}}]}],
+        });
+        c.policies
+            .insert(ObjectKey::new("x", "web"), policy("x", "web", spec));
+        let to = Target::Pod(web);
+        let v4 = explain(
+            &c,
+            &Target::Address(ip("10.244.2.7")),
+            &to,
+            80,
+            Protocol::Tcp,
+        )
+        .unwrap();
+        assert!(v4.allowed);
+        let from = Target::Address(ip("::ffff:10.244.2.7"));
+        let e = explain(&c, &from, &to, 80, Protocol::Tcp).unwrap();
+        assert!(!e.allowed);
+        assert_eq!(e.ingress.outcome, "denied-v4-mapped");
+        assert!(e.ingress.isolated && !e.ingress.allowed);
+        assert!(e.ingress.nearest_miss.is_none());
+        assert!(
+            e.notes.iter().any(|n| n.contains("dropped_v4_mapped")),
+            "{:?}",
+            e.notes
+        );
+        let text = render(&e);
+        assert!(
+            text.contains("ingress of the destination: denied-v4-mapped"),
+            "{text}"
+        );
+        assert!(text.contains("no rule can allow"), "{text}");
+    }
 }

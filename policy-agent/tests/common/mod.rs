@@ -191,11 +191,27 @@ pub enum SimOutcome {
     SelfTraffic,
     Allowed(u32),
     Denied,
+    /// An IPv6 packet with an IPv4-mapped address in an isolated direction.
+    DeniedV4Mapped,
 }
 
 impl SimOutcome {
     pub fn allowed(self) -> bool {
-        self != SimOutcome::Denied
+        !matches!(self, SimOutcome::Denied | SimOutcome::DeniedV4Mapped)
+    }
+}
+
+/// The verdict `policy-ebpf` reaches at parse time for an IPv6 packet with an IPv4-mapped
+/// address (`parse_at_endpoint` in `policy-ebpf/src/decide.rs`): by isolation alone.
+pub fn simulate_v4_mapped(ep: &EndpointEntry, direction: Direction) -> SimOutcome {
+    let bit = match direction {
+        Direction::Ingress => endpoint_flags::INGRESS_ISOLATED,
+        Direction::Egress => endpoint_flags::EGRESS_ISOLATED,
+    };
+    if ep.flags & bit == 0 {
+        SimOutcome::NotIsolated
+    } else {
+        SimOutcome::DeniedV4Mapped
     }
 }
 
@@ -347,6 +363,9 @@ impl Compiled {
             return None;
         };
         let (maps, ep) = self.endpoint(pod)?;
+        if flow.has_v4_mapped_address() {
+            return Some(simulate_v4_mapped(ep, direction));
+        }
         Some(simulate(
             maps,
             ep,
@@ -391,6 +410,7 @@ fn agree(
             r.as_ref().is_some_and(|r| ev.allowing.contains(r))
         }
         (Some(SimOutcome::Denied), Outcome::Denied) => true,
+        (Some(SimOutcome::DeniedV4Mapped), Outcome::DeniedV4Mapped) => true,
         _ => false,
     };
     if ok {
