@@ -101,7 +101,14 @@ fn main() -> Result<()> {
             // dual-stack lab (each matrix in both families, through both of its proxiers).
             for (proxy, family) in [("iptables", "ipv4"), ("nftables", "dual")] {
                 let mut args = suite.to_vec();
-                args.extend(["--api", "kube", "--kube-proxy", proxy, "--ip-family", family]);
+                args.extend([
+                    "--api",
+                    "kube",
+                    "--kube-proxy",
+                    proxy,
+                    "--ip-family",
+                    family,
+                ]);
                 cargo(&args)?;
             }
             // The upstream NetworkPolicy suite against the DaemonSet on real kubelets.
