@@ -23,6 +23,7 @@ use super::{
     net,
     objects::{Kind, Loaded, ObjRef, Object},
     serve::ServeArgs,
+    services,
     topology::{self as topo, Family},
 };
 
@@ -263,20 +264,30 @@ impl Lab {
         )
     }
 
-    /// ClusterIPs of the families asked for, at one offset free in every one of their ranges.
-    /// Every ClusterIP of every Service.
-    fn service_ips_taken(&self) -> BTreeSet<IpAddr> {
-        self.state
+    /// ClusterIPs of the families asked for, at one offset free in every one of their ranges:
+    /// `preferred` when it is, else the next free one round robin.
+    fn allocate_service_ips(
+        &mut self,
+        families: &[Family],
+        preferred: Option<u128>,
+    ) -> Result<Vec<IpAddr>> {
+        let taken: BTreeSet<IpAddr> = self
+            .state
             .services
             .values()
-            .filter_map(|s| s.spec.as_ref()?.cluster_ips.clone())
-            .flatten()
-            .filter_map(|ip| ip.parse().ok())
-            .collect()
-    }
-
-    fn allocate_service_ips(&mut self, families: &[Family]) -> Result<Vec<IpAddr>> {
-        let taken = self.service_ips_taken();
+            .filter_map(|s| s.spec.as_ref())
+            .flat_map(services::cluster_addrs)
+            .collect();
+        let at = |off: u128| -> Vec<IpAddr> {
+            families
+                .iter()
+                .map(|f| topo::service_cidr(*f).nth(off))
+                .collect()
+        };
+        let free = |ips: &[IpAddr]| !ips.iter().any(|ip| taken.contains(ip));
+        if let Some(ips) = preferred.map(at).filter(|ips| free(ips)) {
+            return Ok(ips);
+        }
         let size = topo::service_cidr(Family::V4).size() as u32;
         let mut off = self.state.last_service_offset;
         for _ in 0..size {
@@ -286,11 +297,8 @@ impl Lab {
             } else {
                 (off + 1).max(100)
             };
-            let ips: Vec<IpAddr> = families
-                .iter()
-                .map(|f| topo::service_cidr(*f).nth(u128::from(off)))
-                .collect();
-            if !ips.iter().any(|ip| taken.contains(ip)) {
+            let ips = at(u128::from(off));
+            if free(&ips) {
                 self.state.last_service_offset = off;
                 return Ok(ips);
             }
@@ -309,15 +317,7 @@ impl Lab {
         let spec = svc.spec.as_ref();
         let single = spec.and_then(|s| s.ip_family_policy.as_deref()) == Some("SingleStack");
         let lab: Vec<Family> = self.state.ip_family.families().to_vec();
-        let mut given: Vec<IpAddr> = spec
-            .and_then(|s| s.cluster_ips.clone())
-            .filter(|ips| !ips.is_empty())
-            .or_else(|| spec.and_then(|s| s.cluster_ip.clone()).map(|ip| vec![ip]))
-            .unwrap_or_default()
-            .iter()
-            .filter(|ip| !ip.is_empty())
-            .map(|ip| ip.parse().expect("validated"))
-            .collect();
+        let mut given: Vec<IpAddr> = spec.map(services::cluster_addrs).unwrap_or_default();
         let asked: Vec<Family> = spec
             .and_then(|s| s.ip_families.clone())
             .unwrap_or_default()
@@ -342,19 +342,10 @@ impl Lab {
         if !missing.is_empty() {
             // A given ClusterIP's offset in its range, in the other family too when free
             // (10.96.0.10 and fd00:10:96::a), as the topology promises.
-            let taken = self.service_ips_taken();
-            let same_offset: Option<Vec<IpAddr>> = given.first().and_then(|g| {
-                let offset = topo::service_cidr(Family::of(*g)).offset_of(*g)?;
-                let ips: Vec<IpAddr> = missing
-                    .iter()
-                    .map(|f| topo::service_cidr(*f).nth(offset))
-                    .collect();
-                (!ips.iter().any(|ip| taken.contains(ip))).then_some(ips)
-            });
-            match same_offset {
-                Some(ips) => given.extend(ips),
-                None => given.extend(self.allocate_service_ips(&missing)?),
-            }
+            let offset = given
+                .first()
+                .and_then(|g| topo::service_cidr(Family::of(*g)).offset_of(*g));
+            given.extend(self.allocate_service_ips(&missing, offset)?);
         }
         given.sort_by_key(|ip| wanted.iter().position(|f| *f == Family::of(*ip)));
         Ok(given)
@@ -551,22 +542,16 @@ impl Lab {
                         };
                         let ips = self.allocate_pod_ips(node, &taken)?;
                         taken.extend(ips.iter().copied());
-                        let ip = ips[0];
                         let id = self.state.next_pod_id;
                         self.state.next_pod_id += 1;
-                        let host_ips: Vec<String> = self
-                            .state
-                            .ip_family
-                            .families()
-                            .iter()
-                            .map(|f| topo::node_addr(node, *f).to_string())
-                            .collect();
+                        let host_ips: Vec<String> =
+                            self.host_ips(node).iter().map(IpAddr::to_string).collect();
                         pod.spec.as_mut().expect("validated").node_name =
                             Some(topo::node_name(node));
                         pod.metadata.uid = Some(cluster::new_uid());
                         pod.status = Some(PodStatus {
                             phase: Some("Running".into()),
-                            pod_ip: Some(ip.to_string()),
+                            pod_ip: Some(ips[0].to_string()),
                             pod_ips: Some(
                                 ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect(),
                             ),
@@ -585,7 +570,6 @@ impl Lab {
                                 pod,
                                 id,
                                 node,
-                                ip,
                                 ips: ips.clone(),
                                 netns: self.names.pod_ns(id),
                                 veth: self.names.pod_veth(id),
@@ -609,11 +593,8 @@ impl Lab {
                             (Some(o), false) => Some(
                                 o.spec
                                     .as_ref()
-                                    .and_then(|s| s.cluster_ips.clone())
-                                    .unwrap_or_default()
-                                    .iter()
-                                    .filter_map(|ip| ip.parse().ok())
-                                    .collect(),
+                                    .map(services::cluster_addrs)
+                                    .unwrap_or_default(),
                             ),
                             (None, false) => Some(self.new_service_ips(&s)?),
                         };

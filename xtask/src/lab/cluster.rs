@@ -65,10 +65,7 @@ pub struct State {
 pub struct NodeState {
     pub number: u32,
     pub name: String,
-    /// The node's address of the lab's primary family (the agent's HTTP address).
-    pub ip: IpAddr,
-    /// Every address of the node, IPv4 first.
-    #[serde(default)]
+    /// Every address of the node, IPv4 first (the first is of the lab's primary family).
     pub ips: Vec<IpAddr>,
     pub netns: String,
     pub http_port: u16,
@@ -83,10 +80,7 @@ pub struct PodState {
     pub pod: Pod,
     pub id: u32,
     pub node: u32,
-    /// `status.podIP`: the address of the lab's primary family.
-    pub ip: IpAddr,
-    /// `status.podIPs`, IPv4 first.
-    #[serde(default)]
+    /// `status.podIPs`, IPv4 first (empty until the pod's network is set up).
     pub ips: Vec<IpAddr>,
     pub netns: String,
     pub veth: String,
@@ -94,12 +88,22 @@ pub struct PodState {
 }
 
 impl NodeState {
+    /// The node's address of the lab's primary family (its InternalIP, the agent's HTTP
+    /// address).
+    pub fn ip(&self) -> IpAddr {
+        self.ips[0]
+    }
     pub fn http_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.ip, self.http_port)
+        SocketAddr::new(self.ip(), self.http_port)
     }
 }
 
 impl PodState {
+    /// `status.podIP`: the address of the lab's primary family.
+    pub fn ip(&self) -> IpAddr {
+        self.ips[0]
+    }
+
     /// The pod's address of family `f`.
     pub fn addr(&self, f: Family) -> Option<IpAddr> {
         self.ips.iter().copied().find(|ip| Family::of(*ip) == f)
@@ -381,7 +385,6 @@ impl Lab {
                 .map(|n| NodeState {
                     number: n,
                     name: topo::node_name(n),
-                    ip: topo::node_addr(n, opts.ip_family.primary()),
                     ips: families.iter().map(|f| topo::node_addr(n, *f)).collect(),
                     netns: names.node_ns(n),
                     http_port: topo::AGENT_HTTP_PORT_BASE + n as u16,
@@ -591,6 +594,16 @@ impl Lab {
         let log = self.paths.logs().join(format!("agent-{}.log", node.name));
         let child = net::spawn_daemon(cmd, &node.netns, NetnsMode::DaemonWithSysfs, &log)?;
         Ok(child.id())
+    }
+
+    /// Node N's addresses, as its pods report them in `hostIPs`.
+    pub fn host_ips(&self, node: u32) -> &[IpAddr] {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.number == node)
+            .map(|n| n.ips.as_slice())
+            .unwrap_or_default()
     }
 
     /// The agents, for convergence checks.

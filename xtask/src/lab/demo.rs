@@ -236,13 +236,7 @@ fn move_service_ips(objects: &mut [Loaded], ip_family: IpFamily) -> Vec<(String,
     );
     let to_v6 = |s: &str| -> Option<(IpAddr, IpAddr)> {
         let ip: IpAddr = s.parse().ok()?;
-        v4.contains(ip).then(|| {
-            let offset = match (ip, v4.addr) {
-                (IpAddr::V4(a), IpAddr::V4(base)) => u128::from(a.to_bits() - base.to_bits()),
-                _ => unreachable!("an IPv4 range holds IPv4 addresses"),
-            };
-            (ip, v6.nth(offset))
-        })
+        v4.offset_of(ip).map(|offset| (ip, v6.nth(offset)))
     };
     for l in objects {
         let Object::Service(svc) = &mut l.object else {
@@ -256,12 +250,7 @@ fn move_service_ips(objects: &mut [Loaded], ip_family: IpFamily) -> Vec<(String,
         let Some(spec) = svc.spec.as_mut() else {
             continue;
         };
-        let mut ips: Vec<String> = spec
-            .cluster_ips
-            .clone()
-            .filter(|ips| !ips.is_empty())
-            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
-            .unwrap_or_default();
+        let mut ips = super::services::cluster_ips(spec);
         let mut changed = false;
         for ip in &mut ips {
             if let Some((from, to)) = to_v6(ip) {

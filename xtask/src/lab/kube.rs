@@ -1184,7 +1184,7 @@ impl Lab {
                 && let Some(p) = self.state.pods.get(&r.key())
                 && note.is_empty()
             {
-                *note = format!("{}, {}", topo::node_name(p.node), p.ip);
+                *note = format!("{}, {}", topo::node_name(p.node), p.ip());
             }
         }
         Ok(Report {
@@ -1621,7 +1621,6 @@ impl Lab {
                 pod,
                 id,
                 node,
-                ip: Ipv4Addr::UNSPECIFIED.into(),
                 ips: Vec::new(),
                 netns: self.names.pod_ns(id),
                 veth: String::new(),
@@ -1688,7 +1687,7 @@ impl Lab {
                 .collect()
         });
         for p in &ready {
-            let status = pod_status(&p.ips, &self.host_ips(p.node));
+            let status = pod_status(&p.ips, self.host_ips(p.node));
             let st = self.state.pods.get_mut(&pod_key(&p.pod)).expect("inserted");
             st.pod.status = Some(serde_json::from_value(status)?);
         }
@@ -1749,24 +1748,13 @@ impl Lab {
                     pod_key(&p.pod)
                 )
             })?;
-        p.ip = addrs[0];
         p.ips = addrs;
         p.veth = host_if.to_string();
         Ok(p)
     }
 
-    /// The node's addresses, as a kubelet reports them in `hostIPs`.
-    fn host_ips(&self, node: u32) -> Vec<std::net::IpAddr> {
-        self.state
-            .ip_family
-            .families()
-            .iter()
-            .map(|f| topo::node_addr(node, *f))
-            .collect()
-    }
-
     fn write_pod_status(&self, p: &PodState) -> Result<()> {
-        let patch = json!({"status": pod_status(&p.ips, &self.host_ips(p.node))});
+        let patch = json!({"status": pod_status(&p.ips, self.host_ips(p.node))});
         self.kubectl(
             &[
                 "patch",

@@ -131,7 +131,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 &files.node_token(&node.name)?,
             ),
         )?;
-        let dns = std::net::Ipv4Addr::from(u32::from(topo::SERVICE_CIDR.0) + 10);
+        let dns = topo::SERVICE_CIDR.nth(10);
         let kubelet = json!({
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -150,7 +150,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "clusterDomain": "cluster.local",
             "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
             "podLogsDir": p("pod-logs"),
-            "address": node.ip.to_string(),
+            "address": node.ip().to_string(),
             "healthzBindAddress": "127.0.0.1",
             "readOnlyPort": 0,
             // A test cluster on a shared disk: evict only when the machine is nearly full, and
@@ -225,7 +225,7 @@ exec '{kubelet}' --config='{dir}/kubelet.yaml' --kubeconfig='{dir}/kubeconfig' \
             archives = archives.join(" "),
             kubelet = node_bins.path("kubelet").display(),
             containerd_log = containerd_log.display(),
-            ip = node.ip,
+            ip = node.ip(),
         );
         let path = dir.join("run.sh");
         std::fs::write(&path, script)?;

@@ -246,11 +246,7 @@ impl Lab {
                     rows.push(vec![
                         s(ns),
                         s(name),
-                        spec.cluster_ips
-                            .filter(|ips| !ips.is_empty())
-                            .map(|ips| ips.join(","))
-                            .or(spec.cluster_ip)
-                            .unwrap_or_default(),
+                        services::cluster_ips(&spec).join(","),
                         ports.join(","),
                         labels_text(spec.selector.as_ref()),
                         if eps.is_empty() {

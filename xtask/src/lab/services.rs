@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, fmt::Write, net::IpAddr};
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::core::v1::{Pod, Service, ServiceSpec},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -39,6 +39,23 @@ pub struct PodView<'a> {
 
 pub fn protocol_of(p: Option<&str>) -> &str {
     p.unwrap_or("TCP")
+}
+
+/// A Service's ClusterIPs as written: `clusterIPs`, or else `clusterIP` (`None` for a headless
+/// Service).
+pub fn cluster_ips(spec: &ServiceSpec) -> Vec<String> {
+    match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec.cluster_ip.iter().cloned().collect(),
+    }
+}
+
+/// The addresses among a Service's [`cluster_ips`] (none for a headless Service).
+pub fn cluster_addrs(spec: &ServiceSpec) -> Vec<IpAddr> {
+    cluster_ips(spec)
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect()
 }
 
 /// Whether a Service selector (a plain label map) selects a pod. An empty or absent selector
@@ -83,13 +100,7 @@ pub fn service_ports<'a>(
     let mut out = Vec::new();
     for (key, svc) in services {
         let Some(spec) = &svc.spec else { continue };
-        let ips: Vec<IpAddr> = match &spec.cluster_ips {
-            Some(ips) if !ips.is_empty() => ips.clone(),
-            _ => spec.cluster_ip.iter().cloned().collect(),
-        }
-        .iter()
-        .filter_map(|ip| ip.parse().ok())
-        .collect();
+        let ips = cluster_addrs(spec);
         let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
         for (ip, p) in ips
             .iter()

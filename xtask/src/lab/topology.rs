@@ -218,15 +218,15 @@ pub fn network_of(ip: IpAddr, len: u8) -> Cidr {
 pub const MASQ_MARK: u32 = 0x4000;
 
 /// All pods of the cluster (kind's default pod subnet).
-pub const POD_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 16);
+pub const POD_CIDR: Cidr = Cidr::v4(Ipv4Addr::new(10, 244, 0, 0), 16);
 /// Service ClusterIPs (kind's default service subnet).
-pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
+pub const SERVICE_CIDR: Cidr = Cidr::v4(Ipv4Addr::new(10, 96, 0, 0), 16);
 /// The node network (kind's docker network is 172.18.0.0/16; the lab uses a /24 of it).
-pub const NODE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 18, 0, 0), 24);
-/// The off-cluster host `ext` (TEST-NET-3, never a pod, node or service address).
+pub const NODE_CIDR: Cidr = Cidr::v4(Ipv4Addr::new(172, 18, 0, 0), 24);
+/// The off-cluster host `ext` (TEST-NET-3, never a pod, node or service address), on a /24
+/// behind its gateway .1.
 pub const EXT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
-pub const EXT_GATEWAY: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-pub const EXT_PREFIX_LEN: u8 = 24;
+pub const EXT_NET: Cidr = Cidr::v4(Ipv4Addr::new(203, 0, 113, 0), 24);
 /// Ports `ext` answers on, TCP and UDP.
 pub const EXT_PORTS: [u16; 5] = [53, 80, 81, 443, 8080];
 /// Pods' default gateway: a link-local address the host-side veth answers for (static neighbour
@@ -236,33 +236,34 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const AGENT_HTTP_PORT_BASE: u16 = 9960;
 pub const MAX_NODES: u32 = 50;
 
-/// The IPv6 counterparts (kind's IPv6 ranges; the node network is the one docker gives kind).
-pub const POD_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0), 56);
-pub const SERVICE_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112);
-pub const NODE_CIDR6: (Ipv6Addr, u8) =
-    (Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0), 64);
+/// The IPv6 counterparts (kind's IPv6 ranges; the node network is the one docker gives kind;
+/// ext in the documentation prefix).
+pub const POD_CIDR6: Cidr = Cidr::v6(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0), 56);
+pub const SERVICE_CIDR6: Cidr = Cidr::v6(Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112);
+pub const NODE_CIDR6: Cidr = Cidr::v6(Ipv6Addr::new(0xfc00, 0xf853, 0xccd, 0xe793, 0, 0, 0, 0), 64);
 pub const EXT_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x10);
+pub const EXT_NET6: Cidr = Cidr::v6(Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0), 64);
 pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// All pods of the cluster, in family `f`.
 pub fn pod_cidr(f: Family) -> Cidr {
     match f {
-        Family::V4 => Cidr::v4(POD_CIDR.0, POD_CIDR.1),
-        Family::V6 => Cidr::v6(POD_CIDR6.0, POD_CIDR6.1),
+        Family::V4 => POD_CIDR,
+        Family::V6 => POD_CIDR6,
     }
 }
 
 pub fn service_cidr(f: Family) -> Cidr {
     match f {
-        Family::V4 => Cidr::v4(SERVICE_CIDR.0, SERVICE_CIDR.1),
-        Family::V6 => Cidr::v6(SERVICE_CIDR6.0, SERVICE_CIDR6.1),
+        Family::V4 => SERVICE_CIDR,
+        Family::V6 => SERVICE_CIDR6,
     }
 }
 
 pub fn node_cidr(f: Family) -> Cidr {
     match f {
-        Family::V4 => Cidr::v4(NODE_CIDR.0, NODE_CIDR.1),
-        Family::V6 => Cidr::v6(NODE_CIDR6.0, NODE_CIDR6.1),
+        Family::V4 => NODE_CIDR,
+        Family::V6 => NODE_CIDR6,
     }
 }
 
@@ -276,27 +277,26 @@ pub fn node_addr(n: u32, f: Family) -> IpAddr {
     node_cidr(f).nth(1 + u128::from(n))
 }
 
-/// Node N's pod range in family `f`.
+/// Node N's pod range in family `f`: the Nth /24 (IPv4) or /64 (IPv6) of the pod range.
 pub fn node_pods(n: u32, f: Family) -> Cidr {
-    match f {
-        Family::V4 => {
-            let (a, l) = node_pod_cidr(n);
-            Cidr::v4(a, l)
-        }
-        Family::V6 => Cidr::v6(Ipv6Addr::new(0xfd00, 0x10, 0x244, n as u16, 0, 0, 0, 0), 64),
+    let len = match f {
+        Family::V4 => 24,
+        Family::V6 => 64,
+    };
+    Cidr {
+        addr: pod_cidr(f).nth(u128::from(n) << (f.bits() - len)),
+        len,
     }
 }
 
-/// `ext`'s address, its prefix length and its gateway in family `f`.
+/// `ext`'s address, its prefix length and its gateway (the first address of its network) in
+/// family `f`.
 pub fn ext_addr(f: Family) -> (IpAddr, u8, IpAddr) {
-    match f {
-        Family::V4 => (EXT_IP.into(), EXT_PREFIX_LEN, EXT_GATEWAY.into()),
-        Family::V6 => (
-            EXT_IP6.into(),
-            64,
-            Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 1).into(),
-        ),
-    }
+    let (ip, net): (IpAddr, Cidr) = match f {
+        Family::V4 => (EXT_IP.into(), EXT_NET),
+        Family::V6 => (EXT_IP6.into(), EXT_NET6),
+    };
+    (ip, net.len, net.nth(1))
 }
 
 /// The pods' default gateway in family `f`.
@@ -411,11 +411,6 @@ pub fn node_name(n: u32) -> String {
 
 pub fn node_number(name: &str) -> Option<u32> {
     numbered(name, "node-")
-}
-
-/// Node N's pod range 10.244.N.0/24.
-pub fn node_pod_cidr(n: u32) -> (Ipv4Addr, u8) {
-    (Ipv4Addr::new(10, 244, n as u8, 0), 24)
 }
 
 /// A locally administered MAC derived from a pod id (host side of its veth).
