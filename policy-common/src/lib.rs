@@ -19,6 +19,7 @@ pub mod status;
 pub mod map_names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const ENDPOINTS_BY_ID: &str = "ENDPOINTS_BY_ID";
+    pub const ENDPOINT_SLOTS: &str = "ENDPOINT_SLOTS";
     pub const IPCACHE_EXACT: &str = "IPCACHE_EXACT";
     pub const IPCACHE_V4: &str = "IPCACHE_V4";
     pub const IPCACHE_V6: &str = "IPCACHE_V6";
@@ -33,9 +34,10 @@ pub mod map_names {
     pub const EVENT_RATE: &str = "EVENT_RATE";
 
     /// Every map of the object, in the order the loader pins them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         ENDPOINTS,
         ENDPOINTS_BY_ID,
+        ENDPOINT_SLOTS,
         IPCACHE_EXACT,
         IPCACHE_V4,
         IPCACHE_V6,
@@ -52,7 +54,8 @@ pub mod map_names {
     /// The maps that fill up (hashes, LRU hashes and LPM tries), whose entries the agent counts
     /// in the kernel for `policy_agent_map_entries` / `policy_agent_map_pressure_ratio`. The
     /// others have no entry count: CONFIG, COUNTERS and EVENT_RATE are arrays (always full),
-    /// EVENTS is a ring buffer.
+    /// EVENTS is a ring buffer, and ENDPOINT_SLOTS is an array that mirrors ENDPOINTS (its
+    /// entries are ENDPOINTS' below [`super::capacity::ENDPOINT_SLOTS`]).
     pub const COUNTED: [&str; 9] = [
         ENDPOINTS,
         ENDPOINTS_BY_ID,
@@ -98,6 +101,9 @@ pub mod program_names {
 pub mod capacity {
     /// Also the bound on endpoint ids (`1..ENDPOINTS`), which travel in 12 bits of `skb->mark`.
     pub const ENDPOINTS: u32 = 4096;
+    /// ENDPOINT_SLOTS covers host veth ifindexes `0..ENDPOINT_SLOTS` (512 KiB); endpoints on
+    /// higher ifindexes are found through ENDPOINTS' hash instead.
+    pub const ENDPOINT_SLOTS: u32 = 65_536;
     /// /32 and /128 entries.
     pub const IPCACHE_EXACT: u32 = 262_144;
     /// Shorter prefixes.
@@ -221,6 +227,63 @@ pub struct EndpointInfo {
     pub identity: u32,
 }
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 16);
+
+/// ENDPOINT_SLOTS value: the ENDPOINTS entry of one host veth ifindex, packed into one `u64` so
+/// that it is read and written whole. ENDPOINT_SLOTS is an mmapable array indexed by ifindex
+/// (`0..`[`capacity::ENDPOINT_SLOTS`]): the agent stores each slot with a single atomic 8-byte
+/// store through its own mapping of the array, never with `bpf_map_update_elem` (whose copy
+/// may tear), and the veth hooks read it with one 8-byte load, which the verifier turns into
+/// an address computation with no helper call or hash. A packet therefore sees an endpoint's
+/// id, flags and generation all from one write: never a new generation with old isolation
+/// flags, which would record a flow that is never re-checked.
+///
+/// Layout: bits 0–31 generation, 32–47 id, 48–62 flags ([`endpoint_flags`]), bit 63 set in
+/// every written slot. 0 is an empty slot; the programs then look the ifindex up in ENDPOINTS
+/// (an ifindex past the array, or a slot not written yet by an agent that has just created the
+/// array). The endpoint's own pod identity is not carried: the programs never read it.
+///
+/// The agent keeps every slot equal to its ifindex's ENDPOINTS entry: it stores the slot after
+/// writing ENDPOINTS and clears it before removing the ENDPOINTS entry, and rewrites the whole
+/// array from ENDPOINTS when it starts.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSlot(pub u64);
+
+impl EndpointSlot {
+    pub const EMPTY: EndpointSlot = EndpointSlot(0);
+    const WRITTEN: u64 = 1 << 63;
+    const ID_SHIFT: u32 = 32;
+    const FLAGS_SHIFT: u32 = 48;
+    const FLAGS_MASK: u32 = (1 << 15) - 1;
+
+    /// The slot of `info`; `None` when its id or flags do not fit the layout (ids are below
+    /// [`capacity::ENDPOINTS`] and flags are three bits, so the agent never writes such a value).
+    pub const fn pack(info: &EndpointInfo) -> Option<EndpointSlot> {
+        if info.id > u16::MAX as u32 || info.flags > Self::FLAGS_MASK {
+            return None;
+        }
+        Some(EndpointSlot(
+            Self::WRITTEN
+                | (info.flags as u64) << Self::FLAGS_SHIFT
+                | (info.id as u64) << Self::ID_SHIFT
+                | info.generation as u64,
+        ))
+    }
+
+    /// The endpoint of a written slot (`identity` 0: not carried), `None` for an empty one.
+    #[inline(always)]
+    pub const fn unpack(self) -> Option<EndpointInfo> {
+        if self.0 & Self::WRITTEN == 0 {
+            return None;
+        }
+        Some(EndpointInfo {
+            id: (self.0 >> Self::ID_SHIFT) as u32 & 0xffff,
+            flags: (self.0 >> Self::FLAGS_SHIFT) as u32 & Self::FLAGS_MASK,
+            generation: self.0 as u32,
+            identity: 0,
+        })
+    }
+}
 
 /// IPCACHE value. The compiler's IPCACHE entries are split by the map writer: full-length
 /// prefixes (/32, /128: pods, nodes) go to IPCACHE_EXACT, a hash keyed by [`Addr`], probed first;
@@ -357,7 +420,9 @@ pub mod ct_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    pub last_seen_ns: u64,
+    /// When the flow was last seen, in kernel ticks (`jiffies`; [`Config::kernel_hz`] per
+    /// second).
+    pub last_seen: u64,
     pub rule: u32,
     /// [`ct_flags`] bits.
     pub flags: u32,
@@ -441,8 +506,13 @@ pub struct Config {
     pub events_allowed: u32,
     /// Maximum events per CPU per second (rate limit); 0 = no events.
     pub events_per_sec: u32,
+    /// Kernel ticks per second (`CONFIG_HZ`): the unit of conntrack's clock, `jiffies`, which
+    /// the programs read without a helper call (the verifier inlines `bpf_jiffies64`). The
+    /// loader writes the running kernel's value whatever the caller passes; 0 makes every
+    /// timeout 0.
+    pub kernel_hz: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 32);
+const _: () = assert!(core::mem::size_of::<Config>() == 36);
 
 pub const DEFAULT_MARK_MASK: u32 = 0x0fff_0000;
 pub const DEFAULT_MARK_SHIFT: u32 = 16;
@@ -459,6 +529,7 @@ impl Config {
         ct_sctp_timeout_s: 6 * 3600,
         events_allowed: 0,
         events_per_sec: 1000,
+        kernel_hz: 0,
     };
 
     /// The defaults with another mark mask (`mark_shift` derived from it).
@@ -619,6 +690,52 @@ mod addr_tests {
 }
 
 #[cfg(test)]
+mod endpoint_slot_tests {
+    use super::{EndpointInfo, EndpointSlot, capacity, endpoint_flags};
+
+    #[test]
+    fn a_slot_carries_id_flags_and_generation_and_is_never_empty() {
+        let all = endpoint_flags::INGRESS_ISOLATED
+            | endpoint_flags::EGRESS_ISOLATED
+            | endpoint_flags::NOT_PROGRAMMED;
+        for (id, flags, generation) in [
+            (1, 0, 0),
+            (capacity::ENDPOINTS - 1, all, u32::MAX),
+            (7, endpoint_flags::EGRESS_ISOLATED, 0x8000_0001),
+            (u16::MAX as u32, 0x7fff, 1),
+        ] {
+            let info = EndpointInfo {
+                id,
+                flags,
+                generation,
+                identity: 4242,
+            };
+            let slot = EndpointSlot::pack(&info).unwrap();
+            assert_ne!(slot, EndpointSlot::EMPTY, "{info:?}");
+            let back = slot.unpack().unwrap();
+            assert_eq!(
+                (back.id, back.flags, back.generation),
+                (id, flags, generation)
+            );
+            assert_eq!(back.identity, 0, "the identity is not carried");
+        }
+        assert_eq!(EndpointSlot::EMPTY.unpack(), None);
+    }
+
+    #[test]
+    fn values_the_layout_cannot_hold_are_refused() {
+        let info = |id, flags| EndpointInfo {
+            id,
+            flags,
+            generation: 3,
+            identity: 1,
+        };
+        assert_eq!(EndpointSlot::pack(&info(1 << 16, 0)), None);
+        assert_eq!(EndpointSlot::pack(&info(1, 1 << 15)), None);
+    }
+}
+
+#[cfg(test)]
 mod reason_tests {
     use super::Reason;
     use std::collections::BTreeSet;
@@ -685,6 +802,7 @@ mod user {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, have no implicit padding (checked by the size
     // assertions above) and are valid for any bit pattern.
     unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for EndpointSlot {}
     unsafe impl aya::Pod for IdentityPair {}
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for PolicyGroupKey {}

@@ -16,8 +16,8 @@
 //! Entries are made for every new flow that is allowed, even in directions that are not
 //! isolated, because the reverse direction may be. Idle timeouts come from CONFIG per protocol
 //! (TCP switches to the closing timeout once a FIN or RST is seen); an expired entry is a miss and
-//! is overwritten by the next allowed packet. `last_seen_ns` (coarse clock) is refreshed on
-//! every hit.
+//! is overwritten by the next allowed packet. `last_seen` (kernel ticks, see `decide::now`) is
+//! refreshed on every hit.
 //!
 //! Revocation (`decide::established`): every entry records the endpoint generation it was
 //! allowed under. When the endpoint's generation has moved on (its allow entries, flags or peer
@@ -87,14 +87,14 @@ fn role_flags(direction: Direction, a_to_b: bool) -> u32 {
 }
 
 #[inline(always)]
-fn timeout_ns(config: &Config, protocol: u8, flags: u32) -> u64 {
+fn timeout_ticks(config: &Config, protocol: u8, flags: u32) -> u64 {
     let seconds = match protocol {
         proto::TCP if flags & ct_flags::CLOSING != 0 => config.ct_tcp_closing_timeout_s,
         proto::TCP => config.ct_tcp_timeout_s,
         proto::UDP => config.ct_udp_timeout_s,
         _ => config.ct_sctp_timeout_s,
     };
-    seconds as u64 * 1_000_000_000
+    seconds as u64 * config.kernel_hz as u64
 }
 
 #[inline(always)]
@@ -103,8 +103,8 @@ fn live(key: &CtKey, now: u64, config: &Config) -> Option<*mut CtValue> {
     // SAFETY: a pointer into the map returned by the lookup helper; plain data.
     let v = unsafe { *value };
     // Another CPU may have stamped the entry after we read the clock: idle 0.
-    let idle = now.saturating_sub(v.last_seen_ns);
-    if idle < timeout_ns(config, key.protocol, v.flags) {
+    let idle = now.saturating_sub(v.last_seen);
+    if idle < timeout_ticks(config, key.protocol, v.flags) {
         Some(value)
     } else {
         None
@@ -165,9 +165,13 @@ pub fn touch(hit: &CtHit, pkt: &Packet, now: u64) {
         flags |= ct_flags::REPLIED;
     }
     // SAFETY: map value pointer from the lookup; racing writers only store the same kind of
-    // values (timestamps, flag bits), a lost update costs nothing.
+    // values (timestamps, flag bits), a lost update costs nothing. Each field is stored only
+    // when it changes: packets within one tick (a few ms) leave the entry's cache line clean,
+    // which spares the other CPUs that carry the same flow (its two directions) a line bounce.
     unsafe {
-        (*hit.value).last_seen_ns = now;
+        if (*hit.value).last_seen != now {
+            (*hit.value).last_seen = now;
+        }
         if (*hit.value).flags & flags != flags {
             (*hit.value).flags |= flags;
         }
@@ -188,7 +192,7 @@ pub fn create(
 ) -> Result<(), Reason> {
     let (key, a_to_b) = key(endpoint, pkt);
     let value = CtValue {
-        last_seen_ns: now,
+        last_seen: now,
         rule,
         flags: flags | closing(pkt) | role_flags(direction, a_to_b),
         generation,

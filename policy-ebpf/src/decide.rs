@@ -32,7 +32,7 @@
 //!   or conntrack entries of the IPv4 address they spell, and where they pass they are not
 //!   recorded in conntrack (an entry would be the IPv4 flow's).
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{helpers::bpf_jiffies64, programs::TcContext};
 use policy_common::{
     Addr, Config, Direction, EndpointInfo, IdentityPair, Reason, ct_flags, endpoint_flags, identity,
 };
@@ -88,12 +88,14 @@ fn mark(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).mark }
 }
 
-/// Conntrack time. The coarse clock (tick resolution, a few ms) is ample for idle timeouts in
-/// seconds and costs a fraction of `bpf_ktime_get_ns` on virtual machines.
+/// Conntrack time, in kernel ticks (`jiffies`, CONFIG.kernel_hz per second). Tick resolution
+/// (a few ms) is ample for idle timeouts in seconds, and the verifier inlines `bpf_jiffies64` to
+/// one load on 64-bit kernels: no helper call on the established path (`bpf_ktime_get_coarse_ns`
+/// is one).
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: helper without preconditions.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    unsafe { bpf_jiffies64() }
 }
 
 #[inline(always)]

@@ -9,28 +9,29 @@
 //! without a wakeup (`policy-agent/src/dataplane/stats.rs`), which bounds how late such a record
 //! arrives.
 //!
-//! The budget runs on the coarse clock (tick resolution is plenty for one-second windows, and it
-//! costs a fraction of `bpf_ktime_get_ns`, which only an event that is actually sent pays for
-//! its timestamp): under a flood of drops nearly every packet is over budget.
+//! The budget runs on conntrack's clock, kernel ticks (`decide::now`: tick resolution is plenty
+//! for one-second windows, and reading it is one load where `bpf_ktime_get_ns`, which only an
+//! event that is actually sent pays for its timestamp, is a helper call): under a flood of drops
+//! nearly every packet is over budget.
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
 };
 use policy_common::{Config, VerdictEvent, addr_octets};
 
-use crate::decide::Verdict;
+use crate::decide::{self, Verdict};
 use crate::maps::{EVENT_RATE, EVENTS};
 use crate::parse::Packet;
-
-const WINDOW_NS: u64 = 1_000_000_000;
 
 /// Waiting bytes from which an allowed flow's record wakes the reader: 64 records.
 const WAKEUP_BACKLOG: u64 = 64 * core::mem::size_of::<VerdictEvent>() as u64;
 
 #[inline(always)]
 fn within_budget(config: &Config, now: u64) -> bool {
-    if config.events_per_sec == 0 {
+    // One second of ticks; a config without the tick rate sends nothing.
+    let window = config.kernel_hz as u64;
+    if config.events_per_sec == 0 || window == 0 {
         return false;
     }
     let Some(rate) = EVENT_RATE.get_ptr_mut(0) else {
@@ -38,7 +39,7 @@ fn within_budget(config: &Config, now: u64) -> bool {
     };
     // SAFETY: per-CPU slot, no concurrent writer on this CPU.
     let rate = unsafe { &mut *rate };
-    if now.saturating_sub(rate[0]) >= WINDOW_NS {
+    if now.saturating_sub(rate[0]) >= window {
         rate[0] = now;
         rate[1] = 0;
     }
@@ -51,11 +52,10 @@ fn within_budget(config: &Config, now: u64) -> bool {
 
 #[inline(always)]
 pub fn emit(ifindex: u32, pkt: &Packet, verdict: &Verdict, config: &Config) {
-    // SAFETY: helper without preconditions.
-    if !within_budget(config, unsafe { bpf_ktime_get_coarse_ns() }) {
+    if !within_budget(config, decide::now()) {
         return;
     }
-    // SAFETY: as above.
+    // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut entry) = EVENTS.reserve::<VerdictEvent>(0) else {
         return;

@@ -7,19 +7,27 @@
 //! update. CONNTRACK and FRAGMENTS are LRU maps written by the programs themselves.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use policy_common::{
-    Addr, Config, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyGroupKey,
-    PortRanges, Reason, ServiceKey, capacity,
+    Addr, Config, CtKey, CtValue, EndpointInfo, EndpointSlot, FragKey, FragValue, IdentityPair,
+    PolicyGroupKey, PortRanges, Reason, ServiceKey, capacity,
 };
 
 /// Host-side veth ifindex → endpoint.
 #[map(name = "ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointInfo> =
     HashMap::with_max_entries(capacity::ENDPOINTS, BPF_F_NO_PREALLOC);
+
+/// Host-side veth ifindex → the same endpoint as ENDPOINTS, packed ([`EndpointSlot`]): what the
+/// veth hooks read first. An array, so the lookup is an address computation (the verifier
+/// inlines it) instead of a hash and a helper call; mmapable, so that the agent stores each slot
+/// whole with one atomic store.
+#[map(name = "ENDPOINT_SLOTS")]
+static ENDPOINT_SLOTS: Array<EndpointSlot> =
+    Array::with_max_entries(capacity::ENDPOINT_SLOTS, BPF_F_MMAPABLE);
 
 /// Endpoint id → endpoint (the post-DNAT hooks know the source endpoint only by its id).
 #[map(name = "ENDPOINTS_BY_ID")]
@@ -78,8 +86,18 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 #[map(name = "EVENT_RATE")]
 pub static EVENT_RATE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
+/// The endpoint behind host veth `ifindex`: its ENDPOINT_SLOTS slot, read with one 8-byte load
+/// (a concurrent store by the agent is seen whole or not at all), or, for an empty slot or an
+/// ifindex past the array, its ENDPOINTS entry.
 #[inline(always)]
 pub fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
+    if let Some(slot) = ENDPOINT_SLOTS.get_ptr(ifindex) {
+        // SAFETY: an aligned pointer into the array returned by the lookup; a volatile read is
+        // one load, never split or repeated by the compiler.
+        if let Some(info) = unsafe { core::ptr::read_volatile(slot) }.unpack() {
+            return Some(info);
+        }
+    }
     // SAFETY: NO_PREALLOC map (RCU-freed elements); the value is copied out at once.
     unsafe { ENDPOINTS.get(&ifindex).copied() }
 }
@@ -98,7 +116,7 @@ pub fn is_service(addr: &Addr) -> bool {
 
 /// The runtime settings. The array always has its element; all zero until the agent writes it,
 /// which means: no mark bits (Service traffic of egress-isolated pods drops), timeouts of 0
-/// (every packet is a new flow), no events. All of those fail closed.
+/// (every packet is a new flow, also for a `kernel_hz` of 0), no events. All of those fail closed.
 #[inline(always)]
 pub fn config() -> Config {
     match CONFIG.get(0) {
@@ -112,6 +130,7 @@ pub fn config() -> Config {
             ct_sctp_timeout_s: 0,
             events_allowed: 0,
             events_per_sec: 0,
+            kernel_hz: 0,
         },
     }
 }

@@ -53,7 +53,7 @@ pub fn ref_ct_lookup(ctx: TcContext) -> i32 {
 fn insert(pkt: &Packet) -> bool {
     let (key, _) = conntrack::key(REF_ENDPOINT, pkt);
     let value = CtValue {
-        last_seen_ns: 0,
+        last_seen: 0,
         rule: 1,
         flags: 0,
         generation: 0,

@@ -11,6 +11,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -87,6 +89,47 @@ impl PinnedMap {
             value_size: info[3],
             max_entries: info[4],
         })
+    }
+
+    /// The value under `key` (`BPF_MAP_LOOKUP_ELEM`), `None` when there is none.
+    pub fn lookup(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        ensure!(
+            key.len() == self.key_size as usize,
+            "{}-byte key",
+            key.len()
+        );
+        let mut value = vec![0u8; self.value_size as usize];
+        let mut attr = Attr::new();
+        // struct { __u32 map_fd; __aligned_u64 key; __aligned_u64 value; __u64 flags; }
+        attr.put_u32(0, self.fd.as_raw_fd() as u32);
+        attr.put_u64(8, key.as_ptr() as u64);
+        attr.put_u64(16, value.as_mut_ptr() as u64);
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => bail!("BPF_MAP_LOOKUP_ELEM: {e}"),
+        }
+    }
+
+    /// Writes `value` under `key` (`BPF_MAP_UPDATE_ELEM`, `BPF_ANY`): for tests that put the
+    /// maps in a state the agent would not.
+    pub fn update(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        ensure!(
+            key.len() == self.key_size as usize,
+            "{}-byte key",
+            key.len()
+        );
+        ensure!(
+            value.len() == self.value_size as usize,
+            "{}-byte value",
+            value.len()
+        );
+        let mut attr = Attr::new();
+        attr.put_u32(0, self.fd.as_raw_fd() as u32);
+        attr.put_u64(8, key.as_ptr() as u64);
+        attr.put_u64(16, value.as_ptr() as u64);
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).context("BPF_MAP_UPDATE_ELEM")?;
+        Ok(())
     }
 
     /// Every key, walked with `BPF_MAP_GET_NEXT_KEY` from no key until `ENOENT`.

@@ -9,11 +9,13 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 use policy_common::{
-    Config, Direction, Reason, ct_flags, endpoint_flags, identity,
+    Config, Direction, EndpointInfo, EndpointSlot, Reason, ct_flags, endpoint_flags, identity,
+    map_names,
     program_names::{FROM_POD, TO_NETWORK, TO_POD},
     proto,
 };
 use policy_tests::{
+    bpfmap::{PinnedMap, read_pod},
     fixture::{Fixture, policy_entry},
     packet::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_MPLS_MC, ETH_P_MPLS_UC, EXT_DSTOPTS, EXT_HOPOPTS,
@@ -1022,6 +1024,110 @@ fn conntrack_timeouts_and_tcp_closing() -> Result<()> {
     f.dp.set_config(Config::DEFAULT)?;
     f.expect(FROM_POD, &udp, 0, &[AllowedEstablished])?;
     f.expect(TO_POD, &udp.reply(), 0, &[AllowedReply])?;
+    Ok(())
+}
+
+/// ENDPOINT_SLOTS, the veth hooks' endpoint lookup, read through its pin with plain `bpf(2)`
+/// calls.
+fn slot(f: &Fixture, ifindex: u32) -> Result<EndpointSlot> {
+    let map = PinnedMap::open(&f.dp.pin_dir().join("maps").join(map_names::ENDPOINT_SLOTS))?;
+    let value = map
+        .lookup(&ifindex.to_ne_bytes())?
+        .context("every slot exists")?;
+    read_pod(&value)
+}
+
+fn set_slot(f: &Fixture, ifindex: u32, value: EndpointSlot) -> Result<()> {
+    let map = PinnedMap::open(&f.dp.pin_dir().join("maps").join(map_names::ENDPOINT_SLOTS))?;
+    map.update(&ifindex.to_ne_bytes(), &value.0.to_ne_bytes())
+}
+
+/// The agent keeps each host veth's slot equal to its ENDPOINTS entry (written after it,
+/// emptied before its removal, rewritten on restart), and the programs act on the slot: a
+/// slot saying NOT_PROGRAMMED drops what ENDPOINTS would allow, and an empty slot sends them
+/// to ENDPOINTS.
+#[test]
+fn the_hooks_read_the_endpoint_slot_which_mirrors_endpoints() -> Result<()> {
+    let mut f = world("slots", &V4)?;
+    let info =
+        f.dp.endpoints()
+            .into_iter()
+            .find(|(ifindex, _)| *ifindex == TEST_IFINDEX)
+            .map(|(_, info)| info)
+            .context("the endpoint")?;
+    let written = slot(&f, TEST_IFINDEX)?;
+    assert_eq!(written, EndpointSlot::pack(&info).unwrap());
+    assert_eq!(
+        written.unpack().map(|e| (e.id, e.flags, e.generation)),
+        Some((EP, BOTH, info.generation))
+    );
+    assert_eq!(slot(&f, TEST_IFINDEX + 1)?, EndpointSlot::EMPTY);
+
+    let new_flow = PacketSpec::udp(V4.me, 41000, V4.peer, 53);
+    let not_programmed = EndpointInfo {
+        flags: info.flags | endpoint_flags::NOT_PROGRAMMED,
+        ..info
+    };
+    set_slot(
+        &f,
+        TEST_IFINDEX,
+        EndpointSlot::pack(&not_programmed).unwrap(),
+    )?;
+    f.expect(FROM_POD, &new_flow, 0, &[DroppedEndpointNotProgrammed])?;
+    // Empty: ENDPOINTS' entry decides.
+    set_slot(&f, TEST_IFINDEX, EndpointSlot::EMPTY)?;
+    f.expect(FROM_POD, &new_flow, 0, &[AllowedByPolicy])?;
+
+    // A restart rewrites a slot left behind by an agent stopped between its two writes.
+    set_slot(
+        &f,
+        TEST_IFINDEX,
+        EndpointSlot::pack(&not_programmed).unwrap(),
+    )?;
+    f.reopen()?;
+    assert_eq!(slot(&f, TEST_IFINDEX)?, written);
+    f.expect(FROM_POD, &new_flow, 0, &[AllowedEstablished])?;
+
+    // A changed endpoint's slot changes with it, generation included.
+    f.endpoint(
+        TEST_IFINDEX,
+        EP,
+        EP_IDENTITY,
+        endpoint_flags::EGRESS_ISOLATED,
+    )?;
+    let changed = slot(&f, TEST_IFINDEX)?.unpack().context("written")?;
+    assert_eq!(changed.flags, endpoint_flags::EGRESS_ISOLATED);
+    assert_ne!(changed.generation, info.generation);
+    // Removed: the slot is empty and the hooks find no endpoint (fail closed).
+    f.dp.remove_endpoint(TEST_IFINDEX)?;
+    assert_eq!(slot(&f, TEST_IFINDEX)?, EndpointSlot::EMPTY);
+    f.expect(FROM_POD, &new_flow, 0, &[DroppedEndpointNotProgrammed])?;
+    Ok(())
+}
+
+/// Conntrack's clock is kernel ticks (jiffies) at the rate the loader found: an idle flow is
+/// live for its timeout and expires after it. A wrong tick rate would stretch or shrink the
+/// timeout (a rate of 0 expires every entry at once).
+#[test]
+fn an_idle_flow_lives_for_its_timeout_in_seconds_and_no_longer() -> Result<()> {
+    let mut f = world("idle", &V4)?;
+    let mut config = Config::DEFAULT;
+    config.ct_udp_timeout_s = 3;
+    f.dp.set_config(config)?;
+    let udp = PacketSpec::udp(V4.me, 40002, V4.peer, 53);
+    f.expect(FROM_POD, &udp, 0, &[AllowedByPolicy])?;
+    // Each hit refreshes the entry: replies keep passing while the flow is active, for longer
+    // than the timeout.
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        f.expect(TO_POD, &udp.reply(), 0, &[AllowedReply])?;
+    }
+    // Idle for 1.5 s of a 3 s timeout: still live.
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    f.expect(TO_POD, &udp.reply(), 0, &[AllowedReply])?;
+    // Idle for 3.5 s: expired, the reply is a new flow the ingress policy does not allow.
+    std::thread::sleep(std::time::Duration::from_millis(3_500));
+    f.expect(TO_POD, &udp.reply(), 0, &[DroppedPolicy])?;
     Ok(())
 }
 

@@ -94,6 +94,12 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error("map {map}: mapping it into memory: {source}")]
+    Mmap {
+        map: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("endpoint on ifindex {ifindex}: {reason}")]
     InvalidEndpoint { ifindex: u32, reason: String },
     #[error("the events ring buffer was already taken")]

@@ -31,6 +31,7 @@ use policy_common::{Config, EndpointInfo, capacity, map_names, program_names};
 
 use super::attach::{AttachMode, Attachment};
 use super::error::DataplaneError;
+use super::slots::EndpointSlots;
 use super::writer::Shadow;
 
 /// The eBPF object built by `build.rs`.
@@ -56,6 +57,7 @@ pub struct Dataplane {
     pub(crate) mode: AttachMode,
     pub(crate) attachments: BTreeMap<String, Attachment>,
     pub(crate) shadow: Shadow,
+    pub(crate) slots: EndpointSlots,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -109,6 +111,7 @@ impl Dataplane {
         }
         pin_programs(&mut ebpf, &pin_dir.join("programs"))?;
 
+        let slots = EndpointSlots::map(&ebpf)?;
         let mut dataplane = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -116,9 +119,12 @@ impl Dataplane {
             mode,
             attachments: BTreeMap::new(),
             shadow: Shadow::default(),
+            slots,
         };
         dataplane.write_config()?;
         dataplane.shadow = Shadow::read(&dataplane.ebpf)?;
+        // Before the links move to the new programs, which read the slots first.
+        dataplane.slots.rewrite(&dataplane.shadow.endpoints);
         dataplane.adopt_links()?;
         Ok(dataplane)
     }
@@ -126,7 +132,17 @@ impl Dataplane {
     /// What the kernel maps hold now, read back entry by entry (not the record of what this
     /// process wrote): for `/explain`.
     pub fn kernel_view(&self) -> Result<crate::live::KernelView, DataplaneError> {
-        let shadow = Shadow::read(&self.ebpf)?;
+        let mut shadow = Shadow::read(&self.ebpf)?;
+        // The programs take a written slot over the ENDPOINTS entry (equal unless a write is
+        // under way); its value is what they act on.
+        for (ifindex, info) in shadow.endpoints.iter_mut() {
+            if let Some(slot) = self.slots.load(*ifindex) {
+                *info = EndpointInfo {
+                    identity: info.identity,
+                    ..slot
+                };
+            }
+        }
         Ok(crate::live::KernelView {
             endpoints: shadow.endpoints,
             ipcache_v4: shadow.ipcache_v4,
@@ -157,9 +173,13 @@ impl Dataplane {
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {
         let map = map_names::CONFIG;
+        let config = Config {
+            kernel_hz: kernel_hz()?,
+            ..self.config
+        };
         let mut array: Array<&mut MapData, Config> = typed_map_mut(&mut self.ebpf, map)?;
         array
-            .set(0, self.config, 0)
+            .set(0, config, 0)
             .map_err(|source| DataplaneError::MapUpdate {
                 map,
                 key: "0".to_owned(),
@@ -218,6 +238,31 @@ impl Dataplane {
             .map(|(ifindex, info)| (*ifindex, *info))
             .collect()
     }
+}
+
+/// The running kernel's tick rate (`CONFIG_HZ`), the unit of conntrack's clock: the coarse
+/// clocks advance once per tick, so their resolution is one tick (`TICK_NSEC`, 1e9 / HZ rounded).
+pub(crate) fn kernel_hz() -> Result<u32, DataplaneError> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return Err(DataplaneError::InvalidConfig {
+            reason: format!(
+                "kernel tick rate: clock_getres(CLOCK_MONOTONIC_COARSE): {}",
+                std::io::Error::last_os_error()
+            ),
+        });
+    }
+    let tick_ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    if !(1_000..=1_000_000_000).contains(&tick_ns) {
+        return Err(DataplaneError::InvalidConfig {
+            reason: format!("kernel tick rate: the coarse clock's resolution is {tick_ns} ns"),
+        });
+    }
+    Ok(((1_000_000_000 + tick_ns / 2) / tick_ns) as u32)
 }
 
 fn validate_config(config: &Config) -> Result<(), DataplaneError> {

@@ -16,6 +16,7 @@ mod attach;
 mod error;
 mod loader;
 mod policy_groups;
+mod slots;
 mod stats;
 mod sys;
 mod writer;

@@ -240,7 +240,7 @@ impl Shadow {
 
 impl Dataplane {
     /// Writes (or rewrites) the endpoint behind host veth `ifindex`: ENDPOINTS_BY_ID first, then
-    /// ENDPOINTS, so no hook ever finds an id it cannot resolve. The generation is managed here:
+    /// ENDPOINTS, then its ENDPOINT_SLOTS slot, so no hook ever finds an id it cannot resolve. The generation is managed here:
     /// it moves on whenever the flags, identity or id change (established flows are re-checked).
     pub fn upsert_endpoint(
         &mut self,
@@ -289,6 +289,8 @@ impl Dataplane {
     /// CONNTRACK and FRAGMENTS entry made under the id ([`Dataplane::forget_flows`]): a later
     /// endpoint with the same id or address inherits no established flow.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        // Before ENDPOINTS: the programs read the slot first.
+        self.slots.clear(ifindex);
         let map = map_names::ENDPOINTS;
         let mut endpoints: HashMap<&mut MapData, u32, EndpointInfo> =
             typed_map_mut(&mut self.ebpf, map)?;
@@ -378,6 +380,8 @@ impl Dataplane {
                 source,
             )
         })?;
+        // After ENDPOINTS: the slot never holds what ENDPOINTS does not.
+        self.slots.store(ifindex, &info);
         self.shadow.endpoints.insert(ifindex, info);
         Ok(())
     }
