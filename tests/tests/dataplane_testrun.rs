@@ -1221,6 +1221,47 @@ fn full_maps_are_reported_as_such() -> Result<()> {
     Ok(())
 }
 
+/// `map_usage` counts hash maps in batches of a few thousand entries and the LPM tries by a key
+/// walk: both agree with a `BPF_MAP_GET_NEXT_KEY` walk of the pinned map, for a CONNTRACK holding
+/// several batches (and a partial last one) and for an IPCACHE_V4 of many prefixes.
+#[test]
+fn map_usage_counts_many_entries_exactly() -> Result<()> {
+    let f = Fixture::new("mapcount")?;
+    let maps = f.dp.pin_dir().join("maps");
+    let conntrack = PinnedMap::open(&maps.join(map_names::CONNTRACK))?;
+    let ipcache = PinnedMap::open(&maps.join(map_names::IPCACHE_V4))?;
+    let counted = |f: &Fixture, name: &str| -> Result<u64> {
+        Ok(f.dp
+            .map_usage()?
+            .iter()
+            .find(|u| u.map == name)
+            .with_context(|| format!("{name} in map_usage"))?
+            .entries)
+    };
+    assert_eq!(counted(&f, map_names::CONNTRACK)?, 0);
+    let value = vec![0u8; conntrack.value_size as usize];
+    for (written, total) in [(1u32, 1u64), (9_999, 10_000), (3_000, 13_000)] {
+        let before = total - u64::from(written);
+        for i in before..total {
+            let mut key = vec![0u8; conntrack.key_size as usize];
+            key[..8].copy_from_slice(&i.to_le_bytes());
+            conntrack.update(&key, &value)?;
+        }
+        assert_eq!(conntrack.keys()?.len() as u64, total);
+        assert_eq!(counted(&f, map_names::CONNTRACK)?, total);
+    }
+    // LPM trie keys: a 32-bit prefix length, then the address.
+    let value = vec![0u8; ipcache.value_size as usize];
+    for i in 0..5_000u32 {
+        let mut key = 24u32.to_ne_bytes().to_vec();
+        key.extend_from_slice(&(0x0a00_0000 | (i << 8)).to_be_bytes());
+        ipcache.update(&key, &value)?;
+    }
+    assert_eq!(ipcache.keys()?.len(), 5_000);
+    assert_eq!(counted(&f, map_names::IPCACHE_V4)?, 5_000);
+    Ok(())
+}
+
 #[test]
 fn policy_groups_span_chunks_and_survive_a_restart() -> Result<()> {
     let mut f = world("chunks", &V4)?;

@@ -3,8 +3,9 @@
 
 use std::{io, mem::size_of};
 
-use aya::maps::{
-    HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
+use aya::{
+    maps::{HashMap as BpfHashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
+    sys::SyscallError,
 };
 use policy_common::{
     Addr, CtKey, CtValue, EndpointInfo, FragKey, FragValue, IdentityPair, PolicyGroupKey,
@@ -47,8 +48,9 @@ impl Dataplane {
     }
 
     /// Entries in each of the maps that fill up ([`map_names::COUNTED`]), counted in the kernel
-    /// by walking the map's keys, against the map's own `max_entries`. One syscall per entry
-    /// (CONNTRACK can hold 262,144): call it at scrape rate, not per packet.
+    /// (batch lookups, or a key walk where the kernel has none), against the map's own
+    /// `max_entries`. A full CONNTRACK (262,144 entries) costs 64 batch syscalls that copy every
+    /// entry: call it at scrape rate, not per packet.
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, DataplaneError> {
         map_names::COUNTED
             .iter()
@@ -132,9 +134,13 @@ impl Dataplane {
     }
 }
 
-/// Counts `keys` of `data`. A key deleted under the walk (the programs evict CONNTRACK and
-/// FRAGMENTS entries at any time) makes the kernel restart it from the first key, so the walk
-/// stops at the map's capacity: the count is never above what the map can hold.
+/// Counts the entries of `data`: with `BPF_MAP_LOOKUP_BATCH` where the kernel has it for the map
+/// (hash and LRU hash maps since Linux 5.6, and the LPM tries on current kernels), a few thousand
+/// entries per syscall; otherwise by walking `keys`, one syscall per entry.
+///
+/// A key deleted under the walk (the programs evict CONNTRACK and FRAGMENTS entries at any time)
+/// makes a key walk restart from the first key, so the count stops at the map's capacity: it is
+/// never above what the map can hold.
 fn count_keys<K>(
     map: &'static str,
     data: &MapData,
@@ -144,23 +150,120 @@ fn count_keys<K>(
         map,
         source: Box::new(source),
     };
-    let capacity = data.info().map_err(err)?.max_entries();
-    let mut entries = 0;
-    for key in keys.take(capacity as usize) {
-        key.map_err(err)?;
-        entries += 1;
-    }
+    let info = data.info().map_err(err)?;
+    let capacity = info.max_entries();
+    let batched =
+        batch_count(data, info.key_size(), info.value_size(), capacity).map_err(|io_error| {
+            err(MapError::SyscallError(SyscallError {
+                call: "BPF_MAP_LOOKUP_BATCH",
+                io_error,
+            }))
+        })?;
+    let entries = match batched {
+        Some(n) => n,
+        None => {
+            let mut n = 0;
+            for key in keys.take(capacity as usize) {
+                key.map_err(err)?;
+                n += 1;
+            }
+            n
+        }
+    };
     Ok(MapUsage {
         map,
-        entries,
+        entries: entries.min(u64::from(capacity)),
         capacity,
     })
 }
 
-/// Reads [`VerdictEvent`]s from the EVENTS ring buffer.
+/// Entries a `BPF_MAP_LOOKUP_BATCH` call asks for at most.
+const BATCH: u32 = 4096;
+
+/// The `batch` member of `union bpf_attr` (`BPF_MAP_*_BATCH` commands).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The entries of a map counted with `BPF_MAP_LOOKUP_BATCH`, or `None` when the kernel has no
+/// batch lookup for this map type (the caller walks keys instead). For hash maps the kernel
+/// copies whole buckets, so the walk sees each entry present throughout it once.
+fn batch_count(
+    data: &MapData,
+    key_size: u32,
+    value_size: u32,
+    capacity: u32,
+) -> io::Result<Option<u64>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const ENOTSUPP: i32 = 524;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let mut chunk = BATCH.min(capacity.max(1));
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    // The position between calls: a bucket index for hash maps, the last key for the generic
+    // batch walk (the LPM tries); a buffer of at least the key size holds either.
+    let (mut token_in, mut token_out) = (
+        vec![0u8; key_size.max(8) as usize],
+        vec![0u8; key_size.max(8) as usize],
+    );
+    let mut first = true;
+    let mut entries = 0u64;
+    loop {
+        keys.resize(key_size as usize * chunk as usize, 0u8);
+        values.resize(value_size as usize * chunk as usize, 0u8);
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` is a valid `bpf_attr` prefix for this command; every buffer it points
+        // to outlives the call and holds `count` keys and values (or one position).
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        if ret == 0 {
+            entries += u64::from(attr.count);
+            std::mem::swap(&mut token_in, &mut token_out);
+            first = false;
+        } else {
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                // The walk is past the last bucket; `count` says what this call still copied.
+                Some(libc::ENOENT) => return Ok(Some(entries + u64::from(attr.count))),
+                // One bucket holds more entries than asked for: ask for more.
+                Some(libc::ENOSPC) if chunk < capacity => chunk = (chunk * 2).min(capacity),
+                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first => return Ok(None),
+                _ => return Err(error),
+            }
+        }
+        if entries >= u64::from(capacity) {
+            return Ok(Some(entries));
+        }
+    }
+}
+
 /// How often [`EventReader::read`] drains the ring buffer when no wakeup came.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Reads [`VerdictEvent`]s from the EVENTS ring buffer.
 pub struct EventReader {
     fd: AsyncFd<RingBuf<MapData>>,
 }
