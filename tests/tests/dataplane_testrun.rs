@@ -1221,9 +1221,10 @@ fn full_maps_are_reported_as_such() -> Result<()> {
     Ok(())
 }
 
-/// `map_usage` counts hash maps in batches of a few thousand entries and the LPM tries by a key
-/// walk: both agree with a `BPF_MAP_GET_NEXT_KEY` walk of the pinned map, for a CONNTRACK holding
-/// several batches (and a partial last one) and for an IPCACHE_V4 of many prefixes.
+/// `map_usage` counts in batches of a few thousand entries (hash maps, and the LPM tries where the
+/// kernel's generic batch walk covers them; a key walk otherwise): the counts agree with a
+/// `BPF_MAP_GET_NEXT_KEY` walk of the pinned map, for a CONNTRACK holding several batches (and a
+/// partial last one) and for an IPCACHE_V4 of more than one batch of prefixes.
 #[test]
 fn map_usage_counts_many_entries_exactly() -> Result<()> {
     let f = Fixture::new("mapcount")?;

@@ -15,6 +15,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 
 use super::error::DataplaneError;
 use super::loader::{Dataplane, typed_map};
+use super::sys::{self, Batch};
 use super::writer::MapUsage;
 
 impl Dataplane {
@@ -180,20 +181,6 @@ fn count_keys<K>(
 /// Entries a `BPF_MAP_LOOKUP_BATCH` call asks for at most.
 const BATCH: u32 = 4096;
 
-/// The `batch` member of `union bpf_attr` (`BPF_MAP_*_BATCH` commands).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// The entries of a map counted with `BPF_MAP_LOOKUP_BATCH`, or `None` when the kernel has no
 /// batch lookup for this map type (the caller walks keys instead). For hash maps the kernel
 /// copies whole buckets, so the walk sees each entry present throughout it once.
@@ -203,61 +190,39 @@ fn batch_count(
     value_size: u32,
     capacity: u32,
 ) -> io::Result<Option<u64>> {
-    use std::os::fd::{AsFd, AsRawFd};
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const ENOTSUPP: i32 = 524;
-    let fd = data.fd().as_fd().as_raw_fd();
+    use std::os::fd::AsFd;
     let mut chunk = BATCH.min(capacity.max(1));
     let (mut keys, mut values) = (Vec::new(), Vec::new());
-    // The position between calls: a bucket index for hash maps, the last key for the generic
-    // batch walk (the LPM tries); a buffer of at least the key size holds either.
-    let (mut token_in, mut token_out) = (
-        vec![0u8; key_size.max(8) as usize],
-        vec![0u8; key_size.max(8) as usize],
-    );
+    let position = vec![0u8; key_size.max(8) as usize];
+    let (mut from, mut to) = (position.clone(), position);
     let mut first = true;
     let mut entries = 0u64;
-    loop {
+    while entries < u64::from(capacity) {
         keys.resize(key_size as usize * chunk as usize, 0u8);
         values.resize(value_size as usize * chunk as usize, 0u8);
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
-            out_batch: token_out.as_mut_ptr() as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk,
-            map_fd: fd as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` is a valid `bpf_attr` prefix for this command; every buffer it points
-        // to outlives the call and holds `count` keys and values (or one position).
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        if ret == 0 {
-            entries += u64::from(attr.count);
-            std::mem::swap(&mut token_in, &mut token_out);
-            first = false;
-        } else {
-            let error = io::Error::last_os_error();
-            match error.raw_os_error() {
-                // The walk is past the last bucket; `count` says what this call still copied.
-                Some(libc::ENOENT) => return Ok(Some(entries + u64::from(attr.count))),
-                // One bucket holds more entries than asked for: ask for more.
-                Some(libc::ENOSPC) if chunk < capacity => chunk = (chunk * 2).min(capacity),
-                Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP) if first => return Ok(None),
-                _ => return Err(error),
+        let in_batch = (!first).then_some(from.as_slice());
+        match sys::map_lookup_batch(
+            data.fd().as_fd(),
+            in_batch,
+            &mut to,
+            &mut keys,
+            &mut values,
+            chunk,
+        ) {
+            Ok(Batch::More(n)) => {
+                entries += u64::from(n);
+                std::mem::swap(&mut from, &mut to);
+                first = false;
             }
-        }
-        if entries >= u64::from(capacity) {
-            return Ok(Some(entries));
+            Ok(Batch::Last(n)) => return Ok(Some(entries + u64::from(n))),
+            Ok(Batch::Unsupported) => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < capacity => {
+                chunk = (chunk * 2).min(capacity);
+            }
+            Err(e) => return Err(e),
         }
     }
+    Ok(Some(entries))
 }
 
 /// How often [`EventReader::read`] drains the ring buffer when no wakeup came.
