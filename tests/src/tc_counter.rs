@@ -139,18 +139,7 @@ impl TcCounter {
         ensure!(name.len() < 16, "program name {name:?} longer than 15");
         let counts = create_counts(name)?;
         let insns = instructions(counts.as_raw_fd(), action);
-        let prog = load_program(name, &insns)?;
-        let pin = pins.join(name);
-        let c_pin = CString::new(pin.as_os_str().as_encoded_bytes())?;
-        let mut attr = Attr::new();
-        // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
-        attr.put_u64(0, c_pin.as_ptr() as u64);
-        attr.put_u32(8, prog.as_raw_fd() as u32);
-        bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("BPF_OBJ_PIN {pin:?}"))?;
-        let program = SchedClassifier::from_pin(&pin);
-        // aya holds its own descriptor now: the pin is not needed any more.
-        std::fs::remove_file(&pin).with_context(|| format!("removing {pin:?}"))?;
-        let program = program.with_context(|| format!("opening {pin:?}"))?;
+        let program = open(pins, name, &insns)?;
         Ok(TcCounter { counts, program })
     }
 
@@ -176,6 +165,36 @@ impl TcCounter {
         bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).context("BPF_MAP_LOOKUP_ELEM")?;
         Ok(value)
     }
+}
+
+/// A classifier named `name` that does nothing but return `TC_ACT_UNSPEC` ("go on"): two
+/// instructions, no map, no helper. Attached at a hook it costs what the hook itself costs (the
+/// tc machinery that runs a program), the baseline any tc dataplane pays before its first lookup.
+pub fn pass_through(pins: &Path, name: &str) -> Result<SchedClassifier> {
+    crate::require_root();
+    ensure!(name.len() < 16, "program name {name:?} longer than 15");
+    let insns = [
+        insn(MOV64_K, 0, 0, 0, crate::testrun::TC_ACT_UNSPEC),
+        insn(EXIT, 0, 0, 0, 0),
+    ];
+    open(pins, name, &insns)
+}
+
+/// Loads `insns` as classifier `name` and opens it with aya, through a pin in `pins` that is
+/// removed again at once.
+fn open(pins: &Path, name: &str, insns: &[Insn]) -> Result<SchedClassifier> {
+    let prog = load_program(name, insns)?;
+    let pin = pins.join(name);
+    let c_pin = CString::new(pin.as_os_str().as_encoded_bytes())?;
+    let mut attr = Attr::new();
+    // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    attr.put_u64(0, c_pin.as_ptr() as u64);
+    attr.put_u32(8, prog.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("BPF_OBJ_PIN {pin:?}"))?;
+    let program = SchedClassifier::from_pin(&pin);
+    // aya holds its own descriptor now: the pin is not needed any more.
+    std::fs::remove_file(&pin).with_context(|| format!("removing {pin:?}"))?;
+    program.with_context(|| format!("opening {pin:?}"))
 }
 
 fn put_name(attr: &mut Attr, offset: usize, name: &str) {

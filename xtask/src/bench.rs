@@ -2,8 +2,8 @@
 //! same machine at the same time.
 //!
 //! - datapath: `bench_datapath` (BPF_PROG_TEST_RUN, ns per packet);
-//! - throughput: `bench_throughput` (pods in network namespaces; none / policy-agent / nftables),
-//!   plus a new-connection sweep over 10, 1,000 and 10,000 policies for the chart;
+//! - throughput: `bench_throughput` (pods in network namespaces; none / hooks alone / policy-agent
+//!   / nftables), plus a new-connection sweep over 10, 1,000 and 10,000 policies for the chart;
 //! - control plane: the compiler benchmark at 10k pods × 1k policies and 50k × 5k, and
 //!   `bench_enforce` (policy change → every agent enforcing), and the same through the real API
 //!   server (`kubectl apply` → every agent enforcing, [`enforce_kube`]).
@@ -272,6 +272,7 @@ fn markdown(r: &Value) -> String {
     s += "\n| pods in namespaces, 1,000 policies | conn/s same node | conn/s cross node | Gb/s same node | Gb/s cross node |\n|---|---|---|---|---|\n";
     for (k, label) in [
         ("none", "no enforcement"),
+        ("hooks", "pass-through program on each hook"),
         ("ours", "policy-agent"),
         ("nft", "nftables baseline"),
     ] {
@@ -285,13 +286,20 @@ fn markdown(r: &Value) -> String {
         );
     }
     s += &format!(
-        "\nRatios: new connections ours/none {}, ours/nftables {}; bulk ours/none {}. Added per \
-         connection (µs): same node {}, cross node {}.\n",
+        "\nRatios: new connections ours/none {}, ours/hooks alone {}, hooks alone/none {}, \
+         ours/nftables {}; bulk ours/none {}. Added per connection (µs): same node {} (hooks {}, \
+         programs {}), cross node {} (hooks {}, programs {}).\n",
         num(&t["crr_ratio_vs_none"]),
+        num(&t["crr_ratio_vs_hooks"]),
+        num(&t["crr_ratio_hooks_vs_none"]),
         num(&t["crr_ratio_vs_nft"]),
         num(&t["stream_ratio_vs_none"]),
         num(&t["added_us_per_connection"]["same_node"]),
-        num(&t["added_us_per_connection"]["cross_node"])
+        num(&t["hooks_us_per_connection"]["same_node"]),
+        num(&t["programs_us_per_connection"]["same_node"]),
+        num(&t["added_us_per_connection"]["cross_node"]),
+        num(&t["hooks_us_per_connection"]["cross_node"]),
+        num(&t["programs_us_per_connection"]["cross_node"])
     );
     let c = &r["control_plane"];
     s += "\n| control plane | 10k pods × 1k policies | 50k pods × 5k policies |\n|---|---|---|\n";
