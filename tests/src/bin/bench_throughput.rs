@@ -96,8 +96,9 @@ fn linger_zero(s: &TcpStream) {
     }
 }
 
-/// Completed request/reply connections per second from `ns` to `dst`.
-fn crr(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
+/// Completed request/reply connections from `ns` to `dst` for `seconds`: how many, and per
+/// second.
+fn crr(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<(u64, f64)> {
     ns.run(|| {
         let addr = SocketAddr::from((dst, CRR_PORT));
         let deadline = Duration::from_secs_f64(seconds);
@@ -118,8 +119,27 @@ fn crr(ns: &NetNs, dst: Ipv4Addr, seconds: f64) -> Result<f64> {
         if failed > 0 && ok == 0 {
             bail!("no connection to {addr} succeeded");
         }
-        Ok(ok as f64 / start.elapsed().as_secs_f64())
+        Ok((ok, ok as f64 / start.elapsed().as_secs_f64()))
     })
+}
+
+/// CPU time (user + system, all threads) the processes `pids` have used so far, in µs, from
+/// `/proc/<pid>/stat` (clock-tick resolution).
+fn cpu_us(pids: &[u32]) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name (which may hold spaces) in parentheses; utime and
+        // stime are the 14th and 15th fields of the line, the 12th and 13th after it.
+        let rest = stat.rsplit_once(')').context("/proc/<pid>/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        for i in [11, 12] {
+            ticks += fields.get(i).context("utime/stime")?.parse::<u64>()?;
+        }
+    }
+    Ok(ticks as f64 / ticks_per_s * 1e6)
 }
 
 /// iperf3 bulk TCP throughput in Gbit/s.
@@ -149,6 +169,8 @@ struct Figures {
     crr_cross: f64,
     stream_same: f64,
     stream_cross: f64,
+    /// CPU time of the enforcer's own processes per new connection (µs).
+    enforcer_cpu_us: f64,
 }
 
 impl Figures {
@@ -164,24 +186,38 @@ impl Figures {
             crr_cross: med(|f| f.crr_cross),
             stream_same: med(|f| f.stream_same),
             stream_cross: med(|f| f.stream_cross),
+            enforcer_cpu_us: med(|f| f.enforcer_cpu_us),
         }
     }
 }
 
-fn measure(cluster: &Cluster, o: &Opts) -> Result<Figures> {
+/// The figures with the enforcer in place; `enforcer` are its own processes (the agents), whose
+/// CPU time per connection is measured over the new-connection runs.
+fn measure(cluster: &Cluster, o: &Opts, enforcer: &[u32]) -> Result<Figures> {
     let a = &cluster.pod("a").netns;
     let (b, c) = (cluster.pod("b").ip, cluster.pod("c").ip);
     let seconds = o.seconds;
     crr(a, b, 0.2)?; // warm up (ARP, conntrack, JIT caches)
+    let cpu_before = cpu_us(enforcer)?;
+    let (same_n, crr_same) = crr(a, b, seconds)?;
+    let (cross_n, crr_cross) = if o.crr_only {
+        (0, 0.0)
+    } else {
+        crr(a, c, seconds)?
+    };
+    let connections = (same_n + cross_n).max(1) as f64;
+    let enforcer_cpu_us = (cpu_us(enforcer)? - cpu_before) / connections;
     if o.crr_only {
         return Ok(Figures {
-            crr_same: crr(a, b, seconds)?,
+            crr_same,
+            enforcer_cpu_us,
             ..Figures::default()
         });
     }
     Ok(Figures {
-        crr_same: crr(a, b, seconds)?,
-        crr_cross: crr(a, c, seconds)?,
+        crr_same,
+        crr_cross,
+        enforcer_cpu_us,
         stream_same: stream(a, b, seconds)?,
         stream_cross: stream(a, c, seconds)?,
     })
@@ -197,7 +233,7 @@ fn with_nftables(cluster: &Cluster, rules: &[workload::Rule], o: &Opts) -> Resul
         node.netns.exec("nft", &["-f", &file.to_string_lossy()])?;
         let _ = std::fs::remove_file(&file);
     }
-    let figures = measure(cluster, o);
+    let figures = measure(cluster, o, &[]);
     for node in &cluster.nodes {
         node.netns
             .exec("nft", &["delete", "table", "inet", table])?;
@@ -227,7 +263,7 @@ fn with_hooks(cluster: &Cluster, o: &Opts) -> Result<Figures> {
             Ok(())
         })?;
     }
-    let figures = measure(cluster, o);
+    let figures = measure(cluster, o, &[]);
     // Dropping the program closes its links: the hooks are empty again.
     drop(program);
     figures
@@ -246,7 +282,8 @@ fn with_agent(
     )?;
     write_revision(&dir, 1)?;
     let (agents, converge) = agent::start_all(cluster, &dir, 1)?;
-    let figures = measure(cluster, o);
+    let pids: Vec<u32> = agents.iter().map(|a| a.child.id()).collect();
+    let figures = measure(cluster, o, &pids);
     drop(agents);
     let _ = std::fs::remove_dir_all(&dir);
     Ok((figures?, converge))
@@ -270,7 +307,7 @@ fn main() -> Result<()> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut converge = Duration::ZERO;
     for round in 0..o.rounds {
-        nones.push(measure(&cluster, &o)?);
+        nones.push(measure(&cluster, &o, &[])?);
         hookss.push(with_hooks(&cluster, &o)?);
         nfts.push(with_nftables(&cluster, &rules, &o)?);
         let (f, c) = with_agent(&cluster, &rules, &o)?;
@@ -325,6 +362,10 @@ fn main() -> Result<()> {
             "same_node": added_us(ours.crr_same, hooks.crr_same),
             "cross_node": added_us(ours.crr_cross, hooks.crr_cross),
         },
+        // The agents' own CPU (user space and the syscalls they make) per new connection, over
+        // the new-connection runs: part of what enforcement costs, though not on the
+        // connection's path.
+        "agent_cpu_us_per_connection": ours.enforcer_cpu_us,
         "crr_ratio_vs_none": ratio(ours.crr_same + ours.crr_cross, none.crr_same + none.crr_cross),
         "crr_ratio_vs_hooks": ratio(ours.crr_same + ours.crr_cross, hooks.crr_same + hooks.crr_cross),
         "crr_ratio_hooks_vs_none": ratio(hooks.crr_same + hooks.crr_cross, none.crr_same + none.crr_cross),
