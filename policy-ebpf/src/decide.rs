@@ -10,7 +10,8 @@
 //!   decision of the source endpoint carried in `skb->mark` (local Service backend), then the
 //!   pod's own ingress.
 //! - `to_network` (tc egress of uplink / tunnel devices): the deferred egress decision of
-//!   Service traffic whose backend lives on another node. Everything unmarked passes untouched.
+//!   Service traffic whose backend lives on another node. Everything unmarked passes untouched
+//!   and uncounted.
 //!
 //! Semantics:
 //! - A direction that is not isolated passes without a policy lookup, but still records the
@@ -446,15 +447,27 @@ fn post_dnat_egress(
     admit(source, direction, pkt, v, sep.generation, now)
 }
 
-/// `to_network`: deferred egress decisions for Service traffic leaving the node.
+/// `to_network`: deferred egress decisions for Service traffic leaving the node. `None` for a
+/// packet that carries none (no endpoint id in the mark): not ours to judge, and not counted,
+/// since the uplink carries all of the node's traffic and not only its pods'. A packet with no
+/// mark bit set at all, nearly everything leaving a node, is told apart before CONFIG is read.
 #[inline(always)]
-pub fn to_network(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
-    let direction = Direction::Egress;
+pub fn to_network(ctx: &TcContext, pkt: &mut Packet) -> Option<Verdict> {
+    if mark(ctx) == 0 {
+        return None;
+    }
     let config = maps::config();
     let source = take_mark(ctx, &config);
     if source == 0 {
-        return Verdict::new(Reason::AllowedNotPoliced, 0, direction);
+        return None;
     }
+    Some(judge_deferred(ctx, pkt, source, &config))
+}
+
+/// The deferred egress decision `to_network` makes for endpoint `source`.
+#[inline(always)]
+fn judge_deferred(ctx: &TcContext, pkt: &mut Packet, source: u32, config: &Config) -> Verdict {
+    let direction = Direction::Egress;
     match parse::parse(ctx, pkt) {
         Err(reason) => return Verdict::new(reason, source, direction),
         Ok(Parsed::NotPoliced) => {
@@ -468,6 +481,6 @@ pub fn to_network(ctx: &TcContext, pkt: &mut Packet) -> Verdict {
     if pkt.frag == FRAG_LATER {
         return fragments::follow(source, direction, pkt);
     }
-    let v = post_dnat_egress(source, pkt, 0, &config, now());
+    let v = post_dnat_egress(source, pkt, 0, config, now());
     fragments::record_first(source, direction, pkt, v)
 }

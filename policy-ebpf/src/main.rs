@@ -62,8 +62,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn to_network(ctx: TcContext) -> i32 {
     let mut pkt = Packet::empty();
-    let verdict = decide::to_network(&ctx, &mut pkt);
-    finish(&ctx, &pkt, None, &verdict)
+    match decide::to_network(&ctx, &mut pkt) {
+        Some(verdict) => finish(&ctx, &pkt, None, &verdict),
+        // No deferred decision: the node's own traffic, not ours to count.
+        None => TC_ACT_UNSPEC,
+    }
 }
 
 /// The benchmark's floor returns exactly what [`finish`] returns for an allowed packet, so that

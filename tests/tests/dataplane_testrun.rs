@@ -352,10 +352,10 @@ fn expect_non_ip(
     program: &'static str,
     inner: &PacketSpec,
     mark: u32,
-    reason: Reason,
+    reasons: &[Reason],
 ) -> Result<()> {
     for (name, frame) in non_ip_frames(inner) {
-        f.expect_bytes(program, &frame, mark, &[reason])
+        f.expect_bytes(program, &frame, mark, reasons)
             .with_context(|| format!("{name} frame at {program}"))?;
     }
     Ok(())
@@ -390,9 +390,9 @@ fn non_ip_frames_drop_in_isolated_directions_only() -> Result<()> {
                     AllowedNotPoliced
                 }
             };
-            expect_non_ip(&f, FROM_POD, &out, 0, verdict(egress_isolated))
+            expect_non_ip(&f, FROM_POD, &out, 0, &[verdict(egress_isolated)])
                 .with_context(|| format!("flags {flags:#x}"))?;
-            expect_non_ip(&f, TO_POD, &inbound, 0, verdict(ingress_isolated))
+            expect_non_ip(&f, TO_POD, &inbound, 0, &[verdict(ingress_isolated)])
                 .with_context(|| format!("flags {flags:#x}"))?;
             // ARP passes whatever the isolation, and so do ICMP and ICMPv6.
             f.expect_bytes(FROM_POD, &arp, 0, &[AllowedNotPoliced])?;
@@ -404,11 +404,12 @@ fn non_ip_frames_drop_in_isolated_directions_only() -> Result<()> {
             f.expect(TO_POD, &icmp6, 0, &[AllowedNotPoliced])?;
             f.expect(FROM_POD, &icmp6.reply(), 0, &[AllowedNotPoliced])?;
         }
-        // On the uplink, unmarked frames are not ours to judge; a marked one carries a deferred
-        // egress decision, which only egress-isolated endpoints make: not IP, it drops.
+        // On the uplink, unmarked frames are not ours to judge (they go on uncounted); a marked
+        // one carries a deferred egress decision, which only egress-isolated endpoints make: not
+        // IP, it drops.
         let mark = EP << MARK_SHIFT;
-        expect_non_ip(&f, TO_NETWORK, &out, 0, AllowedNotPoliced)?;
-        expect_non_ip(&f, TO_NETWORK, &out, mark, DroppedNotIp)?;
+        expect_non_ip(&f, TO_NETWORK, &out, 0, &[])?;
+        expect_non_ip(&f, TO_NETWORK, &out, mark, &[DroppedNotIp])?;
         f.expect_bytes(TO_NETWORK, &arp, mark, &[AllowedNotPoliced])?;
     }
     Ok(())
@@ -418,8 +419,8 @@ fn non_ip_frames_drop_in_isolated_directions_only() -> Result<()> {
 fn non_ip_frames_without_an_endpoint_fail_closed() -> Result<()> {
     let f = Fixture::new("notip-noep")?;
     let out = PacketSpec::udp(V4.me, 40000, V4.peer, 53);
-    expect_non_ip(&f, FROM_POD, &out, 0, DroppedEndpointNotProgrammed)?;
-    expect_non_ip(&f, TO_POD, &out.reply(), 0, DroppedEndpointNotProgrammed)?;
+    expect_non_ip(&f, FROM_POD, &out, 0, &[DroppedEndpointNotProgrammed])?;
+    expect_non_ip(&f, TO_POD, &out.reply(), 0, &[DroppedEndpointNotProgrammed])?;
     let arp = arp_request(Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 1));
     f.expect_bytes(FROM_POD, &arp, 0, &[AllowedNotPoliced])?;
     f.expect_bytes(TO_POD, &arp, 0, &[AllowedNotPoliced])?;
@@ -578,8 +579,8 @@ fn v4_mapped_ipv6_packets_with_a_deferred_egress_decision_drop() -> Result<()> {
     let out = PacketSpec::tcp(V6.me, 40000, MAPPED_PEER_V6, 80);
     f.expect(TO_NETWORK, &out, mark, &[DroppedV4Mapped])?;
     f.expect(TO_POD, &out, mark, &[DroppedV4Mapped])?;
-    // Unmarked on the uplink: not ours to judge.
-    f.expect(TO_NETWORK, &out, 0, &[AllowedNotPoliced])?;
+    // Unmarked on the uplink: not ours to judge, not counted.
+    f.expect(TO_NETWORK, &out, 0, &[])?;
     Ok(())
 }
 
@@ -926,10 +927,12 @@ fn deferred_egress_is_decided_on_the_uplink() -> Result<()> {
         f.expect(TO_NETWORK, &allowed, mark, &[AllowedEstablished])?;
         let denied = PacketSpec::udp(a.peer, 41001, a.other, 5354);
         f.expect(TO_NETWORK, &denied, mark, &[DroppedPolicy])?;
-        // Unmarked traffic is not ours to judge, and is not even parsed.
-        f.expect(TO_NETWORK, &denied, 0, &[AllowedNotPoliced])?;
+        // Unmarked traffic is not ours to judge: neither parsed nor counted. Neither is traffic
+        // that carries only bits outside our mask (kube-proxy's 0x4000 masquerade mark).
+        f.expect(TO_NETWORK, &denied, 0, &[])?;
         let garbage = &denied.build()[..denied.l4_offset() + 2];
-        f.expect_bytes(TO_NETWORK, garbage, 0, &[AllowedNotPoliced])?;
+        f.expect_bytes(TO_NETWORK, garbage, 0, &[])?;
+        f.expect_bytes(TO_NETWORK, garbage, 0x4000, &[])?;
         f.expect_bytes(TO_NETWORK, garbage, mark, &[DroppedTruncated])?;
     }
     Ok(())
