@@ -11,7 +11,10 @@
 //! - anything else (the same tuple in a contradictory role) is not this flow: it is judged as new
 //!   and, if allowed, replaces the entry.
 //!
-//! That is one hash lookup per packet instead of a forward and a reversed probe.
+//! That is one hash lookup per packet instead of a forward and a reversed probe, and none for a
+//! TCP SYN without ACK: it opens a flow by definition, so it is judged as new without looking
+//! (the lookup would miss but for a retransmitted SYN, which is judged again, or a SYN whose
+//! tuple an older flow used in the reverse role, which must not pass as that flow's reply).
 //!
 //! Entries are made for every new flow that is allowed, even in directions that are not
 //! isolated, because the reverse direction may be. Idle timeouts come from CONFIG per protocol
@@ -30,7 +33,7 @@
 use policy_common::{Config, CtKey, CtValue, Direction, Reason, ct_flags, proto};
 
 use crate::maps::CONNTRACK;
-use crate::parse::{Packet, TCP_FIN, TCP_RST};
+use crate::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 /// A live entry found for a packet.
 pub struct CtHit {
@@ -121,6 +124,9 @@ pub fn lookup(
     config: &Config,
     now: u64,
 ) -> Option<CtHit> {
+    if pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return None;
+    }
     let (key, a_to_b) = key(endpoint, pkt);
     let value = live(&key, now, config)?;
     // SAFETY: map value pointer from the lookup; plain data.

@@ -53,6 +53,8 @@ const IPV6_DSTOPTS: u8 = 60;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
 
 /// `Packet::frag` values.
 pub const FRAG_NONE: u8 = 0;

@@ -19,7 +19,8 @@ use policy_tests::{
     fixture::{Fixture, policy_entry},
     packet::{
         ETH_P_8021AD, ETH_P_8021Q, ETH_P_MPLS_MC, ETH_P_MPLS_UC, EXT_DSTOPTS, EXT_HOPOPTS,
-        EXT_ROUTING, PacketSpec, TCP_ACK, TCP_FIN, arp_request, mpls, pppoe_session, vlan_tagged,
+        EXT_ROUTING, PacketSpec, TCP_ACK, TCP_FIN, TCP_SYN, arp_request, mpls, pppoe_session,
+        vlan_tagged,
     },
     testrun::{TC_ACT_UNSPEC, TEST_IFINDEX},
 };
@@ -117,6 +118,31 @@ fn world(tag: &str, a: &Addrs) -> Result<Fixture> {
         )?;
     }
     Ok(f)
+}
+
+/// A TCP SYN without ACK opens a flow: policy judges it, conntrack is not consulted. A
+/// retransmitted SYN is allowed by policy again, and a SYN that reuses an allowed flow's tuple in
+/// the reverse direction is no reply of that flow: the endpoint's ingress policy drops it, while
+/// the flow's real reply still passes.
+#[test]
+fn a_tcp_syn_is_judged_as_a_new_flow() -> Result<()> {
+    for a in [V4, V6] {
+        let f = world("syn", &a)?;
+        let (egress, _, _) = ports(proto::TCP);
+        let out = PacketSpec::tcp(a.me, 40000, a.peer, egress);
+        f.expect(FROM_POD, &out, 0, &[AllowedByPolicy])?;
+        f.expect(FROM_POD, &out, 0, &[AllowedByPolicy])?;
+        f.expect(
+            FROM_POD,
+            &out.clone().flags(TCP_ACK),
+            0,
+            &[AllowedEstablished],
+        )?;
+        // The peer opening a connection from port 80 to port 40000: no rule lets it in.
+        f.expect(TO_POD, &out.reply().flags(TCP_SYN), 0, &[DroppedPolicy])?;
+        f.expect(TO_POD, &out.reply(), 0, &[AllowedReply])?;
+    }
+    Ok(())
 }
 
 /// allowed, denied, reply, fragment and truncated for one family and protocol.
@@ -1320,7 +1346,12 @@ fn policy_groups_span_chunks_and_survive_a_restart() -> Result<()> {
         ));
     }
     f.dp.apply(&shrink)?;
-    probe(&f, 30000, 1078, DroppedRevoked)?;
+    f.expect(
+        FROM_POD,
+        &PacketSpec::tcp(V4.me, 30000, V4.peer, 1078).flags(TCP_ACK),
+        0,
+        &[DroppedRevoked],
+    )?;
     probe(&f, 30001, 1078, DroppedPolicy)?;
     probe(&f, 30001, 1028, AllowedByPolicy)?;
     let usage = f.dp.map_usage()?;
