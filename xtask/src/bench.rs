@@ -289,7 +289,7 @@ fn markdown(r: &Value) -> String {
         "\nRatios: new connections ours/none {}, ours/hooks alone {}, hooks alone/none {}, \
          ours/nftables {}; bulk ours/none {}. Added per connection (µs): same node {} (hooks {}, \
          programs {}), cross node {} (hooks {}, programs {}); the agents' own CPU {} per \
-         connection.\n",
+         connection, and {} ms per second without traffic.\n",
         num(&t["crr_ratio_vs_none"]),
         num(&t["crr_ratio_vs_hooks"]),
         num(&t["crr_ratio_hooks_vs_none"]),
@@ -301,7 +301,8 @@ fn markdown(r: &Value) -> String {
         num(&t["added_us_per_connection"]["cross_node"]),
         num(&t["hooks_us_per_connection"]["cross_node"]),
         num(&t["programs_us_per_connection"]["cross_node"]),
-        num(&t["agent_cpu_us_per_connection"])
+        num(&t["agent_cpu_us_per_connection"]),
+        num(&t["agent_idle_cpu_ms_per_s"])
     );
     let c = &r["control_plane"];
     s += "\n| control plane | 10k pods × 1k policies | 50k pods × 5k policies |\n|---|---|---|\n";

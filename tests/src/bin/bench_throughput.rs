@@ -32,6 +32,8 @@ use serde_json::json;
 
 const CRR_PORT: u16 = 5202;
 const STREAM_PORT: u16 = 5201;
+/// How long the enforcer's processes are watched without traffic.
+const IDLE_SECONDS: f64 = 2.0;
 
 struct Opts {
     policies: usize,
@@ -171,6 +173,8 @@ struct Figures {
     stream_cross: f64,
     /// CPU time of the enforcer's own processes per new connection (µs).
     enforcer_cpu_us: f64,
+    /// CPU time of the same processes per second without traffic (ms), measured right after.
+    enforcer_idle_cpu_ms_per_s: f64,
 }
 
 impl Figures {
@@ -187,6 +191,7 @@ impl Figures {
             stream_same: med(|f| f.stream_same),
             stream_cross: med(|f| f.stream_cross),
             enforcer_cpu_us: med(|f| f.enforcer_cpu_us),
+            enforcer_idle_cpu_ms_per_s: med(|f| f.enforcer_idle_cpu_ms_per_s),
         }
     }
 }
@@ -207,10 +212,20 @@ fn measure(cluster: &Cluster, o: &Opts, enforcer: &[u32]) -> Result<Figures> {
     };
     let connections = (same_n + cross_n).max(1) as f64;
     let enforcer_cpu_us = (cpu_us(enforcer)? - cpu_before) / connections;
+    // The same processes with no traffic, for as long: what they spend whatever the load.
+    let idle = if enforcer.is_empty() {
+        0.0
+    } else {
+        let before = cpu_us(enforcer)?;
+        std::thread::sleep(Duration::from_secs_f64(IDLE_SECONDS));
+        (cpu_us(enforcer)? - before) / IDLE_SECONDS
+    };
+    let enforcer_idle_cpu_ms_per_s = idle / 1e3;
     if o.crr_only {
         return Ok(Figures {
             crr_same,
             enforcer_cpu_us,
+            enforcer_idle_cpu_ms_per_s,
             ..Figures::default()
         });
     }
@@ -218,6 +233,7 @@ fn measure(cluster: &Cluster, o: &Opts, enforcer: &[u32]) -> Result<Figures> {
         crr_same,
         crr_cross,
         enforcer_cpu_us,
+        enforcer_idle_cpu_ms_per_s,
         stream_same: stream(a, b, seconds)?,
         stream_cross: stream(a, c, seconds)?,
     })
@@ -366,6 +382,9 @@ fn main() -> Result<()> {
         // the new-connection runs: part of what enforcement costs, though not on the
         // connection's path.
         "agent_cpu_us_per_connection": ours.enforcer_cpu_us,
+        // What they spend without traffic (timers, the manifest poll, the periodic map count),
+        // both agents together: the part of the above that is not per connection.
+        "agent_idle_cpu_ms_per_s": ours.enforcer_idle_cpu_ms_per_s,
         "crr_ratio_vs_none": ratio(ours.crr_same + ours.crr_cross, none.crr_same + none.crr_cross),
         "crr_ratio_vs_hooks": ratio(ours.crr_same + ours.crr_cross, hooks.crr_same + hooks.crr_cross),
         "crr_ratio_hooks_vs_none": ratio(hooks.crr_same + hooks.crr_cross, none.crr_same + none.crr_cross),
