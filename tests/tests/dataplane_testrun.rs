@@ -130,17 +130,18 @@ fn a_tcp_syn_is_judged_as_a_new_flow() -> Result<()> {
         let f = world("syn", &a)?;
         let (egress, _, _) = ports(proto::TCP);
         let out = PacketSpec::tcp(a.me, 40000, a.peer, egress);
-        f.expect(FROM_POD, &out, 0, &[AllowedByPolicy])?;
-        f.expect(FROM_POD, &out, 0, &[AllowedByPolicy])?;
-        f.expect(
-            FROM_POD,
-            &out.clone().flags(TCP_ACK),
-            0,
-            &[AllowedEstablished],
-        )?;
-        // The peer opening a connection from port 80 to port 40000: no rule lets it in.
-        f.expect(TO_POD, &out.reply().flags(TCP_SYN), 0, &[DroppedPolicy])?;
-        f.expect(TO_POD, &out.reply(), 0, &[AllowedReply])?;
+        let steps = [
+            (FROM_POD, out.clone(), AllowedByPolicy),
+            // Retransmitted: judged again.
+            (FROM_POD, out.clone(), AllowedByPolicy),
+            (FROM_POD, out.clone().flags(TCP_ACK), AllowedEstablished),
+            // The peer opening a connection from port 80 to port 40000: no rule lets it in.
+            (TO_POD, out.reply().flags(TCP_SYN), DroppedPolicy),
+            (TO_POD, out.reply(), AllowedReply),
+        ];
+        for (program, spec, reason) in steps {
+            f.expect(program, &spec, 0, &[reason])?;
+        }
     }
     Ok(())
 }
