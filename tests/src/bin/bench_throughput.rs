@@ -212,7 +212,7 @@ fn measure(cluster: &Cluster, o: &Opts, enforcer: &[u32]) -> Result<Figures> {
     };
     let connections = (same_n + cross_n).max(1) as f64;
     let enforcer_cpu_us = (cpu_us(enforcer)? - cpu_before) / connections;
-    // The same processes with no traffic, for as long: what they spend whatever the load.
+    // The same processes with no traffic for a while: what they spend whatever the load.
     let idle = if enforcer.is_empty() {
         0.0
     } else {
