@@ -250,7 +250,7 @@ fn markdown(r: &Value) -> String {
     ] {
         s += &policy_row(label, |n| cell(&[k, n]));
     }
-    s += "\n| ratio to the reference of unavoidable work (median) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
+    s += "\n| ratio to the reference of unavoidable work (median of the paired ratios) | 10 policies | 1,000 | 10,000 |\n|---|---|---|---|\n";
     for (k, label) in [
         ("established", "established / (parse + CONNTRACK lookup)"),
         ("new_identity", "new, identity / unavoidable sequence"),

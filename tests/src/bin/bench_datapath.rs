@@ -4,7 +4,14 @@
 //!
 //! Every scenario runs `from_pod` (the pod's egress) on one IPv4 TCP packet, `--repeat` times
 //! per kernel call, and reports the median (and the minimum, which is what remains when other work
-//! on a shared machine is left out) over `--rounds` calls of the mean ns per packet:
+//! on a shared machine is left out) of the mean ns per packet over `--rounds` kernel calls in
+//! each of `--setups` dataplanes per policy count, pooled. The rounds are interleaved: every
+//! setup is loaded side by side and each round times every scenario and reference of every setup
+//! once, so that what the ratios and the growth compare was measured over the same stretch of
+//! time (`run_interleaved`). Several setups per count, each new maps with their own hash seeds
+//! and memory, keep one instance's placement from passing for the cost of a policy count. Calls
+//! are short (10,000 packets, about a millisecond) and many, so that most of them fall between
+//! the bursts of other work a shared machine has:
 //! - floor: a program that only returns what an allowed packet gets, `TC_ACT_UNSPEC` ("go on to
 //!   the next program"; `noop`): the test-run harness itself. It returned `TC_ACT_OK` before the
 //!   programs did; the constant costs the same, so floors of either kind compare;
@@ -25,7 +32,10 @@
 //! (parse + one CONNTRACK insert), `lpm_lookup` (parse + one IPCACHE_V4 lookup among the loaded
 //! prefixes), and `new_flow_*` (parse, CONNTRACK lookup, the peer's identities, one POLICY probe,
 //! CONNTRACK insert) on each new-flow scenario's packet. `ratio` is real / reference per policy
-//! count; `growth` is each case at 10,000 policies over the same case at 10.
+//! count; `growth` is each case at 10,000 policies over the same case at 10. Both are paired: a
+//! case and its reference at every policy count are timed back to back in each round, and the
+//! figure is the median of the round-by-round quotients (`paired`), so a burst that slows one
+//! round slows both sides of its quotients.
 //!
 //! IPv6: `established_v6`, `new_identity_v6` and `new_cidr_v6` are the same flows between the
 //! pods' IPv6 addresses (and an IPv6 world prefix carrying the same CIDR identity), allowed by the
@@ -75,6 +85,8 @@ struct Args {
     json: bool,
     repeat: u32,
     rounds: usize,
+    /// Dataplanes loaded per policy count (new maps each: their own hash seeds and memory).
+    setups: usize,
     /// Only this many policies (one of `POLICY_COUNTS`), for profiling one setup.
     policies: Option<usize>,
     /// Only this scenario (besides the floor), for profiling one path.
@@ -84,8 +96,9 @@ struct Args {
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         json: false,
-        repeat: 100_000,
-        rounds: 7,
+        repeat: 10_000,
+        rounds: 45,
+        setups: 3,
         policies: None,
         only: None,
     };
@@ -95,6 +108,7 @@ fn parse_args() -> Result<Args> {
             "--json" => args.json = true,
             "--repeat" => args.repeat = it.next().context("--repeat N")?.parse()?,
             "--rounds" => args.rounds = it.next().context("--rounds N")?.parse()?,
+            "--setups" => args.setups = it.next().context("--setups N")?.parse()?,
             "--policies" => {
                 let n = it.next().context("--policies N")?.parse()?;
                 if !POLICY_COUNTS.contains(&n) {
@@ -105,13 +119,16 @@ fn parse_args() -> Result<Args> {
             "--only" => args.only = Some(it.next().context("--only SCENARIO")?),
             "-h" | "--help" => {
                 println!(
-                    "bench_datapath [--json] [--repeat N] [--rounds N] [--policies N] [--only SCENARIO]\n\
+                    "bench_datapath [--json] [--repeat N] [--rounds N] [--setups N] [--policies N] [--only SCENARIO]\n\
                      (--policies and --only are for profiling; they print the text table only)"
                 );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
         }
+    }
+    if args.rounds == 0 || args.setups == 0 || args.repeat == 0 {
+        bail!("--rounds, --setups and --repeat: at least 1");
     }
     Ok(args)
 }
@@ -272,29 +289,140 @@ struct Sample {
     min: f64,
 }
 
-/// Times `program` on `spec`; checks the verdict.
-fn measure(
-    f: &Fixture,
-    program: &'static str,
-    spec: &PacketSpec,
-    want: i32,
-    args: &Args,
-) -> Result<Sample> {
-    let bytes = spec.build();
-    let program = f.dp.program(program)?;
-    let mut samples = Vec::with_capacity(args.rounds);
-    for _ in 0..args.rounds {
-        let (duration, action) = testrun::time(program, &bytes, args.repeat)?;
-        if action != want {
-            bail!("{spec:?}: action {action}, expected {want}");
+impl Sample {
+    fn of(mut samples: Vec<f64>) -> Sample {
+        samples.sort_by(f64::total_cmp);
+        Sample {
+            median: samples[samples.len() / 2],
+            min: samples[0],
         }
-        samples.push(duration.as_nanos() as f64);
     }
-    samples.sort_by(f64::total_cmp);
-    Ok(Sample {
-        median: samples[samples.len() / 2],
-        min: samples[0],
-    })
+}
+
+/// The CONFIG a measurement runs under.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Settings {
+    /// The defaults: the established flow's entry stays live.
+    Default,
+    /// Conntrack timeouts of 0 ([`new_flow_config`]).
+    NewFlow,
+    /// [`Settings::NewFlow`] with the allowed-flow events on.
+    Reported,
+}
+
+impl Settings {
+    fn config(self) -> Config {
+        match self {
+            Settings::Default => Config::DEFAULT,
+            Settings::NewFlow => new_flow_config(),
+            Settings::Reported => Config {
+                events_allowed: 1,
+                ..new_flow_config()
+            },
+        }
+    }
+}
+
+/// Where a measurement's figures go.
+#[derive(Clone, Copy)]
+enum Kind {
+    Floor,
+    Case,
+    Reference,
+}
+
+/// One program timed on one packet in one setup, a kernel call per round.
+struct Job {
+    kind: Kind,
+    name: &'static str,
+    policies: usize,
+    /// Index of its setup in `Setups`.
+    setup: usize,
+    /// Which of the setups of its policy count (0..`--setups`).
+    instance: usize,
+    program: &'static str,
+    spec: PacketSpec,
+    packet: Vec<u8>,
+    want: i32,
+    settings: Settings,
+    samples: Vec<f64>,
+}
+
+/// The dataplanes, one per policy count, and the CONFIG each holds now.
+type Setups = Vec<(Fixture, Settings)>;
+
+/// The jobs timed back to back: a case and its reference ([`RATIOS`]) at every policy count, in
+/// the setups of one instance index. What a ratio or a growth divides was then measured within
+/// a few milliseconds, under the same state of the machine.
+fn group_of(job: &Job) -> (&'static str, usize) {
+    let family = RATIOS
+        .iter()
+        .find(|&&(_, reference)| reference == job.name)
+        .map_or(job.name, |&(case, _)| case);
+    (family, job.instance)
+}
+
+/// Runs every job once per round, the rounds interleaved: each round times every group
+/// ([`group_of`]) once, the groups in an order shuffled afresh each round (a fixed seed, so every
+/// run takes the same orders), each group's jobs one after another. A burst of other work on
+/// the machine then lands in one round of some groups rather than in every round of one job, and
+/// periodic work cannot keep hitting the same jobs; within a group the jobs share what the burst
+/// did, which the paired ratios ([`paired`]) divide out.
+fn run_interleaved(setups: &mut Setups, jobs: &mut [Job], args: &Args) -> Result<()> {
+    let mut groups: BTreeMap<(&'static str, usize), Vec<usize>> = BTreeMap::new();
+    for (j, job) in jobs.iter().enumerate() {
+        groups.entry(group_of(job)).or_default().push(j);
+    }
+    let mut order: Vec<Vec<usize>> = groups.into_values().collect();
+    let mut rng = Rng(0x005e_ed0f_0dd5_u64);
+    for _ in 0..args.rounds {
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for &j in order.iter().flatten() {
+            let job = &mut jobs[j];
+            let (f, current) = &mut setups[job.setup];
+            if *current != job.settings {
+                f.dp.set_config(job.settings.config())?;
+                *current = job.settings;
+            }
+            let program = f.dp.program(job.program)?;
+            let (duration, action) = testrun::time(program, &job.packet, args.repeat)?;
+            if action != job.want {
+                bail!(
+                    "{} at {} policies, {:?}: action {action}, expected {}",
+                    job.name,
+                    job.policies,
+                    job.spec,
+                    job.want
+                );
+            }
+            job.samples.push(duration.as_nanos() as f64);
+        }
+    }
+    Ok(())
+}
+
+/// The median over every round of every instance of `num[round] / den[round]`, where `num` and
+/// `den` are the jobs named so at the given policy counts in the same instance (one group, so
+/// each pair was timed back to back).
+fn paired(jobs: &[Job], num: (&str, usize), den: (&str, usize)) -> Option<f64> {
+    let find = |(name, policies): (&str, usize), instance| {
+        jobs.iter()
+            .find(|j| j.name == name && j.policies == policies && j.instance == instance)
+    };
+    let mut ratios = Vec::new();
+    for instance in jobs
+        .iter()
+        .map(|j| j.instance)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (Some(n), Some(d)) = (find(num, instance), find(den, instance)) else {
+            continue;
+        };
+        ratios.extend(n.samples.iter().zip(&d.samples).map(|(a, b)| a / b));
+    }
+    (!ratios.is_empty()).then(|| Sample::of(ratios).median)
 }
 
 fn new_flow_config() -> Config {
@@ -381,35 +509,31 @@ impl Figures {
             .or_else(|| self.reference.get(name))
             .unwrap_or(&NOT_MEASURED)
     }
+}
 
-    /// Medians: each real case over its reference, per policy count.
-    fn ratios(&self) -> BTreeMap<&'static str, BTreeMap<usize, f64>> {
-        RATIOS
-            .iter()
-            .map(|&(case, reference)| {
-                let real = self.case(case);
-                let base = self.case(reference);
-                let r = real
-                    .iter()
-                    .filter_map(|(n, s)| Some((*n, s.median / base.get(n)?.median)))
-                    .collect();
-                (case, r)
-            })
-            .collect()
-    }
+/// Each real case over its reference, per policy count: the median of the paired ratios.
+fn ratios(jobs: &[Job]) -> BTreeMap<&'static str, BTreeMap<usize, f64>> {
+    RATIOS
+        .iter()
+        .map(|&(case, reference)| {
+            let by_count = POLICY_COUNTS
+                .iter()
+                .filter_map(|&n| Some((n, paired(jobs, (case, n), (reference, n))?)))
+                .collect();
+            (case, by_count)
+        })
+        .collect()
+}
 
-    /// Medians: each case at the most policies over the same case at the fewest.
-    fn growth(&self) -> BTreeMap<&'static str, f64> {
-        let (first, last) = (POLICY_COUNTS[0], POLICY_COUNTS[POLICY_COUNTS.len() - 1]);
-        CASES
-            .into_iter()
-            .filter(|&case| case != "new_reported")
-            .filter_map(|case| {
-                let m = self.case(case);
-                Some((case, m.get(&last)?.median / m.get(&first)?.median))
-            })
-            .collect()
-    }
+/// Each case at the most policies over the same case at the fewest: the median of the paired
+/// ratios.
+fn growth(jobs: &[Job]) -> BTreeMap<&'static str, f64> {
+    let (first, last) = (POLICY_COUNTS[0], POLICY_COUNTS[POLICY_COUNTS.len() - 1]);
+    CASES
+        .into_iter()
+        .filter(|&case| case != "new_reported")
+        .filter_map(|case| Some((case, paired(jobs, (case, last), (case, first))?)))
+        .collect()
 }
 
 fn main() -> Result<()> {
@@ -423,98 +547,118 @@ fn main() -> Result<()> {
 
     let filtered = args.policies.is_some() || args.only.is_some();
     let wanted = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
-    for &policies in &POLICY_COUNTS {
-        if args.policies.is_some_and(|n| n != policies) {
-            continue;
-        }
+    let mut setups: Setups = Vec::new();
+    let mut jobs: Vec<Job> = Vec::new();
+    let instances = POLICY_COUNTS
+        .iter()
+        .filter(|&&n| args.policies.is_none_or(|p| p == n))
+        .flat_map(|&n| (0..args.setups).map(move |i| (n, i)));
+    for (policies, instance) in instances {
         eprintln!(
-            "loading {policies} policies and {CIDR_PREFIXES} IPv4 and {CIDR_PREFIXES} IPv6 CIDR prefixes..."
+            "loading {policies} policies and {CIDR_PREFIXES} IPv4 and {CIDR_PREFIXES} IPv6 CIDR prefixes (setup {} of {})...",
+            instance + 1,
+            args.setups
         );
         let mut f = setup(policies, &cidrs, &cidrs6)?;
-        if policies == POLICY_COUNTS[0] || filtered {
-            f.dp.load_unpinned(NOOP)?;
-            figures.floor = measure(
-                &f,
-                NOOP,
-                &PacketSpec::tcp(ME, 1, PEER_ADDR, 80),
-                TC_ACT_UNSPEC,
-                &args,
-            )?;
-        }
-        // Established: the first run records the flow, the timed ones find it.
+        // The established flows: recorded now, found by every timed run.
         let flow = PacketSpec::tcp(ME, 40000, PEER_ADDR, 80);
-        f.expect(
-            FROM_POD,
-            &flow,
-            0,
-            &[policy_common::Reason::AllowedByPolicy],
-        )?;
-        let est = flow.flags(TCP_ACK);
-        if wanted("established") {
-            let sample = measure(&f, FROM_POD, &est, TC_ACT_UNSPEC, &args)?;
-            figures.record("established", policies, sample);
-        }
         let flow6 = PacketSpec::tcp(ME6, 40000, PEER_ADDR6, 80);
-        f.expect(
-            FROM_POD,
-            &flow6,
-            0,
-            &[policy_common::Reason::AllowedByPolicy],
-        )?;
-        let est6 = flow6.flags(TCP_ACK);
-        if wanted("established_v6") {
-            let sample = measure(&f, FROM_POD, &est6, TC_ACT_UNSPEC, &args)?;
-            figures.record("established_v6", policies, sample);
+        for flow in [&flow, &flow6] {
+            f.expect(FROM_POD, flow, 0, &[policy_common::Reason::AllowedByPolicy])?;
         }
-
-        f.dp.set_config(new_flow_config())?;
+        let (est, est6) = (flow.flags(TCP_ACK), flow6.flags(TCP_ACK));
+        let setup = setups.len();
+        let mut add = |kind, name, program, spec: PacketSpec, want, settings| {
+            jobs.push(Job {
+                kind,
+                name,
+                policies,
+                setup,
+                instance,
+                program,
+                packet: spec.build(),
+                spec,
+                want,
+                settings,
+                samples: Vec::with_capacity(args.rounds),
+            })
+        };
+        if setups.is_empty() {
+            f.dp.load_unpinned(NOOP)?;
+            let spec = PacketSpec::tcp(ME, 1, PEER_ADDR, 80);
+            add(
+                Kind::Floor,
+                "floor",
+                NOOP,
+                spec,
+                TC_ACT_UNSPEC,
+                Settings::Default,
+            );
+        }
         let cases = [
+            ("established", est.clone(), TC_ACT_UNSPEC, Settings::Default),
+            (
+                "established_v6",
+                est6.clone(),
+                TC_ACT_UNSPEC,
+                Settings::Default,
+            ),
             (
                 "new_identity",
                 PacketSpec::tcp(ME, 40001, PEER_ADDR, 80),
                 TC_ACT_UNSPEC,
+                Settings::NewFlow,
             ),
             (
                 "new_cidr",
                 PacketSpec::tcp(ME, 40002, WORLD_ADDR, 443),
                 TC_ACT_UNSPEC,
+                Settings::NewFlow,
             ),
             (
                 "new_port_range",
                 PacketSpec::tcp(ME, 40003, PEER_ADDR, 8070),
                 TC_ACT_UNSPEC,
+                Settings::NewFlow,
             ),
             (
                 "denied",
                 PacketSpec::tcp(ME, 40004, PEER_ADDR, 9),
                 TC_ACT_SHOT,
+                Settings::NewFlow,
             ),
             (
                 "new_identity_v6",
                 PacketSpec::tcp(ME6, 40001, PEER_ADDR6, 80),
                 TC_ACT_UNSPEC,
+                Settings::NewFlow,
             ),
             (
                 "new_cidr_v6",
                 PacketSpec::tcp(ME6, 40002, WORLD_ADDR6, 443),
                 TC_ACT_UNSPEC,
+                Settings::NewFlow,
+            ),
+            (
+                "new_reported",
+                PacketSpec::tcp(ME, 40005, PEER_ADDR, 80),
+                TC_ACT_UNSPEC,
+                Settings::Reported,
             ),
         ];
-        for (name, spec, want) in cases {
+        for (name, spec, want, settings) in cases {
             if wanted(name) {
-                let sample = measure(&f, FROM_POD, &spec, want, &args)?;
-                figures.record(name, policies, sample);
+                add(Kind::Case, name, FROM_POD, spec, want, settings);
             }
         }
-        // The references, after the real programs (their inserts leave entries the real
-        // programs would otherwise find).
+        // The references, on tuples of their own: their inserts must not leave entries the
+        // real programs would find.
         if wanted("reference") {
-            f.dp.set_config(Config::DEFAULT)?;
             for name in [REF_CT_LOOKUP, REF_LRU_INSERT, REF_LPM_LOOKUP, REF_NEW_FLOW] {
                 f.dp.load_unpinned(name)?;
             }
             let refs = [
-                ("ct_lookup", REF_CT_LOOKUP, est.clone()),
+                ("ct_lookup", REF_CT_LOOKUP, est),
                 (
                     "lru_insert",
                     REF_LRU_INSERT,
@@ -540,7 +684,7 @@ fn main() -> Result<()> {
                     REF_NEW_FLOW,
                     PacketSpec::tcp(ME, 40015, PEER_ADDR, 8070),
                 ),
-                ("ct_lookup_v6", REF_CT_LOOKUP, est6.clone()),
+                ("ct_lookup_v6", REF_CT_LOOKUP, est6),
                 (
                     "new_flow_identity_v6",
                     REF_NEW_FLOW,
@@ -553,22 +697,45 @@ fn main() -> Result<()> {
                 ),
             ];
             for (name, program, spec) in refs {
-                let sample = measure(&f, program, &spec, TC_ACT_UNSPEC, &args)?;
+                add(
+                    Kind::Reference,
+                    name,
+                    program,
+                    spec,
+                    TC_ACT_UNSPEC,
+                    Settings::Default,
+                );
+            }
+        }
+        setups.push((f, Settings::Default));
+    }
+    eprintln!(
+        "timing {} programs x {} rounds, interleaved...",
+        jobs.len(),
+        args.rounds
+    );
+    run_interleaved(&mut setups, &mut jobs, &args)?;
+    let (ratio, growth) = (ratios(&jobs), growth(&jobs));
+    // The rounds of every setup of a policy count, pooled.
+    let mut pooled: BTreeMap<(&'static str, usize), (Kind, Vec<f64>)> = BTreeMap::new();
+    for job in jobs {
+        let (_, samples) = pooled
+            .entry((job.name, job.policies))
+            .or_insert((job.kind, Vec::new()));
+        samples.extend(job.samples);
+    }
+    for ((name, policies), (kind, samples)) in pooled {
+        let sample = Sample::of(samples);
+        match kind {
+            Kind::Floor => figures.floor = sample,
+            Kind::Case => figures.record(name, policies, sample),
+            Kind::Reference => {
                 figures
                     .reference
                     .entry(name)
                     .or_default()
                     .insert(policies, sample);
             }
-            f.dp.set_config(new_flow_config())?;
-        }
-        if wanted("new_reported") {
-            let mut reporting = new_flow_config();
-            reporting.events_allowed = 1;
-            f.dp.set_config(reporting)?;
-            let spec = PacketSpec::tcp(ME, 40005, PEER_ADDR, 80);
-            let sample = measure(&f, FROM_POD, &spec, TC_ACT_UNSPEC, &args)?;
-            figures.record("new_reported", policies, sample);
         }
     }
 
@@ -589,15 +756,15 @@ fn main() -> Result<()> {
         // The figures asked for are medians; the minimums ride along under "min".
         let mut out = figures.json(|s| s.median);
         out["min"] = figures.json(|s| s.min);
-        out["ratio"] = serde_json::json!(figures.ratios());
-        out["growth"] = serde_json::json!(figures.growth());
+        out["ratio"] = serde_json::json!(ratio);
+        out["growth"] = serde_json::json!(growth);
         out["cidr_prefixes"] = serde_json::json!(CIDR_PREFIXES);
         out["unit"] = serde_json::json!("ns/packet");
         println!("{out}");
     } else {
         println!(
-            "ns per packet, median (min) of {} kernel runs x {} packets; {CIDR_PREFIXES} IPv4 and {CIDR_PREFIXES} IPv6 CIDR prefixes loaded",
-            args.rounds, args.repeat
+            "ns per packet, median (min) of {} setups x {} interleaved kernel runs x {} packets; {CIDR_PREFIXES} IPv4 and {CIDR_PREFIXES} IPv6 CIDR prefixes loaded",
+            args.setups, args.rounds, args.repeat
         );
         println!("{:<16}{:>14}{:>14}{:>14}", "policies", 10, 1000, 10000);
         let cell = |s: &Sample| format!("{:.0} ({:.0})", s.median, s.min);
@@ -625,16 +792,15 @@ fn main() -> Result<()> {
             }
             println!();
         }
-        println!("ratio, real / reference (median)");
-        for (case, by_count) in figures.ratios() {
+        println!("ratio, real / reference (median of the paired ratios)");
+        for (case, by_count) in &ratio {
             print!("{case:<22}");
             for count in POLICY_COUNTS {
                 print!("{:>14}", format!("{:.2}", by_count[&count]));
             }
             println!();
         }
-        let growth: Vec<String> = figures
-            .growth()
+        let growth: Vec<String> = growth
             .iter()
             .map(|(case, g)| format!("{case} {g:.2}"))
             .collect();
