@@ -317,18 +317,26 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let rules = workload::policies(o.policies, (STREAM_PORT, CRR_PORT));
 
-    // The three enforcers take turns, round after round, and each figure is the median over the
-    // rounds: load from elsewhere on a shared 2-core machine then hits all three alike.
+    // The four enforcers take turns, round after round, and each figure is the median over the
+    // rounds: load from elsewhere on a shared 2-core machine then hits them alike. Each round
+    // starts one enforcer further along, so that none always runs first, or always right after
+    // the same other one (whose teardown, an agent's or a ruleset's, it would inherit).
     let (mut nones, mut hookss, mut nfts, mut ourss) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut converge = Duration::ZERO;
     for round in 0..o.rounds {
-        nones.push(measure(&cluster, &o, &[])?);
-        hookss.push(with_hooks(&cluster, &o)?);
-        nfts.push(with_nftables(&cluster, &rules, &o)?);
-        let (f, c) = with_agent(&cluster, &rules, &o)?;
-        ourss.push(f);
-        converge = converge.max(c);
+        for turn in 0..4 {
+            match (round + turn) % 4 {
+                0 => nones.push(measure(&cluster, &o, &[])?),
+                1 => hookss.push(with_hooks(&cluster, &o)?),
+                2 => nfts.push(with_nftables(&cluster, &rules, &o)?),
+                _ => {
+                    let (f, c) = with_agent(&cluster, &rules, &o)?;
+                    ourss.push(f);
+                    converge = converge.max(c);
+                }
+            }
+        }
         eprintln!(
             "round {}: none {:.0}, hooks {:.0}, nftables {:.0}, ours {:.0} conn/s (same node)",
             round + 1,
