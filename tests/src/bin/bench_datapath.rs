@@ -299,30 +299,6 @@ impl Sample {
     }
 }
 
-/// The CONFIG a measurement runs under.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Settings {
-    /// The defaults: the established flow's entry stays live.
-    Default,
-    /// Conntrack timeouts of 0 ([`new_flow_config`]).
-    NewFlow,
-    /// [`Settings::NewFlow`] with the allowed-flow events on.
-    Reported,
-}
-
-impl Settings {
-    fn config(self) -> Config {
-        match self {
-            Settings::Default => Config::DEFAULT,
-            Settings::NewFlow => new_flow_config(),
-            Settings::Reported => Config {
-                events_allowed: 1,
-                ..new_flow_config()
-            },
-        }
-    }
-}
-
 /// Where a measurement's figures go.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -336,7 +312,7 @@ struct Job {
     kind: Kind,
     name: &'static str,
     policies: usize,
-    /// Index of its setup in `Setups`.
+    /// Index of its dataplane in `setups`.
     setup: usize,
     /// Which of the setups of its policy count (0..`--setups`).
     instance: usize,
@@ -344,12 +320,10 @@ struct Job {
     spec: PacketSpec,
     packet: Vec<u8>,
     want: i32,
-    settings: Settings,
+    /// The CONFIG it runs under.
+    config: Config,
     samples: Vec<f64>,
 }
-
-/// The dataplanes, one per policy count, and the CONFIG each holds now.
-type Setups = Vec<(Fixture, Settings)>;
 
 /// The jobs timed back to back: a case and its reference ([`RATIOS`]) at every policy count, in
 /// the setups of one instance index. What a ratio or a growth divides was then measured within
@@ -368,7 +342,7 @@ fn group_of(job: &Job) -> (&'static str, usize) {
 /// the machine then lands in one round of some groups rather than in every round of one job, and
 /// periodic work cannot keep hitting the same jobs; within a group the jobs share what the burst
 /// did, which the paired ratios ([`paired`]) divide out.
-fn run_interleaved(setups: &mut Setups, jobs: &mut [Job], args: &Args) -> Result<()> {
+fn run_interleaved(setups: &mut [Fixture], jobs: &mut [Job], args: &Args) -> Result<()> {
     let mut groups: BTreeMap<(&'static str, usize), Vec<usize>> = BTreeMap::new();
     for (j, job) in jobs.iter().enumerate() {
         groups.entry(group_of(job)).or_default().push(j);
@@ -381,10 +355,9 @@ fn run_interleaved(setups: &mut Setups, jobs: &mut [Job], args: &Args) -> Result
         }
         for &j in order.iter().flatten() {
             let job = &mut jobs[j];
-            let (f, current) = &mut setups[job.setup];
-            if *current != job.settings {
-                f.dp.set_config(job.settings.config())?;
-                *current = job.settings;
+            let f = &mut setups[job.setup];
+            if f.dp.config() != job.config {
+                f.dp.set_config(job.config)?;
             }
             let program = f.dp.program(job.program)?;
             let (duration, action) = testrun::time(program, &job.packet, args.repeat)?;
@@ -407,20 +380,18 @@ fn run_interleaved(setups: &mut Setups, jobs: &mut [Job], args: &Args) -> Result
 /// `den` are the jobs named so at the given policy counts in the same instance (one group, so
 /// each pair was timed back to back).
 fn paired(jobs: &[Job], num: (&str, usize), den: (&str, usize)) -> Option<f64> {
-    let find = |(name, policies): (&str, usize), instance| {
+    fn named<'a>(
+        jobs: &'a [Job],
+        (name, policies): (&'a str, usize),
+    ) -> impl Iterator<Item = &'a Job> {
         jobs.iter()
-            .find(|j| j.name == name && j.policies == policies && j.instance == instance)
-    };
+            .filter(move |j| j.name == name && j.policies == policies)
+    }
     let mut ratios = Vec::new();
-    for instance in jobs
-        .iter()
-        .map(|j| j.instance)
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        let (Some(n), Some(d)) = (find(num, instance), find(den, instance)) else {
-            continue;
-        };
-        ratios.extend(n.samples.iter().zip(&d.samples).map(|(a, b)| a / b));
+    for n in named(jobs, num) {
+        if let Some(d) = named(jobs, den).find(|d| d.instance == n.instance) {
+            ratios.extend(n.samples.iter().zip(&d.samples).map(|(a, b)| a / b));
+        }
     }
     (!ratios.is_empty()).then(|| Sample::of(ratios).median)
 }
@@ -547,7 +518,7 @@ fn main() -> Result<()> {
 
     let filtered = args.policies.is_some() || args.only.is_some();
     let wanted = |name: &str| args.only.as_deref().is_none_or(|only| only == name);
-    let mut setups: Setups = Vec::new();
+    let mut setups: Vec<Fixture> = Vec::new();
     let mut jobs: Vec<Job> = Vec::new();
     let instances = POLICY_COUNTS
         .iter()
@@ -568,7 +539,12 @@ fn main() -> Result<()> {
         }
         let (est, est6) = (flow.flags(TCP_ACK), flow6.flags(TCP_ACK));
         let setup = setups.len();
-        let mut add = |kind, name, program, spec: PacketSpec, want, settings| {
+        let (default, new_flow) = (Config::DEFAULT, new_flow_config());
+        let reported = Config {
+            events_allowed: 1,
+            ..new_flow
+        };
+        let mut add = |kind, name, program, spec: PacketSpec, want, config| {
             jobs.push(Job {
                 kind,
                 name,
@@ -579,76 +555,64 @@ fn main() -> Result<()> {
                 packet: spec.build(),
                 spec,
                 want,
-                settings,
+                config,
                 samples: Vec::with_capacity(args.rounds),
             })
         };
         if setups.is_empty() {
             f.dp.load_unpinned(NOOP)?;
             let spec = PacketSpec::tcp(ME, 1, PEER_ADDR, 80);
-            add(
-                Kind::Floor,
-                "floor",
-                NOOP,
-                spec,
-                TC_ACT_UNSPEC,
-                Settings::Default,
-            );
+            add(Kind::Floor, "floor", NOOP, spec, TC_ACT_UNSPEC, default);
         }
         let cases = [
-            ("established", est.clone(), TC_ACT_UNSPEC, Settings::Default),
-            (
-                "established_v6",
-                est6.clone(),
-                TC_ACT_UNSPEC,
-                Settings::Default,
-            ),
+            ("established", est.clone(), TC_ACT_UNSPEC, default),
+            ("established_v6", est6.clone(), TC_ACT_UNSPEC, default),
             (
                 "new_identity",
                 PacketSpec::tcp(ME, 40001, PEER_ADDR, 80),
                 TC_ACT_UNSPEC,
-                Settings::NewFlow,
+                new_flow,
             ),
             (
                 "new_cidr",
                 PacketSpec::tcp(ME, 40002, WORLD_ADDR, 443),
                 TC_ACT_UNSPEC,
-                Settings::NewFlow,
+                new_flow,
             ),
             (
                 "new_port_range",
                 PacketSpec::tcp(ME, 40003, PEER_ADDR, 8070),
                 TC_ACT_UNSPEC,
-                Settings::NewFlow,
+                new_flow,
             ),
             (
                 "denied",
                 PacketSpec::tcp(ME, 40004, PEER_ADDR, 9),
                 TC_ACT_SHOT,
-                Settings::NewFlow,
+                new_flow,
             ),
             (
                 "new_identity_v6",
                 PacketSpec::tcp(ME6, 40001, PEER_ADDR6, 80),
                 TC_ACT_UNSPEC,
-                Settings::NewFlow,
+                new_flow,
             ),
             (
                 "new_cidr_v6",
                 PacketSpec::tcp(ME6, 40002, WORLD_ADDR6, 443),
                 TC_ACT_UNSPEC,
-                Settings::NewFlow,
+                new_flow,
             ),
             (
                 "new_reported",
                 PacketSpec::tcp(ME, 40005, PEER_ADDR, 80),
                 TC_ACT_UNSPEC,
-                Settings::Reported,
+                reported,
             ),
         ];
-        for (name, spec, want, settings) in cases {
+        for (name, spec, want, config) in cases {
             if wanted(name) {
-                add(Kind::Case, name, FROM_POD, spec, want, settings);
+                add(Kind::Case, name, FROM_POD, spec, want, config);
             }
         }
         // The references, on tuples of their own: their inserts must not leave entries the
@@ -697,17 +661,10 @@ fn main() -> Result<()> {
                 ),
             ];
             for (name, program, spec) in refs {
-                add(
-                    Kind::Reference,
-                    name,
-                    program,
-                    spec,
-                    TC_ACT_UNSPEC,
-                    Settings::Default,
-                );
+                add(Kind::Reference, name, program, spec, TC_ACT_UNSPEC, default);
             }
         }
-        setups.push((f, Settings::Default));
+        setups.push(f);
     }
     eprintln!(
         "timing {} programs x {} rounds, interleaved...",
